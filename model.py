@@ -1,0 +1,251 @@
+"""
+The RLRP model: a GPT trunk (nanoGPT-style, GPT-2 compatible) that owns a LatentHead.
+
+    h = trunk(x)                        (B, T, C)  after the last block, before the final LayerNorm
+    o_1..o_K = latent_head(h, K)        (K, B, T, C)
+    logits_k = lm_head(LN_f(o_k))       the trunk's own final norm and tied unembedding
+
+With targets the model returns ℓ (K, B, T), the per-step token NLL, instead of logits: the K
+full-vocabulary logits tensors are never alive at once (losses.token_nll). A model built with
+n_steps = 0 has no head and is exactly a GPT (I5); n_steps is also a run-time argument (I4).
+"""
+
+import math
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from latent_head import LatentHead
+from losses import token_nll
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for efficiency
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True        # bias in Linears and LayerNorms, like GPT-2
+    n_steps: int = 4         # K, refinement steps of the latent head; 0 = no head, a plain GPT
+    n_latent: int = 0        # D, latent width; 0 = n_embd
+
+    def __post_init__(self):
+        if self.n_steps < 0:
+            raise ValueError(f"n_steps (K) must be >= 0, got {self.n_steps}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_latent == 0:
+            self.n_latent = self.n_embd
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # flash / memory-efficient attention kernels where the device has them
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2's tanh-approximated GELU, so pretrained weights reproduce their logits exactly
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        # I5: K = 0 builds no head at all, so the baseline is a plain GPT on the same code path
+        self.latent_head = LatentHead(config.n_embd, config.n_latent, config.bias) if config.n_steps > 0 else None
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():
+            if pn.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if self.latent_head is not None:
+            self.latent_head.reset_parameters()  # its own init, W_out = 0 (I2)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameters; position embeddings excluded by default (token embeddings count: tied lm_head)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    # -------------------------------------------------------------------------
+    # forward
+
+    def resolve_steps(self, n_steps):
+        """The K this call runs: the built K by default, any K' >= 0 on request (I4)."""
+        K = self.config.n_steps if n_steps is None else n_steps
+        if K < 0:
+            raise ValueError(f"n_steps must be >= 0, got {K}")
+        if K > 0 and self.latent_head is None:
+            raise ValueError(f"n_steps={K} asks for refinement steps, but this model was built with n_steps=0 "
+                             "(no latent head); use n_steps=0")
+        return K
+
+    def check_inputs(self, idx, targets):
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        if torch.compiler.is_compiling():
+            return  # the value checks below sync with the device; eager runs do them, compiled graphs skip them
+        V = self.config.vocab_size
+        if idx.numel() and (idx.min() < 0 or idx.max() >= V):
+            raise ValueError(f"token ids must be in [0, {V}), got range [{idx.min().item()}, {idx.max().item()}]")
+        if targets is not None and targets.numel() and (targets.min() < -1 or targets.max() >= V):
+            raise ValueError(f"targets must be in [0, {V}) or -1 (ignored), got range "
+                             f"[{targets.min().item()}, {targets.max().item()}]")
+
+    def trunk(self, idx):
+        """idx (B, T) -> h (B, T, C): the hidden state after the last block, before LN_f."""
+        pos = torch.arange(idx.size(1), dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        return x
+
+    def refine(self, h, K, grad_steps=None):
+        """h (B, T, C) -> o (max(K,1), B, T, C): o_1..o_K from the latent head, or h itself for K = 0."""
+        return self.latent_head(h, K, grad_steps=grad_steps) if K > 0 else h.unsqueeze(0)
+
+    def forward(self, idx, targets=None, n_steps=None, grad_steps=None):
+        """
+        idx: (B, T) token ids. Returns (logits, nll):
+          targets None:  logits (K', B, T, V), one row per step, K' = max(K, 1); nll None
+          targets given: logits None; nll = ℓ (K', B, T) per-step token NLL, 0 where targets = −1
+        """
+        K = self.resolve_steps(n_steps)
+        self.check_inputs(idx, targets)
+        o = self.transformer.ln_f(self.refine(self.trunk(idx), K, grad_steps))  # LN_f(o_k), (K', B, T, C)
+        if targets is None:
+            return self.lm_head(o), None
+        nll = token_nll(o, self.lm_head.weight, targets.expand(o.shape[:-1]))   # ℓ, (K', B, T)
+        return None, nll
+
+    # -------------------------------------------------------------------------
+    # pretrained weights
+
+    def crop_block_size(self, block_size):
+        """Shrink the context length (e.g. GPT-2's 1024 down to a smaller block_size)."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"block_size {block_size} is larger than the model's {self.config.block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, n_steps=4, n_latent=0, dropout=0.0):
+        """
+        GPT-2 weights from the Hugging Face hub ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or a local
+        directory written by `save_pretrained`, plus a fresh latent head (which, by I2, changes nothing yet).
+        """
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError as e:
+            raise ImportError("loading GPT-2 weights needs transformers: pip install transformers") from e
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        c = hf.config
+        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{name_or_dir}: activation {c.activation_function!r} is not GPT-2's tanh GELU")
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                           n_embd=c.n_embd, dropout=dropout, bias=True, n_steps=n_steps, n_latent=n_latent)
+        model = cls(config)
+        sd, sd_hf = model.state_dict(), hf.state_dict()
+        # HF stores these as Conv1D (in, out); ours are Linear (out, in)
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        ours = [k for k in sd if not k.startswith("latent_head.") and not k.endswith("attn.bias")]
+        for k in ours:
+            w = sd_hf[k]
+            sd[k].copy_(w.t() if k.endswith(transposed) else w)
+        return model
+
+    # -------------------------------------------------------------------------
+    # optimizer and accounting
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay only on tensors with >= 2 dims (matmuls, embeddings), fused where available."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    def flops_per_token(self, n_steps=None, seq_len=None):
+        """
+        Training FLOPs per token (forward + backward = 6 per multiply-add per parameter, PaLM appendix B),
+        split into trunk (blocks + attention scores), head (latent head) and unembed (lm_head, once per step).
+        """
+        cfg, K = self.config, self.resolve_steps(n_steps)
+        T = seq_len or cfg.block_size
+        blocks = sum(p.numel() for p in self.transformer.h.parameters() if p.dim() >= 2)
+        trunk = 6 * blocks + 12 * cfg.n_layer * cfg.n_embd * T
+        head = 0
+        if K > 0:
+            hd = self.latent_head
+            once = hd.w_in.weight.numel() + hd.fc_h.weight.numel()                 # z_0 and the injection
+            per_step = hd.fc_z.weight.numel() + hd.proj.weight.numel() + hd.w_out.weight.numel()
+            head = 6 * (once + K * per_step)
+        unembed = 6 * cfg.n_embd * cfg.vocab_size * max(K, 1)
+        return {"trunk": trunk, "head": head, "unembed": unembed, "total": trunk + head + unembed}
+
+    def estimate_mfu(self, tokens_per_iter, dt, n_steps=None, peak_flops=989e12):
+        """Model FLOPs utilisation as a fraction of `peak_flops` (default: H100/H200 bf16 dense, 989 TFLOPS)."""
+        flops = self.flops_per_token(n_steps)["total"] * tokens_per_iter
+        return flops / dt / peak_flops

@@ -1,0 +1,225 @@
+"""losses.py against straightforward re-computations of DESIGN.md §2 "Losses"."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses import (deep_supervision_loss, improvement_penalty, rlrp_loss, soft_rl_loss, step_weights,
+                    token_nll)
+
+K, B, T, V, C = 3, 2, 5, 11, 6
+
+
+def random_nll(seed=0):
+    """A genuine ℓ: −log softmax of random logits at random targets, with the logits as the leaf."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(K, B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, V, (B, T), generator=g)
+    nll = -torch.log_softmax(logits, -1).gather(-1, y.expand(K, B, T)[..., None]).squeeze(-1)
+    return logits, y, nll
+
+
+def random_mask(seed=1, p=0.6):
+    return torch.rand(B, T, generator=torch.Generator().manual_seed(seed)) < p
+
+
+def mean_over(values, mask):
+    """Plain Python mean over the masked entries, 0 for an empty mask."""
+    chosen = values[mask]
+    return chosen.sum() / len(chosen) if len(chosen) else values.sum() * 0
+
+
+# -----------------------------------------------------------------------------
+# step weights
+
+def test_step_weights_formulas():
+    k = [1, 2, 3, 4]
+    expected = {
+        "uniform": [0.25] * 4,
+        "linear": [x / 10 for x in k],
+        "exp": [0.5 ** (4 - x) / sum(0.5 ** (4 - j) for j in k) for x in k],
+        "last": [0, 0, 0, 1],
+    }
+    for schedule, want in expected.items():
+        w = step_weights(4, schedule, gamma=0.5)
+        assert torch.allclose(w, torch.tensor(want, dtype=torch.float32)), schedule
+        assert (w >= 0).all() and abs(w.sum().item() - 1) < 1e-6
+
+
+def test_step_weights_unknown_schedule_names_the_valid_ones():
+    with pytest.raises(ValueError, match="uniform, linear, exp, last"):
+        step_weights(4, "cosine")
+
+
+@pytest.mark.parametrize("weights, match", [
+    (torch.tensor([0.5, 0.6, -0.1]), "must be >= 0"),
+    (torch.tensor([0.2, 0.2, 0.2]), "sum to 1"),
+    (torch.tensor([0.5, 0.5]), r"shape \(3,\)"),
+])
+def test_bad_weights_are_rejected(weights, match):
+    _, _, nll = random_nll()
+    with pytest.raises(ValueError, match=match):
+        deep_supervision_loss(nll, weights, random_mask())
+
+
+# -----------------------------------------------------------------------------
+# the three terms: values and gradients against plain loops
+
+def test_deep_supervision_matches_loop():
+    logits, y, nll = random_nll()
+    w, m = step_weights(K, "linear").double(), random_mask()
+    got = deep_supervision_loss(nll, w, m)
+    want = sum(w[k] * mean_over(nll[k], m) for k in range(K))
+    assert torch.allclose(got, want)
+    g_got, = torch.autograd.grad(got, logits, retain_graph=True)
+    g_want, = torch.autograd.grad(want, logits)
+    assert torch.allclose(g_got, g_want)
+
+
+def test_soft_rl_matches_expected_reward_of_the_softmax_policy():
+    logits, y, nll = random_nll()
+    w, m = step_weights(K, "uniform").double(), random_mask()
+    got = soft_rl_loss(nll, w, m)
+    p_true = torch.softmax(logits, -1).gather(-1, y.expand(K, B, T)[..., None]).squeeze(-1)  # p_k(y_t)
+    want = -sum(w[k] * mean_over(p_true[k], m) for k in range(K))
+    assert torch.allclose(got, want)
+    g_got, = torch.autograd.grad(got, logits)
+    g_want, = torch.autograd.grad(want, logits)
+    assert torch.allclose(g_got, g_want)
+
+
+def test_soft_rl_gradient_is_ce_gradient_weighted_by_p():
+    # ∂L_RL/∂ℓ[k,b,t] = w_k · p / |m| on the mask: CE's gradient scaled by the true token's probability
+    _, _, nll = random_nll()
+    nll = nll.detach().requires_grad_()
+    w, m = step_weights(K, "linear").double(), random_mask()
+    g, = torch.autograd.grad(soft_rl_loss(nll, w, m), nll)
+    want = w[:, None, None] * torch.exp(-nll.detach()) * m / m.sum()
+    assert torch.allclose(g, want)
+
+
+def test_soft_rl_exponent_q_moves_towards_ce():
+    _, _, nll = random_nll()
+    nll = nll.detach().requires_grad_()
+    w, m = step_weights(K, "linear").double(), random_mask()
+    g_q1, = torch.autograd.grad(soft_rl_loss(nll, w, m, q=1.0), nll)
+    g_default, = torch.autograd.grad(soft_rl_loss(nll, w, m), nll)
+    assert torch.equal(g_q1, g_default)
+    g_small_q, = torch.autograd.grad(soft_rl_loss(nll, w, m, q=1e-6), nll)
+    g_ce, = torch.autograd.grad(deep_supervision_loss(nll, w, m), nll)
+    assert torch.allclose(g_small_q, g_ce, atol=1e-6)
+
+
+def test_improvement_penalty_matches_loop_and_stops_gradient_on_step_1():
+    _, _, nll = random_nll()
+    nll = nll.detach().requires_grad_()
+    m = random_mask()
+    margin = 0.3
+    got = improvement_penalty(nll, m, margin)
+    want = sum(mean_over(torch.clamp(nll[k] - nll[0].detach() + margin, min=0), m) for k in range(1, K)) / (K - 1)
+    assert torch.allclose(got, want)
+    g, = torch.autograd.grad(got, nll)
+    assert torch.equal(g[0], torch.zeros_like(g[0]))           # sg(ℓ_1): step 1 is never pushed up
+    assert g[1:][(nll[1:] - nll[:1] + margin > 0) & m].gt(0).all()  # later steps are pushed down where they lose
+
+
+def test_improvement_penalty_is_zero_for_one_step():
+    nll = torch.rand(1, B, T, requires_grad=True)
+    assert improvement_penalty(nll, random_mask(), margin=1.0).item() == 0.0
+
+
+def test_masked_out_positions_get_exactly_zero_gradient():
+    _, y, nll = random_nll()
+    nll = nll.detach().requires_grad_()
+    m = random_mask()
+    w = step_weights(K, "linear").double()
+    loss = deep_supervision_loss(nll, w, m) + soft_rl_loss(nll, w, m) + improvement_penalty(nll, m, 0.5)
+    g, = torch.autograd.grad(loss, nll)
+    assert torch.equal(g[:, ~m], torch.zeros_like(g[:, ~m]))
+    assert g[:, m].abs().gt(0).all()
+
+
+def test_empty_mask_gives_zero_not_nan():
+    _, _, nll = random_nll()
+    empty = torch.zeros(B, T, dtype=torch.bool)
+    w = step_weights(K).double()
+    for value in (deep_supervision_loss(nll, w, empty), soft_rl_loss(nll, w, empty), improvement_penalty(nll, empty)):
+        assert value.item() == 0.0
+
+
+# -----------------------------------------------------------------------------
+# the combination by batch kind (data-aware routing)
+
+def test_rlrp_loss_by_kind():
+    _, y, nll = random_nll()
+    y = y.clone()
+    y[0, :2] = -1                                   # ignored targets
+    answer = random_mask(seed=3)
+    w = step_weights(K, "linear").double()
+    kw = dict(weights=w, lambda_rl=0.7, lambda_imp=0.2, margin=0.1)
+    valid = y >= 0
+    ds = sum(w[k] * mean_over(nll[k], valid) for k in range(K))
+    imp = sum(mean_over(torch.clamp(nll[k] - nll[0] + 0.1, min=0), valid) for k in range(1, K)) / (K - 1)
+    p = torch.exp(-nll)
+    rl_answer = -sum(w[k] * mean_over(p[k], answer & valid) for k in range(K))
+    rl_all = -sum(w[k] * mean_over(p[k], valid) for k in range(K))
+
+    fluency, parts = rlrp_loss(nll, y, answer, "fluency", **kw)
+    assert torch.allclose(fluency, ds + 0.2 * imp)
+    assert set(parts) == {"ds", "rl", "imp", "nll_k"} and parts["nll_k"].shape == (K,)
+    reasoning, _ = rlrp_loss(nll, y, answer, "reasoning", **kw)
+    assert torch.allclose(reasoning, ds + 0.7 * rl_answer + 0.2 * imp)
+    everywhere, _ = rlrp_loss(nll, y, answer, "reasoning", rl_answer_only=False, **kw)
+    assert torch.allclose(everywhere, ds + 0.7 * rl_all + 0.2 * imp)
+    with pytest.raises(ValueError, match="'fluency' or 'reasoning'"):
+        rlrp_loss(nll, y, answer, "math", **kw)
+
+
+# -----------------------------------------------------------------------------
+# ℓ: the chunked fused unembedding + cross-entropy
+
+def reference_nll(x, weight, y):
+    logits = x @ weight.T
+    nll = -torch.log_softmax(logits, -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    return torch.where(y >= 0, nll, 0.0)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 7, 1000])
+def test_token_nll_equals_plain_cross_entropy(chunk_rows):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(K, B, T, C, generator=g, requires_grad=True)
+    weight = torch.randn(V, C, generator=g, requires_grad=True)
+    y = torch.randint(-1, V, (K, B, T), generator=g)
+    got = token_nll(x, weight, y, chunk_rows=chunk_rows)
+    want = reference_nll(x, weight, y)
+    assert torch.allclose(got, want, atol=1e-5)
+    upstream = torch.randn(K, B, T, generator=g)
+    gx, gw = torch.autograd.grad((got * upstream).sum(), (x, weight))
+    rx, rw = torch.autograd.grad((want * upstream).sum(), (x, weight))
+    assert torch.allclose(gx, rx, atol=1e-5) and torch.allclose(gw, rw, atol=1e-5)
+    assert torch.equal(gx[y < 0], torch.zeros_like(gx[y < 0]))
+
+
+def test_token_nll_gradcheck_float64():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, C, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, C, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(-1, V, (9,), generator=g)
+    assert torch.autograd.gradcheck(lambda a, b: token_nll(a, b, y, chunk_rows=4), (x, weight))
+
+
+def test_token_nll_under_bf16_autocast_is_close_to_float32():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, C, generator=g)
+    weight = torch.randn(V, C, generator=g)
+    y = torch.randint(0, V, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = token_nll(x, weight, y, chunk_rows=16)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, reference_nll(x, weight, y), atol=0.1, rtol=0.05)
+
+
+def test_default_chunk_never_holds_more_than_its_budget():
+    from losses import default_chunk_rows
+    assert default_chunk_rows(50257) * 50257 <= 2**24
+    assert default_chunk_rows(2**30) == 1

@@ -1,0 +1,248 @@
+"""model.py and latent_head.py: the invariants I1–I5 of DESIGN.md §2, ℓ, GPT-2 loading, compile, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from latent_head import LatentHead
+from model import GPT, GPTConfig
+
+V = 67
+
+
+def tiny_config(**kw):
+    cfg = dict(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=32, n_steps=3, n_latent=24, dropout=0.0)
+    cfg.update(kw)
+    return GPTConfig(**cfg)
+
+
+def tiny_model(seed=0, trained_head=True, **kw):
+    """A tiny model; trained_head=True gives W_out and β non-trivial values, as after training."""
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(**kw))
+    if trained_head and model.latent_head is not None:
+        with torch.no_grad():
+            model.latent_head.w_out.weight.normal_(0, 0.5)
+            model.latent_head.b.normal_(0, 2.0)
+    return model.eval()
+
+
+def tokens(B=2, T=12, seed=0):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def trunk_logits(model, idx):
+    """The plain GPT's logits, computed by hand from the trunk: lm_head(LN_f(h))."""
+    return model.lm_head(model.transformer.ln_f(model.trunk(idx)))
+
+
+# -----------------------------------------------------------------------------
+# the latent head is exactly DESIGN.md's update
+
+def reference_head(head, h, K):
+    """DESIGN.md §2 written out literally: one Linear on the concatenation [LN_z(z); LN_h(h)]."""
+    hn = F.layer_norm(h, h.shape[-1:], head.ln_h.weight, head.ln_h.bias)
+    W1 = torch.cat([head.fc_z.weight, head.fc_h.weight], dim=1)            # (H, D + C)
+    beta = torch.sigmoid(head.b)
+    z = torch.tanh(hn @ head.w_in.weight.T + head.w_in.bias)
+    zs, outs = [z], []
+    for _ in range(K):
+        zn = F.layer_norm(z, z.shape[-1:], head.ln_z.weight, head.ln_z.bias)
+        u = F.gelu(torch.cat([zn, hn], -1) @ W1.T + head.fc_h.bias, approximate="tanh") @ head.proj.weight.T + head.proj.bias
+        z = z + beta * (torch.tanh(u) - z)
+        zs.append(z)
+        outs.append(h + z @ head.w_out.weight.T + head.w_out.bias)
+    return torch.stack(outs), torch.stack(zs)
+
+
+def test_head_matches_the_design_formulas():
+    head = tiny_model().latent_head
+    h = torch.randn(2, 5, 32)
+    o, z = head(h, 4, return_latents=True)
+    ro, rz = reference_head(head, h, 4)
+    assert o.shape == (4, 2, 5, 32) and z.shape == (5, 2, 5, 24)
+    assert torch.allclose(o, ro, atol=1e-5) and torch.allclose(z, rz, atol=1e-6)
+
+
+def test_I1_latents_stay_bounded_for_1000_steps_and_huge_inputs():
+    torch.manual_seed(0)
+    head = LatentHead(32, 24)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 3.0)
+    h = torch.randn(2, 5, 32) * 1e4
+    with torch.no_grad():
+        _, z = head(h, 1000, return_latents=True)
+    max_beta = torch.sigmoid(head.b).max()
+    assert z.abs().max() <= 1.0
+    assert (z[1:] - z[:-1]).abs().max() <= 2 * max_beta
+    assert torch.isfinite(z).all()
+
+
+# -----------------------------------------------------------------------------
+# I2–I5
+
+def test_I2_identity_at_init():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_steps=4)).eval()   # fresh: W_out = 0
+    idx = tokens()
+    logits, _ = model(idx)
+    plain = trunk_logits(model, idx)
+    assert logits.shape == (4, 2, 12, V)
+    for k in range(4):
+        assert torch.equal(logits[k], plain)
+
+
+def test_I3_causal_and_position_wise():
+    model = tiny_model()
+    idx = tokens(B=1, T=12)
+    changed = idx.clone()
+    changed[0, 7:] = (changed[0, 7:] + 1) % V
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.allclose(a[:, :, :7], b[:, :, :7], atol=1e-6)   # every step at t <= 6 unchanged
+    assert not torch.allclose(a[:, :, 7:], b[:, :, 7:])
+    # position-wise: the head on shuffled positions gives the shuffled outputs
+    h = torch.randn(2, 9, 32)
+    perm = torch.randperm(9)
+    assert torch.allclose(model.latent_head(h, 3)[:, :, perm], model.latent_head(h[:, perm], 3), atol=1e-6)
+
+
+def test_I4_steps_are_a_run_time_argument():
+    model = tiny_model(n_steps=2)
+    idx = tokens()
+    logits2, _ = model(idx)
+    logits5, _ = model(idx, n_steps=5)
+    logits0, _ = model(idx, n_steps=0)
+    assert logits5.shape[0] == 5 and logits0.shape[0] == 1
+    assert torch.allclose(logits5[:2], logits2, atol=1e-6)          # the same steps, whatever K' is
+    assert not torch.allclose(logits5[4], logits5[1])               # more steps do change the output
+    assert torch.allclose(logits0[0], trunk_logits(model, idx))    # K' = 0 is the plain trunk
+
+
+def test_I5_zero_steps_builds_a_plain_gpt():
+    rlrp = tiny_model(n_steps=3)
+    gpt = GPT(tiny_config(n_steps=0)).eval()
+    assert gpt.latent_head is None
+    gpt_keys = set(gpt.state_dict())
+    assert gpt_keys == {k for k in rlrp.state_dict() if not k.startswith("latent_head.")}
+    gpt.load_state_dict({k: v for k, v in rlrp.state_dict().items() if k in gpt_keys})
+    idx = tokens()
+    logits, _ = gpt(idx)
+    assert logits.shape == (1, 2, 12, V)
+    assert torch.equal(logits[0], trunk_logits(rlrp, idx))
+    with pytest.raises(ValueError, match="built with n_steps=0"):
+        gpt(idx, n_steps=2)
+
+
+# -----------------------------------------------------------------------------
+# ℓ from the model
+
+@pytest.mark.parametrize("K", [0, 1, 3])
+def test_nll_equals_log_softmax_of_the_logits(K):
+    model = tiny_model(n_steps=max(K, 1))
+    idx = tokens()
+    y = tokens(seed=1)
+    y[0, :3] = -1
+    logits, _ = model(idx, n_steps=K)
+    want = -torch.log_softmax(logits, -1).gather(-1, y.clamp(min=0).expand(logits.shape[:-1])[..., None]).squeeze(-1)
+    want = torch.where(y >= 0, want, 0.0)
+    none, nll = model(idx, y, n_steps=K)
+    assert none is None and nll.shape == (max(K, 1), 2, 12)
+    assert torch.allclose(nll, want, atol=1e-5)
+    upstream = torch.randn_like(nll)
+    params = [p for p in model.parameters()]
+    g_got = torch.autograd.grad((nll * upstream).sum(), params, allow_unused=True)
+    g_want = torch.autograd.grad((want * upstream).sum(), params, allow_unused=True)
+    for a, b in zip(g_got, g_want):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)
+
+
+def test_grad_steps_truncates_the_recurrence():
+    head = tiny_model().latent_head
+    h = torch.randn(2, 5, 32)
+    o = head(h, 4, grad_steps=1)
+    assert torch.allclose(o, head(h, 4), atol=1e-6)        # same values
+    g_trunc, = torch.autograd.grad(o[-1].sum(), head.fc_z.weight)
+    # reference: steps 1..3 from a detached z, then one step with gradient
+    _, z = head(h, 3, return_latents=True)
+    z_last = head.step(z[-1].detach(), head.fc_h(head.ln_h(h)), torch.sigmoid(head.b))
+    g_ref, = torch.autograd.grad((h + head.w_out(z_last)).sum(), head.fc_z.weight)
+    assert torch.allclose(g_trunc, g_ref, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# GPT-2 weights, through a tiny locally built Hugging Face model
+
+def test_from_pretrained_matches_hugging_face_at_every_step(tmp_path):
+    transformers = pytest.importorskip("transformers")  # a test-only requirement, installed by .ci/run
+    hf_config = transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    hf.save_pretrained(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path), n_steps=3, n_latent=16).eval()
+    idx = tokens(T=20)
+    with torch.no_grad():
+        want = hf(idx).logits
+        logits, _ = model(idx)
+    assert logits.shape == (3, 2, 20, V)
+    for k in range(3):
+        assert torch.allclose(logits[k], want, atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# torch.compile: the whole model, K-step loop included, with fullgraph=True
+
+@pytest.mark.slow
+def test_compile_fullgraph_matches_eager():
+    model = tiny_model()
+    model.train()
+    compiled = torch.compile(model, fullgraph=True)
+    idx, y = tokens(), tokens(seed=1)
+    _, nll_eager = model(idx, y)
+    _, nll_comp = compiled(idx, y)
+    assert torch.allclose(nll_comp, nll_eager, atol=1e-5)
+    g_eager = torch.autograd.grad(nll_eager.mean(), list(model.parameters()))
+    g_comp = torch.autograd.grad(nll_comp.mean(), list(model.parameters()))
+    for a, b in zip(g_comp, g_eager):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# bad input: one clear line, before any heavy work
+
+def test_bad_input_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="n_steps .* must be >= 0"):
+        GPTConfig(n_steps=-1)
+    with pytest.raises(ValueError, match="n_steps must be >= 0"):
+        model(tokens(), n_steps=-2)
+    with pytest.raises(ValueError, match="longer than block_size 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 67\)"):
+        model(torch.full((1, 4), V))
+    with pytest.raises(ValueError, match="targets must be in"):
+        model(tokens(), torch.full((2, 12), -5))
+    with pytest.raises(ValueError, match="larger than the model's"):
+        model.crop_block_size(32)
+
+
+def test_configure_optimizers_decays_only_matrices():
+    model = tiny_model()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    n_unique = len({id(p) for p in model.parameters()})
+    assert len(decay["params"]) + len(no_decay["params"]) == n_unique
+    assert any(p is model.latent_head.b for p in no_decay["params"])
+
+
+def test_flops_per_token_counts_the_head_per_step():
+    model = tiny_model(n_steps=3)
+    f1, f4 = model.flops_per_token(n_steps=1), model.flops_per_token(n_steps=4)
+    assert f1["trunk"] == f4["trunk"]
+    assert f4["unembed"] == 4 * f1["unembed"] == 4 * 6 * 32 * V
+    per_step = 6 * (24 * 96 + 96 * 24 + 24 * 32)   # fc_z, proj, W_out matmuls (D=24, hidden 4D=96, C=32)
+    assert f4["head"] - f1["head"] == 3 * per_step
+    assert model.flops_per_token(n_steps=0)["head"] == 0
