@@ -117,21 +117,26 @@ def check_weights(weights, n_steps):
         raise ValueError(f"step weights must be >= 0 and sum to 1, got sum {weights.sum().item():.6f}")
 
 
-def masked_mean(a, mask):
-    """masked_mean(a, m) = Σ a·m / max(Σ m, 1) over the last two dims: a (..., B, T), mask (B, T) bool."""
-    return torch.where(mask, a, 0.0).sum(dim=(-2, -1)) / mask.sum().clamp(min=1)
+def masked_mean(a, mask, count=None):
+    """
+    masked_mean(a, m) = Σ a·m / max(Σ m, 1) over the last two dims: a (..., B, T), mask (B, T) bool.
+    count replaces Σ m when the mean spans more than this batch: the micro-batches of one optimizer step
+    on all ranks, so that accumulating micro-batches equals one large batch token for token.
+    """
+    count = mask.sum() if count is None else count
+    return torch.where(mask, a, 0.0).sum(dim=(-2, -1)) / torch.as_tensor(count).clamp(min=1)
 
 
 # -----------------------------------------------------------------------------
 # the three loss terms
 
-def deep_supervision_loss(nll, weights, mask):
+def deep_supervision_loss(nll, weights, mask, count=None):
     """(i) L_DS = Σ_k w_k · masked_mean(ℓ_k, m_valid)."""
     check_weights(weights, nll.size(0))
-    return (weights.to(nll) * masked_mean(nll, mask)).sum()
+    return (weights.to(nll) * masked_mean(nll, mask, count)).sum()
 
 
-def soft_rl_loss(nll, weights, mask, q=1.0):
+def soft_rl_loss(nll, weights, mask, q=1.0, count=None):
     """
     (iii) L_RL = − Σ_k w_k · masked_mean(exp(−ℓ_k), m_RL).
     exp(−ℓ) = p_k(y_t) is the exact expected reward of sampling from softmax(logits_k) with reward
@@ -140,10 +145,10 @@ def soft_rl_loss(nll, weights, mask, q=1.0):
     """
     check_weights(weights, nll.size(0))
     reward = torch.exp(-q * nll) / q  # p^q / q
-    return -(weights.to(nll) * masked_mean(reward, mask)).sum()
+    return -(weights.to(nll) * masked_mean(reward, mask, count)).sum()
 
 
-def improvement_penalty(nll, mask, margin=0.0):
+def improvement_penalty(nll, mask, margin=0.0, count=None):
     """
     L_IMP = 1/(K−1) · Σ_{k=2..K} masked_mean(relu(ℓ_k − sg(ℓ_1) + margin), m_valid), 0 when K ≤ 1.
     sg = stop-gradient: the penalty pushes later steps down, never step 1 up.
@@ -151,11 +156,17 @@ def improvement_penalty(nll, mask, margin=0.0):
     if nll.size(0) <= 1:
         return nll.new_zeros(())
     excess = F.relu(nll[1:] - nll[:1].detach() + margin)   # (K−1, B, T)
-    return masked_mean(excess, mask).mean()
+    return masked_mean(excess, mask, count).mean()
+
+
+def loss_masks(targets, answer_mask, rl_answer_only=True):
+    """(m_valid, m_RL), both (B, T) bool: m_valid = (y ≠ −1); m_RL = the answer mask if rl_answer_only else m_valid."""
+    m_valid = targets >= 0
+    return m_valid, (answer_mask & m_valid if rl_answer_only else m_valid)
 
 
 def rlrp_loss(nll, targets, answer_mask, kind, weights, lambda_rl=0.0, lambda_imp=0.0,
-              rl_answer_only=True, margin=0.0, rl_q=1.0):
+              rl_answer_only=True, margin=0.0, rl_q=1.0, counts=None):
     """
     (ii) data-aware routing: the objective for one batch by its kind.
       fluency:   L = L_DS + λ_imp·L_IMP
@@ -163,16 +174,17 @@ def rlrp_loss(nll, targets, answer_mask, kind, weights, lambda_rl=0.0, lambda_im
     Every term is always computed and switched by its weight, never by a branch on tensor values,
     so every DDP rank builds the same graph. Returns (loss, parts) with parts detached for logging.
     nll: (K, B, T); targets: (B, T) with −1 = ignored; answer_mask: (B, T) bool; kind: str.
+    counts: optional (Σ m_valid, Σ m_RL) over the whole optimizer step (see masked_mean), else this batch's.
     """
     if kind not in ("fluency", "reasoning"):
         raise ValueError(f"batch kind must be 'fluency' or 'reasoning', got {kind!r}")
-    m_valid = targets >= 0
-    m_rl = answer_mask & m_valid if rl_answer_only else m_valid   # the answer mask
-    l_ds = deep_supervision_loss(nll, weights, m_valid)
-    l_rl = soft_rl_loss(nll, weights, m_rl, q=rl_q)
-    l_imp = improvement_penalty(nll, m_valid, margin)
+    m_valid, m_rl = loss_masks(targets, answer_mask, rl_answer_only)
+    n_valid, n_rl = counts if counts is not None else (None, None)
+    l_ds = deep_supervision_loss(nll, weights, m_valid, n_valid)
+    l_rl = soft_rl_loss(nll, weights, m_rl, q=rl_q, count=n_rl)
+    l_imp = improvement_penalty(nll, m_valid, margin, n_valid)
     lam_rl = lambda_rl if kind == "reasoning" else 0.0
     loss = l_ds + lam_rl * l_rl + lambda_imp * l_imp
     parts = {"ds": l_ds.detach(), "rl": l_rl.detach(), "imp": l_imp.detach(),
-             "nll_k": masked_mean(nll.detach(), m_valid)}   # nll_k: (K,) per-step token NLL
+             "nll_k": masked_mean(nll.detach(), m_valid, n_valid)}   # nll_k: (K,) per-step token NLL
     return loss, parts

@@ -1,0 +1,32 @@
+# A few minutes on a laptop CPU, nothing to download: byte tokenizer, the built-in reasoning suite,
+# CPython's own documentation as fluency text. nanoGPT's shakespeare_char shape (4 layers, 128 wide).
+out_dir = "out-cpu"
+device = "cpu"
+compile = False
+tokenizer = "byte"
+fluency_data = "pydoc"
+reasoning_data = "synthetic"
+reasoning_fraction = 0.5
+
+n_layer = 4
+n_head = 4
+n_embd = 128
+n_steps = 4
+n_latent = 128
+block_size = 128
+batch_size = 32
+gradient_accumulation_steps = 1
+dropout = 0.0
+
+learning_rate = 2e-3
+max_iters = 1500
+lr_decay_iters = 1500
+warmup_iters = 100
+min_lr = 2e-4
+beta2 = 0.99
+weight_decay = 0.1
+
+eval_interval = 250
+eval_iters = 20
+eval_examples = 400
+log_interval = 10

@@ -1,0 +1,228 @@
+"""train.py: configuration errors, exact resume, DDP == one process, accumulation == one large batch, eval."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import train
+from configurator import ConfigError
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--device=cpu", "--dtype=float32", "--compile=False", "--tokenizer=byte", "--fluency_data=pydoc",
+        "--reasoning_data=synthetic", "--n_layer=2", "--n_head=2", "--n_embd=32", "--n_steps=2", "--n_latent=16",
+        "--block_size=48", "--batch_size=4", "--gradient_accumulation_steps=2", "--eval_iters=2",
+        "--eval_examples=12", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=8", "--learning_rate=3e-3"]
+
+
+def records(out_dir, kind):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["type"] == kind]
+
+
+def final_params(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["model"]
+
+
+# -----------------------------------------------------------------------------
+# configuration errors: one line, before anything heavy
+
+@pytest.mark.parametrize("args, message", [
+    (["--n_stepz=3"], "unknown config key 'n_stepz'"),
+    (["--n_steps=two"], "n_steps must be int, got 'two'"),
+    (["--learning_rate=fast"], "learning_rate must be float"),
+    (["--n_steps=-1"], "n_steps must be >= 0, got -1"),
+    (["--reasoning_fraction=1.5"], r"reasoning_fraction must be in \[0, 1\], got 1.5"),
+    (["--lambda_rl=-0.1"], "lambda_rl must be >= 0, got -0.1"),
+    (["--lambda_imp=-1.0"], "lambda_imp must be >= 0"),
+    (["--weight_schedule=cosine"], "weight_schedule must be one of uniform, linear, exp, last, got 'cosine'"),
+    (["--dtype=float8"], "dtype must be float32, bfloat16 or float16"),
+    (["--reasoning_data=", "--reasoning_fraction=0.5"], "reasoning_fraction > 0 needs reasoning_data"),
+    (["missing_preset.py"], "config file 'missing_preset.py' not found"),
+    (["--fluency_data=/nonexistent/folder"], "/nonexistent/folder"),
+])
+def test_config_errors(tmp_path, args, message):
+    with pytest.raises(ConfigError, match=message):
+        train.main(TINY + [f"--out_dir={tmp_path}"] + args)
+
+
+def test_batch_must_divide_over_ranks(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "3")   # checked before the process group would start
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=2 must be divisible by the number of processes"):
+        train.main(TINY + [f"--out_dir={tmp_path}"])
+
+
+def test_block_size_larger_than_the_models(tmp_path):
+    train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=1", "--eval_interval=1"])
+    with pytest.raises(ConfigError, match="block_size=64 is larger than the model's 48"):
+        train.main(TINY + [f"--out_dir={tmp_path}", "--init_from=resume", "--block_size=64"])
+
+
+def test_config_error_is_one_line_on_the_command_line(tmp_path):
+    out = subprocess.run([sys.executable, "train.py", "--n_steps=-1", f"--out_dir={tmp_path}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == ["train.py: n_steps must be >= 0, got -1"]
+    assert not os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_preset_file_and_override_order(tmp_path):
+    preset = tmp_path / "preset.py"
+    preset.write_text("n_steps = 3\nlambda_rl = 0.25\n")
+    c = train.load_config([str(preset), "--n_steps=5"])
+    assert (c["n_steps"], c["lambda_rl"], c["n_layer"]) == (5, 0.25, train.DEFAULTS["n_layer"])
+    for name in ("train_cpu.py", "train_gpt2_gsm8k.py"):
+        train.load_config([os.path.join(ROOT, "config", name)])   # the shipped presets are valid
+
+
+# -----------------------------------------------------------------------------
+# schedules
+
+def test_lr_schedule_never_divides_by_zero():
+    base = dict(train.DEFAULTS, learning_rate=1.0, min_lr=0.1)
+    for warmup, decay in [(0, 0), (0, 10), (10, 0), (10, 10), (5, 20)]:
+        c = dict(base, warmup_iters=warmup, lr_decay_iters=decay)
+        lrs = [train.get_lr(it, c) for it in range(30)]
+        assert all(math.isfinite(x) and 0 < x <= 1.0 for x in lrs)
+        assert lrs[-1] == 0.1
+    c = dict(base, warmup_iters=4, lr_decay_iters=12)
+    assert [train.get_lr(i, c) for i in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    assert train.get_lr(4, c) == 1.0 and train.get_lr(8, c) == pytest.approx(0.55)
+
+
+def test_random_k_is_a_function_of_the_iteration():
+    c = dict(train.DEFAULTS, n_steps=4, n_steps_dist="uniform")
+    ks = [train.train_steps(it, c) for it in range(400)]
+    assert ks == [train.train_steps(it, c) for it in range(400)]
+    assert set(ks) == set(range(1, 8))                       # U{1..2K−1}
+    assert abs(sum(ks) / len(ks) - 4) < 0.3
+
+
+# -----------------------------------------------------------------------------
+# the training step
+
+def test_accumulating_micro_batches_equals_one_large_batch():
+    tok = data.get_tokenizer("byte")
+    rd = data.ReasoningData("synthetic", tok, 48, seed=0)
+    micro = [rd.get_batch(i, 3) for i in range(4)]            # different padding in every micro-batch
+    big = data.Batch(*(torch.cat([getattr(b, f) for b in micro]) for f in ("x", "y")), "reasoning",
+                     torch.cat([b.answer_mask for b in micro]), torch.cat([b.answer_id for b in micro]))
+    c = train.load_config(TINY + ["--lambda_rl=0.5", "--lambda_imp=0.3"])
+    ctx, scaler = train.precision(c, "cpu")
+    results = []
+    for batches in ([big], micro):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=48, vocab_size=257, n_layer=2, n_head=2, n_embd=32, n_steps=2, n_latent=16))
+        with torch.no_grad():
+            model.latent_head.w_out.weight.normal_(0, 0.1)    # so the head's gradients are not trivially zero
+        totals = train.train_step(model, batches, "reasoning", 2, c, ctx, scaler, 1, "cpu")
+        results.append((totals, [p.grad.clone() for p in model.parameters()]))
+    (t_big, g_big), (t_acc, g_acc) = results
+    assert torch.allclose(t_big, t_acc, atol=1e-6)           # loss and its parts
+    for a, b in zip(g_big, g_acc):                           # the gradient the optimizer step will use
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_evaluate_reasoning_matches_a_plain_count():
+    tok = data.get_tokenizer("byte")
+    rd = data.ReasoningData("synthetic", tok, 48, seed=0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=48, vocab_size=257, n_layer=1, n_head=2, n_embd=32, n_steps=3, n_latent=16))
+    with torch.no_grad():
+        model.latent_head.w_out.weight.normal_(0, 1.0)
+    model.eval()
+    batches = rd.eval_batches(4, 30)
+    got = train.evaluate_reasoning(model, batches, 3)
+    correct = {}                                              # example -> [all tokens right at step k]
+    n_tok, n_right = 0, [0, 0, 0]
+    for b in batches:
+        logits, _ = model(b.x)                               # (K, B, T, V), all at once
+        pred = logits.argmax(-1)
+        for r, t in zip(*torch.nonzero(b.answer_mask, as_tuple=True)):
+            i = int(b.answer_id[r, t])
+            ok = [bool(pred[k, r, t] == b.y[r, t]) for k in range(3)]
+            correct[i] = [a and o for a, o in zip(correct.get(i, [True] * 3), ok)]
+            n_tok += 1
+            n_right = [n + o for n, o in zip(n_right, ok)]
+    assert len(correct) == 30
+    want_em = [sum(v[k] for v in correct.values()) / 30 for k in range(3)]
+    assert got["answer_exact_match"] == pytest.approx(want_em)
+    assert got["answer_token_acc"] == pytest.approx([n / n_tok for n in n_right])
+
+
+# -----------------------------------------------------------------------------
+# whole runs
+
+def test_resume_continues_exactly(tmp_path):
+    # dropout and random K make the RNG and the K schedule part of what must resume exactly
+    extra = ["--dropout=0.1", "--n_steps_dist=uniform", "--eval_interval=3"]
+    full, half = str(tmp_path / "full"), str(tmp_path / "half")
+    train.main(TINY + extra + [f"--out_dir={full}", "--max_iters=6"])
+    train.main(TINY + extra + [f"--out_dir={half}", "--max_iters=3"])
+    train.main(TINY + extra + [f"--out_dir={half}", "--max_iters=6", "--init_from=resume"])
+    a, b = records(full, "train"), records(half, "train")
+    assert [r["iter"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["n_steps"] for r in a] == [r["n_steps"] for r in b]
+    for k, v in final_params(full).items():
+        assert torch.equal(v, final_params(half)[k]), k
+    evals = records(full, "eval")
+    assert [r["iter"] for r in evals] == [0, 3, 6]
+    for r in evals:
+        assert len(r["fluency_loss"]) == len(r["answer_exact_match"]) == len(r["answer_token_acc"]) == 2
+        assert r["tokens"] == r["iter"] * 2 * 4 * 48
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_step = train.train_step
+
+    def poisoned(model, batches, *args):
+        totals = real_step(model, batches, *args)
+        return totals * float("nan") if poisoned.calls == 4 else totals
+    poisoned.calls = 0
+
+    def counting(*args):
+        poisoned.calls += 1
+        return poisoned(*args)
+    monkeypatch.setattr(train, "train_step", counting)
+    with pytest.raises(FloatingPointError, match="non-finite loss at iter 3"):
+        train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=8", "--eval_interval=2"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ckpt["iter_num"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not os.path.exists(tmp_path / "ckpt.pt.tmp")
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    args = TINY + ["--max_iters=4", "--eval_interval=4", "--reasoning_fraction=0.5"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "train.py", *args, f"--out_dir={one}"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                    *args, f"--out_dir={two}"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    a, b = records(one, "train"), records(two, "train")
+    assert [r["kind"] for r in a] == [r["kind"] for r in b] == ["fluency", "reasoning"] * 2
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+    pa, pb = final_params(one), final_params(two)
+    for k in pa:
+        assert torch.allclose(pa[k], pb[k], atol=1e-5), k
+    ea, eb = records(one, "eval")[-1], records(two, "eval")[-1]
+    assert ea["answer_exact_match"] == pytest.approx(eb["answer_exact_match"])
+    assert ea["fluency_loss"] == pytest.approx(eb["fluency_loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_training_runs_and_saves_plain_names(tmp_path):
+    train.main(TINY + [f"--out_dir={tmp_path}", "--compile=True", "--max_iters=2", "--eval_interval=2"])
+    state = final_params(tmp_path)
+    assert not any(k.startswith("_orig_mod.") for k in state)
+    assert all(math.isfinite(r["loss"]) for r in records(tmp_path, "train"))

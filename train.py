@@ -1,0 +1,485 @@
+"""
+RLRP training on one CPU, one GPU, or many GPUs.
+
+  python train.py config/train_cpu.py                     # a laptop CPU, a few minutes
+  python train.py --batch_size=8 --compile=False          # the default run on one GPU, with overrides
+  torchrun --standalone --nproc_per_node=8 train.py       # one 8-GPU node
+  torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 train.py
+
+Each optimizer step is a fluency or a reasoning step (data.Router, DESIGN.md §2 (ii)), the same on every
+rank. Micro-batches are drawn by global index (data.micro_batch_index) and are pure functions of it, K and
+the RNG are reseeded from (seed, iter): the same config trains on the same examples on 1 process or on W,
+and a resumed run continues exactly where the checkpoint left it.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+from configurator import ConfigError, configure
+from losses import WEIGHT_SCHEDULES, loss_masks, rlrp_loss, step_weights
+from model import GPT, GPTConfig
+
+DEFAULTS = dict(
+    # I/O
+    out_dir="out",
+    init_from="scratch",       # 'scratch' | 'resume' (from out_dir/ckpt.pt) | 'gpt2', 'gpt2-medium', ... or a local HF dir
+    eval_interval=1000,        # evaluate and write out_dir/ckpt.pt every eval_interval steps and at the end
+    log_interval=10,
+    eval_iters=50,             # fluency val micro-batches per eval, over all ranks
+    eval_examples=500,         # held-out reasoning examples per eval
+    eval_only=False,
+    wandb_log=False,
+    wandb_project="nanorlrp",
+    wandb_run_name="rlrp",
+    # data (data.py)
+    tokenizer="gpt2",          # 'gpt2' | 'byte'
+    tokenizer_file="",         # local gpt2.tiktoken for machines without internet (or env NANORLRP_TOKENIZER_FILE)
+    fluency_data="data/openwebtext",  # a folder from `python data.py prepare`, or 'pydoc' (embedded); '' = none
+    reasoning_data="synthetic",       # 'synthetic' (built-in suite) or a .jsonl file; '' = none
+    reasoning_eval_data="",    # a .jsonl file; '' = the held-out hash slice of reasoning_data
+    reasoning_tasks=data.DEFAULT_TASKS,
+    reasoning_fraction=0.5,    # ρ: the fraction of optimizer steps that are reasoning steps
+    gsm8k_answer="final",      # 'final' (text after ####) | 'solution' (the whole worked solution)
+    gradient_accumulation_steps=40,  # micro-batches per optimizer step over ALL ranks (divided among them)
+    batch_size=12,             # micro-batch size (rows)
+    block_size=1024,
+    # model
+    n_layer=12,
+    n_head=12,
+    n_embd=768,
+    dropout=0.0,
+    bias=False,
+    n_steps=4,                 # K, refinement steps of the latent head (0 = plain GPT baseline)
+    n_latent=0,                # D, latent width (0 = n_embd)
+    # the RLRP objective (losses.py)
+    weight_schedule="linear",  # step weights w: uniform | linear | exp | last
+    weight_gamma=0.5,          # γ of the exp schedule
+    lambda_rl=0.5,             # λ_rl, soft RL on reasoning steps
+    lambda_imp=0.1,            # λ_imp, improvement penalty
+    imp_margin=0.0,
+    rl_answer_only=True,       # soft RL on answer spans only
+    rl_q=1.0,                  # soft-RL exponent q: 1 = the paper's p, → 0 = CE
+    n_steps_dist="fixed",      # 'fixed' | 'uniform': K ~ U{1..2K−1} per optimizer step (recurrent-depth style)
+    grad_steps=0,              # backprop through only the last grad_steps refinement steps (0 = all)
+    # AdamW with warmup + cosine decay
+    learning_rate=6e-4,
+    max_iters=50000,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,             # 0 = off
+    decay_lr=True,
+    warmup_iters=2000,
+    lr_decay_iters=50000,
+    min_lr=6e-5,
+    # system
+    device=None,               # None = best available: cuda, then mps, then cpu
+    dtype=None,                # None = best the device supports: bfloat16, float16 (with a GradScaler), float32
+    compile=None,              # None = on for cuda, off elsewhere
+    gpu_peak_tflops=989.0,     # for MFU: H100/H200 bf16 dense; A100 is 312
+    seed=1337,
+)
+ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "n_steps", "n_latent")
+
+# -----------------------------------------------------------------------------
+# configuration: every bad value stops here with one line, before anything heavy
+
+
+def check_config(c):
+    def need(ok, msg):
+        if not ok:
+            raise ConfigError(msg)
+    need(c["n_steps"] >= 0, f"n_steps must be >= 0, got {c['n_steps']}")
+    need(c["n_latent"] >= 0, f"n_latent must be >= 0, got {c['n_latent']}")
+    need(0 <= c["reasoning_fraction"] <= 1, f"reasoning_fraction must be in [0, 1], got {c['reasoning_fraction']}")
+    for key in ("lambda_rl", "lambda_imp", "imp_margin", "weight_decay", "grad_clip", "dropout", "grad_steps"):
+        need(c[key] >= 0, f"{key} must be >= 0, got {c[key]}")
+    need(c["weight_schedule"] in WEIGHT_SCHEDULES,
+         f"weight_schedule must be one of {', '.join(WEIGHT_SCHEDULES)}, got {c['weight_schedule']!r}")
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
+                "n_layer", "n_head", "n_embd", "eval_iters"):
+        need(c[key] >= 1, f"{key} must be >= 1, got {c[key]}")
+    need(c["max_iters"] >= 0 and c["eval_examples"] >= 0, "max_iters and eval_examples must be >= 0")
+    need(c["n_embd"] % c["n_head"] == 0, f"n_embd ({c['n_embd']}) must be divisible by n_head ({c['n_head']})")
+    need(c["tokenizer"] in ("gpt2", "byte"), f"tokenizer must be 'gpt2' or 'byte', got {c['tokenizer']!r}")
+    need(c["n_steps_dist"] in ("fixed", "uniform"), f"n_steps_dist must be 'fixed' or 'uniform', got {c['n_steps_dist']!r}")
+    need(c["gsm8k_answer"] in ("final", "solution"), f"gsm8k_answer must be 'final' or 'solution', got {c['gsm8k_answer']!r}")
+    need(c["dtype"] in (None, "float32", "bfloat16", "float16"),
+         f"dtype must be float32, bfloat16 or float16, got {c['dtype']!r}")
+    need(c["compile"] in (None, True, False), f"compile must be True or False, got {c['compile']!r}")
+    need(c["reasoning_fraction"] == 0 or c["reasoning_data"], "reasoning_fraction > 0 needs reasoning_data")
+    need(c["reasoning_fraction"] == 1 or c["fluency_data"], "reasoning_fraction < 1 needs fluency_data")
+    need(c["init_from"] in ("scratch", "resume") or c["init_from"].startswith("gpt2") or os.path.isdir(c["init_from"]),
+         f"init_from must be scratch, resume, a GPT-2 name (gpt2, gpt2-medium, ...) or a local model folder, "
+         f"got {c['init_from']!r}")
+
+
+def load_config(argv):
+    c = configure(DEFAULTS, argv)
+    check_config(c)
+    return c
+
+# -----------------------------------------------------------------------------
+# system: ranks, device, precision
+
+
+def setup_system(c):
+    """Starts DDP under torchrun; returns (rank, local_rank, world_size, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if c["gradient_accumulation_steps"] % world:
+        raise ConfigError(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be divisible by "
+                          f"the number of processes ({world})")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = c["device"] or ("cuda" if torch.cuda.is_available() else
+                             "mps" if torch.backends.mps.is_available() else "cpu")
+    if device == "cuda" or device.startswith("cuda:"):
+        device = f"cuda:{local_rank}" if world > 1 else device
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return rank, local_rank, world, device
+
+
+def precision(c, device_type):
+    """(autocast context, GradScaler): bf16 where supported, fp16 + loss scaling otherwise, float32 on CPU/MPS."""
+    dtype = c["dtype"] or ("float32" if device_type != "cuda" else
+                           "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    return ctx, torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+
+# -----------------------------------------------------------------------------
+# model and checkpoints
+
+
+def build_model(c, tok, ckpt):
+    """The model for init_from; its block_size must cover the run's."""
+    if c["init_from"] == "resume":
+        model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": c["dropout"]}))
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    elif c["init_from"] == "scratch":
+        V = tok.vocab_size if tok.vocab_size < 1024 else -(-tok.vocab_size // 64) * 64  # pad big vocabularies to ×64
+        model = GPT(GPTConfig(vocab_size=V, dropout=c["dropout"], **{k: c[k] for k in ARCH_KEYS if k != "vocab_size"}))
+    else:
+        model = GPT.from_pretrained(c["init_from"], n_steps=c["n_steps"], n_latent=c["n_latent"], dropout=c["dropout"])
+    if c["block_size"] > model.config.block_size:
+        raise ConfigError(f"block_size={c['block_size']} is larger than the model's {model.config.block_size}")
+    if tok.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"tokenizer {tok.name!r} ({tok.vocab_size} tokens) does not fit the model's vocabulary "
+                          f"({model.config.vocab_size})")
+    if c["block_size"] < model.config.block_size:
+        model.crop_block_size(c["block_size"])
+    return model
+
+
+def save_checkpoint(path, state):
+    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+# -----------------------------------------------------------------------------
+# schedules: pure functions of the iteration, identical on every rank
+
+
+def get_lr(it, c):
+    """Linear warmup, cosine decay to min_lr at lr_decay_iters; no division by zero for any setting."""
+    lr, min_lr, warmup, decay_end = c["learning_rate"], c["min_lr"], c["warmup_iters"], c["lr_decay_iters"]
+    if not c["decay_lr"]:
+        return lr
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    if it >= decay_end:
+        return min_lr
+    ratio = (it - warmup) / max(1, decay_end - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def train_steps(it, c):
+    """K for optimizer step `it`: the configured K, or K ~ U{1..2K−1} (mean K) seeded by (seed, it)."""
+    K = c["n_steps"]
+    if c["n_steps_dist"] == "fixed" or K == 0:
+        return K
+    return int(np.random.default_rng([c["seed"], it]).integers(1, 2 * K))
+
+
+def seed_step(c, rank, it):
+    """Dropout's RNG, a function of (seed, rank, iter): resume needs no saved RNG state."""
+    torch.manual_seed(int(np.random.SeedSequence([c["seed"], rank, it]).generate_state(1)[0]))
+
+# -----------------------------------------------------------------------------
+# evaluation (DESIGN.md §2 "Evaluation"): per step k, teacher-forced, summed over ranks
+
+
+def all_reduce_sum(t, world):
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def evaluate_fluency(model, batches, n_steps, world=1):
+    """Per-step val loss: the mean of ℓ_k over all valid targets of `batches` (this rank's share)."""
+    sums = torch.zeros(max(n_steps, 1) + 1, dtype=torch.float64, device=model.lm_head.weight.device)
+    for b in batches:
+        _, nll = model(b.x, b.y, n_steps=n_steps)                        # (K', B, T), 0 on ignored targets
+        sums += torch.cat([nll.sum((1, 2)), (b.y >= 0).sum()[None]])     # Σ ℓ_k per step, valid targets
+    sums = all_reduce_sum(sums, world)
+    return (sums[:-1] / sums[-1].clamp(min=1)).tolist()
+
+
+@torch.no_grad()
+def evaluate_reasoning(model, batches, n_steps, n_examples=None, world=1):
+    """
+    Teacher-forced, one pass per batch, for each step k = 1..K':
+      answer_token_acc   answer tokens (and closing eot) that are the argmax given the gold prefix
+      answer_exact_match answers all of whose tokens are: exactly what greedy decoding would produce
+      step_K_beats_1     answer tokens where ℓ_K < ℓ_1
+    Also per_example_exact (N, K'), for per-task tables. batches: this rank's share of eval_batches.
+    """
+    K = max(n_steps, 1)
+    n_examples = n_examples or 1 + max(int(b.answer_id.max()) for b in batches)
+    device = model.lm_head.weight.device
+    wrong = torch.zeros(n_examples, K, device=device)       # wrong answer tokens, per example and step
+    seen = torch.zeros(n_examples, device=device)           # answer tokens per example
+    beats = torch.zeros(2, device=device)                   # (tokens where ℓ_K < ℓ_1, answer tokens)
+    for b in batches:
+        o = model.transformer.ln_f(model.refine(model.trunk(b.x), n_steps))   # (K', B, T, C)
+        ids, m = b.answer_id[b.answer_mask], b.answer_mask                    # (n,) example of each answer token
+        for k in range(K):
+            logits = model.lm_head(o[k]).float()                              # (B, T, V): one step at a time
+            wrong[:, k].index_add_(0, ids, (logits.argmax(-1) != b.y)[m].float())
+            if k in (0, K - 1):                                               # ℓ_1 and ℓ_K on answer tokens
+                nll = torch.nn.functional.cross_entropy(logits[m], b.y[m], reduction="none")
+                nll_first = nll if k == 0 else nll_first
+        seen.index_add_(0, ids, torch.ones_like(ids, dtype=seen.dtype))
+        beats += torch.stack([(nll < nll_first).sum(), m.sum()]).float()
+    wrong, seen, beats = (all_reduce_sum(t, world) for t in (wrong, seen, beats))
+    has = seen > 0
+    exact = (wrong == 0).float()[has]                                         # (N, K')
+    return {
+        "answer_exact_match": exact.mean(0).tolist(),
+        "answer_token_acc": (1 - wrong[has].sum(0) / seen.sum()).tolist(),
+        "step_K_beats_1": (beats[0] / beats[1].clamp(min=1)).item(),
+        "per_example_exact": (wrong == 0).float().masked_fill(~has[:, None], float("nan")),
+    }
+
+
+def per_task(exact, tags):
+    """{'add:3': exact match at each step, ...} from per_example_exact and the examples' task tags."""
+    out = {}
+    for tag in dict.fromkeys(tags):
+        rows = exact[[i for i, t in enumerate(tags) if t == tag]]
+        out[tag] = rows[~rows[:, 0].isnan()].mean(0).tolist()
+    return out
+
+
+def format_eval(rec):
+    K = len(rec.get("fluency_loss") or rec.get("answer_exact_match"))
+    lines = [f"eval @ iter {rec['iter']} ({rec['tokens'] / 1e6:.2f}M tokens)",
+             f"{'':>14}" + "".join(f"{'k=' + str(k + 1):>8}" for k in range(K))]
+    for key, label in (("fluency_loss", "fluency loss"), ("answer_exact_match", "answer EM"),
+                       ("answer_token_acc", "answer tok acc")):
+        if key in rec:
+            lines.append(f"{label:>14}" + "".join(f"{v:8.4f}" for v in rec[key]))
+    for tag, em in rec.get("task_exact_match", {}).items():
+        lines.append(f"{'EM ' + tag:>14}" + "".join(f"{v:8.4f}" for v in em))
+    if "step_K_beats_1" in rec:
+        lines.append(f"step K beats step 1 on {100 * rec['step_K_beats_1']:.1f}% of answer tokens")
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# the training step
+
+
+def step_counts(batches, c, device, world):
+    """(Σ m_valid, Σ m_RL) over every micro-batch of this optimizer step on every rank: the denominators that make
+    accumulated micro-batches (and DDP) equal one large batch, token for token."""
+    counts = torch.zeros(2, dtype=torch.float64)
+    for b in batches:
+        m_valid, m_rl = loss_masks(b.y, b.answer_mask, c["rl_answer_only"])
+        counts += torch.stack([m_valid.sum(), m_rl.sum()])
+    return all_reduce_sum(counts.to(device), world).float()
+
+
+def train_step(model, batches, kind, K, c, ctx, scaler, world, device):
+    """Forward + backward over this rank's micro-batches; returns this rank's share of [loss, ds, rl, imp, ℓ_1..ℓ_K]."""
+    counts = step_counts(batches, c, device, world)
+    weights = step_weights(max(K, 1), c["weight_schedule"], c["weight_gamma"])
+    totals = 0
+    for i, b in enumerate(batches):
+        b = b.to(device)
+        last = i == len(batches) - 1
+        with model.no_sync() if world > 1 and not last else nullcontext():  # all-reduce only on the last micro-step
+            with ctx:
+                _, nll = model(b.x, b.y, n_steps=K, grad_steps=c["grad_steps"] or None)
+            loss, parts = rlrp_loss(nll.float(), b.y, b.answer_mask, kind, weights, c["lambda_rl"], c["lambda_imp"],
+                                    c["rl_answer_only"], c["imp_margin"], c["rl_q"], counts=counts)
+            # DDP averages gradients over ranks; the loss is already a global mean, so undo the 1/W
+            scaler.scale(loss * world).backward()
+        totals = totals + torch.cat([torch.stack([loss.detach(), parts["ds"], parts["rl"], parts["imp"]]), parts["nll_k"]])
+    return totals
+
+# -----------------------------------------------------------------------------
+
+
+def load_data(c):
+    """(tokenizer, FluencyData | None, ReasoningData | None); light to build, and a bad path or file is one line."""
+    try:
+        tok = data.get_tokenizer(c["tokenizer"], c["tokenizer_file"])
+        fluency = data.FluencyData(c["fluency_data"], tok, c["block_size"], c["seed"]) if c["fluency_data"] else None
+        reasoning = data.ReasoningData(c["reasoning_data"], tok, c["block_size"], c["seed"], c["reasoning_eval_data"],
+                                       c["reasoning_tasks"], c["gsm8k_answer"]) if c["reasoning_data"] else None
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from e
+    return tok, fluency, reasoning
+
+
+def main(argv):
+    c = load_config(argv)
+    rank, local_rank, world, device = setup_system(c)
+    master, device_type = rank == 0, device.split(":")[0]
+    ctx, scaler = precision(c, device_type)
+    torch.manual_seed(c["seed"])
+
+    tok, fluency, reasoning = load_data(c)
+    router = data.Router(c["reasoning_fraction"])
+    ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
+    ckpt = None
+    if c["init_from"] == "resume":
+        if not os.path.exists(ckpt_path):
+            raise ConfigError(f"init_from=resume but {ckpt_path} does not exist; start with init_from=scratch")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    model = build_model(c, tok, ckpt).to(device)
+    optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), device_type)
+    start_iter, best_val, resumed = 0, float("inf"), ckpt is not None
+    if resumed:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_iter, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        ckpt = None  # free the memory
+    raw_model = model
+    if c["compile"] if c["compile"] is not None else device_type == "cuda":
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    # eval sets: fixed, sharded over ranks
+    fluency_val = [fluency.get_batch("val", i, c["batch_size"]).to(device)
+                   for i in range(rank, c["eval_iters"], world)] if fluency else []
+    reasoning_val = reasoning.eval_batches(c["batch_size"], c["eval_examples"]) if reasoning and c["eval_examples"] else []
+    reasoning_val = [b.to(device) for b in reasoning_val[rank::world]]
+    tags = reasoning.eval_tags(c["eval_examples"]) if reasoning_val else []
+
+    G, local_micro = c["gradient_accumulation_steps"], c["gradient_accumulation_steps"] // world
+    tokens_per_iter = G * c["batch_size"] * c["block_size"]
+    metrics_path = os.path.join(c["out_dir"], "metrics.jsonl")
+    if master:
+        os.makedirs(c["out_dir"], exist_ok=True)
+        if c["init_from"] != "resume" and os.path.exists(metrics_path):
+            os.remove(metrics_path)  # a fresh run starts a fresh record
+        n_params = raw_model.get_num_params()
+        print(f"{n_params / 1e6:.2f}M parameters | K={c['n_steps']} | {world} process(es) on {device} | "
+              f"{tokens_per_iter:,} tokens per iter | writing {c['out_dir']}/")
+    wandb = None
+    if c["wandb_log"] and master:
+        import wandb
+        wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=c)
+
+    def record(rec):
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if wandb:
+                wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["iter"])
+
+    def run_eval(it):
+        raw_model.eval()
+        rec = {"type": "eval", "iter": it, "tokens": it * tokens_per_iter}
+        with ctx:
+            if fluency_val:
+                rec["fluency_loss"] = evaluate_fluency(raw_model, fluency_val, c["n_steps"], world)
+            if reasoning_val:
+                r = evaluate_reasoning(raw_model, reasoning_val, c["n_steps"], c["eval_examples"], world)
+                r["task_exact_match"] = per_task(r.pop("per_example_exact").cpu(), tags)
+                rec.update(r)
+        raw_model.train()
+        return rec
+
+    pbar = tqdm(total=c["max_iters"], initial=start_iter, disable=not master, dynamic_ncols=True)
+    t0, tokens_since = time.time(), 0
+    for it in range(start_iter, c["max_iters"] + 1):
+        if (it % c["eval_interval"] == 0 or it == c["max_iters"]) and not (resumed and it == start_iter):
+            rec = run_eval(it)
+            record(rec)
+            if master:
+                tqdm.write(format_eval(rec))
+            val = rec.get("fluency_loss", [float("inf")])[-1]
+            best_val = min(best_val, val)
+            if master and it > start_iter:
+                save_checkpoint(ckpt_path, {"model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
+                                            "optimizer": optimizer.state_dict(), "iter_num": it,
+                                            "best_val_loss": best_val, "config": c})
+            if c["eval_only"]:
+                break
+            t0 = time.time()  # tokens/s measures training only
+        if it == c["max_iters"]:
+            break
+
+        # one optimizer step: its kind, K and micro-batches are functions of (seed, it)
+        seed_step(c, rank, it)
+        kind, K = router.kind(it), train_steps(it, c)
+        get = (lambda i: reasoning.get_batch(i, c["batch_size"])) if kind == "reasoning" else \
+              (lambda i: fluency.get_batch("train", i, c["batch_size"]))
+        batches = [get(data.micro_batch_index(it, m, rank, world, G)) for m in range(local_micro)]
+        lr = get_lr(it, c)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        totals = all_reduce_sum(train_step(model, batches, kind, K, c, ctx, scaler, world, device), world)
+        if not torch.isfinite(totals[0]):
+            raise FloatingPointError(f"non-finite loss at iter {it} ({kind} step); parameters not updated, the last "
+                                     f"good checkpoint is {ckpt_path}; lower learning_rate or check the data")
+        if c["grad_clip"] > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        pbar.update(1)
+        tokens_since += tokens_per_iter
+
+        if (it + 1) % c["log_interval"] == 0 and master:
+            dt, t0 = time.time() - t0, time.time()
+            loss, ds, rl, imp, *nll_k = totals.tolist()
+            rec = {"type": "train", "iter": it + 1, "tokens": (it + 1) * tokens_per_iter, "kind": kind, "n_steps": K,
+                   "loss": loss, "ds": ds, "rl": rl, "imp": imp, "nll_k": nll_k, "lr": lr,
+                   "tokens_per_s": tokens_since / dt}
+            if device_type == "cuda":
+                rec["mfu"] = raw_model.estimate_mfu(tokens_since / world, dt, K, c["gpu_peak_tflops"] * 1e12)
+            tokens_since = 0
+            record(rec)
+            pbar.set_postfix(loss=f"{loss:.4f}", kind=kind[0], tok_s=f"{rec['tokens_per_s']:.0f}")
+    pbar.close()
+    if master:
+        print(f"done: metrics in {metrics_path}, checkpoint in {ckpt_path}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, FloatingPointError) as e:
+        sys.exit(f"train.py: {e}")
