@@ -51,6 +51,8 @@ DEFAULTS = dict(
     reasoning_eval_data="",    # a .jsonl file; '' = the held-out hash slice of reasoning_data
     reasoning_tasks=data.DEFAULT_TASKS,
     reasoning_fraction=0.5,    # ρ: the fraction of optimizer steps that are reasoning steps
+    routing="step",            # 'step': each optimizer step is all fluency or all reasoning (DESIGN.md (ii));
+                               # 'mixed': every micro-batch holds a ρ share of reasoning rows (the no-routing ablation)
     gsm8k_answer="final",      # 'final' (text after ####) | 'solution' (the whole worked solution)
     gradient_accumulation_steps=40,  # micro-batches per optimizer step over ALL ranks (divided among them)
     batch_size=12,             # micro-batch size (rows)
@@ -114,6 +116,9 @@ def check_config(c):
     need(c["max_iters"] >= 0 and c["eval_examples"] >= 0, "max_iters and eval_examples must be >= 0")
     need(c["n_embd"] % c["n_head"] == 0, f"n_embd ({c['n_embd']}) must be divisible by n_head ({c['n_head']})")
     need(c["tokenizer"] in ("gpt2", "byte"), f"tokenizer must be 'gpt2' or 'byte', got {c['tokenizer']!r}")
+    need(c["routing"] in ("step", "mixed"), f"routing must be 'step' or 'mixed', got {c['routing']!r}")
+    need(c["routing"] == "step" or (0 < c["reasoning_fraction"] < 1 and c["batch_size"] >= 2),
+         "routing='mixed' needs 0 < reasoning_fraction < 1 and batch_size >= 2")
     need(c["n_steps_dist"] in ("fixed", "uniform"), f"n_steps_dist must be 'fixed' or 'uniform', got {c['n_steps_dist']!r}")
     need(c["gsm8k_answer"] in ("final", "solution"), f"gsm8k_answer must be 'final' or 'solution', got {c['gsm8k_answer']!r}")
     need(c["dtype"] in (None, "float32", "bfloat16", "float16"),
@@ -305,6 +310,25 @@ def format_eval(rec):
 # the training step
 
 
+def cat_batches(batches, kind):
+    """Rows of several batches as one (answer ids stay per batch: training does not use them)."""
+    return data.Batch(*(torch.cat([getattr(b, f) for b in batches]) for f in ("x", "y")), kind,
+                      *(torch.cat([getattr(b, f) for b in batches]) for f in ("answer_mask", "answer_id")))
+
+
+def micro_batches(it, kind, c, fluency, reasoning, rank, world):
+    """This rank's micro-batches of optimizer step `it`, drawn by global micro-batch index."""
+    B, G = c["batch_size"], c["gradient_accumulation_steps"]
+    indices = [data.micro_batch_index(it, m, rank, world, G) for m in range(G // world)]
+    if c["routing"] == "mixed":
+        r = min(B - 1, max(1, round(B * c["reasoning_fraction"])))   # reasoning rows per micro-batch
+        return [cat_batches([fluency.get_batch("train", i, B - r), reasoning.get_batch(i, r)], "reasoning")
+                for i in indices]
+    if kind == "reasoning":
+        return [reasoning.get_batch(i, B) for i in indices]
+    return [fluency.get_batch("train", i, B) for i in indices]
+
+
 def step_counts(batches, c, device, world):
     """(Σ m_valid, Σ m_RL) over every micro-batch of this optimizer step on every rank: the denominators that make
     accumulated micro-batches (and DDP) equal one large batch, token for token."""
@@ -383,8 +407,7 @@ def main(argv):
     reasoning_val = [b.to(device) for b in reasoning_val[rank::world]]
     tags = reasoning.eval_tags(c["eval_examples"]) if reasoning_val else []
 
-    G, local_micro = c["gradient_accumulation_steps"], c["gradient_accumulation_steps"] // world
-    tokens_per_iter = G * c["batch_size"] * c["block_size"]
+    tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     metrics_path = os.path.join(c["out_dir"], "metrics.jsonl")
     if master:
         os.makedirs(c["out_dir"], exist_ok=True)
@@ -440,10 +463,9 @@ def main(argv):
 
         # one optimizer step: its kind, K and micro-batches are functions of (seed, it)
         seed_step(c, rank, it)
-        kind, K = router.kind(it), train_steps(it, c)
-        get = (lambda i: reasoning.get_batch(i, c["batch_size"])) if kind == "reasoning" else \
-              (lambda i: fluency.get_batch("train", i, c["batch_size"]))
-        batches = [get(data.micro_batch_index(it, m, rank, world, G)) for m in range(local_micro)]
+        kind = "reasoning" if c["routing"] == "mixed" else router.kind(it)
+        K = train_steps(it, c)
+        batches = micro_batches(it, kind, c, fluency, reasoning, rank, world)
         lr = get_lr(it, c)
         for group in optimizer.param_groups:
             group["lr"] = lr

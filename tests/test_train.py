@@ -111,8 +111,7 @@ def test_accumulating_micro_batches_equals_one_large_batch():
     tok = data.get_tokenizer("byte")
     rd = data.ReasoningData("synthetic", tok, 48, seed=0)
     micro = [rd.get_batch(i, 3) for i in range(4)]            # different padding in every micro-batch
-    big = data.Batch(*(torch.cat([getattr(b, f) for b in micro]) for f in ("x", "y")), "reasoning",
-                     torch.cat([b.answer_mask for b in micro]), torch.cat([b.answer_id for b in micro]))
+    big = train.cat_batches(micro, "reasoning")
     c = train.load_config(TINY + ["--lambda_rl=0.5", "--lambda_imp=0.3"])
     ctx, scaler = train.precision(c, "cpu")
     results = []
@@ -226,3 +225,15 @@ def test_compiled_training_runs_and_saves_plain_names(tmp_path):
     state = final_params(tmp_path)
     assert not any(k.startswith("_orig_mod.") for k in state)
     assert all(math.isfinite(r["loss"]) for r in records(tmp_path, "train"))
+
+
+def test_mixed_routing_puts_both_kinds_in_every_micro_batch():
+    c = train.load_config(TINY + ["--routing=mixed", "--reasoning_fraction=0.25"])
+    _, fluency, reasoning = train.load_data(c)
+    batches = train.micro_batches(5, "reasoning", c, fluency, reasoning, 0, 1)
+    assert len(batches) == 2
+    for b in batches:
+        assert b.x.shape == (4, 48) and b.kind == "reasoning"
+        assert not b.answer_mask[:3].any() and b.answer_mask[3].any()   # 3 fluency rows, 1 reasoning row
+    with pytest.raises(ConfigError, match="routing='mixed' needs 0 < reasoning_fraction < 1"):
+        train.load_config(TINY + ["--routing=mixed", "--reasoning_fraction=0.0"])

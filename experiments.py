@@ -1,0 +1,201 @@
+"""
+Does latent thinking help? Trains the ablation of README "Results" and writes results/ablation.md + plots.
+
+    python experiments.py              # every variant x 3 seeds on config/train_cpu.py (~60 min, 2 CPU cores)
+    python experiments.py --quick      # 1 seed, a third of the steps (~10 min): the same table
+
+All variants share the trunk, the data mixture, the tokens seen, the seeds and the evaluation (the fixed
+held-out synthetic eval set, never trained on: data.is_eval_prompt); only the overrides below change.
+Runs go to results/runs/<variant>-s<seed>/; a finished run is reused, so an interrupted ablation resumes.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+import train
+from sample import load_checkpoint
+
+PRESET = "config/train_cpu.py"
+VARIANTS = {  # name: (what it is, overrides of the preset)
+    "gpt": ("GPT baseline: K=0, plain CE, same mixture", ["--n_steps=0", "--lambda_rl=0.0"]),
+    "gpt_deeper": ("GPT +1 layer: extra compute in the trunk", ["--n_steps=0", "--lambda_rl=0.0", "--n_layer=5"]),
+    "head_ds": ("+ latent head, deep supervision only (mixed batches)",
+                ["--routing=mixed", "--lambda_rl=0.0", "--lambda_imp=0.0"]),
+    "routing": ("+ data-aware routing", ["--lambda_rl=0.0", "--lambda_imp=0.0"]),
+    "soft_rl": ("+ soft RL on answer spans", ["--lambda_imp=0.0"]),
+    "rlrp": ("+ improvement penalty (full RLRP)", []),
+    "rlrp_randk": ("full RLRP, K ~ U{1..2K-1} while training", ["--n_steps_dist=uniform"]),
+}
+
+
+def run_dir(root, name, seed):
+    return os.path.join(root, "runs", f"{name}-s{seed}")
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return [r for r in recs if r["type"] == "train"], [r for r in recs if r["type"] == "eval"]
+
+
+def finished(out_dir, max_iters):
+    try:
+        return read_metrics(out_dir)[1][-1]["iter"] == max_iters
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def train_run(root, name, seed, max_iters, threads):
+    """One training run in its own process (train.py exactly as a user runs it); reused when already done."""
+    out = run_dir(root, name, seed)
+    if finished(out, max_iters):
+        return
+    os.makedirs(out, exist_ok=True)
+    cmd = [sys.executable, "train.py", PRESET, *VARIANTS[name][1], f"--seed={seed}", f"--out_dir={out}",
+           f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}", f"--eval_interval={max(1, max_iters // 6)}"]
+    with open(os.path.join(out, "log.txt"), "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
+                       env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+
+
+@torch.no_grad()
+def test_time_curve(out_dir):
+    """Teacher-forced exact match (= greedy decoding's) at the last step for every test-time K' = 0..2K."""
+    model, cfg = load_checkpoint(out_dir, "cpu")
+    batches = train.load_data(cfg)[2].eval_batches(cfg["batch_size"], cfg["eval_examples"])
+    K = model.config.n_steps
+    return [train.evaluate_reasoning(model, batches, k)["answer_exact_match"][-1] for k in range(2 * K + 1)] \
+        if K else [train.evaluate_reasoning(model, batches, 0)["answer_exact_match"][-1]]
+
+
+def summarize_run(out_dir):
+    train_recs, evals = read_metrics(out_dir)
+    model, cfg = load_checkpoint(out_dir, "cpu")
+    last = evals[-1]
+    return {
+        "params": model.get_num_params(),
+        "flops_per_token": model.flops_per_token(seq_len=cfg["block_size"])["total"],
+        "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train_recs])),
+        "fluency_loss": last["fluency_loss"][-1],
+        "em_first": last["answer_exact_match"][0],
+        "em_last": last["answer_exact_match"][-1],
+        "task_em": {t: v[-1] for t, v in last["task_exact_match"].items()},
+        "curve": test_time_curve(out_dir),
+        "evals": evals,
+    }
+
+
+def mean_std(values):
+    v = np.array(values, dtype=float)
+    return v.mean(), (v.std(ddof=1) if len(v) > 1 else 0.0)
+
+
+def fmt(values, digits=3):
+    m, s = mean_std(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def write_report(root, summaries, seeds, wall_s, max_iters):
+    """results/ablation.md: the main table, exact match per task, and the test-time curve."""
+    tasks = list(next(iter(summaries.values()))[0]["task_em"])
+    lines = [f"# RLRP ablation\n",
+             f"`python experiments.py{' --quick' if len(seeds) == 1 else ''}` · {PRESET} · {max_iters} steps · "
+             f"seeds {seeds} · {platform.processor() or platform.machine()}, {os.cpu_count()} cores · "
+             f"wall time {wall_s / 60:.1f} min · mean ± std over seeds\n",
+             "Exact match (EM) is on the held-out synthetic eval set, teacher-forced (identical to greedy decoding).\n",
+             "| variant | what | params | FLOPs/token | tokens/s | fluency val loss | EM step 1 | EM step K |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, runs in summaries.items():
+        r0 = runs[0]
+        lines.append(f"| {name} | {VARIANTS[name][0]} | {r0['params'] / 1e6:.3f}M | {r0['flops_per_token'] / 1e6:.2f}M "
+                     f"| {mean_std([r['tokens_per_s'] for r in runs])[0]:.0f} | {fmt([r['fluency_loss'] for r in runs])} "
+                     f"| {fmt([r['em_first'] for r in runs])} | {fmt([r['em_last'] for r in runs])} |")
+    lines += ["\n## Exact match at step K, per task\n", "| variant | " + " | ".join(tasks) + " |",
+              "| --- |" + " --- |" * len(tasks)]
+    for name, runs in summaries.items():
+        lines.append(f"| {name} | " + " | ".join(fmt([r["task_em"][t] for r in runs]) for t in tasks) + " |")
+    lines += ["\n## Test-time steps K' (exact match at the last step)\n"]
+    width = max(len(runs[0]["curve"]) for runs in summaries.values())
+    lines += ["| variant | " + " | ".join(f"K'={k}" for k in range(width)) + " |", "| --- |" + " --- |" * width]
+    for name, runs in summaries.items():
+        curve = np.mean([r["curve"] for r in runs], axis=0)
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in curve) + " |")
+    with open(os.path.join(root, "ablation.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(root, summaries):
+    """Three PNGs; skipped with a note when matplotlib (optional) is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return
+    evals = summaries["rlrp"][0]["evals"]
+    its = [e["iter"] for e in evals]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for k in range(len(evals[0]["fluency_loss"])):
+        axes[0].plot(its, [e["fluency_loss"][k] for e in evals], label=f"step {k + 1}")
+        axes[1].plot(its, [e["answer_token_acc"][k] for e in evals], label=f"step {k + 1}")
+    axes[0].set(title="full RLRP: fluency val loss per step", xlabel="iter")
+    axes[1].set(title="full RLRP: answer-token accuracy per step", xlabel="iter")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "loss_per_step.png"), dpi=110)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, runs in summaries.items():
+        curve = np.mean([r["curve"] for r in runs], axis=0)
+        ax.plot(range(len(curve)), curve, marker="o", label=name)
+    ax.set(title="exact match vs test-time steps K'", xlabel="K'", ylabel="answer exact match")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "em_vs_test_k.png"), dpi=110)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, runs in summaries.items():
+        if len(runs[0]["curve"]) > 1:  # models with a head
+            ax.plot([e["iter"] for e in runs[0]["evals"]], [e["step_K_beats_1"] for e in runs[0]["evals"]], label=name)
+    ax.set(title="answer tokens where step K beats step 1", xlabel="iter", ylabel="fraction")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "step_k_beats_1.png"), dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1 seed, a third of the steps")
+    ap.add_argument("--out", default="results")
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--iters", type=int, default=0, help="steps per run (default: the preset's; a third with --quick)")
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"experiments.py: unknown variant(s) {unknown}; valid: {', '.join(VARIANTS)}")
+    preset_iters = train.load_config([PRESET])["max_iters"]
+    max_iters, seeds = (preset_iters // 3, [0]) if args.quick else (preset_iters, [0, 1, 2])
+    max_iters = args.iters or max_iters
+    t0 = time.time()
+    jobs = [(n, s) for s in seeds for n in names]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for future in [pool.submit(train_run, args.out, n, s, max_iters, 1) for n, s in jobs]:
+            future.result()
+    summaries = {n: [summarize_run(run_dir(args.out, n, s)) for s in seeds] for n in names}
+    write_report(args.out, summaries, seeds, time.time() - t0, max_iters)
+    plot(args.out, summaries)
+    print(open(os.path.join(args.out, "ablation.md")).read())
+
+
+if __name__ == "__main__":
+    main()
