@@ -45,10 +45,20 @@ class LatentHead(nn.Module):
         if self.w_out.bias is not None:
             nn.init.zeros_(self.w_out.bias)
 
+    def start(self, h):
+        """h (..., C) -> z_0 (..., D), and what every step reuses: (injection (..., H), β (D,))."""
+        hn = self.ln_h(h)                                   # LN_h(h_t)
+        # the h-part of the MLP's first layer is the same at every step: computed once
+        return torch.tanh(self.w_in(hn)), (self.fc_h(hn), torch.sigmoid(self.b))
+
     def step(self, z, inject, beta):
         """One refinement step k: z_{k-1} (..., D) -> z_k (..., D)."""
         u = self.proj(F.gelu(self.fc_z(self.ln_z(z)) + inject, approximate="tanh"))  # u_k
         return z + beta * (torch.tanh(u) - z)                                          # z_k
+
+    def out(self, h, z):
+        """o_k = h_t + W_out · z_k, back in the hidden space (..., C)."""
+        return h + self.w_out(z)
 
     def forward(self, h, n_steps, return_latents=False, grad_steps=None):
         """
@@ -60,16 +70,14 @@ class LatentHead(nn.Module):
         """
         K = n_steps
         first_grad_step = 1 if grad_steps is None else max(1, K - grad_steps + 1)
-        hn = self.ln_h(h)                    # LN_h(h_t), (B, T, C)
-        inject = self.fc_h(hn)               # h-part of the MLP's first layer, (B, T, H), once for all steps
-        beta = torch.sigmoid(self.b)         # β, (D,)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and first_grad_step == 1):
-            z = torch.tanh(self.w_in(hn))    # z_0, (B, T, D)
+        z, fixed = self.start(h)                   # z_0 (B, T, D)
+        if first_grad_step > 1:
+            z = z.detach()
         zs, outs = [z], []
         for k in range(1, K + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= first_grad_step):
-                z = self.step(z, inject, beta)   # z_k
+                z = self.step(z, *fixed)           # z_k
             zs.append(z)
-            outs.append(h + self.w_out(z))        # o_k = h_t + W_out · z_k
-        o = torch.stack(outs)                     # (K, B, T, C)
+            outs.append(self.out(h, z))            # o_k
+        o = torch.stack(outs)                      # (K, B, T, C)
         return (o, torch.stack(zs)) if return_latents else o

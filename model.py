@@ -8,6 +8,9 @@ The RLRP model: a GPT trunk (nanoGPT-style, GPT-2 compatible) that owns a Latent
 With targets the model returns ℓ (K, B, T), the per-step token NLL, instead of logits: the K
 full-vocabulary logits tensors are never alive at once (losses.token_nll). A model built with
 n_steps = 0 has no head and is exactly a GPT (I5); n_steps is also a run-time argument (I4).
+
+Generation (GPT.generate) keeps a KV cache for the trunk: the head is position-wise (I3), so each new
+token costs one trunk pass on one position plus K head steps on that position only.
 """
 
 import math
@@ -53,12 +56,20 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, kv=None):
+        """x (B, T, C). kv: generation's cache of this layer, a dict {'k', 'v'} of (B, nh, T_cached, hs) that
+        this call's keys and values are appended to; None in training (the graph is then the plain one)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        causal = True
+        if kv is not None:
+            if kv:  # one new token attends to all cached ones (more would need a causal mask offset by T_cached)
+                assert T == 1, "the KV cache takes one token at a time after the prompt"
+                k, v, causal = torch.cat([kv["k"], k], 2), torch.cat([kv["v"], v], 2), False
+            kv["k"], kv["v"] = k, v
         # flash / memory-efficient attention kernels where the device has them
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -85,8 +96,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, kv=None):
+        x = x + self.attn(self.ln_1(x), kv)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -152,12 +163,17 @@ class GPT(nn.Module):
             raise ValueError(f"targets must be in [0, {V}) or -1 (ignored), got range "
                              f"[{targets.min().item()}, {targets.max().item()}]")
 
-    def trunk(self, idx):
-        """idx (B, T) -> h (B, T, C): the hidden state after the last block, before LN_f."""
-        pos = torch.arange(idx.size(1), dtype=torch.long, device=idx.device)
+    def trunk(self, idx, cache=None):
+        """
+        idx (B, T) -> h (B, T, C): the hidden state after the last block, before LN_f.
+        cache: generation's KV cache, one dict per layer (see CausalSelfAttention); idx then continues the
+        cached tokens, so its positions start after them.
+        """
+        t0 = cache[0]["k"].size(2) if cache and cache[0] else 0
+        pos = torch.arange(t0, t0 + idx.size(1), dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if cache is None else cache[i])
         return x
 
     def refine(self, h, K, grad_steps=None):
@@ -177,6 +193,110 @@ class GPT(nn.Module):
             return self.lm_head(o), None
         nll = token_nll(o, self.lm_head.weight, targets.expand(o.shape[:-1]))   # ℓ, (K', B, T)
         return None, nll
+
+    # -------------------------------------------------------------------------
+    # generation
+
+    def refine_steps(self, h, K):
+        """
+        The head one step at a time, for generation: yields o_0 = h (the trunk's own), then o_1..o_K, each
+        shaped like h, so that adaptive exit can stop after any step. LatentHead.step does the update; a test
+        checks that o_1..o_K equal LatentHead.forward's.
+        """
+        yield h
+        if K == 0:
+            return
+        z, fixed = self.latent_head.start(h)            # z_0
+        for _ in range(K):
+            z = self.latent_head.step(z, *fixed)        # z_k
+            yield self.latent_head.out(h, z)            # o_k
+
+    def step_logits(self, h, K, exit_threshold=None, trace=False):
+        """
+        h (B, C) at the newest position -> (logits (B, V) of the step each row ends at, steps used (B,), top1, prob).
+        Adaptive exit: a row stops at the first k >= 1 with KL(p_k || p_{k-1}) < exit_threshold, p_0 being the
+        trunk's own distribution, and takes logits_k; KL >= 0, so a threshold of 0 (or None) runs all K steps.
+        trace: top1, prob (B, K+1) = each step's argmax and its probability (k = 0 the trunk; -1/nan where a row
+        had exited), else None.
+        """
+        B, adaptive = h.size(0), bool(exit_threshold)
+        used = torch.full((B,), K, dtype=torch.long, device=h.device)
+        done = torch.zeros(B, dtype=torch.bool, device=h.device)
+        top1 = torch.full((B, K + 1), -1, dtype=torch.long, device=h.device) if trace else None
+        prob = torch.full((B, K + 1), float("nan"), device=h.device) if trace else None
+        out = logp_prev = None
+        for k, o in enumerate(self.refine_steps(h, K)):
+            if k < K and not (adaptive or trace):
+                continue  # fixed K: only logits_K is needed
+            logits = self.lm_head(self.transformer.ln_f(o))            # logits_k, (B, V)
+            logp = F.log_softmax(logits.float(), dim=-1)
+            if trace:
+                p, i = logp.max(-1)
+                top1[:, k], prob[:, k] = i.masked_fill(done, -1), p.exp().masked_fill(done, float("nan"))
+            out = logits if out is None else torch.where(done[:, None], out, logits)  # exited rows keep theirs
+            if adaptive and k > 0:
+                kl = (logp.exp() * (logp - logp_prev)).sum(-1).clamp(min=0)      # KL(p_k || p_{k-1}), (B,)
+                exit_now = ~done & (kl < exit_threshold)
+                used, done = torch.where(exit_now, k, used), done | exit_now
+                if done.all():
+                    break
+            logp_prev = logp
+        return out, used, top1, prob
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_steps=None, exit_threshold=None,
+                 stop_token=None, return_steps=False):
+        """
+        Continue idx (B, T) by max_new_tokens tokens -> (B, T + N). Call model.eval() first.
+        Each new token: one trunk pass on one position with the KV cache, then K' head steps on that position
+        only, and logits_K' -> next token (temperature 0 = greedy; top_k keeps the k most likely).
+        The context is the last block_size tokens. Positions are absolute, so once the window slides the cache
+        is recomputed from the last block_size tokens: exactly what the uncached model would see.
+        exit_threshold: adaptive exit, see step_logits. stop_token: a row that emits it is padded with it from
+        then on, and generation ends early once every row has (N < max_new_tokens).
+        return_steps: also return a dict of (B, N) `used`, the steps each token ran (-1 = padding after
+        stop_token), and (B, N, K'+1) `top1`, `prob`: what each step k would have predicted (step_logits).
+        """
+        K = self.resolve_steps(n_steps)
+        bs = self.config.block_size
+        self.check_inputs(idx[:, -bs:], None)
+        if exit_threshold is not None and exit_threshold < 0:
+            raise ValueError(f"exit_threshold must be >= 0, got {exit_threshold}")
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        cache, steps = None, []
+        for _ in range(max_new_tokens):
+            if cache is None or cache[0]["k"].size(2) == bs:
+                cache = [{} for _ in self.transformer.h]                 # (re)fill from the last block_size tokens
+                h = self.trunk(idx[:, -bs:], cache)[:, -1]
+            else:
+                h = self.trunk(idx[:, -1:], cache)[:, -1]               # the newest token only, (B, C)
+            logits, used, top1, prob = self.step_logits(h, K, exit_threshold, trace=return_steps)
+            idx_next = self._pick(logits, temperature, top_k)           # (B,)
+            if stop_token is not None:
+                idx_next, used = idx_next.masked_fill(done, stop_token), used.masked_fill(done, -1)
+                done = done | (idx_next == stop_token)
+            idx = torch.cat((idx, idx_next[:, None]), dim=1)
+            steps.append((used, top1, prob))
+            if stop_token is not None and done.all():
+                break
+        if not return_steps:
+            return idx
+        B = idx.size(0)
+        if not steps:
+            return idx, dict(used=idx.new_zeros(B, 0), top1=idx.new_zeros(B, 0, K + 1), prob=torch.zeros(B, 0, K + 1))
+        used, top1, prob = (torch.stack(t, dim=1) for t in zip(*steps))
+        return idx, dict(used=used, top1=top1, prob=prob)
+
+    @staticmethod
+    def _pick(logits, temperature, top_k):
+        """logits (B, V) -> next token ids (B,)."""
+        if temperature == 0:
+            return logits.argmax(-1)
+        logits = logits.float() / temperature
+        if top_k is not None:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float("inf")
+        return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(-1)
 
     # -------------------------------------------------------------------------
     # pretrained weights

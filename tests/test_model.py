@@ -166,7 +166,7 @@ def test_grad_steps_truncates_the_recurrence():
     g_trunc, = torch.autograd.grad(o[-1].sum(), head.fc_z.weight)
     # reference: steps 1..3 from a detached z, then one step with gradient
     _, z = head(h, 3, return_latents=True)
-    z_last = head.step(z[-1].detach(), head.fc_h(head.ln_h(h)), torch.sigmoid(head.b))
+    z_last = head.step(z[-1].detach(), *head.start(h)[1])
     g_ref, = torch.autograd.grad((h + head.w_out(z_last)).sum(), head.fc_z.weight)
     assert torch.allclose(g_trunc, g_ref, atol=1e-6)
 

@@ -152,7 +152,7 @@ def test_evaluate_reasoning_matches_a_plain_count():
     assert len(correct) == 30
     want_em = [sum(v[k] for v in correct.values()) / 30 for k in range(3)]
     assert got["answer_exact_match"] == pytest.approx(want_em)
-    assert got["answer_token_acc"] == pytest.approx([n / n_tok for n in n_right])
+    assert got["answer_token_acc"] == pytest.approx([n / n_tok for n in n_right], rel=1e-5)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,259 @@
+"""
+Sample from a trained nanoRLRP model, watch what each latent step predicts, or measure the test-time
+scaling curve (reasoning exact match against the number of steps K').
+
+    python sample.py --out_dir=out-cpu --start="352+819=" --temperature=0 --n_steps=8 --show_steps=True
+    python sample.py --out_dir=out-cpu --start=FILE:prompt.txt --exit_threshold=0.01
+    python sample.py --out_dir=out-cpu --eval=True --plot=scaling.png
+    python sample.py --init_from=gpt2 --tokenizer_file=gpt2.tiktoken --start="The meaning of life is"
+
+Prompts: every prompt follows an end-of-text token, as every document and reasoning example does in
+training, so an empty --start samples unconditionally. A prompt is UTF-8 text; one that is not (a file in
+another encoding, raw bytes on the command line) cannot be encoded and is refused. A literal
+'<|endoftext|>' in a prompt is ordinary text, as in training (data.Tokenizer.encode).
+"""
+
+import os
+import sys
+from collections import defaultdict
+from contextlib import nullcontext
+
+import torch
+
+import data
+from configurator import ConfigError, configure
+from model import GPT, GPTConfig
+
+CUDA = torch.cuda.is_available()
+defaults = dict(
+    init_from="resume",     # 'resume' = out_dir/ckpt.pt (train.py writes it); GPT-2: 'gpt2', ... or a local HF folder
+    out_dir="out",
+    start="\n",             # the prompt, or FILE:path to read it from a file
+    num_samples=3,
+    max_new_tokens=200,
+    temperature=0.8,        # 0 = greedy
+    top_k=200,              # None = the whole vocabulary
+    seed=1337,
+    device="cuda" if CUDA else "cpu",
+    dtype="bfloat16" if CUDA and torch.cuda.is_bf16_supported() else "float16" if CUDA else "float32",
+    n_steps=None,           # K': refinement steps at test time, any value >= 0; None = the K the model was trained with
+    exit_threshold=None,    # adaptive exit: a token stops refining once KL(p_k || p_{k-1}) < this; None = always K'
+    show_steps=False,       # per generated token: each step's top-1 token and its probability
+    tokenizer_file="",      # GPT-2's gpt2.tiktoken, where the checkpoint's path does not exist on this machine
+    eval=False,             # greedy-decode reasoning eval answers for K' = 0..2K (or 0..n_steps): the scaling curve
+    eval_data="",           # '' = the checkpoint's reasoning eval set; 'synthetic' or a .jsonl file
+    eval_tasks="",          # synthetic suite, e.g. 'add:3,sort:5'; '' = the checkpoint's
+    eval_examples=200,
+    eval_batch_size=64,
+    plot="",                # with eval: save the scaling curve to this PNG (needs matplotlib)
+)
+ADAPTIVE_DEFAULT = 0.01     # the threshold eval compares at when exit_threshold is not given
+
+
+def check_config(c):
+    """Bad values stop here with one line, before any model is loaded."""
+    n, thr = c["n_steps"], c["exit_threshold"]
+    if n is not None and (type(n) is not int or n < 0):
+        raise ConfigError(f"n_steps must be an integer >= 0 (or None for the trained K), got {n!r}")
+    if thr is not None and (type(thr) not in (int, float) or thr < 0):
+        raise ConfigError(f"exit_threshold must be a number >= 0 (or None for fixed K'), got {thr!r}")
+    if c["temperature"] < 0:
+        raise ConfigError(f"temperature must be >= 0, got {c['temperature']}")
+    if c["top_k"] is not None and (type(c["top_k"]) is not int or c["top_k"] < 1):
+        raise ConfigError(f"top_k must be an integer >= 1 or None, got {c['top_k']!r}")
+    if min(c["num_samples"], c["max_new_tokens"], c["eval_examples"], c["eval_batch_size"]) < 1:
+        raise ConfigError("num_samples, max_new_tokens, eval_examples and eval_batch_size must be >= 1")
+    if c["dtype"] not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {c['dtype']!r}")
+    if c["plot"]:
+        try:
+            import matplotlib  # noqa: F401  (optional: only --plot needs it)
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib: pip install matplotlib") from None
+
+
+def load_checkpoint(out_dir, device):
+    """out_dir/ckpt.pt as train.py writes it -> (model in eval mode on device, the training config dict)."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found: train.py writes it (python train.py "
+                                f"--out_dir={out_dir}), or sample pretrained GPT-2 with --init_from=gpt2")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it also holds RNG states
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval().to(device), ckpt["config"]
+
+
+def load_model(c):
+    """(model, tokenizer, training config) for init_from."""
+    if c["init_from"] == "resume":
+        model, train_cfg = load_checkpoint(c["out_dir"], c["device"])
+    else:  # pretrained GPT-2 with a fresh latent head, which changes nothing yet (I2)
+        model = GPT.from_pretrained(c["init_from"], n_steps=4 if c["n_steps"] is None else c["n_steps"])
+        model, train_cfg = model.eval().to(c["device"]), dict(tokenizer="gpt2")
+    tok = data.get_tokenizer(train_cfg["tokenizer"], c["tokenizer_file"] or train_cfg.get("tokenizer_file", ""))
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
+    return model, tok, train_cfg
+
+
+def encode_prompt(tok, start):
+    """--start (or FILE:path) -> [eot] + its tokens: a prompt starts a document, as in training."""
+    if start.startswith("FILE:"):
+        path = start[5:]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--start=FILE:{path}: no such file")
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:  # invalid bytes are reported below
+            start = f.read()
+    bad = next((i for i, ch in enumerate(start) if "\ud800" <= ch <= "\udfff"), None)
+    if bad is not None:
+        raise ValueError(f"--start: the prompt cannot be encoded: it is not valid UTF-8 text (at character {bad}); "
+                         "save it as UTF-8")
+    return [tok.eot_token] + tok.encode(start)
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def show_steps(tok, new_ids, steps):
+    """One row per generated token: each step k's top-1 token and its probability (k = 0 is the trunk's)."""
+    def show(i):  # a token as text; #id for a piece of a multi-byte character
+        text = "<eot>" if i == tok.eot_token else tok.decode([i])
+        return f"#{i}" if "\ufffd" in text else repr(text)[:9]
+    K1 = steps["top1"].size(-1)
+    print(f"{'token':>9} " + " ".join(f"{f'k={k}':>15}" for k in range(K1)) + "  steps")
+    for t, tid in enumerate(new_ids):
+        cells = [f"{show(int(i)):>9} {float(p):.3f}" if i >= 0 else "-"
+                 for i, p in zip(steps["top1"][0, t], steps["prob"][0, t])]
+        print(f"{show(tid):>9} " + " ".join(f"{cell:>15}" for cell in cells) + f"  {int(steps['used'][0, t]):>5}")
+
+
+def sample(model, tok, c, ctx):
+    K = model.resolve_steps(c["n_steps"])
+    x = torch.tensor([encode_prompt(tok, c["start"])], device=c["device"])
+    for _ in range(c["num_samples"]):
+        want_steps = c["show_steps"] or c["exit_threshold"] is not None  # else only logits_K' is computed
+        with ctx:
+            y = model.generate(x, c["max_new_tokens"], c["temperature"], c["top_k"], K, c["exit_threshold"],
+                               return_steps=want_steps)
+        y, steps = y if want_steps else (y, None)
+        print(tok.decode(y[0, 1:].tolist()))   # without the leading eot
+        if c["show_steps"]:
+            show_steps(tok, y[0, x.size(1):].tolist(), steps)
+        if c["exit_threshold"] is not None:
+            mean = steps["used"].float().mean()
+            print(f"adaptive exit (KL < {c['exit_threshold']}): {mean:.2f} steps per token of K'={K}")
+        print("---------------")
+
+# -----------------------------------------------------------------------------
+# reasoning evaluation: the test-time scaling curve
+
+
+def eval_set(c, train_cfg, tok, block_size):
+    """([(prompt, answer)], task tag per example, description) from --eval_data or else the checkpoint's config."""
+    source = c["eval_data"] or train_cfg.get("reasoning_eval_data") or train_cfg.get("reasoning_data", "synthetic")
+    n, gsm8k = c["eval_examples"], train_cfg.get("gsm8k_answer", "final")
+    if source not in ("synthetic", train_cfg.get("reasoning_data")):   # a separate eval file: its first n lines
+        examples = data.read_jsonl(source, gsm8k)[:n]
+        return examples, ["jsonl"] * len(examples), source
+    # the built-in suite, or the held-out slice of the training JSONL (never trained on)
+    tasks = c["eval_tasks"] or train_cfg.get("reasoning_tasks") or data.DEFAULT_TASKS
+    rd = data.ReasoningData(source, tok, block_size, train_cfg.get("seed", 0), tasks=tasks, gsm8k_answer=gsm8k)
+    return rd.eval_examples(n), rd.eval_tags(n), f"{source} {tasks}" if source == "synthetic" else source
+
+
+def encode_examples(tok, examples):
+    """[(prompt, answer)] -> [([eot] + prompt ids, answer ids + [eot])]: the leading eot as in training's rows."""
+    return [([tok.eot_token] + tok.encode(p), tok.encode(a) + [tok.eot_token]) for p, a in examples]
+
+
+def decode_answers(model, examples, eot, K, exit_threshold=None, batch_size=64, device="cpu", ctx=nullcontext()):
+    """
+    Greedy answers at K' steps to encoded examples [(prompt ids, answer ids + [eot])] -> (exact match per example,
+    generated ids per example, steps used per answer token). A match is generated tokens == answer + [eot].
+    Prompts of equal length share a batch, so no padding is needed.
+    """
+    by_len = defaultdict(list)
+    for i, (p, _) in enumerate(examples):
+        by_len[len(p)].append(i)
+    gen, used = [None] * len(examples), []
+    for group in by_len.values():
+        for chunk in (group[j:j + batch_size] for j in range(0, len(group), batch_size)):
+            x = torch.tensor([examples[i][0] for i in chunk], device=device)
+            n = max(len(examples[i][1]) for i in chunk)   # answer + eot: enough tokens to decide the match
+            with ctx:
+                y, steps = model.generate(x, n, temperature=0, n_steps=K, exit_threshold=exit_threshold,
+                                          stop_token=eot, return_steps=True)
+            for r, i in enumerate(chunk):
+                m = len(examples[i][1])
+                gen[i] = y[r, x.size(1):x.size(1) + m].tolist()
+                used += [s for s in steps["used"][r, :m].tolist() if s >= 0]
+    return [g == a for g, (_, a) in zip(gen, examples)], gen, used
+
+
+def evaluate(model, tok, c, train_cfg, ctx):
+    """Print exact match for K' = 0..2K (overall and per task), then adaptive exit against fixed K."""
+    K = model.config.n_steps
+    top = 2 * K if c["n_steps"] is None else c["n_steps"]
+    examples, tags, what = eval_set(c, train_cfg, tok, model.config.block_size)
+    examples = encode_examples(tok, examples)
+    tasks = list(dict.fromkeys(tags)) if len(set(tags)) > 1 else []
+    run = lambda k, thr=None: decode_answers(model, examples, tok.eot_token, k, thr, c["eval_batch_size"],
+                                             c["device"], ctx)
+
+    def em(match, task=None):  # exact match over all examples, or over one task's
+        sel = [m for m, t in zip(match, tags) if task in (None, t)]
+        return sum(sel) / max(len(sel), 1)
+
+    print(f"test-time scaling: greedy exact match on {len(examples)} eval examples ({what}); trained with K={K}")
+    print("K'".rjust(6) + f" {'all':>7} " + " ".join(f"{t:>9}" for t in tasks))
+    curve, fixed = [], {}
+    for k in range(top + 1):
+        fixed[k] = run(k)
+        curve.append(em(fixed[k][0]))
+        print(f"{k:>6} {curve[-1]:>7.3f} " + " ".join(f"{em(fixed[k][0], t):>9.3f}" for t in tasks))
+    if 0 < K <= top:  # adaptive exit at the trained K against fixed K
+        thr = ADAPTIVE_DEFAULT if c["exit_threshold"] is None else c["exit_threshold"]
+        (match_a, gen_a, used_a), (match_f, gen_f, _) = run(K, thr), fixed[K]
+        same = sum(a == f for ga, gf in zip(gen_a, gen_f) for a, f in zip(ga, gf)) / sum(map(len, gen_f))
+        print(f"adaptive exit at K'={K} (KL(p_k || p_k-1) < {thr}): exact match {em(match_a):.3f} vs "
+              f"{em(match_f):.3f} fixed, tokens identical {same:.1%}, "
+              f"mean steps per token {sum(used_a) / max(len(used_a), 1):.2f} vs {K}")
+    if c["plot"]:
+        plot_curve(curve, K, what, c["plot"])
+    return curve
+
+
+def plot_curve(curve, K, what, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(range(len(curve)), curve, marker="o")
+    ax.axvline(K, color="gray", linestyle="--", label=f"trained K={K}")
+    ax.set(xlabel="test-time steps K'", ylabel="exact match (greedy)", title=what[:60], ylim=(0, 1))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"saved the scaling curve to {path}")
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    c = configure(defaults, argv)
+    check_config(c)
+    torch.manual_seed(c["seed"])
+    model, tok, train_cfg = load_model(c)
+    model.resolve_steps(c["n_steps"])   # n_steps > 0 on a model built with K = 0: one clear line, now
+    device_type = "cuda" if "cuda" in c["device"] else "cpu"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    return evaluate(model, tok, c, train_cfg, ctx) if c["eval"] else sample(model, tok, c, ctx)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,436 @@
+"""data.py: tokenizers, prepared token files, answer-span masks, synthetic tasks, JSONL, routing, errors.
+Expected values are recomputed here independently (Python int arithmetic, tiktoken's own pattern), never
+taken from data.py."""
+
+import functools
+import json
+import math
+import os
+import re
+import tarfile
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+from tiktoken.load import load_tiktoken_bpe
+
+import data
+from data import FluencyData, ReasoningData, Router, get_tokenizer, micro_batch_index, prepare, read_jsonl
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+GSM8K = os.path.join(FIXTURES, "gsm8k_sample.jsonl")
+PROMPT_ANSWER = os.path.join(FIXTURES, "prompt_answer_sample.jsonl")
+TEXTS = ["Hello, world! It's 2024 and we've got   spaces\n\n\tand tabs.",
+         "héllo wörld — 日本語 🙂 naïve café", "0123456789 31415926535 -42 +7"]
+PARAGRAPH = ("GPT-2's tokenizer doesn't treat   runs of spaces, numbers like 1234567 or 3.14159, and\n\n"
+             "new paragraphs the way you'd guess; unicode like déjà vu, 東京, emoji 🚀 and CamelCaseWords too. "
+             "They'll, we're, I've, she'd, you'll: contractions.\t\tTabs\r\nand CRLF. <|endoftext|> is text here.  ")
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_tokenizer_file):
+    return get_tokenizer("gpt2", gpt2_tokenizer_file)
+
+
+@pytest.fixture(scope="module")
+def byte():
+    return get_tokenizer("byte")
+
+
+class WideTok:
+    """A tokenizer whose ids do not fit uint16: 70000 + each UTF-8 byte."""
+    name, vocab_size, eot_token = "wide", 70_257, 70_256
+
+    def encode(self, text):
+        return [70_000 + b for b in text.encode("utf-8")]
+
+
+def solve(prompt):
+    """The synthetic tasks' answers, recomputed from the prompt text with plain Python."""
+    if m := re.fullmatch(r"(\d+)\+(\d+)=", prompt):
+        return str(int(m[1]) + int(m[2]))[::-1]
+    if m := re.fullmatch(r"(\d+)\*(\d)=", prompt):
+        return str(int(m[1]) * int(m[2]))[::-1]
+    if m := re.fullmatch(r"sort\((\d+)\)=", prompt):
+        return "".join(sorted(m[1]))
+    *statements, query = prompt.split(";")
+    env = {}
+    for s in statements:
+        if m := re.fullmatch(r"([a-z])=(\d)", s):
+            env[m[1]] = int(m[2])
+        else:
+            name, src, op, d = re.fullmatch(r"([a-z])=([a-z])([-+*])(\d)", s).groups()
+            env[name] = {"+": env[src] + int(d), "-": env[src] - int(d), "*": env[src] * int(d)}[op] % 10
+    return str(env[re.fullmatch(r"([a-z])\?", query)[1]])
+
+
+def size_of(prompt):
+    """(family, size) of a synthetic prompt: operand digits (the longer one for add), hops, or list length."""
+    if m := re.fullmatch(r"(\d+)[+*](\d+)=", prompt):
+        return "add" if "+" in prompt else "mul", max(len(m[1]), len(m[2]) if "+" in prompt else 0)
+    if m := re.fullmatch(r"sort\((\d+)\)=", prompt):
+        return "sort", len(m[1])
+    return "chain", prompt.count(";") - 1
+
+
+def unpack(batch, tok):
+    """Check a reasoning batch's layout and return its examples [(prompt ids, answer ids, answer id)]:
+    rows are eot + (prompt + answer + eot)* + padding; the mask is exactly each answer's targets + its eot."""
+    eot, out = tok.eot_token, []
+    for r in range(batch.x.shape[0]):
+        x, y, mask, aid = (t[r].tolist() for t in (batch.x, batch.y, batch.answer_mask, batch.answer_id))
+        n = sum(t != -1 for t in y)
+        assert all(t != -1 for t in y[:n]) and all(t == -1 for t in y[n:]), "padding is a suffix"
+        assert not any(mask[n:]) and all(i == -1 for i in aid[n:])
+        seq = [x[0]] + y[:n]  # the row's tokens; target t is seq[t+1]
+        assert x[:n] == seq[:-1] and seq[0] == eot and seq[-1] == eot
+        eots = [i for i, t in enumerate(seq) if t == eot]
+        for a, b in zip(eots, eots[1:]):  # one example: seq[a+1..b], its targets t = a..b-1
+            m = mask[a:b]
+            start = m.index(True)  # the answer starts at seq[a + start + 1]
+            assert all(m[start:]) and not any(m[:start]), "the mask is the segment's suffix: no prompt token in it"
+            assert len(set(aid[a + start:b])) == 1 and aid[a + start] >= 0 and all(i == -1 for i in aid[a:a + start])
+            out.append((seq[a + 1:a + start + 1], seq[a + start + 1:b], aid[a + start]))
+    ids = [i for _, _, i in out]
+    assert len(set(ids)) == len(ids), "answer ids are unique within the batch"
+    return out
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+@pytest.mark.parametrize("name", ["byte", "gpt2"])
+def test_tokenizer_round_trips(name, byte, gpt2):
+    tok = byte if name == "byte" else gpt2
+    assert (tok.vocab_size, tok.eot_token) == ((257, 256) if name == "byte" else (50257, 50256))
+    for text in TEXTS + [PARAGRAPH]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text and all(0 <= i < tok.eot_token for i in ids)
+    # '<|endoftext|>' inside text is ordinary text; the eot token decodes to it
+    assert tok.eot_token not in tok.encode("a<|endoftext|>b")
+    assert tok.decode(tok.encode("a") + [tok.eot_token] + tok.encode("b")) == "a<|endoftext|>b"
+    if name == "byte":  # digit-level: one token per digit
+        assert byte.encode("0123456789") == list(range(48, 58)) and byte.encode("é") == [0xC3, 0xA9]
+
+
+def test_gpt2_matches_tiktoken_r50k(gpt2, gpt2_tokenizer_file):
+    from tiktoken_ext.openai_public import r50k_pat_str  # tiktoken's own r50k_base definition
+    ref = tiktoken.Encoding(name="r50k_base", pat_str=r50k_pat_str, special_tokens={"<|endoftext|>": 50256},
+                            mergeable_ranks=load_tiktoken_bpe(gpt2_tokenizer_file))
+    assert gpt2.encode(PARAGRAPH) == ref.encode_ordinary(PARAGRAPH) and len(set(gpt2.encode(PARAGRAPH))) > 40
+    assert gpt2.encode("Hello world") == [15496, 995]  # GPT-2's well-known ids
+
+
+def test_gpt2_file_errors(tmp_path, gpt2_tokenizer_file, monkeypatch):
+    bad = tmp_path / "gpt2.tiktoken"
+    bad.write_bytes(open(gpt2_tokenizer_file, "rb").read()[:-10])  # a truncated copy
+    with pytest.raises(ValueError, match="sha256"):
+        get_tokenizer("gpt2", str(bad))
+    with pytest.raises(FileNotFoundError, match="nope.tiktoken"):
+        get_tokenizer("gpt2", str(tmp_path / "nope.tiktoken"))
+    monkeypatch.setenv("NANORLRP_TOKENIZER_FILE", str(bad))  # the environment variable is honoured
+    with pytest.raises(ValueError, match="sha256"):
+        get_tokenizer("gpt2")
+    # no file and no network: the error says how to provide the file
+    monkeypatch.delenv("NANORLRP_TOKENIZER_FILE")
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(ConnectionError("offline")))
+    with pytest.raises(FileNotFoundError, match=r"tokenizer_file=.*NANORLRP_TOKENIZER_FILE.*fetch_tokenizer"):
+        get_tokenizer("gpt2")
+    with pytest.raises(ValueError, match="unknown tokenizer 'bpe'"):
+        get_tokenizer("bpe")
+
+
+def test_fetch_gpt2_ranks_extracts_and_verifies(tmp_path, gpt2_tokenizer_file, monkeypatch):
+    """fetch_gpt2_ranks on a stand-in sdist (the real download runs in conftest on a fresh checkout)."""
+    def fake_pip(content):
+        def run(cmd, **kw):
+            assert cmd[1:4] == ["-m", "pip", "download"] and "openai-whisper==20250625" in cmd
+            src = tmp_path / "gpt2.src"
+            src.write_bytes(content)
+            with tarfile.open(os.path.join(cmd[cmd.index("-d") + 1], "openai_whisper-20250625.tar.gz"), "w:gz") as tf:
+                tf.add(src, arcname="openai_whisper-20250625/whisper/assets/gpt2.tiktoken")
+        return run
+    ranks = open(gpt2_tokenizer_file, "rb").read()
+    monkeypatch.setattr(data.subprocess, "run", fake_pip(ranks))
+    path = data.fetch_gpt2_ranks(str(tmp_path / "out"))
+    assert open(path, "rb").read() == ranks and os.listdir(tmp_path / "out") == ["gpt2.tiktoken"]
+    monkeypatch.setattr(data.subprocess, "run", fake_pip(ranks + b"x"))
+    with pytest.raises(ValueError, match="sha256"):
+        data.fetch_gpt2_ranks(str(tmp_path / "out2"))
+
+# -----------------------------------------------------------------------------
+# fluency data
+
+def write_corpus(root):
+    texts = {"a.txt": "First document.\n" * 50, "b.txt": "Zweites Dokument — ünïcödé 🙂\n\nline\n",
+             "sub/c.txt": "third " * 300, ".hidden.txt": "never read"}
+    for name, text in texts.items():
+        os.makedirs(os.path.dirname(root / name), exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+    return [texts[k] for k in ("a.txt", "b.txt", "sub/c.txt")]  # sorted order, hidden files skipped
+
+
+def read_back(folder, dtype):
+    return np.concatenate([np.fromfile(os.path.join(folder, f"{s}.bin"), dtype) for s in ("train", "val")]).tolist()
+
+
+def test_prepare_shards_read_back_identically(tmp_path, byte):
+    texts = write_corpus(tmp_path / "corpus")
+    expected = [t for text in texts for t in list(text.encode("utf-8")) + [256]]
+    for input, docs in [(tmp_path / "corpus", texts), (tmp_path / "corpus" / "*.txt", texts[:2])]:
+        out = tmp_path / f"out{len(docs)}"
+        meta = prepare(str(input), str(out), byte, val_fraction=0.1)
+        want = [t for text in docs for t in list(text.encode("utf-8")) + [256]]
+        assert read_back(out, np.uint16) == want
+        assert meta == json.load(open(out / "meta.json"))
+        assert (meta["tokenizer"], meta["dtype"], meta["documents"]) == ("byte", "uint16", len(docs))
+        assert meta["val_tokens"] == math.ceil(0.1 * len(want)) and meta["train_tokens"] + meta["val_tokens"] == len(want)
+        assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]  # no temporary files left
+    assert read_back(tmp_path / "out3", np.uint16) == expected
+
+
+def test_prepare_streams_in_pieces_with_the_same_tokens(tmp_path, gpt2, monkeypatch):
+    """A file read in small pieces tokenizes exactly like the whole file at once (GPT-2 BPE)."""
+    text = "".join(f"Line {i}:  it's   here\n\n  indented {i * 37}\n\t\ttabbed\n\n\n" for i in range(200)) + PARAGRAPH
+    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
+    whole = gpt2.encode(open(tmp_path / "big.txt", encoding="utf-8").read()) + [50256]
+    pieces = functools.partial(data._text_pieces, chunk_chars=40)
+    assert len(list(pieces(str(tmp_path / "big.txt")))) > 100  # the file really is cut in many pieces
+    monkeypatch.setattr(data, "_text_pieces", pieces)
+    prepare(str(tmp_path / "big.txt"), str(tmp_path / "out"), gpt2, val_fraction=0.01)
+    assert read_back(tmp_path / "out", np.uint16) == whole
+
+
+def test_fluency_windows_inside_file_and_shifted(tmp_path, byte):
+    (tmp_path / "doc.txt").write_text("".join(chr(65 + i % 26) + str(i % 7) for i in range(60)))
+    prepare(str(tmp_path / "doc.txt"), str(tmp_path / "out"), byte, val_fraction=0.2)
+    T, train = 16, np.fromfile(tmp_path / "out" / "train.bin", np.uint16).tolist()
+    windows = {tuple(train[i:i + T + 1]): i for i in range(len(train) - T)}
+    fd = FluencyData(str(tmp_path / "out"), byte, T, seed=3)
+    starts = set()
+    for index in range(200):
+        b = fd.get_batch("train", index, 4)
+        assert b.x.shape == b.y.shape == (4, T) and b.x.dtype == b.y.dtype == torch.int64 and b.kind == "fluency"
+        assert torch.equal(b.x[:, 1:], b.y[:, :-1]) and not b.answer_mask.any() and (b.answer_id == -1).all()
+        for r in range(4):
+            starts.add(windows[tuple(b.x[r].tolist() + [b.y[r, -1].item()])])  # KeyError = outside the file
+    assert starts == set(range(len(train) - T)), "every window, the last one included, is drawn"
+    val = fd.get_batch("val", 0, 2)
+    v = np.fromfile(tmp_path / "out" / "val.bin", np.uint16).tolist()
+    assert all(tuple(val.x[r].tolist()) in {tuple(v[i:i + T]) for i in range(len(v) - T)} for r in range(2))
+    # a pure function of (seed, split, index)
+    assert torch.equal(fd.get_batch("train", 7, 4).x, FluencyData(str(tmp_path / "out"), byte, T, seed=3).get_batch("train", 7, 4).x)
+    assert not torch.equal(fd.get_batch("train", 7, 4).x, fd.get_batch("train", 8, 4).x)
+    assert not torch.equal(fd.get_batch("train", 7, 4).x, FluencyData(str(tmp_path / "out"), byte, T, seed=4).get_batch("train", 7, 4).x)
+
+
+def test_large_vocab_is_stored_as_uint32(tmp_path):
+    (tmp_path / "doc.txt").write_text("wide vocabulary " * 20)
+    meta = prepare(str(tmp_path / "doc.txt"), str(tmp_path / "out"), WideTok(), val_fraction=0.1)
+    want = [70_000 + b for b in ("wide vocabulary " * 20).encode()] + [70_256]
+    assert meta["dtype"] == "uint32" and os.path.getsize(tmp_path / "out" / "train.bin") == 4 * meta["train_tokens"]
+    assert read_back(tmp_path / "out", np.uint32) == want
+    b = FluencyData(str(tmp_path / "out"), WideTok(), 8).get_batch("train", 0, 4)
+    assert b.x.min() >= 70_000 and torch.equal(b.x[:, 1:], b.y[:, :-1])
+
+
+def test_fluency_errors(tmp_path, byte):
+    with pytest.raises(FileNotFoundError, match="missing_dir"):
+        FluencyData(str(tmp_path / "missing_dir"), byte, 8)
+    with pytest.raises(FileNotFoundError, match="--input"):
+        prepare(str(tmp_path / "nothing*.txt"), str(tmp_path / "out"), byte)
+    (tmp_path / "doc.txt").write_text("some text for the tests " * 10)
+    out = tmp_path / "out"
+    prepare(str(tmp_path / "doc.txt"), str(out), byte, val_fraction=0.1)
+    with pytest.raises(ValueError, match="block_size"):  # val holds 25 tokens
+        FluencyData(str(out), byte, 64)
+    with pytest.raises(ValueError, match="'byte'.*tokenizer='wide'"):
+        FluencyData(str(out), WideTok(), 8)
+    meta = json.load(open(out / "meta.json"))
+    json.dump({**meta, "dtype": "uint32"}, open(out / "meta.json", "w"))
+    with pytest.raises(ValueError, match="dtype 'uint32'"):
+        FluencyData(str(out), byte, 8)
+    json.dump(meta, open(out / "meta.json", "w"))
+    with open(out / "train.bin", "ab") as f:
+        f.write(b"\0")  # half a token
+    with pytest.raises(ValueError, match="train.bin"):
+        FluencyData(str(out), byte, 8)
+    os.remove(out / "meta.json")
+    with pytest.raises(FileNotFoundError, match='meta.json missing.*"tokenizer": "byte"'):
+        FluencyData(str(out), byte, 8)
+
+
+def test_pydoc_default(byte):
+    from pydoc_data.topics import topics
+    corpus = [t for k in sorted(topics) for t in list(topics[k].encode("utf-8")) + [256]]
+    tail = corpus[-(len(corpus) // 10):]  # the last 10% is val
+    fd = FluencyData("pydoc", byte, 32)
+    b = fd.get_batch("val", 0, 8)
+    starts = [i for i in range(len(tail) - 32) if tail[i:i + 32] == b.x[0].tolist()]
+    assert starts and tail[starts[0] + 32] == b.y[0, -1]
+    assert fd.get_batch("train", 0, 8).x.shape == (8, 32) and len(fd.data["train"]) + len(tail) == len(corpus)
+
+# -----------------------------------------------------------------------------
+# reasoning data
+
+@pytest.mark.parametrize("name", ["byte", "gpt2"])
+def test_synthetic_answers_and_masks(name, byte, gpt2):
+    tok = byte if name == "byte" else gpt2
+    tasks = "add:3,mul:2,chain:3,sort:5"
+    rd = ReasoningData("synthetic", tok, 128, seed=1, tasks=tasks)
+    sizes = {}
+    for index in range(5):
+        b = rd.get_batch(index, 8)
+        assert b.kind == "reasoning" and b.x.shape == (8, 128) and torch.equal(b.answer_mask, b.answer_id >= 0)
+        examples = unpack(b, tok)
+        assert len(examples) > 8 * 5  # rows are packed with several examples
+        for p, a, _ in examples:
+            prompt, answer = tok.decode(p), tok.decode(a)
+            assert p == tok.encode(prompt) and answer == solve(prompt)
+            family, size = size_of(prompt)
+            sizes.setdefault(family, set()).add(size)
+    assert sizes == {"add": {1, 2, 3}, "mul": {1, 2}, "chain": {1, 2, 3}, "sort": {1, 2, 3, 4, 5}}  # sizes 1..level
+    # eval: every example once, in order, answer_id = its index; masks decode to the answers
+    evals, tags = rd.eval_examples(50), rd.eval_tags(50)
+    for (p, a), tag in zip(evals, tags):
+        family, level = tag.split(":")
+        assert solve(p) == a and size_of(p)[0] == family and size_of(p)[1] <= int(level)
+    got = [(tok.decode(p), tok.decode(a), i) for b in rd.eval_batches(4, 50) for p, a, i in unpack(b, tok)]
+    assert got == [(p, a, i) for i, (p, a) in enumerate(evals)]
+
+
+def test_synthetic_split_is_disjoint_and_deterministic(byte):
+    tasks = "add:2,mul:2,chain:2,sort:4"  # small prompt spaces, so a leak could not hide
+    rd = ReasoningData("synthetic", byte, 128, seed=0, tasks=tasks)
+    evals = {p for p, _ in rd.eval_examples(4000)}
+    train, index = [], 0
+    while len(train) < 100_000:
+        b = rd.get_batch(index, 256)
+        rows = b.x.numpy()
+        for r in range(len(rows)):  # prompts end right before the first masked target
+            row, m = rows[r], b.answer_mask[r].numpy()
+            starts = np.flatnonzero(m & ~np.r_[False, m[:-1]])
+            eots = np.flatnonzero(row == 256)
+            train += [bytes(row[eots[eots <= s][-1] + 1:s + 1].tolist()).decode() for s in starts]
+        index += 1
+    assert not evals & set(train)
+    add = {p for p in set(train) | evals if re.fullmatch(r"\d+\+\d+=", p)}  # add:2 has 10^4 prompts
+    assert len(add - evals) > 5_000 and len(add & evals) > 300  # both sides of the split are well sampled
+    same = ReasoningData("synthetic", byte, 128, seed=0, tasks=tasks)
+    assert torch.equal(rd.get_batch(3, 4).x, same.get_batch(3, 4).x)  # same seed, same data
+    assert not torch.equal(rd.get_batch(3, 4).x, ReasoningData("synthetic", byte, 128, seed=1, tasks=tasks).get_batch(3, 4).x)
+    assert ReasoningData("synthetic", byte, 64, seed=5, tasks=tasks).eval_examples(100) == rd.eval_examples(100)
+    # each task's eval examples do not depend on the rest of the suite
+    alone = ReasoningData("synthetic", byte, 64, tasks="sort:4").eval_examples(25)
+    assert alone == rd.eval_examples(100)[3::4]
+
+
+def test_gsm8k_fixture_final_answers(byte, gpt2):
+    lines = [json.loads(l) for l in open(GSM8K)]
+    finals = ["15", "21", "80", "29", "90", "3,750"]
+    examples = read_jsonl(GSM8K)
+    assert [a for _, a in examples] == finals
+    for (p, _), line in zip(examples, lines):  # the worked solution is on the prompt side
+        assert p.startswith(line["question"] + "\n") and p.endswith("#### ") and line["answer"].split("####")[0] in p
+    assert read_jsonl(GSM8K, "solution") == [(l["question"] + "\n", l["answer"]) for l in lines]
+    for tok in (byte, gpt2):
+        rd = ReasoningData(GSM8K, tok, 384, eval_source=PROMPT_ANSWER)
+        train = {(tok.decode(p), tok.decode(a)) for i in range(10) for p, a, _ in unpack(rd.get_batch(i, 8), tok)}
+        assert train == set(examples)
+        evals = [(tok.decode(p), tok.decode(a)) for b in rd.eval_batches(2, 10) for p, a, _ in unpack(b, tok)]
+        assert evals == [tuple(json.loads(l).values()) for l in open(PROMPT_ANSWER, encoding="utf-8")]
+        assert rd.eval_examples(10) == evals and rd.eval_tags(10) == ["jsonl"] * 5
+
+
+def test_jsonl_held_out_slice(tmp_path, byte):
+    path = tmp_path / "qa.jsonl"
+    pairs = [(f"q{i}:", f"a{i * i}") for i in range(300)]
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in pairs) + "\n")
+    rd = ReasoningData(str(path), byte, 32)
+    evals = rd.eval_examples(1000)
+    train = {(byte.decode(p), byte.decode(a)) for i in range(40) for p, a, _ in unpack(rd.get_batch(i, 8), byte)}
+    assert 15 < len(evals) < 50 and not set(evals) & train and set(evals) <= set(pairs)
+    assert len(train) > 200 and train <= set(pairs) - set(evals)
+
+
+def test_reasoning_errors(tmp_path, byte, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    for line in ['{"prompt": "a", "answer": ', '{"prompt": "a"}', '["a", "b"]', '{"question": "q", "answer": "no final"}']:
+        bad.write_text('{"prompt": "1+1=", "answer": "2"}\n\n' + line + "\n")
+        with pytest.raises(ValueError, match=re.escape(f"{bad}:3:")):
+            ReasoningData(str(bad), byte, 64)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl: no examples"):
+        ReasoningData(str(tmp_path / "empty.jsonl"), byte, 64)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        ReasoningData(str(tmp_path / "missing.jsonl"), byte, 64)
+    with pytest.raises(FileNotFoundError, match="missing_eval.jsonl"):
+        ReasoningData(GSM8K, byte, 256, eval_source=str(tmp_path / "missing_eval.jsonl"))
+    with pytest.raises(ValueError, match="gsm8k_answer"):
+        ReasoningData(GSM8K, byte, 256, gsm8k_answer="last")
+    with pytest.raises(ValueError, match="block_size >= "):
+        ReasoningData(GSM8K, byte, 100, eval_source=PROMPT_ANSWER)
+    with pytest.raises(ValueError, match="0 eval examples.*reasoning_eval_data"):  # too small for a 10% slice
+        ReasoningData(PROMPT_ANSWER, byte, 64)
+    with pytest.raises(ValueError, match="0 train and 6 eval"):  # every prompt is an eval prompt
+        ReasoningData(GSM8K, byte, 384, eval_source=GSM8K)
+    with pytest.raises(ValueError, match="unknown task 'div'"):
+        ReasoningData("synthetic", byte, 64, tasks="add:3,div:2")
+    for spec in ["add", "add:0", "add:x", "chain:99"]:
+        with pytest.raises(ValueError, match="needs a level"):
+            ReasoningData("synthetic", byte, 64, tasks=spec)
+    monkeypatch.setattr(data, "is_eval_prompt", lambda prompt: True)  # no prompt left to train on
+    with pytest.raises(ValueError, match="sort:1 has too few prompts"):
+        ReasoningData("synthetic", byte, 64, tasks="sort:1")
+
+
+def test_block_size_bound_is_exact(byte):
+    """sort:5 examples have up to 12 + 5 tokens: block_size 18 holds eot + example + eot, 17 is a clear error."""
+    with pytest.raises(ValueError, match="block_size >= 18, got block_size=17"):
+        ReasoningData("synthetic", byte, 17, tasks="sort:5")
+    rd = ReasoningData("synthetic", byte, 18, tasks="sort:5")
+    lengths = [len(p) + len(a) for i in range(4) for p, a, _ in unpack(rd.get_batch(i, 16), byte)]
+    assert max(lengths) == 17 and lengths.count(17) > 5
+
+# -----------------------------------------------------------------------------
+# routing and DDP indices
+
+@pytest.mark.parametrize("rho", [0.0, 0.1, 0.25, 1 / 3, 0.5, 0.77, 0.999, 1.0])
+def test_router_fraction_and_spread(rho):
+    router = Router(rho)
+    steps = [s for s in range(10_000) if router.kind(s) == "reasoning"]
+    assert abs(len(steps) / 10_000 - rho) <= 1 / 10_000
+    if len(steps) > 1:  # spread evenly: gaps between reasoning steps differ by at most one
+        gaps = set(np.diff(steps).tolist())
+        assert gaps <= {math.floor(1 / rho), math.ceil(1 / rho)}
+    assert {router.kind(s) for s in range(100)} <= {"fluency", "reasoning"}
+
+
+def test_router_rejects_bad_fraction():
+    for rho in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="reasoning_fraction"):
+            Router(rho)
+
+
+def test_two_ranks_see_what_one_process_sees(byte):
+    rd, router, G = ReasoningData("synthetic", byte, 64, tasks="add:2,sort:3"), Router(0.5), 4
+    for step in range(6):
+        one = [micro_batch_index(step, m, 0, 1, G) for m in range(G)]
+        ranks = [[micro_batch_index(step, m, r, 2, G) for m in range(G // 2)] for r in range(2)]
+        assert sorted(one) == list(range(step * G, (step + 1) * G))  # each index once, never reused
+        assert ranks == [[step * G + r + 2 * m for m in range(G // 2)] for r in range(2)]  # rank r: r, r+W, ...
+        assert sorted(ranks[0] + ranks[1]) == sorted(one)
+        xs = {i: rd.get_batch(i, 2).x for i in one}
+        for i in ranks[0] + ranks[1]:
+            assert torch.equal(rd.get_batch(i, 2).x, xs[i])
+        assert not torch.equal(rd.get_batch(ranks[0][0], 2).x, rd.get_batch(ranks[1][0], 2).x)
+        assert router.kind(step) == ("reasoning" if step % 2 else "fluency")  # the kind depends on the step only
+    with pytest.raises(ValueError, match="divisible"):
+        micro_batch_index(0, 0, 0, 3, 4)
+
+
+def test_batch_to_keeps_everything(byte):
+    b = ReasoningData("synthetic", byte, 32, tasks="add:2").get_batch(0, 2)
+    c = b.to("cpu")
+    assert c.kind == b.kind and all(torch.equal(getattr(b, f), getattr(c, f)) for f in ("x", "y", "answer_mask", "answer_id"))

@@ -1,0 +1,275 @@
+"""Generation and sample.py: the KV cache against full recomputation, the block_size window, adaptive exit,
+the per-step view, decoded against teacher-forced exact match, the CLI and its errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import sample
+from configurator import ConfigError
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BS = 16  # block_size of the tiny models
+
+
+def tiny_model(K=3, vocab_size=257, seed=0, block_size=BS):
+    """A tiny model whose head is as after training (W_out, β non-trivial), so every step changes the logits."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32,
+                          n_steps=K, n_latent=24))
+    if K > 0:
+        with torch.no_grad():
+            model.latent_head.w_out.weight.normal_(0, 0.5)
+            model.latent_head.b.normal_(0, 2.0)
+    return model.eval()
+
+
+def uncached_greedy(model, idx, n, K):
+    """nanoGPT's generation: the whole (cropped) context through the model for every token."""
+    for _ in range(n):
+        logits, _ = model(idx[:, -model.config.block_size:], n_steps=K)    # (K', B, T, V)
+        idx = torch.cat([idx, logits[-1, :, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.fixture(scope="module")
+def gpt2_tok(gpt2_tokenizer_file):
+    return data.get_tokenizer("gpt2", gpt2_tokenizer_file)
+
+# -----------------------------------------------------------------------------
+# model.generate
+
+
+def test_refine_steps_equal_the_head():
+    model = tiny_model(K=3)
+    h = torch.randn(2, 5, 32)
+    o = list(model.refine_steps(h, 5))
+    assert len(o) == 6 and torch.equal(o[0], h)                       # o_0 = h, the trunk's own
+    assert torch.allclose(torch.stack(o[1:]), model.latent_head(h, 5), atol=1e-6)
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
+@pytest.mark.parametrize("K", [0, 1, 3])
+def test_cached_equals_uncached_greedy(K, tokenizer, request):
+    tok = data.get_tokenizer("byte") if tokenizer == "byte" else request.getfixturevalue("gpt2_tok")
+    model = tiny_model(K=max(K, 1), vocab_size=tok.vocab_size)
+    prompts = ["Hello, world! 12+34=", "def f(x): return x"]
+    idx = torch.tensor([[tok.eot_token] + tok.encode(p)[:5] for p in prompts])
+    new = BS       # one token at a time through the cache, then past block_size: the window slides
+    assert torch.equal(model.generate(idx, new, temperature=0, n_steps=K), uncached_greedy(model, idx, new, K))
+
+
+def test_generation_never_feeds_more_than_block_size():
+    model = tiny_model(K=2)
+    fed, cached = [], []
+    model.transformer.wpe.register_forward_hook(lambda m, args, out: fed.append(args[0].tolist()))
+    for block in model.transformer.h:
+        block.attn.register_forward_hook(lambda m, args, out: cached.append(args[1]["k"].size(2)))
+    prompt = torch.randint(0, 257, (1, 10))
+    model.generate(prompt, 20, temperature=1.0, top_k=5)
+    assert max(max(p) for p in fed) == BS - 1 and max(cached) == BS
+    # the prompt once, then one new position per token until the cache holds block_size tokens, then the
+    # window slides: positions are absolute, so each later token recomputes the last block_size tokens
+    assert fed[0] == list(range(10))
+    assert fed[1:BS - 9] == [[t] for t in range(10, BS)]
+    assert all(p == list(range(BS)) for p in fed[BS - 9:]) and len(fed) == 20
+
+
+def test_adaptive_exit_threshold_zero_is_fixed_K_and_large_is_one_step():
+    model = tiny_model(K=3)
+    idx = torch.randint(0, 257, (3, 6))
+    fixed = model.generate(idx, 10, temperature=0)
+    same, s0 = model.generate(idx, 10, temperature=0, exit_threshold=0.0, return_steps=True)
+    assert torch.equal(same, fixed) and (s0["used"] == 3).all()
+    one, s1 = model.generate(idx, 10, temperature=0, exit_threshold=1e9, return_steps=True)
+    assert (s1["used"] == 1).all() and torch.equal(one, model.generate(idx, 10, temperature=0, n_steps=1))
+    _, s = model.generate(idx, 10, temperature=0, n_steps=8, exit_threshold=1e-3, return_steps=True)
+    assert 1 <= s["used"].min() and s["used"].max() <= 8
+
+
+def test_steps_view_is_each_steps_argmax():
+    model = tiny_model(K=3)
+    idx = torch.randint(0, 257, (2, 5))
+    out, steps = model.generate(idx, 6, temperature=0, n_steps=4, return_steps=True)
+    logits, _ = model(out[:, :-1], n_steps=4)                         # (4, B, T, V)
+    plain = model.lm_head(model.transformer.ln_f(model.trunk(out[:, :-1])))
+    per_step = torch.cat([plain[None], logits])[:, :, 4:]            # k = 0..4 at the 6 generating positions
+    assert steps["top1"].shape == (2, 6, 5) and torch.equal(steps["top1"], per_step.argmax(-1).permute(1, 2, 0))
+    assert torch.allclose(steps["prob"], per_step.softmax(-1).amax(-1).permute(1, 2, 0), atol=1e-6)
+    assert torch.equal(steps["top1"][:, :, -1], out[:, 5:])          # the token is step K's top-1
+
+
+def test_stop_token_pads_finished_rows():
+    model = tiny_model(K=2)
+    idx = torch.randint(0, 257, (4, 5))
+    free = model.generate(idx, 8, temperature=0)[:, 5:]
+    stop = int(free[0, 2])                                            # row 0 emits it at its third token
+    out, steps = model.generate(idx, 8, temperature=0, stop_token=stop, return_steps=True)
+    new = out[:, 5:]
+    for r in range(4):
+        hit = (free[r] == stop).nonzero()
+        end = int(hit[0]) + 1 if len(hit) else new.size(1)
+        assert torch.equal(new[r, :end], free[r, :end]) and (new[r, end:] == stop).all()
+        assert (steps["used"][r, :end] == 2).all() and (steps["used"][r, end:] == -1).all()
+
+# -----------------------------------------------------------------------------
+# decoded exact match == train.py's teacher-forced exact match
+
+
+def one_example_rows(examples, T, eot):
+    """A data.Batch with one encoded example per row, laid out as data.py packs them."""
+    x = torch.full((len(examples), T), eot)
+    y, answer_id = torch.full_like(x, -1), torch.full_like(x, -1)
+    for r, (p, a) in enumerate(examples):
+        buf = p + a
+        x[r, :len(buf) - 1], y[r, :len(buf) - 1] = torch.tensor(buf[:-1]), torch.tensor(buf[1:])
+        answer_id[r, len(p) - 1:len(buf) - 1] = r
+    return data.Batch(x, y, "reasoning", answer_id >= 0, answer_id)
+
+
+def test_eval_encoding_matches_data_packing():
+    tok = data.get_tokenizer("byte")
+    rd = data.ReasoningData("synthetic", tok, BS, tasks="sort:3")     # two examples never fit in a row of 16
+    examples = sample.encode_examples(tok, rd.eval_examples(8))
+    got = rd.eval_batches(8, 8)[0]
+    want = one_example_rows(examples, BS, tok.eot_token)
+    T = got.x.size(1)                                              # eval rows are cut to the longest example
+    assert (want.y[:, T:] == -1).all() and (want.y[:, T - 1] != -1).any()
+    for f in ("x", "y", "answer_mask", "answer_id"):
+        assert torch.equal(getattr(got, f), getattr(want, f)[:, :T]), f
+
+
+def test_decoded_exact_match_equals_teacher_forced():
+    from train import evaluate_reasoning
+    model = tiny_model(K=2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (100, 6), generator=g)
+    eot = int(model.generate(x, 4, temperature=0, n_steps=2)[:, 6:].flatten().mode().values)  # a token it emits often
+    # prompts whose greedy answer at K' = 2 ends with `eot` within 4 tokens: right answers for K' = 2;
+    # the same prompts with the first answer token changed: wrong ones
+    x[:, 0] = eot
+    out = model.generate(x, 4, temperature=0, n_steps=2, stop_token=eot)[:, 6:].tolist()
+    right = [(p, a[:a.index(eot) + 1]) for p, a in zip(x.tolist(), out) if a[0] != eot and eot in a][:12]
+    wrong = [(p, [(a[0] + 1) % 256] + a[1:]) for p, a in right[:6]]
+    examples = right + wrong
+    assert len(right) == 12
+    batch = one_example_rows(examples, BS, eot)
+    curve = []
+    for k in range(5):
+        decoded, _, _ = sample.decode_answers(model, examples, eot, k, batch_size=7)
+        teacher = evaluate_reasoning(model, [batch], k)["answer_exact_match"][-1]
+        assert sum(decoded) / len(decoded) == pytest.approx(teacher), k
+        curve.append(teacher)
+    assert curve[2] == pytest.approx(12 / 18) and len(set(curve)) > 1
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+
+def save_checkpoint(out_dir, K=2, tasks="sort:3", block_size=BS):
+    """A checkpoint in train.py's format from a tiny random model (byte tokenizer, built-in reasoning suite)."""
+    model = tiny_model(K=K, block_size=block_size)
+    model_args = dict(block_size=block_size, vocab_size=257, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True,
+                      n_steps=K, n_latent=24)
+    config = dict(tokenizer="byte", tokenizer_file="", reasoning_data="synthetic", reasoning_eval_data="",
+                  reasoning_tasks=tasks, block_size=block_size, seed=0, n_steps=K)
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save(dict(model_args=model_args, model=model.state_dict(), config=config, iter_num=0),
+               os.path.join(out_dir, "ckpt.pt"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("ckpt"))
+    save_checkpoint(out_dir)
+    return out_dir
+
+
+def test_load_checkpoint(ckpt_dir):
+    model, config = sample.load_checkpoint(ckpt_dir, "cpu")
+    assert not model.training and model.config.n_steps == 2 and config["tokenizer"] == "byte"
+    want = tiny_model(K=2)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
+
+
+def test_cli_show_steps(ckpt_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("sort(321)=")
+    args = [f"--out_dir={ckpt_dir}", f"--start=FILE:{prompt}", "--num_samples=1", "--max_new_tokens=5",
+            "--temperature=0", "--n_steps=3", "--show_steps=True", "--exit_threshold=0.0"]
+    sample.main(args)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("sort(321)=")
+    header = lines[1].split()
+    assert header == ["token", "k=0", "k=1", "k=2", "k=3", "steps"]
+    assert len(lines) == 1 + 1 + 5 + 2 and all(line.split()[-1] == "3" for line in lines[2:7])
+    assert "3.00 steps per token of K'=3" in lines[7]
+
+
+def test_cli_eval_scaling_curve(ckpt_dir, capsys):
+    from train import evaluate_reasoning
+    curve = sample.main([f"--out_dir={ckpt_dir}", "--eval=True", "--eval_examples=8", "--exit_threshold=1e9"])
+    out = capsys.readouterr().out
+    assert len(curve) == 5 and "trained with K=2" in out                  # K' = 0..2K
+    assert "adaptive exit at K'=2" in out and "mean steps per token 1.00 vs 2" in out
+    model, _ = sample.load_checkpoint(ckpt_dir, "cpu")
+    batches = data.ReasoningData("synthetic", data.get_tokenizer("byte"), BS, tasks="sort:3").eval_batches(8, 8)
+    assert curve == pytest.approx([evaluate_reasoning(model, batches, k)["answer_exact_match"][-1] for k in range(5)])
+
+
+def test_cli_plot(ckpt_dir, tmp_path):
+    path = tmp_path / "curve.png"
+    args = [f"--out_dir={ckpt_dir}", "--eval=True", "--eval_examples=2", "--n_steps=1", f"--plot={path}"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="--plot needs matplotlib"):
+            sample.main(args)
+        return
+    sample.main(args)
+    assert path.stat().st_size > 0
+
+
+def test_cli_gpt2_from_a_local_hugging_face_model(tmp_path, gpt2_tokenizer_file, capsys):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32,
+                                                              n_layer=1, n_head=2))
+    hf.save_pretrained(tmp_path)
+    sample.main([f"--init_from={tmp_path}", f"--tokenizer_file={gpt2_tokenizer_file}", "--start=Hello world",
+                 "--num_samples=1", "--max_new_tokens=4", "--temperature=0", "--show_steps=True"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Hello world") and lines[1].split()[-2:] == ["k=4", "steps"]
+
+
+def test_cli_bad_input(ckpt_dir, tmp_path):
+    base = [f"--out_dir={ckpt_dir}", "--max_new_tokens=2"]
+    with pytest.raises(FileNotFoundError, match=r"ckpt\.pt not found: train\.py writes it"):
+        sample.main([f"--out_dir={tmp_path / 'none'}"])
+    with pytest.raises(ConfigError, match="n_steps must be an integer >= 0"):
+        sample.main(base + ["--n_steps=-1"])
+    with pytest.raises(ConfigError, match="unknown config key 'steps'"):
+        sample.main(base + ["--steps=2"])
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"caf\xe9")
+    with pytest.raises(ValueError, match="cannot be encoded: it is not valid UTF-8"):
+        sample.main(base + [f"--start=FILE:{latin1}"])
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        sample.main(base + [f"--start=FILE:{tmp_path / 'missing.txt'}"])
+    k0 = str(tmp_path / "k0")
+    save_checkpoint(k0, K=0)
+    with pytest.raises(ValueError, match="built with n_steps=0"):
+        sample.main([f"--out_dir={k0}", "--n_steps=2"])
+
+
+@pytest.mark.slow
+def test_cli_errors_are_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().count("\n") == 0 and "ckpt.pt not found" in r.stderr
