@@ -265,30 +265,33 @@ class FluencyData:
 
 # -----------------------------------------------------------------------------
 # synthetic reasoning tasks: generator(rng, level) -> (prompt, answer). Each example draws its size (digits,
-# hops, list length) uniformly from 1..level: short ones lift the model above chance early, long ones leave headroom.
+# hops, list length) uniformly from 1..level: short ones lift the model above chance early, long ones leave
+# headroom. Numbers are written least significant digit first and zero-padded, operands and answer alike, so
+# digit i of every number sits at a fixed distance: what is left to compute is the digit table and the carry.
 
-def _number(rng, level):  # 1..level digits, the digit count uniform
+def _rev(n, width):  # 1171, 4 -> '1711'
+    return str(n).zfill(width)[::-1]
+
+
+def _add(rng, level):  # '253+918=' -> '1711': 352 + 819 = 1171
     d = int(rng.integers(1, level + 1))
-    return int(rng.integers(10 ** (d - 1) if d > 1 else 0, 10**d))
+    a, b = (int(v) for v in rng.integers(10**d, size=2))
+    return f"{_rev(a, d)}+{_rev(b, d)}=", _rev(a + b, d + 1)
 
 
-def _add(rng, level):  # '352+819=' -> '1711': the sum 1171 with its digits reversed (least significant first)
-    a, b = _number(rng, level), _number(rng, level)
-    return f"{a}+{b}=", str(a + b)[::-1]
+def _mul(rng, level):  # '253*7=' -> '4642': 352 * 7 = 2464
+    d = int(rng.integers(1, level + 1))
+    a, b = int(rng.integers(10**d)), int(rng.integers(2, 10))
+    return f"{_rev(a, d)}*{b}=", _rev(a * b, d + 1)
 
 
-def _mul(rng, level):  # '352*7=' -> '4642': the product 2464, digits reversed
-    a, b = _number(rng, level), int(rng.integers(2, 10))
-    return f"{a}*{b}=", str(a * b)[::-1]
-
-
-def _chain(rng, level):  # 'a=3;b=a+4;c=b*2;c?' -> '4': 1..level hops, each one value mod 10 from the last
+def _chain(rng, level):  # 'a=3;b=a+4;c=b+5;c?' -> '2': 1..level hops, each adds a digit mod 10
     v, hops = int(rng.integers(10)), int(rng.integers(1, level + 1))
     prompt = f"a={v};"
     for i in range(1, hops + 1):
-        op, d = "+-*"[rng.integers(3)], int(rng.integers(1, 10))
-        v = (v + d if op == "+" else v - d if op == "-" else v * d) % 10
-        prompt += f"{chr(97 + i)}={chr(96 + i)}{op}{d};"
+        d = int(rng.integers(1, 10))
+        v = (v + d) % 10
+        prompt += f"{chr(97 + i)}={chr(96 + i)}+{d};"
     return prompt + f"{chr(97 + hops)}?", str(v)
 
 
@@ -304,7 +307,7 @@ TASKS = {
     "chain": (_chain, 25, lambda L: 6 * L + 7),
     "sort": (_sort, 60, lambda L: 2 * L + 7),
 }
-DEFAULT_TASKS = "add:3,mul:3,chain:3,sort:12"
+DEFAULT_TASKS = "add:4,mul:3,chain:3,sort:12"
 EVAL_STREAM = 1_000_003  # the synthetic eval set's rng key: the same for every seed and every suite
 
 
@@ -402,20 +405,6 @@ class ReasoningData:
     def _encode(self, prompt, answer):
         return self.tok.encode(prompt), self.tok.encode(answer)
 
-    def _pack(self, examples, max_rows=None):
-        """Greedy packing of (prompt ids, answer ids, answer id) in order; one that does not fit starts the next row."""
-        rows, row, used = [], [], 1  # used: tokens in the row, the leading eot included
-        for ex in examples:
-            n = len(ex[0]) + len(ex[1]) + 1
-            if used + n > self.block_size + 1:
-                rows.append(row)
-                if len(rows) == max_rows:
-                    return rows
-                row, used = [], 1
-            row.append(ex)
-            used += n
-        return rows + [row] if row else rows
-
     def _batch(self, rows, trim=False) -> Batch:
         """Rows of examples -> Batch of width block_size, or (trim) of the longest row: trailing padding only."""
         eot = self.tok.eot_token
@@ -439,10 +428,19 @@ class ReasoningData:
         return self.train[rng.integers(len(self.train))]
 
     def get_batch(self, index: int, batch_size: int) -> Batch:
-        """Training batch `index`: a pure function of (seed, index)."""
+        """Training batch `index`, a pure function of (seed, index): examples packed greedily, one that does not
+        fit starts the next row."""
         rng = np.random.default_rng([self.seed, index])
-        stream = ((*self._train_example(rng), i) for i in itertools.count())
-        return self._batch(self._pack(stream, max_rows=batch_size))
+        rows, row, used = [], [], 1  # used: tokens in the row, the leading eot included
+        for i in itertools.count():
+            prompt, answer = self._train_example(rng)
+            if used + len(prompt) + len(answer) + 1 > self.block_size + 1:
+                rows.append(row)
+                if len(rows) == batch_size:
+                    return self._batch(rows)
+                row, used = [], 1
+            row.append((prompt, answer, i))
+            used += len(prompt) + len(answer) + 1
 
     def eval_examples(self, n_examples: int) -> list:
         """The fixed eval set, [(prompt, answer)]: synthetic example i is the (i // n_tasks)-th of task i % n_tasks,

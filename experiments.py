@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import train
+from evaluate import evaluate_reasoning
 from sample import load_checkpoint
 
 PRESET = "config/train_cpu.py"
@@ -73,8 +74,8 @@ def test_time_curve(out_dir):
     model, cfg = load_checkpoint(out_dir, "cpu")
     batches = train.load_data(cfg)[2].eval_batches(cfg["batch_size"], cfg["eval_examples"])
     K = model.config.n_steps
-    return [train.evaluate_reasoning(model, batches, k)["answer_exact_match"][-1] for k in range(2 * K + 1)] \
-        if K else [train.evaluate_reasoning(model, batches, 0)["answer_exact_match"][-1]]
+    return [evaluate_reasoning(model, batches, k)["answer_exact_match"][-1] for k in range(2 * K + 1)] \
+        if K else [evaluate_reasoning(model, batches, 0)["answer_exact_match"][-1]]
 
 
 def summarize_run(out_dir):

@@ -13,14 +13,14 @@ n_head = 4
 n_embd = 128
 n_steps = 4
 n_latent = 64
-block_size = 128
+block_size = 64
 batch_size = 32
 gradient_accumulation_steps = 1
 dropout = 0.0
 
 learning_rate = 2e-3
-max_iters = 1500
-lr_decay_iters = 1500
+max_iters = 2000
+lr_decay_iters = 2000
 warmup_iters = 100
 min_lr = 2e-4
 beta2 = 0.99
@@ -30,3 +30,9 @@ eval_interval = 250
 eval_iters = 20
 eval_examples = 400
 log_interval = 10
+
+# the RLRP objective (chosen a priori, see README "Results")
+weight_schedule = "linear"
+lambda_rl = 0.5
+lambda_imp = 0.1
+rl_answer_only = True

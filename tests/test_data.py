@@ -48,10 +48,10 @@ class WideTok:
 
 def solve(prompt):
     """The synthetic tasks' answers, recomputed from the prompt text with plain Python."""
-    if m := re.fullmatch(r"(\d+)\+(\d+)=", prompt):
-        return str(int(m[1]) + int(m[2]))[::-1]
-    if m := re.fullmatch(r"(\d+)\*(\d)=", prompt):
-        return str(int(m[1]) * int(m[2]))[::-1]
+    if m := re.fullmatch(r"(\d+)([+*])(\d+)=", prompt):  # numbers least significant digit first, zero-padded
+        a, b = int(m[1][::-1]), int(m[3][::-1])
+        assert len(m[1]) == len(m[3]) if m[2] == "+" else len(m[3]) == 1 and b >= 2
+        return str(a + b if m[2] == "+" else a * b).zfill(len(m[1]) + 1)[::-1]
     if m := re.fullmatch(r"sort\((\d+)\)=", prompt):
         return "".join(sorted(m[1]))
     *statements, query = prompt.split(";")
@@ -66,9 +66,9 @@ def solve(prompt):
 
 
 def size_of(prompt):
-    """(family, size) of a synthetic prompt: operand digits (the longer one for add), hops, or list length."""
-    if m := re.fullmatch(r"(\d+)[+*](\d+)=", prompt):
-        return "add" if "+" in prompt else "mul", max(len(m[1]), len(m[2]) if "+" in prompt else 0)
+    """(family, size) of a synthetic prompt: digits of the first operand, hops, or list length."""
+    if m := re.fullmatch(r"(\d+)([+*])\d+=", prompt):
+        return "add" if m[2] == "+" else "mul", len(m[1])
     if m := re.fullmatch(r"sort\((\d+)\)=", prompt):
         return "sort", len(m[1])
     return "chain", prompt.count(";") - 1
@@ -315,7 +315,7 @@ def test_synthetic_split_is_disjoint_and_deterministic(byte):
             train += [bytes(row[eots[eots <= s][-1] + 1:s + 1].tolist()).decode() for s in starts]
         index += 1
     assert not evals & set(train)
-    add = {p for p in set(train) | evals if re.fullmatch(r"\d+\+\d+=", p)}  # add:2 has 10^4 prompts
+    add = {p for p in set(train) | evals if re.fullmatch(r"\d+\+\d+=", p)}  # add:2 has ~10^4 prompts
     assert len(add - evals) > 5_000 and len(add & evals) > 300  # both sides of the split are well sampled
     same = ReasoningData("synthetic", byte, 128, seed=0, tasks=tasks)
     assert torch.equal(rd.get_batch(3, 4).x, same.get_batch(3, 4).x)  # same seed, same data

@@ -145,7 +145,7 @@ def test_eval_encoding_matches_data_packing():
 
 
 def test_decoded_exact_match_equals_teacher_forced():
-    from train import evaluate_reasoning
+    from evaluate import evaluate_reasoning
     model = tiny_model(K=2)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (100, 6), generator=g)
@@ -213,7 +213,7 @@ def test_cli_show_steps(ckpt_dir, tmp_path, capsys):
 
 
 def test_cli_eval_scaling_curve(ckpt_dir, capsys):
-    from train import evaluate_reasoning
+    from evaluate import evaluate_reasoning
     curve = sample.main([f"--out_dir={ckpt_dir}", "--eval=True", "--eval_examples=8", "--exit_threshold=1e9"])
     out = capsys.readouterr().out
     assert len(curve) == 5 and "trained with K=2" in out                  # K' = 0..2K

@@ -11,6 +11,7 @@ import torch
 
 import data
 import train
+from evaluate import evaluate_reasoning
 from configurator import ConfigError
 from model import GPT, GPTConfig
 
@@ -137,7 +138,7 @@ def test_evaluate_reasoning_matches_a_plain_count():
         model.latent_head.w_out.weight.normal_(0, 1.0)
     model.eval()
     batches = rd.eval_batches(4, 30)
-    got = train.evaluate_reasoning(model, batches, 3)
+    got = evaluate_reasoning(model, batches, 3)
     correct = {}                                              # example -> [all tokens right at step k]
     n_tok, n_right = 0, [0, 0, 0]
     for b in batches:
