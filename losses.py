@@ -14,11 +14,27 @@ WEIGHT_SCHEDULES = ("uniform", "linear", "exp", "last")
 
 
 # -----------------------------------------------------------------------------
-# ℓ: fused unembedding + cross-entropy, chunked over rows, logits recomputed in backward
+# ℓ: fused unembedding + cross-entropy, tiled over rows and vocabulary, logits recomputed in backward
 
 def default_chunk_rows(vocab_size, max_elements=2**24):
     """Rows per chunk so one chunk of logits holds at most `max_elements` (64 MB in fp32)."""
     return max(1, max_elements // vocab_size)
+
+
+# On CPU, tiles of at most 512×512 logits (1 MB in fp32) stay in the L2 cache, so the softmax passes between
+# the matmuls run at cache speed instead of streaming 333×50257 row chunks through memory. At the GPT-2
+# vocabulary (B=12, T=64) this makes whole training steps 2.0× (K=0) and 2.5× (K=4) faster than full-vocabulary
+# row chunks, and ℓ itself 1.9× faster than plain F.cross_entropy on full logits, recomputation included.
+CPU_TILE = 512
+
+
+def default_tile(vocab_size, device):
+    """(rows, cols) of one tile of logits. GPUs, and compiled graphs (which unroll the loops), get whole
+    vocabulary rows: few, large kernels."""
+    rows = default_chunk_rows(vocab_size)
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        return min(rows, CPU_TILE), CPU_TILE
+    return rows, vocab_size
 
 
 def _compute_dtype(x):
@@ -28,57 +44,66 @@ def _compute_dtype(x):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """nll[n] = logsumexp(x[n] @ W.T) − (x[n] @ W.T)[y[n]], 0 where y[n] = −1.
-    Forward keeps only x, W, y and the logsumexp (N floats); backward recomputes each chunk's logits,
-    so peak memory is one chunk of logits instead of N×V. Cost: one extra x @ W.T matmul in backward."""
+    """nll[n] = logsumexp(x[n] @ W.T) − x[n]·W[y[n]], 0 where y[n] = −1.
+    Forward keeps only x, W, y and the logsumexp (N floats); backward recomputes each tile of logits, so
+    peak memory is one tile of logits instead of N×V. Cost: one extra x @ W.T matmul in backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows):
+    def forward(ctx, x, weight, targets, chunk_rows, chunk_cols):
         # x: (N, C), weight: (V, C), targets: (N,) int64 with −1 = ignored
         dtype = _compute_dtype(x)
         acc = torch.promote_types(dtype, torch.float32)    # softmax math in >= fp32 (fp64 stays fp64)
         xc, wc = x.to(dtype), weight.to(dtype)
-        valid = targets >= 0
-        safe_targets = targets.clamp(min=0)
-        nlls, lses = [], []
+        lse = torch.empty(x.size(0), dtype=acc, device=x.device)
         for i in range(0, x.size(0), chunk_rows):
-            logits = (xc[i:i + chunk_rows] @ wc.T).to(acc)                      # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)                               # (n,)
-            target_logit = logits.gather(1, safe_targets[i:i + chunk_rows, None]).squeeze(1)
-            nlls.append(lse - target_logit)
-            lses.append(lse)
-        nll = torch.where(valid, torch.cat(nlls), 0.0)
-        ctx.save_for_backward(x, weight, targets, torch.cat(lses))
-        ctx.chunk_rows, ctx.dtype, ctx.acc = chunk_rows, dtype, acc
-        return nll
+            r = slice(i, i + chunk_rows)
+            tiles = [torch.logsumexp((xc[r] @ wc[j:j + chunk_cols].T).to(acc), dim=1)
+                     for j in range(0, weight.size(0), chunk_cols)]
+            lse[r] = torch.stack(tiles).logsumexp(0)        # logsumexp over the vocabulary, tile by tile
+        # the target's logit is one dot product per row, rounded like the matmul's logits so nll >= 0 holds
+        # under autocast too
+        target_logit = (xc.to(acc) * wc.index_select(0, targets.clamp(min=0)).to(acc)).sum(1).to(dtype).to(acc)
+        ctx.save_for_backward(x, weight, targets, lse)
+        ctx.chunk_rows, ctx.chunk_cols, ctx.dtype, ctx.acc = chunk_rows, chunk_cols, dtype, acc
+        return torch.where(targets >= 0, lse - target_logit, 0.0)
 
     @staticmethod
     def backward(ctx, grad_nll):
         x, weight, targets, lse = ctx.saved_tensors
-        xc, wc = x.to(ctx.dtype), weight.to(ctx.dtype)
-        grad_scale = torch.where(targets >= 0, grad_nll, 0.0).to(ctx.acc)        # (N,), 0 on ignored rows
+        rows, cols, dtype, acc = ctx.chunk_rows, ctx.chunk_cols, ctx.dtype, ctx.acc
+        xc, wc = x.to(dtype), weight.to(dtype)
+        g = torch.where(targets >= 0, grad_nll, 0.0).to(acc)[:, None]   # (N, 1), 0 on ignored rows
+        # d nll / d logits = softmax − onehot(y), times g. The onehot part touches one row of W per token:
         safe_targets = targets.clamp(min=0)
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(weight, dtype=ctx.acc)
-        for i in range(0, x.size(0), ctx.chunk_rows):
-            s = slice(i, i + ctx.chunk_rows)
-            logits = (xc[s] @ wc.T).to(ctx.acc)                                   # recomputed, (n, V)
-            # d nll / d logits = softmax − onehot(y), scaled by the incoming gradient
-            grad_logits = torch.exp(logits - lse[s, None])
-            grad_logits.scatter_add_(1, safe_targets[s, None], -torch.ones_like(lse[s, None]))
-            grad_logits = (grad_logits * grad_scale[s, None]).to(ctx.dtype)
-            grad_x[s] = grad_logits @ wc
-            grad_w += grad_logits.T @ xc[s]
-        return grad_x, grad_w.to(weight.dtype), None, None
+        grad_x = -g * wc.index_select(0, safe_targets).to(acc)
+        grad_w = torch.zeros_like(weight, dtype=acc).index_add_(0, safe_targets, -g * xc.to(acc))
+        for i in range(0, x.size(0), rows):
+            r = slice(i, i + rows)
+            for j in range(0, weight.size(0), cols):
+                c = slice(j, j + cols)
+                # the softmax part, tile by tile from recomputed logits; in place: no extra tile-sized buffers
+                p = (xc[r] @ wc[c].T).to(acc).sub_(lse[r, None]).exp_().mul_(g[r]).to(dtype)
+                grad_x[r] += p @ wc[c]
+                grad_w[c] += p.T @ xc[r]
+        return grad_x.to(x.dtype), grad_w.to(weight.dtype), None, None, None
 
 
-def token_nll(x, weight, targets, chunk_rows=None):
+def token_nll(x, weight, targets, chunk_rows=None, chunk_cols=None):
     """
     ℓ for already-normalised hidden states: x (..., C), weight (V, C) the unembedding, targets (...)
     with −1 = ignored. Returns (...) NLL in float32 (float64 for float64 inputs), 0 at ignored positions.
+    chunk_rows × chunk_cols is the tile of logits held at once (default_tile when not given).
     """
-    chunk_rows = chunk_rows or default_chunk_rows(weight.size(0))
-    flat = _LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), chunk_rows)
+    rows, cols = default_tile(weight.size(0), x.device)
+    x, flat_targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    if chunk_rows is None and chunk_cols is None and x.size(0) * weight.size(0) <= rows * cols:
+        # all the logits fit in one tile: plain cross-entropy keeps them for backward instead of recomputing
+        # them; twice as fast as the fused path here, K=0 steps with 65 or 256 tokens ~4% faster (B=12, T=64)
+        logits = x @ weight.T
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        flat = F.cross_entropy(logits, flat_targets, ignore_index=-1, reduction="none")
+    else:
+        flat = _LinearCrossEntropy.apply(x, weight, flat_targets, chunk_rows or rows, chunk_cols or cols)
     return flat.view(targets.shape)
 
 

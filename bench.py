@@ -1,0 +1,255 @@
+"""
+Benchmark RLRP training steps (forward + backward + AdamW on the real loss) on synthetic random tokens:
+ms/iter, tokens/s, peak memory, analytic FLOPs per token split trunk / head / unembed, and MFU on a GPU.
+DESIGN.md §4. Every ratio is measured side by side in one process, repetitions interleaved, medians.
+
+    python bench.py                                      # one row for the config below
+    python bench.py --sweep=True --vocab=gpt2            # K in {0,1,2,4,8}: time and FLOP ratios to K=0
+    python bench.py --reference=True                     # our K=0 trunk vs a plain nanoGPT-style GPT
+    python bench.py --compare_compile=True               # compiled vs eager, and the compile time
+    python bench.py --device=cuda --compile=True --vocab=gpt2 --n_layer=12 --n_head=12 --n_embd=768 \
+        --block_size=1024 --batch_size=12 --n_steps=4   # GPT-2 small shape, bf16: MFU
+
+MF columns: analytic MFLOPs per token, 6 per multiply-add (model.flops_per_token). Not counted: where the logits
+exceed one tile, the fused NLL recomputes them in backward, running 8·C·V per step where 6·C·V are counted.
+CPU peak memory is the process's peak RSS, a high-water mark that never goes down, so a sweep measures each
+K's memory in a fresh subprocess. train_mem_mb = peak minus the mark before the first training step.
+compile_s is the first compiled step; TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 makes it a cold compile.
+On cores shared with other jobs use --threads=1: a 2-thread op stalls whenever one of its cores is taken.
+"""
+
+import json as json_lib
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from configurator import ConfigError, configure
+from losses import rlrp_loss, step_weights
+from model import GPT, GPTConfig
+
+DEFAULTS = dict(
+    device="cpu", vocab="byte",  # byte (256) | gpt2 (50257) | char (65, shakespeare_char) | an int
+    n_steps=4, batch_size=12, block_size=64, n_layer=4, n_head=4, n_embd=128, n_latent=0,  # nanoGPT's CPU shape
+    compile=False, dtype="bfloat16",  # autocast dtype on cuda; CPU runs float32
+    warmup=3, iters=10, threads=0,    # threads 0 = torch's default
+    sweep=False, reference=False, compare_compile=False, json=False, seed=1337,
+)
+VOCABS = {"byte": 256, "gpt2": 50257, "char": 65}
+SWEEP_STEPS = (0, 1, 2, 4, 8)
+
+
+def parse_args(argv):
+    try:
+        return configure(DEFAULTS, argv)
+    except ConfigError as e:
+        sys.exit(f"bench.py: {e}")
+
+
+def vocab_size(cfg):
+    return VOCABS[cfg["vocab"]] if cfg["vocab"] in VOCABS else int(cfg["vocab"])
+
+
+class PlainGPT(nn.Module):
+    """A plain nanoGPT-style GPT, independent of model.py: full logits and F.cross_entropy, the reference.
+    gelu="none" is nanoGPT's exact GELU; "tanh" is GPT-2's approximation, which model.py must use."""
+
+    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, gelu="none"):
+        super().__init__()
+        C = n_embd
+        self.n_head, self.gelu = n_head, gelu
+        self.wte, self.wpe = nn.Embedding(vocab_size, C), nn.Embedding(block_size, C)
+        self.h = nn.ModuleList(nn.ModuleDict(dict(
+            ln_1=nn.LayerNorm(C), c_attn=nn.Linear(C, 3 * C), c_proj=nn.Linear(C, C),
+            ln_2=nn.LayerNorm(C), c_fc=nn.Linear(C, 4 * C), mlp_proj=nn.Linear(4 * C, C))) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(C)
+        self.lm_head = nn.Linear(C, vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight
+
+    def forward(self, idx, targets):
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        for b in self.h:
+            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in b.c_attn(b.ln_1(x)).chunk(3, dim=2))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+            x = x + b.c_proj(y)
+            x = x + b.mlp_proj(F.gelu(b.c_fc(b.ln_2(x)), approximate=self.gelu))
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+
+def optimizer(model, device):
+    """nanoGPT's AdamW: decay on matrices only, fused on CUDA."""
+    ps = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=device == "cuda")
+
+
+def make_step(cfg, K=None, plain=None, compile=None):
+    """A closure running one training step (real loss, backward, AdamW), and the model it trains.
+    plain: None for our GPT, else PlainGPT with that GELU."""
+    torch.manual_seed(cfg["seed"])
+    K = cfg["n_steps"] if K is None else K
+    V, B, T, dev = vocab_size(cfg), cfg["batch_size"], cfg["block_size"], cfg["device"]
+    if plain is not None:
+        model = PlainGPT(V, T, cfg["n_layer"], cfg["n_head"], cfg["n_embd"], gelu=plain).to(dev)
+    else:
+        model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
+                              n_embd=cfg["n_embd"], n_steps=K, n_latent=cfg["n_latent"], dropout=0.0)).to(dev)
+    opt = optimizer(model, dev)
+    run = torch.compile(model, fullgraph=True) if (cfg["compile"] if compile is None else compile) else model
+    x, y = (torch.randint(V, (B, T), device=dev) for _ in range(2))
+    answer = torch.rand(B, T, device=dev) < 0.5
+    weights = step_weights(max(K, 1)).to(dev)
+    ctx = torch.autocast(dev, dtype=getattr(torch, cfg["dtype"])) if dev == "cuda" else nullcontext()
+
+    def step():
+        with ctx:
+            if plain is not None:
+                loss = run(x, y)
+            else:  # the training loss: every term on, as a reasoning batch
+                _, nll = run(x, y)
+                loss, _ = rlrp_loss(nll, y, answer, "reasoning", weights, lambda_rl=1.0, lambda_imp=0.1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+    return step, model
+
+
+def time_interleaved(steps, warmup, iters):
+    """Median seconds per step for each named step; one repetition of each in turn, so drift hits all alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_mem_mb(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:  # Linux's VmHWM: this process's own peak RSS (ru_maxrss also counts the parent's RSS at fork)
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 2**10
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (20 if sys.platform == "darwin" else 10)
+
+
+def row(cfg, K, model, dt, mem=None):
+    B, T = cfg["batch_size"], cfg["block_size"]
+    f = model.flops_per_token(K, T)
+    r = dict(n_steps=K, vocab_size=vocab_size(cfg), ms_per_iter=1e3 * dt, tokens_per_s=B * T / dt,
+             flops_per_token=f["total"], trunk_flops=f["trunk"], head_flops=f["head"], unembed_flops=f["unembed"])
+    if mem:
+        r.update(mem)
+    if cfg["device"] == "cuda":
+        r["mfu"] = model.estimate_mfu(B * T, dt, n_steps=K)
+    return r
+
+
+def run_one(cfg):
+    """One K in this process: its own peak memory is honest here."""
+    step, model = make_step(cfg)
+    base = peak_mem_mb(cfg["device"]) if cfg["device"] != "cuda" else torch.cuda.memory_allocated() / 2**20
+    dt = time_interleaved({"run": step}, cfg["warmup"], cfg["iters"])["run"]
+    peak = peak_mem_mb(cfg["device"])
+    return [row(cfg, cfg["n_steps"], model, dt, {"peak_mem_mb": peak, "train_mem_mb": peak - base})]
+
+
+def memory_in_subprocess(cfg, K):
+    """Peak memory of K alone, from a fresh process (the RSS high-water mark cannot be reset)."""
+    args = [f"--{k}={v!r}" for k, v in cfg.items() if k not in ("sweep", "json", "iters", "warmup", "n_steps")]
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *args, f"--n_steps={K}", "--iters=2",
+                          "--warmup=1", "--json=True"], capture_output=True, text=True, check=True).stdout
+    r = json_lib.loads(out.splitlines()[-1])
+    return {k: r[k] for k in ("peak_mem_mb", "train_mem_mb")}
+
+
+def run_sweep(cfg):
+    runs = {K: make_step(cfg, K) for K in SWEEP_STEPS}
+    dts = time_interleaved({K: s for K, (s, _) in runs.items()}, cfg["warmup"], cfg["iters"])
+    rows = [row(cfg, K, runs[K][1], dts[K], memory_in_subprocess(cfg, K)) for K in SWEEP_STEPS]
+    for r in rows:
+        r["time_ratio"] = r["ms_per_iter"] / rows[0]["ms_per_iter"]
+        r["flop_ratio"] = r["flops_per_token"] / rows[0]["flops_per_token"]
+        r["quotient"] = r["time_ratio"] / r["flop_ratio"]  # 1.00 = costs exactly what the arithmetic says
+    return rows
+
+
+def run_reference(cfg):
+    """Our K=0 model on its training loss vs PlainGPT on plain cross-entropy, same shape, interleaved;
+    against nanoGPT as it is (exact GELU) and with GPT-2's tanh GELU, the activation model.py runs."""
+    ours, model = make_step(cfg, K=0)
+    steps = {"ours": ours, "none": make_step(cfg, plain="none")[0], "tanh": make_step(cfg, plain="tanh")[0]}
+    dts = time_interleaved(steps, cfg["warmup"], cfg["iters"])
+    r = row(cfg, 0, model, dts["ours"])
+    r.update(reference_tokens_per_s=r["tokens_per_s"] * dts["ours"] / dts["none"],
+             speed_vs_reference=dts["none"] / dts["ours"], speed_vs_reference_tanh=dts["tanh"] / dts["ours"])
+    return [r]
+
+
+def run_compile(cfg):
+    eager, model = make_step(cfg, compile=False)
+    compiled, _ = make_step(cfg, compile=True)
+    t0 = time.perf_counter()
+    compiled()  # the first step compiles forward and backward
+    compile_s = time.perf_counter() - t0
+    dts = time_interleaved({"eager": eager, "compiled": compiled}, cfg["warmup"], cfg["iters"])
+    r = row(cfg, cfg["n_steps"], model, dts["compiled"])
+    r.update(eager_tokens_per_s=r["tokens_per_s"] * dts["compiled"] / dts["eager"],
+             speedup_vs_eager=dts["eager"] / dts["compiled"], compile_s=compile_s)
+    return [r]
+
+
+COLUMNS = [  # (key, header, width, format); MF = MFLOPs per token
+    ("n_steps", "K", 3, "d"), ("ms_per_iter", "ms/iter", 9, ".1f"), ("tokens_per_s", "tok/s", 8, ".0f"),
+    ("trunk_flops", "trunk MF", 9, ".2f"), ("head_flops", "head MF", 8, ".2f"), ("unembed_flops", "unemb MF", 9, ".2f"),
+    ("time_ratio", "t/t0", 6, ".2f"), ("flop_ratio", "F/F0", 6, ".2f"), ("quotient", "quot", 6, ".2f"),
+    ("peak_mem_mb", "peak MB", 8, ".0f"), ("train_mem_mb", "train MB", 9, ".0f"), ("mfu", "MFU", 6, ".1%"),
+    ("reference_tokens_per_s", "ref tok/s", 10, ".0f"), ("speed_vs_reference", "vs ref", 7, ".2f"),
+    ("speed_vs_reference_tanh", "vs ref(tanh)", 13, ".2f"),
+    ("eager_tokens_per_s", "eager tok/s", 12, ".0f"), ("speedup_vs_eager", "speedup", 8, ".2f"),
+    ("compile_s", "compile s", 10, ".1f"),
+]
+
+
+def print_table(cfg, rows):
+    cols = [c for c in COLUMNS if c[0] in rows[0]]
+    print(f"# {cfg['device']} vocab={vocab_size(cfg)} B={cfg['batch_size']} T={cfg['block_size']} L={cfg['n_layer']} "
+          f"H={cfg['n_head']} C={cfg['n_embd']} compile={cfg['compile']} threads={torch.get_num_threads()}")
+    print(" ".join(f"{h:>{w}}" for _, h, w, _ in cols))
+    for r in rows:
+        print(" ".join(f"{r[k] * (1e-6 if k.endswith('_flops') else 1):>{w}{f}}" for k, _, w, f in cols))
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    mode = run_sweep if cfg["sweep"] else run_reference if cfg["reference"] else \
+        run_compile if cfg["compare_compile"] else run_one
+    rows = mode(cfg)
+    if cfg["json"]:
+        for r in rows:
+            print(json_lib.dumps(r))
+    else:
+        print_table(cfg, rows)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
