@@ -264,38 +264,38 @@ class FluencyData:
         return Batch(x, y, "fluency", torch.zeros_like(x, dtype=torch.bool), torch.full_like(x, -1))
 
 # -----------------------------------------------------------------------------
-# synthetic reasoning tasks: generator(rng, level) -> (prompt, answer). Each example draws its size (digits,
-# hops, list length) uniformly from 1..level: short ones lift the model above chance early, long ones leave
-# headroom. Numbers are written least significant digit first and zero-padded, operands and answer alike, so
-# digit i of every number sits at a fixed distance: what is left to compute is the digit table and the carry.
+# synthetic reasoning tasks: generator(rng, level) -> (prompt, answer). add, mul and chain have a fixed size per
+# level (L digits, L hops), so every operand digit sits at the same distance from the answer digit that needs it:
+# with sizes mixed 1..L the model must first find the size, and a 4-layer model learned none of add/mul/chain in
+# 2000 steps (README "Data"). Numbers are written least significant digit first and zero-padded, operands and
+# answer alike: what is left to compute per answer digit is the digit table and the carry.
 
 def _rev(n, width):  # 1171, 4 -> '1711'
     return str(n).zfill(width)[::-1]
 
 
-def _add(rng, level):  # '253+918=' -> '1711': 352 + 819 = 1171
-    d = int(rng.integers(1, level + 1))
-    a, b = (int(v) for v in rng.integers(10**d, size=2))
-    return f"{_rev(a, d)}+{_rev(b, d)}=", _rev(a + b, d + 1)
+def _add(rng, level):  # level 3: '253+918=' -> '1711': 352 + 819 = 1171
+    a, b = (int(v) for v in rng.integers(10**level, size=2))
+    return f"{_rev(a, level)}+{_rev(b, level)}=", _rev(a + b, level + 1)
 
 
-def _mul(rng, level):  # '253*7=' -> '4642': 352 * 7 = 2464
-    d = int(rng.integers(1, level + 1))
-    a, b = int(rng.integers(10**d)), int(rng.integers(2, 10))
-    return f"{_rev(a, d)}*{b}=", _rev(a * b, d + 1)
+def _mul(rng, level):  # level 3: '253*7=' -> '4642': 352 * 7 = 2464
+    a, b = int(rng.integers(10**level)), int(rng.integers(2, 10))
+    return f"{_rev(a, level)}*{b}=", _rev(a * b, level + 1)
 
 
-def _chain(rng, level):  # 'a=3;b=a+4;c=b+5;c?' -> '2': 1..level hops, each adds a digit mod 10
-    v, hops = int(rng.integers(10)), int(rng.integers(1, level + 1))
-    prompt = f"a={v};"
-    for i in range(1, hops + 1):
+def _chain(rng, level):  # level 2: 'q=3;x=q+4;c=x+5;c?' -> '2': each hop adds a digit mod 10
+    names = [chr(97 + i) for i in rng.choice(26, size=level + 1, replace=False)]  # random, so that every
+    v = int(rng.integers(10))  # (value, digit) pair is trained on even though 10% of the prompts are held out
+    prompt = f"{names[0]}={v};"
+    for prev, name in zip(names, names[1:]):
         d = int(rng.integers(1, 10))
         v = (v + d) % 10
-        prompt += f"{chr(97 + i)}={chr(96 + i)}+{d};"
-    return prompt + f"{chr(97 + hops)}?", str(v)
+        prompt += f"{name}={prev}+{d};"
+    return prompt + f"{names[-1]}?", str(v)
 
 
-def _sort(rng, level):  # 'sort(93712)=' -> '12379': 1..level digits
+def _sort(rng, level):  # 'sort(93712)=' -> '12379': 1..level digits (sorting is content-, not position-based)
     digits = "".join(map(str, rng.integers(10, size=int(rng.integers(1, level + 1)))))
     return f"sort({digits})=", "".join(sorted(digits))
 
@@ -307,7 +307,7 @@ TASKS = {
     "chain": (_chain, 25, lambda L: 6 * L + 7),
     "sort": (_sort, 60, lambda L: 2 * L + 7),
 }
-DEFAULT_TASKS = "add:4,mul:3,chain:3,sort:12"
+DEFAULT_TASKS = "add:2,mul:2,chain:2,sort:8"  # measured on the CPU preset: README "Data"
 EVAL_STREAM = 1_000_003  # the synthetic eval set's rng key: the same for every seed and every suite
 
 

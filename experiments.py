@@ -1,12 +1,13 @@
 """
 Does latent thinking help? Trains the ablation of README "Results" and writes results/ablation.md + plots.
 
-    python experiments.py              # every variant x 3 seeds on config/train_cpu.py (~60 min, 2 CPU cores)
-    python experiments.py --quick      # 1 seed, a third of the steps (~10 min): the same table
+    python experiments.py              # 7 variants x 3 seeds on config/train_cpu.py (83 min on 2 CPU cores)
+    python experiments.py --quick      # 1 seed, a quarter of the steps (~8 min): the same table, in results/quick
+    python experiments.py --sweep      # 1 seed of the preset with one default changed: results/sweep.md (18 min)
 
 All variants share the trunk, the data mixture, the tokens seen, the seeds and the evaluation (the fixed
 held-out synthetic eval set, never trained on: data.is_eval_prompt); only the overrides below change.
-Runs go to results/runs/<variant>-s<seed>/; a finished run is reused, so an interrupted ablation resumes.
+Runs go to <out>/runs/<variant>-s<seed>/; a finished run is reused, so an interrupted ablation resumes.
 """
 
 import argparse
@@ -25,17 +26,26 @@ import train
 from evaluate import evaluate_reasoning
 from sample import load_checkpoint
 
-PRESET = "config/train_cpu.py"
+TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+FIXED_K = "--n_steps_dist=fixed"  # the preset trains with random K (README "Results"); the ablation's steps do not
 VARIANTS = {  # name: (what it is, overrides of the preset)
     "gpt": ("GPT baseline: K=0, plain CE, same mixture", ["--n_steps=0", "--lambda_rl=0.0"]),
     "gpt_deeper": ("GPT +1 layer: extra compute in the trunk", ["--n_steps=0", "--lambda_rl=0.0", "--n_layer=5"]),
     "head_ds": ("+ latent head, deep supervision only (mixed batches)",
-                ["--routing=mixed", "--lambda_rl=0.0", "--lambda_imp=0.0"]),
-    "routing": ("+ data-aware routing", ["--lambda_rl=0.0", "--lambda_imp=0.0"]),
-    "soft_rl": ("+ soft RL on answer spans", ["--lambda_imp=0.0"]),
-    "rlrp": ("+ improvement penalty (full RLRP)", []),
-    "rlrp_randk": ("full RLRP, K ~ U{1..2K-1} while training", ["--n_steps_dist=uniform"]),
+                [FIXED_K, "--routing=mixed", "--lambda_rl=0.0", "--lambda_imp=0.0"]),
+    "routing": ("+ data-aware routing", [FIXED_K, "--lambda_rl=0.0", "--lambda_imp=0.0"]),
+    "soft_rl": ("+ soft RL on answer spans", [FIXED_K, "--lambda_imp=0.0"]),
+    "rlrp": ("+ improvement penalty (full RLRP)", [FIXED_K]),
+    "rlrp_randk": ("full RLRP, K ~ U{1..2K-1} while training (the preset)", ["--n_steps_dist=uniform"]),
+    # --sweep: the preset with one default changed, the evidence for the defaults (README "Results")
+    "rlrp_k2": ("preset, K=2", ["--n_steps=2"]),
+    "rlrp_k8": ("preset, K=8", ["--n_steps=8"]),
+    "rlrp_d128": ("preset, head width D=128", ["--n_latent=128"]),
+    "rlrp_w_uniform": ("preset, uniform step weights", ["--weight_schedule=uniform"]),
+    "rlrp_rho75": ("preset, ρ=0.75", ["--reasoning_fraction=0.75"]),
 }
+ABLATION = ["gpt", "gpt_deeper", "head_ds", "routing", "soft_rl", "rlrp", "rlrp_randk"]
+SWEEP = ["rlrp_randk", "rlrp_k2", "rlrp_k8", "rlrp_w_uniform", "rlrp_rho75"]  # rlrp_d128: run it by name
 
 
 def run_dir(root, name, seed):
@@ -55,13 +65,13 @@ def finished(out_dir, max_iters):
         return False
 
 
-def train_run(root, name, seed, max_iters, threads):
+def train_run(root, preset, name, seed, max_iters, threads):
     """One training run in its own process (train.py exactly as a user runs it); reused when already done."""
     out = run_dir(root, name, seed)
     if finished(out, max_iters):
         return
     os.makedirs(out, exist_ok=True)
-    cmd = [sys.executable, "train.py", PRESET, *VARIANTS[name][1], f"--seed={seed}", f"--out_dir={out}",
+    cmd = [sys.executable, TRAIN, preset, *VARIANTS[name][1], f"--seed={seed}", f"--out_dir={out}",
            f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}", f"--eval_interval={max(1, max_iters // 6)}"]
     with open(os.path.join(out, "log.txt"), "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
@@ -90,6 +100,7 @@ def summarize_run(out_dir):
         "em_first": last["answer_exact_match"][0],
         "em_last": last["answer_exact_match"][-1],
         "task_em": {t: v[-1] for t, v in last["task_exact_match"].items()},
+        "task_em_first": {t: v[0] for t, v in last["task_exact_match"].items()},
         "curve": test_time_curve(out_dir),
         "evals": evals,
     }
@@ -105,11 +116,11 @@ def fmt(values, digits=3):
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def write_report(root, summaries, seeds, wall_s, max_iters):
-    """results/ablation.md: the main table, exact match per task, and the test-time curve."""
+def write_report(path, preset, summaries, seeds, wall_s, max_iters):
+    """The main table, exact match per task, and the test-time curve, as markdown."""
     tasks = list(next(iter(summaries.values()))[0]["task_em"])
-    lines = [f"# RLRP ablation\n",
-             f"`python experiments.py{' --quick' if len(seeds) == 1 else ''}` · {PRESET} · {max_iters} steps · "
+    lines = [f"# RLRP {os.path.splitext(os.path.basename(path))[0]}\n",
+             f"`python {' '.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])}` · {preset} · {max_iters} steps · "
              f"seeds {seeds} · {platform.processor() or platform.machine()}, {os.cpu_count()} cores · "
              f"wall time {wall_s / 60:.1f} min · mean ± std over seeds\n",
              "Exact match (EM) is on the held-out synthetic eval set, teacher-forced (identical to greedy decoding).\n",
@@ -124,18 +135,23 @@ def write_report(root, summaries, seeds, wall_s, max_iters):
               "| --- |" + " --- |" * len(tasks)]
     for name, runs in summaries.items():
         lines.append(f"| {name} | " + " | ".join(fmt([r["task_em"][t] for r in runs]) for t in tasks) + " |")
+    lines += ["\n## Step K minus step 1, per task (exact match; 0 for K=0)\n", "| variant | " + " | ".join(tasks) + " |",
+              "| --- |" + " --- |" * len(tasks)]
+    for name, runs in summaries.items():
+        lines.append(f"| {name} | " + " | ".join(fmt([r["task_em"][t] - r["task_em_first"][t] for r in runs])
+                                                 for t in tasks) + " |")
     lines += ["\n## Test-time steps K' (exact match at the last step)\n"]
     width = max(len(runs[0]["curve"]) for runs in summaries.values())
     lines += ["| variant | " + " | ".join(f"K'={k}" for k in range(width)) + " |", "| --- |" + " --- |" * width]
     for name, runs in summaries.items():
         curve = np.mean([r["curve"] for r in runs], axis=0)
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in curve) + " |")
-    with open(os.path.join(root, "ablation.md"), "w") as f:
+    with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
 def plot(root, summaries):
-    """Three PNGs; skipped with a note when matplotlib (optional) is missing."""
+    """Four PNGs; skipped with a note when matplotlib (optional) is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -143,14 +159,15 @@ def plot(root, summaries):
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return
-    evals = summaries["rlrp"][0]["evals"]
+    shown = "rlrp" if "rlrp" in summaries else list(summaries)[-1]
+    evals = summaries[shown][0]["evals"]
     its = [e["iter"] for e in evals]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for k in range(len(evals[0]["fluency_loss"])):
         axes[0].plot(its, [e["fluency_loss"][k] for e in evals], label=f"step {k + 1}")
         axes[1].plot(its, [e["answer_token_acc"][k] for e in evals], label=f"step {k + 1}")
-    axes[0].set(title="full RLRP: fluency val loss per step", xlabel="iter")
-    axes[1].set(title="full RLRP: answer-token accuracy per step", xlabel="iter")
+    axes[0].set(title=f"{shown}: fluency val loss per step", xlabel="iter")
+    axes[1].set(title=f"{shown}: answer-token accuracy per step", xlabel="iter")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(root, "loss_per_step.png"), dpi=110)
@@ -170,32 +187,45 @@ def plot(root, summaries):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(root, "step_k_beats_1.png"), dpi=110)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, runs in summaries.items():  # mean over seeds: the tasks are learned in sudden jumps
+        its = [e["iter"] for e in runs[0]["evals"]]
+        ax.plot(its, np.mean([[e["answer_exact_match"][-1] for e in r["evals"]] for r in runs], axis=0), label=name)
+    ax.set(title="held-out exact match (last step) over training", xlabel="iter", ylabel="answer exact match")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "em_over_training.png"), dpi=110)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1 seed, a third of the steps")
-    ap.add_argument("--out", default="results")
+    ap.add_argument("--quick", action="store_true", help="1 seed, a quarter of the steps, into results/quick")
+    ap.add_argument("--sweep", action="store_true", help="1 seed of the preset with one default changed: sweep.md")
+    ap.add_argument("--out", default="", help="default: results, or results/quick with --quick")
+    ap.add_argument("--preset", default="config/train_cpu.py", help="the config every variant overrides")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--iters", type=int, default=0, help="steps per run (default: the preset's; a third with --quick)")
+    ap.add_argument("--variants", default="", help=f"default: {','.join(ABLATION)}; with --sweep: {','.join(SWEEP)}")
+    ap.add_argument("--iters", type=int, default=0, help="steps per run (default: the preset's; a quarter with --quick)")
     args = ap.parse_args()
-    names = args.variants.split(",")
+    names = args.variants.split(",") if args.variants else SWEEP if args.sweep else ABLATION
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         sys.exit(f"experiments.py: unknown variant(s) {unknown}; valid: {', '.join(VARIANTS)}")
-    preset_iters = train.load_config([PRESET])["max_iters"]
-    max_iters, seeds = (preset_iters // 3, [0]) if args.quick else (preset_iters, [0, 1, 2])
-    max_iters = args.iters or max_iters
+    out = args.out or ("results/quick" if args.quick else "results")
+    preset_iters = train.load_config([args.preset])["max_iters"]
+    max_iters = args.iters or (preset_iters // 4 if args.quick else preset_iters)
+    seeds = [0] if args.quick or args.sweep else [0, 1, 2]
     t0 = time.time()
     jobs = [(n, s) for s in seeds for n in names]
     with ThreadPoolExecutor(args.jobs) as pool:
-        for future in [pool.submit(train_run, args.out, n, s, max_iters, 1) for n, s in jobs]:
+        for future in [pool.submit(train_run, out, args.preset, n, s, max_iters, 1) for n, s in jobs]:
             future.result()
-    summaries = {n: [summarize_run(run_dir(args.out, n, s)) for s in seeds] for n in names}
-    write_report(args.out, summaries, seeds, time.time() - t0, max_iters)
-    plot(args.out, summaries)
-    print(open(os.path.join(args.out, "ablation.md")).read())
+    summaries = {n: [summarize_run(run_dir(out, n, s)) for s in seeds] for n in names}
+    report = "sweep.md" if args.sweep else "ablation.md"
+    write_report(os.path.join(out, report), args.preset, summaries, seeds, time.time() - t0, max_iters)
+    if not args.sweep:
+        plot(out, summaries)
+    print(open(os.path.join(out, report)).read())
 
 
 if __name__ == "__main__":

@@ -290,12 +290,13 @@ def test_synthetic_answers_and_masks(name, byte, gpt2):
             assert p == tok.encode(prompt) and answer == solve(prompt)
             family, size = size_of(prompt)
             sizes.setdefault(family, set()).add(size)
-    assert sizes == {"add": {1, 2, 3}, "mul": {1, 2}, "chain": {1, 2, 3}, "sort": {1, 2, 3, 4, 5}}  # sizes 1..level
+    assert sizes == {"add": {3}, "mul": {2}, "chain": {3}, "sort": {1, 2, 3, 4, 5}}  # fixed size; sort 1..level
     # eval: every example once, in order, answer_id = its index; masks decode to the answers
     evals, tags = rd.eval_examples(50), rd.eval_tags(50)
     for (p, a), tag in zip(evals, tags):
         family, level = tag.split(":")
-        assert solve(p) == a and size_of(p)[0] == family and size_of(p)[1] <= int(level)
+        size = size_of(p)[1]
+        assert solve(p) == a and size_of(p)[0] == family and (size <= int(level) if family == "sort" else size == int(level))
     got = [(tok.decode(p), tok.decode(a), i) for b in rd.eval_batches(4, 50) for p, a, i in unpack(b, tok)]
     assert got == [(p, a, i) for i, (p, a) in enumerate(evals)]
 

@@ -1,0 +1,78 @@
+"""experiments.py: the ablation report is regenerated from the runs' own metrics, and finished runs are reused."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_PRESET = """
+device = "cpu"; dtype = "float32"; compile = False
+tokenizer = "byte"; fluency_data = "pydoc"; reasoning_data = "synthetic"; reasoning_tasks = "add:1,sort:3"
+n_layer = 1; n_head = 2; n_embd = 32; n_steps = 2; n_latent = 16; block_size = 32; batch_size = 4
+eval_iters = 2; eval_examples = 20; log_interval = 1; warmup_iters = 1; max_iters = 6; lr_decay_iters = 6
+"""
+
+
+def table_rows(text, header_start):
+    """{first cell: [other cells]} of the markdown table right after the line starting with header_start."""
+    lines = text[text.index(header_start):].splitlines()
+    rows = {}
+    for line in lines[4:] if header_start.startswith("#") else lines[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.slow
+def test_ablation_report_matches_runs(tmp_path):
+    preset, out = tmp_path / "tiny.py", tmp_path / "res"
+    preset.write_text(TINY_PRESET)
+    cmd = [sys.executable, os.path.join(ROOT, "experiments.py"), "--quick", "--iters=3", "--variants=gpt,rlrp",
+           f"--preset={preset}", f"--out={out}"]
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    report = (out / "ablation.md").read_text()
+    main = table_rows(report, "| variant | what |")
+    assert list(main) == ["gpt", "rlrp"]
+    for name, cells in main.items():
+        run = out / "runs" / f"{name}-s0"
+        state = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=False)["model"]
+        tensors = {v.data_ptr(): v for k, v in state.items() if k != "transformer.wpe.weight"}  # tied lm_head once
+        n_params = sum(v.numel() for v in tensors.values())  # nanoGPT's count: position embeddings left out
+        last = [json.loads(line) for line in open(run / "metrics.jsonl") if '"eval"' in line][-1]
+        assert last["iter"] == 3
+        assert cells[1] == f"{n_params / 1e6:.3f}M"
+        assert cells[4] == f"{last['fluency_loss'][-1]:.3f} ± 0.000"  # one seed: std 0
+        assert cells[5:7] == [f"{last['answer_exact_match'][i]:.3f} ± 0.000" for i in (0, -1)]
+        per_task = table_rows(report, "## Exact match at step K, per task")[name]
+        assert per_task == [f"{em[-1]:.3f} ± 0.000" for em in last["task_exact_match"].values()]
+        curve = table_rows(report, "## Test-time steps K'")[name]
+        assert len([c for c in curve if c]) == (5 if name == "rlrp" else 1)  # K' = 0..2K, or the trunk alone
+    assert re.search(r"\| variant \| add:1 \| sort:3 \|", report)  # one column per task of the suite
+    pngs = ["loss_per_step.png", "em_vs_test_k.png", "step_k_beats_1.png", "em_over_training.png"]
+    has_plots = importlib.util.find_spec("matplotlib") is not None  # optional: without it, the table only
+    assert [(out / p).exists() for p in pngs] == [has_plots] * len(pngs)
+    # an interrupted or repeated ablation reuses finished runs instead of training them again
+    ckpt = out / "runs" / "rlrp-s0" / "ckpt.pt"
+    before = os.stat(ckpt).st_mtime_ns
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert os.stat(ckpt).st_mtime_ns == before
+    # --sweep writes its own report next to the ablation's, sharing (and reusing) the runs
+    report = (out / "ablation.md").read_text()
+    sweep = [c for c in cmd if c != "--quick"] + ["--sweep", "--variants=rlrp,rlrp_k2"]
+    subprocess.run(sweep, check=True, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert os.stat(ckpt).st_mtime_ns == before and (out / "ablation.md").read_text() == report
+    assert list(table_rows((out / "sweep.md").read_text(), "| variant | what |")) == ["rlrp", "rlrp_k2"]
+
+
+def test_unknown_variant_is_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments.py"), "--variants=gpt,rlrpp"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown variant(s) ['rlrpp']" in r.stderr and len(r.stderr.strip().splitlines()) == 1
