@@ -7,7 +7,8 @@ Does latent thinking help? Trains the ablation of README "Results" and writes re
 
 All variants share the trunk, the data mixture, the tokens seen, the seeds and the evaluation (the fixed
 held-out synthetic eval set, never trained on: data.is_eval_prompt); only the overrides below change.
-Runs go to <out>/runs/<variant>-s<seed>/; a finished run is reused, so an interrupted ablation resumes.
+Runs go to <out>/runs/<variant>-s<seed>/; a finished run with the same configuration is reused, so an
+interrupted ablation resumes.
 """
 
 import argparse
@@ -29,8 +30,9 @@ from sample import load_checkpoint
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 FIXED_K = "--n_steps_dist=fixed"  # the preset trains with random K (README "Results"); the ablation's steps do not
 VARIANTS = {  # name: (what it is, overrides of the preset)
-    "gpt": ("GPT baseline: K=0, plain CE, same mixture", ["--n_steps=0", "--lambda_rl=0.0"]),
-    "gpt_deeper": ("GPT +1 layer: extra compute in the trunk", ["--n_steps=0", "--lambda_rl=0.0", "--n_layer=5"]),
+    "gpt": ("GPT baseline: K=0, plain CE, same mixture", [FIXED_K, "--n_steps=0", "--lambda_rl=0.0"]),
+    "gpt_deeper": ("GPT +1 layer: extra compute in the trunk",
+                   [FIXED_K, "--n_steps=0", "--lambda_rl=0.0", "--n_layer=5"]),
     "head_ds": ("+ latent head, deep supervision only (mixed batches)",
                 [FIXED_K, "--routing=mixed", "--lambda_rl=0.0", "--lambda_imp=0.0"]),
     "routing": ("+ data-aware routing", [FIXED_K, "--lambda_rl=0.0", "--lambda_imp=0.0"]),
@@ -58,23 +60,30 @@ def read_metrics(out_dir):
     return [r for r in recs if r["type"] == "train"], [r for r in recs if r["type"] == "eval"]
 
 
-def finished(out_dir, max_iters):
+def run_args(root, preset, name, seed, max_iters):
+    """train.py's arguments for one run of the ablation."""
+    return [preset, *VARIANTS[name][1], f"--seed={seed}", f"--out_dir={run_dir(root, name, seed)}",
+            f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}", f"--eval_interval={max(1, max_iters // 6)}"]
+
+
+def finished(out_dir, args):
+    """A run is reused only when it completed with exactly the configuration asked for now."""
     try:
-        return read_metrics(out_dir)[1][-1]["iter"] == max_iters
+        saved = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["config"]
+        last_eval = read_metrics(out_dir)[1][-1]["iter"]
     except (FileNotFoundError, IndexError):
         return False
+    return saved == train.load_config(args) and last_eval == saved["max_iters"]
 
 
 def train_run(root, preset, name, seed, max_iters, threads):
     """One training run in its own process (train.py exactly as a user runs it); reused when already done."""
-    out = run_dir(root, name, seed)
-    if finished(out, max_iters):
+    out, args = run_dir(root, name, seed), run_args(root, preset, name, seed, max_iters)
+    if finished(out, args):
         return
     os.makedirs(out, exist_ok=True)
-    cmd = [sys.executable, TRAIN, preset, *VARIANTS[name][1], f"--seed={seed}", f"--out_dir={out}",
-           f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}", f"--eval_interval={max(1, max_iters // 6)}"]
     with open(os.path.join(out, "log.txt"), "w") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
+        subprocess.run([sys.executable, TRAIN, *args], check=True, stdout=log, stderr=subprocess.STDOUT,
                        env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
 
 

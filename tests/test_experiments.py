@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+import experiments
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_PRESET = """
 device = "cpu"; dtype = "float32"; compile = False
@@ -64,6 +66,12 @@ def test_ablation_report_matches_runs(tmp_path):
     before = os.stat(ckpt).st_mtime_ns
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert os.stat(ckpt).st_mtime_ns == before
+    # ... but only when the configuration is the same: a changed preset trains again
+    args = experiments.run_args(str(out), str(preset), "rlrp", 0, 3)
+    assert experiments.finished(str(out / "runs" / "rlrp-s0"), args)
+    preset.write_text(TINY_PRESET.replace('"add:1,sort:3"', '"add:1,sort:4"'))
+    assert not experiments.finished(str(out / "runs" / "rlrp-s0"), args)
+    preset.write_text(TINY_PRESET)
     # --sweep writes its own report next to the ablation's, sharing (and reusing) the runs
     report = (out / "ablation.md").read_text()
     sweep = [c for c in cmd if c != "--quick"] + ["--sweep", "--variants=rlrp,rlrp_k2"]
