@@ -125,6 +125,14 @@ def fmt(values, digits=3):
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def task_table(title, summaries, tasks, value):
+    """Markdown lines: one row per variant, one `mean ± std` column per task of value(run summary, task)."""
+    lines = [f"\n## {title}\n", "| variant | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
+    for name, runs in summaries.items():
+        lines.append(f"| {name} | " + " | ".join(fmt([value(r, t) for r in runs]) for t in tasks) + " |")
+    return lines
+
+
 def write_report(path, preset, summaries, seeds, wall_s, max_iters):
     """The main table, exact match per task, and the test-time curve, as markdown."""
     tasks = list(next(iter(summaries.values()))[0]["task_em"])
@@ -140,15 +148,9 @@ def write_report(path, preset, summaries, seeds, wall_s, max_iters):
         lines.append(f"| {name} | {VARIANTS[name][0]} | {r0['params'] / 1e6:.3f}M | {r0['flops_per_token'] / 1e6:.2f}M "
                      f"| {mean_std([r['tokens_per_s'] for r in runs])[0]:.0f} | {fmt([r['fluency_loss'] for r in runs])} "
                      f"| {fmt([r['em_first'] for r in runs])} | {fmt([r['em_last'] for r in runs])} |")
-    lines += ["\n## Exact match at step K, per task\n", "| variant | " + " | ".join(tasks) + " |",
-              "| --- |" + " --- |" * len(tasks)]
-    for name, runs in summaries.items():
-        lines.append(f"| {name} | " + " | ".join(fmt([r["task_em"][t] for r in runs]) for t in tasks) + " |")
-    lines += ["\n## Step K minus step 1, per task (exact match; 0 for K=0)\n", "| variant | " + " | ".join(tasks) + " |",
-              "| --- |" + " --- |" * len(tasks)]
-    for name, runs in summaries.items():
-        lines.append(f"| {name} | " + " | ".join(fmt([r["task_em"][t] - r["task_em_first"][t] for r in runs])
-                                                 for t in tasks) + " |")
+    lines += task_table("Exact match at step K, per task", summaries, tasks, lambda r, t: r["task_em"][t])
+    lines += task_table("Step K minus step 1, per task (exact match; 0 for K=0)", summaries, tasks,
+                        lambda r, t: r["task_em"][t] - r["task_em_first"][t])
     lines += ["\n## Test-time steps K' (exact match at the last step)\n"]
     width = max(len(runs[0]["curve"]) for runs in summaries.values())
     lines += ["| variant | " + " | ".join(f"K'={k}" for k in range(width)) + " |", "| --- |" + " --- |" * width]
