@@ -1,12 +1,12 @@
 """
 Benchmark RLRP training steps (forward + backward + AdamW on the real loss) on synthetic random tokens:
 ms/iter, tokens/s, peak memory, analytic FLOPs per token split trunk / head / unembed, and MFU on a GPU.
-DESIGN.md §4. Every ratio is measured side by side in one process, repetitions interleaved, medians.
+README "Performance". Every ratio is measured side by side in one process, repetitions interleaved, medians.
 
     python bench.py                                      # one row for the config below
     python bench.py --sweep=True --vocab=gpt2            # K in {0,1,2,4,8}: time and FLOP ratios to K=0
     python bench.py --reference=True                     # our K=0 trunk vs a plain nanoGPT-style GPT
-    python bench.py --compare_compile=True               # compiled vs eager, and the compile time
+    python bench.py --compare_compile=True               # compile time and graphs: whole forward vs compile_parts
     python bench.py --device=cuda --compile=True --vocab=gpt2 --n_layer=12 --n_head=12 --n_embd=768 \
         --block_size=1024 --batch_size=12 --n_steps=4   # GPT-2 small shape, bf16: MFU
 
@@ -14,7 +14,9 @@ MF columns: analytic MFLOPs per token, 6 per multiply-add (model.flops_per_token
 exceed one tile, the fused NLL recomputes them in backward, running 8·C·V per step where 6·C·V are counted.
 CPU peak memory is the process's peak RSS, a high-water mark that never goes down, so a sweep measures each
 K's memory in a fresh subprocess. train_mem_mb = peak minus the mark before the first training step.
-compile_s is the first compiled step; TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 makes it a cold compile.
+compile_s is the first compiled step at K, k2_compile_s the first at a second K (K - 1): compiling forward whole
+unrolls the K-step loop, so each new K compiles again; GPT.compile_parts compiles the trunk and one step, which
+every K reuses. graphs counts the graphs dynamo compiled. TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 makes compiles cold.
 On cores shared with other jobs use --threads=1: a 2-thread op stalls whenever one of its cores is taken.
 """
 
@@ -39,6 +41,7 @@ DEFAULTS = dict(
     device="cpu", vocab="byte",  # byte (256) | gpt2 (50257) | char (65, shakespeare_char) | an int
     n_steps=4, batch_size=12, block_size=64, n_layer=4, n_head=4, n_embd=128, n_latent=0,  # nanoGPT's CPU shape
     compile=False, dtype="bfloat16",  # autocast dtype on cuda; CPU runs float32
+    gpu_peak_tflops=989.0,            # for MFU: H100/H200 bf16 dense; A100 is 312
     warmup=3, iters=10, threads=0,    # threads 0 = torch's default
     sweep=False, reference=False, compare_compile=False, json=False, seed=1337,
 )
@@ -94,8 +97,9 @@ def optimizer(model, device):
 
 
 def make_step(cfg, K=None, plain=None, compile=None):
-    """A closure running one training step (real loss, backward, AdamW), and the model it trains.
-    plain: None for our GPT, else PlainGPT with that GELU."""
+    """A closure step(k=K) running one training step (real loss, backward, AdamW) with k refinement steps, and
+    the model it trains. plain: None for our GPT, else PlainGPT with that GELU. compile: False, True
+    (GPT.compile_parts; PlainGPT whole) or 'whole' (our forward compiled whole, one graph per K, for comparison)."""
     torch.manual_seed(cfg["seed"])
     K = cfg["n_steps"] if K is None else K
     V, B, T, dev = vocab_size(cfg), cfg["batch_size"], cfg["block_size"], cfg["device"]
@@ -105,18 +109,20 @@ def make_step(cfg, K=None, plain=None, compile=None):
         model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
                               n_embd=cfg["n_embd"], n_steps=K, n_latent=cfg["n_latent"], dropout=0.0)).to(dev)
     opt = optimizer(model, dev)
-    run = torch.compile(model, fullgraph=True) if (cfg["compile"] if compile is None else compile) else model
+    mode = cfg["compile"] if compile is None else compile
+    run = (model.compile_parts() if mode is True and plain is None else
+           torch.compile(model, fullgraph=True) if mode else model)
     x, y = (torch.randint(V, (B, T), device=dev) for _ in range(2))
     answer = torch.rand(B, T, device=dev) < 0.5
-    weights = step_weights(max(K, 1)).to(dev)
     ctx = torch.autocast(dev, dtype=getattr(torch, cfg["dtype"])) if dev == "cuda" else nullcontext()
 
-    def step():
+    def step(k=K):
         with ctx:
             if plain is not None:
                 loss = run(x, y)
             else:  # the training loss: every term on, as a reasoning batch
-                _, nll = run(x, y)
+                _, nll = run(x, y, n_steps=k)
+                weights = step_weights(max(k, 1)).to(dev)
                 loss, _ = rlrp_loss(nll, y, answer, "reasoning", weights, lambda_rl=1.0, lambda_imp=0.1)
         loss.backward()
         opt.step()
@@ -158,7 +164,7 @@ def row(cfg, K, model, dt, mem=None):
     if mem:
         r.update(mem)
     if cfg["device"] == "cuda":
-        r["mfu"] = model.estimate_mfu(B * T, dt, n_steps=K)
+        r["mfu"] = f["total"] * B * T / dt / (cfg["gpu_peak_tflops"] * 1e12)
     return r
 
 
@@ -173,7 +179,8 @@ def run_one(cfg):
 
 def memory_in_subprocess(cfg, K):
     """Peak memory of K alone, from a fresh process (the RSS high-water mark cannot be reset)."""
-    args = [f"--{k}={v!r}" for k, v in cfg.items() if k not in ("sweep", "json", "iters", "warmup", "n_steps")]
+    # str(v), not repr: a str-valued key takes the text after '=' as it is (configurator.py)
+    args = [f"--{k}={v}" for k, v in cfg.items() if k not in ("sweep", "json", "iters", "warmup", "n_steps")]
     out = subprocess.run([sys.executable, os.path.abspath(__file__), *args, f"--n_steps={K}", "--iters=2",
                           "--warmup=1", "--json=True"], capture_output=True, text=True, check=True).stdout
     r = json_lib.loads(out.splitlines()[-1])
@@ -203,28 +210,41 @@ def run_reference(cfg):
     return [r]
 
 
-def run_compile(cfg):
-    eager, model = make_step(cfg, compile=False)
-    compiled, _ = make_step(cfg, compile=True)
+def first_step_s(step, *k):
     t0 = time.perf_counter()
-    compiled()  # the first step compiles forward and backward
-    compile_s = time.perf_counter() - t0
-    dts = time_interleaved({"eager": eager, "compiled": compiled}, cfg["warmup"], cfg["iters"])
-    r = row(cfg, cfg["n_steps"], model, dts["compiled"])
-    r.update(eager_tokens_per_s=r["tokens_per_s"] * dts["compiled"] / dts["eager"],
-             speedup_vs_eager=dts["eager"] / dts["compiled"], compile_s=compile_s)
-    return [r]
+    step(*k)  # a first step compiles forward and backward
+    return time.perf_counter() - t0
+
+
+def run_compile(cfg):
+    """Compile cost and speed of our forward compiled whole vs GPT.compile_parts, side by side with eager."""
+    from torch._dynamo.utils import counters
+    K = cfg["n_steps"]
+    eager, model = make_step(cfg, compile=False)
+    steps, rows = {"eager": eager}, []
+    for mode, name in ((True, "parts"), ("whole", "whole")):
+        counters.clear()
+        steps[name] = make_step(cfg, compile=mode)[0]
+        compile_s = first_step_s(steps[name])
+        k2_compile_s = first_step_s(steps[name], max(K - 1, 1))
+        rows.append(dict(compile=name, compile_s=compile_s, k2_compile_s=k2_compile_s,
+                         graphs=counters["stats"]["unique_graphs"]))
+    dts = time_interleaved(steps, cfg["warmup"], cfg["iters"])
+    for r in rows:
+        r.update(row(cfg, K, model, dts[r["compile"]]), eager_tokens_per_s=cfg["batch_size"] * cfg["block_size"]
+                 / dts["eager"], speedup_vs_eager=dts["eager"] / dts[r["compile"]])
+    return rows
 
 
 COLUMNS = [  # (key, header, width, format); MF = MFLOPs per token
-    ("n_steps", "K", 3, "d"), ("ms_per_iter", "ms/iter", 9, ".1f"), ("tokens_per_s", "tok/s", 8, ".0f"),
+    ("compile", "compile", 8, "s"), ("n_steps", "K", 3, "d"), ("ms_per_iter", "ms/iter", 9, ".1f"), ("tokens_per_s", "tok/s", 8, ".0f"),
     ("trunk_flops", "trunk MF", 9, ".2f"), ("head_flops", "head MF", 8, ".2f"), ("unembed_flops", "unemb MF", 9, ".2f"),
     ("time_ratio", "t/t0", 6, ".2f"), ("flop_ratio", "F/F0", 6, ".2f"), ("quotient", "quot", 6, ".2f"),
     ("peak_mem_mb", "peak MB", 8, ".0f"), ("train_mem_mb", "train MB", 9, ".0f"), ("mfu", "MFU", 6, ".1%"),
     ("reference_tokens_per_s", "ref tok/s", 10, ".0f"), ("speed_vs_reference", "vs ref", 7, ".2f"),
     ("speed_vs_reference_tanh", "vs ref(tanh)", 13, ".2f"),
     ("eager_tokens_per_s", "eager tok/s", 12, ".0f"), ("speedup_vs_eager", "speedup", 8, ".2f"),
-    ("compile_s", "compile s", 10, ".1f"),
+    ("compile_s", "compile s", 10, ".1f"), ("k2_compile_s", "2nd K s", 8, ".1f"), ("graphs", "graphs", 7, "d"),
 ]
 
 

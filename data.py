@@ -1,5 +1,5 @@
 """
-Data for nanoRLRP (DESIGN.md §2 "Reasoning data and answer spans", "data-aware routing"): tokenizers, fluency
+Data for nanoRLRP (README "Data", "The method in one screen"): tokenizers, fluency
 token files, reasoning examples with answer-span masks, the fluency/reasoning router, data preparation. Offline.
 
 Config keys (train.py exposes them):
@@ -463,7 +463,7 @@ class ReasoningData:
         return [self._batch(rows[i:i + batch_size], trim=True) for i in range(0, len(rows), batch_size)]
 
 # -----------------------------------------------------------------------------
-# routing (DESIGN.md §2 (ii)) and the global micro-batch index
+# routing (ii) and the global micro-batch index
 
 class Router:
     """Step s is a reasoning step iff floor((s+1) rho) > floor(s rho): rho spread evenly, the same on every rank."""

@@ -1,6 +1,6 @@
 """
 The RLRP latent head: K bounded residual refinement steps of a latent state z, run on every token.
-DESIGN.md §2 "Latent head"; the code below uses the same symbols.
+README "The method in one screen"; the code below uses the same symbols.
 
     z_0 = tanh(W_in · LN_h(h_t))
     for k = 1..K:

@@ -1,10 +1,15 @@
 """
-RLRP losses. Everything is a function of one tensor, the per-step token NLL (DESIGN.md §2 "Losses"):
+RLRP losses. Everything is a function of one tensor, the per-step token NLL (README "The method in one screen"):
 
-    ℓ ∈ R^{K×B×T},  ℓ[k,b,t] = −log softmax(logits_k)[y_t]
+    ℓ ∈ R^{K×B×T},  ℓ[k,b,t] = −log softmax(logits_k)[y_t],  p = exp(−ℓ) the target token's probability
 
 `token_nll` computes ℓ from the hidden states without ever holding the K full-vocabulary logits
-tensors; the loss terms below only see ℓ and (B, T) masks.
+tensors; the loss terms below only see ℓ and (B, T) masks, with step weights w (Σ_k w_k = 1):
+
+    L_DS  = Σ_k w_k · masked_mean(ℓ_k, m_valid)
+    L_RL  = Σ_k w_k · masked_mean((1 − p_k^q) / q, m_RL)        q > 0; q = 1: 1 − p_k
+    L_IMP = 1/(K−1) · Σ_{k=2..K} masked_mean(relu(ℓ_k − sg(ℓ_1) + margin), m_valid)
+    L     = L_DS + λ_rl·L_RL + λ_imp·L_IMP                       λ_rl = 0 on fluency batches
 """
 
 import torch
@@ -73,18 +78,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows, cols, dtype, acc = ctx.chunk_rows, ctx.chunk_cols, ctx.dtype, ctx.acc
         xc, wc = x.to(dtype), weight.to(dtype)
         g = torch.where(targets >= 0, grad_nll, 0.0).to(acc)[:, None]   # (N, 1), 0 on ignored rows
-        # d nll / d logits = softmax − onehot(y), times g. The onehot part touches one row of W per token:
-        safe_targets = targets.clamp(min=0)
-        grad_x = -g * wc.index_select(0, safe_targets).to(acc)
-        grad_w = torch.zeros_like(weight, dtype=acc).index_add_(0, safe_targets, -g * xc.to(acc))
+        grad_x = torch.zeros_like(x, dtype=acc)
+        grad_w = torch.zeros_like(weight, dtype=acc)
         for i in range(0, x.size(0), rows):
             r = slice(i, i + rows)
+            # where the one-hot part goes: the tile holding each row's target (−1 for ignored rows) and its
+            # column there; −g is added in that tile with scatter_add_ (no boolean indexing: no GPU sync)
+            target_tile = targets[r].div(cols, rounding_mode="floor")[:, None]
+            target_col, minus_g = (targets[r] % cols)[:, None], -g[r]
             for j in range(0, weight.size(0), cols):
                 c = slice(j, j + cols)
-                # the softmax part, tile by tile from recomputed logits; in place: no extra tile-sized buffers
-                p = (xc[r] @ wc[c].T).to(acc).sub_(lse[r, None]).exp_().mul_(g[r]).to(dtype)
-                grad_x[r] += p @ wc[c]
-                grad_w[c] += p.T @ xc[r]
+                # d nll / d logits = (softmax − onehot(y))·g from recomputed logits, in place: no extra tile-sized
+                # buffers. Formed in acc before the cast to the matmul dtype: for a confident token p(y) → 1 and
+                # the two parts nearly cancel, so rounding p alone to bf16 (~2^-9) would swamp 1 − p
+                d = (xc[r] @ wc[c].T).to(acc).sub_(lse[r, None]).exp_().mul_(g[r])
+                d.scatter_add_(1, target_col.clamp(max=d.size(1) - 1),    # clamp: the last tile may be narrower
+                               torch.where(target_tile == j // cols, minus_g, 0.0))
+                d = d.to(dtype)
+                grad_x[r] += d @ wc[c]
+                grad_w[c] += d.T @ xc[r]
         return grad_x.to(x.dtype), grad_w.to(weight.dtype), None, None, None
 
 
@@ -163,14 +175,19 @@ def deep_supervision_loss(nll, weights, mask, count=None):
 
 def soft_rl_loss(nll, weights, mask, q=1.0, count=None):
     """
-    (iii) L_RL = − Σ_k w_k · masked_mean(exp(−ℓ_k), m_RL).
-    exp(−ℓ) = p_k(y_t) is the exact expected reward of sampling from softmax(logits_k) with reward
-    1[token = y_t]; its gradient is p·∇log p. Generalised (optional) exponent q: − p^q / q, whose
-    gradient p^q·∇log p moves from CE's (q → 0) to the paper's (q = 1, the formula above).
+    (iii) L_RL = Σ_k w_k · masked_mean((1 − p_k^q) / q, m_RL),  p_k = exp(−ℓ_k) = p_k(y_t),  q > 0.
+    p is the exact expected reward of sampling from softmax(logits_k) with reward 1[token = y_t], so at
+    q = 1 L_RL is the expected loss 1 − p, with gradient −∇p = −p·∇log p. The exponent q reweights it:
+    ∂L_RL/∂ℓ = p^q per token, CE's gradient weighted by p^q, from CE (q → 0, where (1 − p^q)/q → ℓ too)
+    to the paper's (q = 1).
     """
+    if not q > 0:
+        raise ValueError(f"rl_q must be > 0 (the soft RL loss divides by it; q → 0 is plain CE), got {q}")
     check_weights(weights, nll.size(0))
-    reward = torch.exp(-q * nll) / q  # p^q / q
-    return -(weights.to(nll) * masked_mean(reward, mask, count)).sum()
+    # (1 − p^q)/q differs from −p^q/q (reward maximisation) by the constant 1/q, so the two have the same
+    # gradient; the constant makes the logged value ≥ 0 and 0 at p = 1. expm1 keeps 1 − p^q exact as p^q → 1.
+    expected_loss = -torch.expm1(-q * nll) / q
+    return (weights.to(nll) * masked_mean(expected_loss, mask, count)).sum()
 
 
 def improvement_penalty(nll, mask, margin=0.0, count=None):
@@ -196,6 +213,7 @@ def rlrp_loss(nll, targets, answer_mask, kind, weights, lambda_rl=0.0, lambda_im
     (ii) data-aware routing: the objective for one batch by its kind.
       fluency:   L = L_DS + λ_imp·L_IMP
       reasoning: L = L_DS + λ_rl·L_RL + λ_imp·L_IMP, L_RL on answer spans if rl_answer_only
+    with L_RL = Σ_k w_k · masked_mean((1 − p_k^q) / q, m_RL), p = exp(−ℓ), q = rl_q > 0 (see soft_rl_loss).
     Every term is always computed and switched by its weight, never by a branch on tensor values,
     so every DDP rank builds the same graph. Returns (loss, parts) with parts detached for logging.
     nll: (K, B, T); targets: (B, T) with −1 = ignored; answer_mask: (B, T) bool; kind: str.

@@ -10,7 +10,9 @@ full-vocabulary logits tensors are never alive at once (losses.token_nll). A mod
 n_steps = 0 has no head and is exactly a GPT (I5); n_steps is also a run-time argument (I4).
 
 Generation (GPT.generate) keeps a KV cache for the trunk: the head is position-wise (I3), so each new
-token costs one trunk pass on one position plus K head steps on that position only.
+token costs one trunk pass on one position plus K head steps on that position only, until the context fills
+block_size; from then on the window slides and each new token re-runs the trunk on the last block_size tokens
+(positions are absolute, so cached keys cannot be shifted).
 """
 
 import math
@@ -176,6 +178,20 @@ class GPT(nn.Module):
             x = block(x, None if cache is None else cache[i])
         return x
 
+    def compile_parts(self):
+        """
+        torch.compile (fullgraph=True) what does not depend on K: the trunk, z_0, and one refinement step. The
+        K-step loop stays in Python, so every K (a random K per optimizer step, any K' at evaluation) reuses
+        the same graphs instead of compiling one per K; compiling forward whole unrolls the loop and recompiles
+        for each new K. ℓ stays eager: its tiled loops would be unrolled into the graph too, and its cost is
+        matmuls that compiling does not speed up. Returns self; parameters and state_dict names are unchanged.
+        """
+        self.trunk = torch.compile(self.trunk, fullgraph=True)
+        if self.latent_head is not None:
+            self.latent_head.start = torch.compile(self.latent_head.start, fullgraph=True)
+            self.latent_head.step = torch.compile(self.latent_head.step, fullgraph=True)
+        return self
+
     def refine(self, h, K, grad_steps=None):
         """h (B, T, C) -> o (max(K,1), B, T, C): o_1..o_K from the latent head, or h itself for K = 0."""
         return self.latent_head(h, K, grad_steps=grad_steps) if K > 0 else h.unsqueeze(0)
@@ -328,10 +344,12 @@ class GPT(nn.Module):
         sd, sd_hf = model.state_dict(), hf.state_dict()
         # HF stores these as Conv1D (in, out); ours are Linear (out, in)
         transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        ours = [k for k in sd if not k.startswith("latent_head.") and not k.endswith("attn.bias")]
-        for k in ours:
-            w = sd_hf[k]
-            sd[k].copy_(w.t() if k.endswith(transposed) else w)
+        # every trunk tensor of ours comes from HF (HF's extra causal-mask buffers have no counterpart here)
+        for k in (k for k in sd if not k.startswith("latent_head.")):
+            w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+            if w.shape != sd[k].shape:
+                raise ValueError(f"{name_or_dir}: {k} has shape {tuple(w.shape)}, expected {tuple(sd[k].shape)}")
+            sd[k].copy_(w)
         return model
 
     # -------------------------------------------------------------------------
@@ -347,10 +365,12 @@ class GPT(nn.Module):
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
-    def flops_per_token(self, n_steps=None, seq_len=None):
+    def flops_per_token(self, n_steps=None, seq_len=None, grad_steps=None):
         """
         Training FLOPs per token (forward + backward = 6 per multiply-add per parameter, PaLM appendix B),
         split into trunk (blocks + attention scores), head (latent head) and unembed (lm_head, once per step).
+        grad_steps (truncated backward, LatentHead.forward): the steps before the last grad_steps run forward
+        only (2 per multiply-add), z_0 too, and their W_out needs only its weight gradient (4).
         """
         cfg, K = self.config, self.resolve_steps(n_steps)
         T = seq_len or cfg.block_size
@@ -359,13 +379,10 @@ class GPT(nn.Module):
         head = 0
         if K > 0:
             hd = self.latent_head
-            once = hd.w_in.weight.numel() + hd.fc_h.weight.numel()                 # z_0 and the injection
-            per_step = hd.fc_z.weight.numel() + hd.proj.weight.numel() + hd.w_out.weight.numel()
-            head = 6 * (once + K * per_step)
+            n_grad = K if not grad_steps else min(K, grad_steps)          # steps with a full backward
+            step, w_in, w_out = (hd.fc_z.weight.numel() + hd.proj.weight.numel(), hd.w_in.weight.numel(),
+                                 hd.w_out.weight.numel())
+            head = (6 * hd.fc_h.weight.numel() + (6 if n_grad == K else 2) * w_in
+                    + n_grad * 6 * (step + w_out) + (K - n_grad) * (2 * step + 4 * w_out))
         unembed = 6 * cfg.n_embd * cfg.vocab_size * max(K, 1)
         return {"trunk": trunk, "head": head, "unembed": unembed, "total": trunk + head + unembed}
-
-    def estimate_mfu(self, tokens_per_iter, dt, n_steps=None, peak_flops=989e12):
-        """Model FLOPs utilisation as a fraction of `peak_flops` (default: H100/H200 bf16 dense, 989 TFLOPS)."""
-        flops = self.flops_per_token(n_steps)["total"] * tokens_per_iter
-        return flops / dt / peak_flops

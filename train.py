@@ -6,17 +6,18 @@ RLRP training on one CPU, one GPU, or many GPUs.
   torchrun --standalone --nproc_per_node=8 train.py       # one 8-GPU node
   torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 train.py
 
-Each optimizer step is a fluency or a reasoning step (data.Router, DESIGN.md §2 (ii)), the same on every
-rank. Micro-batches are drawn by global index (data.micro_batch_index) and are pure functions of it, K and
-the RNG are reseeded from (seed, iter): the same config trains on the same examples on 1 process or on W,
-and a resumed run continues exactly where the checkpoint left it.
+Each optimizer step is a fluency or a reasoning step (data.Router, routing (ii)), the same on every
+rank. Micro-batches are drawn by global index (data.micro_batch_index) and are pure functions of it, K is
+drawn from (seed, iter) and dropout's RNG reseeded from (seed, global micro-batch index): the same config
+trains on the same examples with the same masks on 1 process or on W, and a resumed run continues exactly
+where the checkpoint left it.
 """
 
 import json
 import math
 import os
 import sys
-import time
+from time import perf_counter
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -52,7 +53,7 @@ DEFAULTS = dict(
     reasoning_eval_data="",    # a .jsonl file; '' = the held-out hash slice of reasoning_data
     reasoning_tasks=data.DEFAULT_TASKS,
     reasoning_fraction=0.5,    # ρ: the fraction of optimizer steps that are reasoning steps
-    routing="step",            # 'step': each optimizer step is all fluency or all reasoning (DESIGN.md (ii));
+    routing="step",            # 'step': each optimizer step is all fluency or all reasoning (routing (ii));
                                # 'mixed': every micro-batch holds a ρ share of reasoning rows (the no-routing ablation)
     gsm8k_answer="final",      # 'final' (text after ####) | 'solution' (the whole worked solution)
     gradient_accumulation_steps=40,  # micro-batches per optimizer step over ALL ranks (divided among them)
@@ -115,6 +116,10 @@ def check_config(c):
                 "n_layer", "n_head", "n_embd", "eval_iters"):
         need(c[key] >= 1, f"{key} must be >= 1, got {c[key]}")
     need(c["max_iters"] >= 0 and c["eval_examples"] >= 0, "max_iters and eval_examples must be >= 0")
+    need(c["rl_q"] > 0, f"rl_q must be > 0 (1 = the paper's soft RL, small = close to CE), got {c['rl_q']}")
+    need(c["weight_gamma"] > 0, f"weight_gamma must be > 0, got {c['weight_gamma']}")
+    need(0 <= c["min_lr"] <= c["learning_rate"],
+         f"min_lr must be in [0, learning_rate={c['learning_rate']}], got {c['min_lr']}")
     need(c["n_embd"] % c["n_head"] == 0, f"n_embd ({c['n_embd']}) must be divisible by n_head ({c['n_head']})")
     need(c["tokenizer"] in ("gpt2", "byte"), f"tokenizer must be 'gpt2' or 'byte', got {c['tokenizer']!r}")
     need(c["routing"] in ("step", "mixed"), f"routing must be 'step' or 'mixed', got {c['routing']!r}")
@@ -175,7 +180,7 @@ def build_model(c, tok, ckpt):
     """The model for init_from; its block_size must cover the run's."""
     if c["init_from"] == "resume":
         model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": c["dropout"]}))
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+        model.load_state_dict(ckpt["model"])
     elif c["init_from"] == "scratch":
         V = tok.vocab_size if tok.vocab_size < 1024 else -(-tok.vocab_size // 64) * 64  # pad big vocabularies to ×64
         model = GPT(GPTConfig(vocab_size=V, dropout=c["dropout"], **{k: c[k] for k in ARCH_KEYS if k != "vocab_size"}))
@@ -222,9 +227,10 @@ def train_steps(it, c):
     return int(np.random.default_rng([c["seed"], it]).integers(1, 2 * K))
 
 
-def seed_step(c, rank, it):
-    """Dropout's RNG, a function of (seed, rank, iter): resume needs no saved RNG state."""
-    torch.manual_seed(int(np.random.SeedSequence([c["seed"], rank, it]).generate_state(1)[0]))
+def seed_micro_batch(c, index):
+    """Dropout's RNG, a function of (seed, global micro-batch index): 1 process and W draw the same masks for
+    the same micro-batch, and resume needs no saved RNG state."""
+    torch.manual_seed(int(np.random.SeedSequence([c["seed"], index]).generate_state(1)[0]))
 
 # -----------------------------------------------------------------------------
 # the training step
@@ -237,36 +243,38 @@ def cat_batches(batches, kind):
 
 
 def micro_batches(it, kind, c, fluency, reasoning, rank, world):
-    """This rank's micro-batches of optimizer step `it`, drawn by global micro-batch index."""
+    """This rank's micro-batches of optimizer step `it` as (global micro-batch index, Batch) pairs."""
     B, G = c["batch_size"], c["gradient_accumulation_steps"]
     indices = [data.micro_batch_index(it, m, rank, world, G) for m in range(G // world)]
     if c["routing"] == "mixed":
         r = min(B - 1, max(1, round(B * c["reasoning_fraction"])))   # reasoning rows per micro-batch
-        return [cat_batches([fluency.get_batch("train", i, B - r), reasoning.get_batch(i, r)], "reasoning")
+        return [(i, cat_batches([fluency.get_batch("train", i, B - r), reasoning.get_batch(i, r)], "reasoning"))
                 for i in indices]
     if kind == "reasoning":
-        return [reasoning.get_batch(i, B) for i in indices]
-    return [fluency.get_batch("train", i, B) for i in indices]
+        return [(i, reasoning.get_batch(i, B)) for i in indices]
+    return [(i, fluency.get_batch("train", i, B)) for i in indices]
 
 
 def step_counts(batches, c, device, world):
     """(Σ m_valid, Σ m_RL) over every micro-batch of this optimizer step on every rank: the denominators that make
     accumulated micro-batches (and DDP) equal one large batch, token for token."""
-    counts = torch.zeros(2, dtype=torch.float64)
+    counts = torch.zeros(2, dtype=torch.int64)   # integers, exact, and a dtype every device has (MPS: no float64)
     for b in batches:
         m_valid, m_rl = loss_masks(b.y, b.answer_mask, c["rl_answer_only"])
         counts += torch.stack([m_valid.sum(), m_rl.sum()])
     return all_reduce_sum(counts.to(device), world).float()
 
 
-def train_step(model, batches, kind, K, c, ctx, scaler, world, device):
-    """Forward + backward over this rank's micro-batches; returns this rank's share of [loss, ds, rl, imp, ℓ_1..ℓ_K]."""
-    counts = step_counts(batches, c, device, world)
+def train_step(model, micro, kind, K, c, ctx, scaler, world, device):
+    """Forward + backward over this rank's micro-batches, (global index, Batch) pairs; returns this rank's share
+    of [loss, ds, rl, imp, ℓ_1..ℓ_K]."""
+    counts = step_counts([b for _, b in micro], c, device, world)
     weights = step_weights(max(K, 1), c["weight_schedule"], c["weight_gamma"])
     totals = 0
-    for i, b in enumerate(batches):
+    for i, (index, b) in enumerate(micro):
         b = b.to(device)
-        last = i == len(batches) - 1
+        last = i == len(micro) - 1
+        seed_micro_batch(c, index)
         with model.no_sync() if world > 1 and not last else nullcontext():  # all-reduce only on the last micro-step
             with ctx:
                 _, nll = model(b.x, b.y, n_steps=K, grad_steps=c["grad_steps"] or None)
@@ -292,6 +300,24 @@ def load_data(c):
     return tok, fluency, reasoning
 
 
+def keep_records_until(path, it):
+    """On resume: drop metric records past the checkpoint's iteration (a crashed run wrote them after its last
+    checkpoint, and the resumed run writes them again), and a line cut short by the crash. Atomic rewrite."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["iter"] <= it:
+                    keep.append(line)
+            except ValueError:
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv):
     c = load_config(argv)
     rank, local_rank, world, device = setup_system(c)
@@ -312,26 +338,35 @@ def main(argv):
     start_iter, best_val, resumed = 0, float("inf"), ckpt is not None
     if resumed:
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):                            # fp16's loss scale ({} when the scaler is off)
+            scaler.load_state_dict(ckpt["scaler"])
         start_iter, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
         ckpt = None  # free the memory
     raw_model = model
     if c["compile"] if c["compile"] is not None else device_type == "cuda":
-        model = torch.compile(model)
+        raw_model.compile_parts()   # the trunk and one refinement step: any K reuses the same graphs
     if world > 1:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        # truncated backward: when K > grad_steps, z_0 is detached and W_in gets no gradient in that step
+        max_k = 2 * c["n_steps"] - 1 if c["n_steps_dist"] == "uniform" else c["n_steps"]
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None,
+                    find_unused_parameters=0 < c["grad_steps"] < max_k)
 
-    # eval sets: fixed, sharded over ranks
+    # eval sets: fixed, sharded over ranks. A rank may get none, but every rank runs every evaluation (they
+    # all-reduce), so what is evaluated is decided by the config, never by a rank's own shard.
     fluency_val = [fluency.get_batch("val", i, c["batch_size"]).to(device)
                    for i in range(rank, c["eval_iters"], world)] if fluency else []
-    reasoning_val = reasoning.eval_batches(c["batch_size"], c["eval_examples"]) if reasoning and c["eval_examples"] else []
+    eval_reasoning = reasoning is not None and c["eval_examples"] > 0
+    reasoning_val = reasoning.eval_batches(c["batch_size"], c["eval_examples"]) if eval_reasoning else []
     reasoning_val = [b.to(device) for b in reasoning_val[rank::world]]
-    tags = reasoning.eval_tags(c["eval_examples"]) if reasoning_val else []
+    tags = reasoning.eval_tags(c["eval_examples"]) if eval_reasoning else []
 
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     metrics_path = os.path.join(c["out_dir"], "metrics.jsonl")
     if master:
         os.makedirs(c["out_dir"], exist_ok=True)
-        if c["init_from"] != "resume" and os.path.exists(metrics_path):
+        if resumed and not c["eval_only"]:
+            keep_records_until(metrics_path, start_iter)
+        elif not resumed and not c["eval_only"] and os.path.exists(metrics_path):
             os.remove(metrics_path)  # a fresh run starts a fresh record
         n_params = raw_model.get_num_params()
         print(f"{n_params / 1e6:.2f}M parameters | K={c['n_steps']} | {world} process(es) on {device} | "
@@ -352,44 +387,46 @@ def main(argv):
         raw_model.eval()
         rec = {"type": "eval", "iter": it, "tokens": it * tokens_per_iter}
         with ctx:
-            if fluency_val:
+            if fluency:
                 rec["fluency_loss"] = evaluate_fluency(raw_model, fluency_val, c["n_steps"], world)
-            if reasoning_val:
+            if eval_reasoning:
                 r = evaluate_reasoning(raw_model, reasoning_val, c["n_steps"], c["eval_examples"], world)
                 r["task_exact_match"] = per_task(r.pop("per_example_exact").cpu(), tags)
                 rec.update(r)
         raw_model.train()
+        if master:
+            tqdm.write(format_eval(rec))
         return rec
 
+    if c["eval_only"]:  # evaluate the model as loaded, once; the checkpoint is left untouched
+        record(dict(run_eval(start_iter), type="eval_only"))
+        if world > 1:
+            dist.destroy_process_group()
+        return
+
     pbar = tqdm(total=c["max_iters"], initial=start_iter, disable=not master, dynamic_ncols=True)
-    t0, tokens_since = time.time(), 0
+    window = dict(tokens=0, flops=0, seconds=0.0)   # what the training steps since the last log did, and took
     for it in range(start_iter, c["max_iters"] + 1):
         if (it % c["eval_interval"] == 0 or it == c["max_iters"]) and not (resumed and it == start_iter):
             rec = run_eval(it)
             record(rec)
-            if master:
-                tqdm.write(format_eval(rec))
-            val = rec.get("fluency_loss", [float("inf")])[-1]
-            best_val = min(best_val, val)
+            best_val = min(best_val, rec.get("fluency_loss", [float("inf")])[-1])
             if master and it > start_iter:
                 save_checkpoint(ckpt_path, {"model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
-                                            "optimizer": optimizer.state_dict(), "iter_num": it,
-                                            "best_val_loss": best_val, "config": c})
-            if c["eval_only"]:
-                break
-            t0 = time.time()  # tokens/s measures training only
+                                            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                            "iter_num": it, "best_val_loss": best_val, "config": c})
         if it == c["max_iters"]:
             break
 
         # one optimizer step: its kind, K and micro-batches are functions of (seed, it)
-        seed_step(c, rank, it)
+        t_step = perf_counter()
         kind = "reasoning" if c["routing"] == "mixed" else router.kind(it)
         K = train_steps(it, c)
-        batches = micro_batches(it, kind, c, fluency, reasoning, rank, world)
+        micro = micro_batches(it, kind, c, fluency, reasoning, rank, world)
         lr = get_lr(it, c)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        totals = all_reduce_sum(train_step(model, batches, kind, K, c, ctx, scaler, world, device), world)
+        totals = all_reduce_sum(train_step(model, micro, kind, K, c, ctx, scaler, world, device), world)
         if not torch.isfinite(totals[0]):
             raise FloatingPointError(f"non-finite loss at iter {it} ({kind} step); parameters not updated, the last "
                                      f"good checkpoint is {ckpt_path}; lower learning_rate or check the data")
@@ -400,17 +437,19 @@ def main(argv):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         pbar.update(1)
-        tokens_since += tokens_per_iter
+        window["tokens"] += tokens_per_iter
+        window["flops"] += raw_model.flops_per_token(K, c["block_size"], c["grad_steps"])["total"] * tokens_per_iter
+        window["seconds"] += perf_counter() - t_step
 
         if (it + 1) % c["log_interval"] == 0 and master:
-            dt, t0 = time.time() - t0, time.time()
             loss, ds, rl, imp, *nll_k = totals.tolist()
+            tflops = window["flops"] / window["seconds"] / world / 1e12       # per process, FLOPs actually run
             rec = {"type": "train", "iter": it + 1, "tokens": (it + 1) * tokens_per_iter, "kind": kind, "n_steps": K,
                    "loss": loss, "ds": ds, "rl": rl, "imp": imp, "nll_k": nll_k, "lr": lr,
-                   "tokens_per_s": tokens_since / dt}
+                   "tokens_per_s": window["tokens"] / window["seconds"], "tflops": tflops}
             if device_type == "cuda":
-                rec["mfu"] = raw_model.estimate_mfu(tokens_since / world, dt, K, c["gpu_peak_tflops"] * 1e12)
-            tokens_since = 0
+                rec["mfu"] = tflops / c["gpu_peak_tflops"]
+            window = dict(tokens=0, flops=0, seconds=0.0)
             record(rec)
             pbar.set_postfix(loss=f"{loss:.4f}", kind=kind[0], tok_s=f"{rec['tokens_per_s']:.0f}")
     pbar.close()

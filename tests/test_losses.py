@@ -1,4 +1,4 @@
-"""losses.py against straightforward re-computations of DESIGN.md §2 "Losses"."""
+"""losses.py against straightforward re-computations of the loss formulas (README "The method in one screen")."""
 
 import pytest
 import torch
@@ -76,16 +76,42 @@ def test_deep_supervision_matches_loop():
     assert torch.allclose(g_got, g_want)
 
 
-def test_soft_rl_matches_expected_reward_of_the_softmax_policy():
+def test_soft_rl_matches_expected_loss_of_the_softmax_policy():
     logits, y, nll = random_nll()
     w, m = step_weights(K, "uniform").double(), random_mask()
     got = soft_rl_loss(nll, w, m)
     p_true = torch.softmax(logits, -1).gather(-1, y.expand(K, B, T)[..., None]).squeeze(-1)  # p_k(y_t)
-    want = -sum(w[k] * mean_over(p_true[k], m) for k in range(K))
+    want = sum(w[k] * mean_over(1 - p_true[k], m) for k in range(K))    # 1 − expected reward
     assert torch.allclose(got, want)
     g_got, = torch.autograd.grad(got, logits)
     g_want, = torch.autograd.grad(want, logits)
     assert torch.allclose(g_got, g_want)
+
+
+@pytest.mark.parametrize("q", [0.25, 0.5, 1.0, 2.0])
+def test_soft_rl_value_is_one_minus_p_to_the_q_over_q(q):
+    # L_RL = Σ_k w_k · masked_mean((1 − p_k^q)/q, m_RL): ≥ 0, no constant offset; same gradient as −p^q/q
+    logits, y, nll = random_nll(seed=4)
+    assert nll.min() > 0.05                                            # realistic ℓ, not 0
+    w, m = step_weights(K, "linear").double(), random_mask()
+    got = soft_rl_loss(nll, w, m, q=q)
+    p = torch.softmax(logits, -1).gather(-1, y.expand(K, B, T)[..., None]).squeeze(-1)
+    want = sum(w[k] * mean_over((1 - p[k] ** q) / q, m) for k in range(K))
+    assert torch.allclose(got, want), f"q={q}: got {got.item():.6f}, want {want.item():.6f}"
+    old_form = -sum(w[k] * mean_over(p[k] ** q / q, m) for k in range(K))
+    g_got, = torch.autograd.grad(got, logits)
+    g_old, = torch.autograd.grad(old_form, logits)
+    assert torch.allclose(g_got, g_old)
+
+
+@pytest.mark.parametrize("q", [0.0, -0.5])
+def test_soft_rl_q_must_be_positive(q):
+    _, y, nll = random_nll()
+    w = step_weights(K).double()
+    with pytest.raises(ValueError, match="rl_q must be > 0"):
+        soft_rl_loss(nll, w, random_mask(), q=q)
+    with pytest.raises(ValueError, match="rl_q must be > 0"):
+        rlrp_loss(nll, y, random_mask(), "reasoning", w, lambda_rl=1.0, rl_q=q)
 
 
 def test_soft_rl_gradient_is_ce_gradient_weighted_by_p():
@@ -108,6 +134,7 @@ def test_soft_rl_exponent_q_moves_towards_ce():
     g_small_q, = torch.autograd.grad(soft_rl_loss(nll, w, m, q=1e-6), nll)
     g_ce, = torch.autograd.grad(deep_supervision_loss(nll, w, m), nll)
     assert torch.allclose(g_small_q, g_ce, atol=1e-6)
+    assert torch.allclose(soft_rl_loss(nll, w, m, q=1e-6), deep_supervision_loss(nll, w, m), atol=1e-5)  # value too
 
 
 def test_improvement_penalty_matches_loop_and_stops_gradient_on_step_1():
@@ -161,8 +188,8 @@ def test_rlrp_loss_by_kind():
     ds = sum(w[k] * mean_over(nll[k], valid) for k in range(K))
     imp = sum(mean_over(torch.clamp(nll[k] - nll[0] + 0.1, min=0), valid) for k in range(1, K)) / (K - 1)
     p = torch.exp(-nll)
-    rl_answer = -sum(w[k] * mean_over(p[k], answer & valid) for k in range(K))
-    rl_all = -sum(w[k] * mean_over(p[k], valid) for k in range(K))
+    rl_answer = sum(w[k] * mean_over(1 - p[k], answer & valid) for k in range(K))
+    rl_all = sum(w[k] * mean_over(1 - p[k], valid) for k in range(K))
 
     fluency, parts = rlrp_loss(nll, y, answer, "fluency", **kw)
     assert torch.allclose(fluency, ds + 0.2 * imp)
@@ -223,3 +250,53 @@ def test_default_chunk_never_holds_more_than_its_budget():
     from losses import default_chunk_rows
     assert default_chunk_rows(50257) * 50257 <= 2**24
     assert default_chunk_rows(2**30) == 1
+
+
+def confident_rows(n, v, c, seed=0):
+    """x, W (bf16-representable float64) and targets y with p(y) spread over (0.99, 0.999): x is pushed
+    along W[y] until the target's softmax probability hits its draw (bisection on the step length)."""
+    g = torch.Generator().manual_seed(seed)
+    bf16 = lambda t: t.to(torch.bfloat16).double()
+    weight = bf16(torch.randn(v, c, generator=g, dtype=torch.float64) / c ** 0.5)
+    y = torch.randint(0, v, (n,), generator=g)
+    x0 = torch.randn(n, c, generator=g, dtype=torch.float64)
+    want_p = 0.99 + 0.009 * torch.rand(n, 1, generator=g, dtype=torch.float64)
+    lo, hi = torch.zeros(n, 1, dtype=torch.float64), torch.full((n, 1), 100.0, dtype=torch.float64)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        too_far = torch.softmax((x0 + mid * weight[y]) @ weight.T, -1).gather(1, y[:, None]) > want_p
+        lo, hi = torch.where(too_far, lo, mid), torch.where(too_far, mid, hi)
+    return bf16(x0 + lo * weight[y]), weight, y
+
+
+def test_token_nll_bf16_gradients_are_accurate_for_confident_tokens():
+    # when p(y) → 1 the softmax and one-hot parts of the gradient nearly cancel: (p − onehot)·g must be formed
+    # before rounding to bf16, else the rounding of p (~2^-9) swamps 1 − p (1e-3 .. 1e-2)
+    x, weight, y = confident_rows(96, 300, 32)
+    y[[3, 50]] = -1
+    p = torch.softmax(x @ weight.T, -1).gather(1, y.clamp(min=0)[:, None]).squeeze(1)[y >= 0]
+    assert ((p > 0.99) & (p < 0.999)).float().mean() > 0.9
+    upstream = torch.rand(96, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 0.5
+
+    def grads(nll_fn, dtype, autocast):
+        a, b = x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            nll = nll_fn(a, b)
+        return torch.autograd.grad((nll * upstream.to(nll.dtype)).sum(), (a, b))
+
+    def errors(gx, gw):
+        valid = y >= 0
+        row_err = (gx.double() - rx).norm(dim=1)[valid] / rx.norm(dim=1)[valid]
+        return row_err.median().item(), ((gw.double() - rw).norm() / rw.norm()).item()
+
+    rx, rw = grads(lambda a, b: reference_nll(a, b, y), torch.float64, autocast=False)
+    plain_ce = lambda a, b: F.cross_entropy((a @ b.T).float(), y, ignore_index=-1, reduction="none")
+    fused = lambda a, b: token_nll(a, b, y, chunk_rows=16, chunk_cols=64)    # 6 × 5 tiles, ragged last column
+    plain_x, plain_w = errors(*grads(plain_ce, torch.float32, autocast=True))
+    gx, gw = grads(fused, torch.float32, autocast=True)
+    fused_x, fused_w = errors(gx, gw)
+    # bf16 logits cost plain autocast cross-entropy ~2% here; rounding p first cost the fused path ~50%
+    assert fused_x < min(0.1, 2 * plain_x) and fused_w < min(0.1, 2 * plain_w), (
+        f"bf16 fused: median row error of grad_x {fused_x:.3f}, grad_W {fused_w:.3f} "
+        f"(plain autocast cross-entropy: {plain_x:.3f}, {plain_w:.3f})")
+    assert torch.equal(gx[y < 0], torch.zeros_like(gx[y < 0]))

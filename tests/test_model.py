@@ -1,4 +1,4 @@
-"""model.py and latent_head.py: the invariants I1–I5 of DESIGN.md §2, ℓ, GPT-2 loading, compile, errors."""
+"""model.py and latent_head.py: the invariants I1–I5 (README "The method in one screen"), ℓ, GPT-2 loading, compile, errors."""
 
 import pytest
 import torch
@@ -37,10 +37,10 @@ def trunk_logits(model, idx):
 
 
 # -----------------------------------------------------------------------------
-# the latent head is exactly DESIGN.md's update
+# the latent head is exactly the documented update
 
 def reference_head(head, h, K):
-    """DESIGN.md §2 written out literally: one Linear on the concatenation [LN_z(z); LN_h(h)]."""
+    """The head's equations written out literally: one Linear on the concatenation [LN_z(z); LN_h(h)]."""
     hn = F.layer_norm(h, h.shape[-1:], head.ln_h.weight, head.ln_h.bias)
     W1 = torch.cat([head.fc_z.weight, head.fc_h.weight], dim=1)            # (H, D + C)
     beta = torch.sigmoid(head.b)
@@ -179,15 +179,20 @@ def test_from_pretrained_matches_hugging_face_at_every_step(tmp_path):
     hf_config = transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4)
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():   # every tensor non-trivial: HF initialises biases to 0 and norms to 1, which hides a
+        for p in hf.parameters():   # tensor that is not loaded at all
+            p.add_(torch.randn_like(p) * 0.1)
     hf.save_pretrained(tmp_path)
     model = GPT.from_pretrained(str(tmp_path), n_steps=3, n_latent=16).eval()
     idx = tokens(T=20)
     with torch.no_grad():
         want = hf(idx).logits
         logits, _ = model(idx)
+        plain, _ = model(idx, n_steps=0)
     assert logits.shape == (3, 2, 20, V)
+    assert torch.allclose(plain[0], want, atol=1e-4)           # K' = 0: the plain GPT-2
     for k in range(3):
-        assert torch.allclose(logits[k], want, atol=1e-4)
+        assert torch.allclose(logits[k], want, atol=1e-4)      # every step at init (I2)
 
 
 # -----------------------------------------------------------------------------
@@ -206,6 +211,30 @@ def test_compile_fullgraph_matches_eager():
     g_comp = torch.autograd.grad(nll_comp.mean(), list(model.parameters()))
     for a, b in zip(g_comp, g_eager):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_parts_reuse_the_same_graphs_for_every_k():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model()
+    model.train()
+    eager = tiny_model()                                       # the same weights, not compiled
+    eager.train()
+    model.compile_parts()
+    idx, y = tokens(), tokens(seed=1)
+    graphs = []
+    for K in (4, 1, 7, 2, 8, 3, 5, 6):                         # random K, as n_steps_dist='uniform' draws it
+        _, nll = model(idx, y, n_steps=K)
+        _, want = eager(idx, y, n_steps=K)
+        assert torch.allclose(nll, want, atol=1e-5)
+        g_got = torch.autograd.grad(nll.mean(), list(model.parameters()))
+        g_want = torch.autograd.grad(want.mean(), list(eager.parameters()))
+        for a, b in zip(g_got, g_want):
+            assert torch.allclose(a, b, atol=1e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [3] * 8                                   # the trunk, z_0, one step: compiled once, for any K
 
 
 # -----------------------------------------------------------------------------
@@ -246,3 +275,9 @@ def test_flops_per_token_counts_the_head_per_step():
     per_step = 6 * (24 * 96 + 96 * 24 + 24 * 32)   # fc_z, proj, W_out matmuls (D=24, hidden 4D=96, C=32)
     assert f4["head"] - f1["head"] == 3 * per_step
     assert model.flops_per_token(n_steps=0)["head"] == 0
+    # truncated backward, K = 4, grad_steps = 1: z_0 and steps 1..3 forward only (2), their W_out weight gradient
+    # only (4), step 4 and the injection in full (6)
+    w_in, fc_h, step, w_out = 32 * 24, 32 * 96, 24 * 96 + 96 * 24, 24 * 32
+    want = 2 * w_in + 6 * fc_h + 3 * (2 * step + 4 * w_out) + 6 * (step + w_out)
+    assert model.flops_per_token(n_steps=4, grad_steps=1)["head"] == want
+    assert model.flops_per_token(n_steps=4, grad_steps=4) == f4 == model.flops_per_token(n_steps=4, grad_steps=9)

@@ -121,7 +121,7 @@ def test_accumulating_micro_batches_equals_one_large_batch():
         model = GPT(GPTConfig(block_size=48, vocab_size=257, n_layer=2, n_head=2, n_embd=32, n_steps=2, n_latent=16))
         with torch.no_grad():
             model.latent_head.w_out.weight.normal_(0, 0.1)    # so the head's gradients are not trivially zero
-        totals = train.train_step(model, batches, "reasoning", 2, c, ctx, scaler, 1, "cpu")
+        totals = train.train_step(model, list(enumerate(batches)), "reasoning", 2, c, ctx, scaler, 1, "cpu")
         results.append((totals, [p.grad.clone() for p in model.parameters()]))
     (t_big, g_big), (t_acc, g_acc) = results
     assert torch.allclose(t_big, t_acc, atol=1e-6)           # loss and its parts
@@ -201,15 +201,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(tmp_path):
-    args = TINY + ["--max_iters=4", "--eval_interval=4", "--reasoning_fraction=0.5"]
+    # dropout (masks seeded by global micro-batch index), random K with truncated backward (W_in then gets no
+    # gradient in some steps), and one fluency eval batch for two ranks (rank 1 has no fluency shard)
+    args = TINY + ["--max_iters=4", "--eval_interval=4", "--reasoning_fraction=0.5", "--dropout=0.1",
+                   "--n_steps_dist=uniform", "--n_steps=3", "--grad_steps=1", "--eval_iters=1"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "train.py", *args, f"--out_dir={one}"], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                    *args, f"--out_dir={two}"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *args, f"--out_dir={two}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = records(one, "train"), records(two, "train")
     assert [r["kind"] for r in a] == [r["kind"] for r in b] == ["fluency", "reasoning"] * 2
+    assert [r["n_steps"] for r in a] == [r["n_steps"] for r in b] and max(r["n_steps"] for r in a) > 1
     for ra, rb in zip(a, b):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
     pa, pb = final_params(one), final_params(two)
@@ -231,10 +237,121 @@ def test_compiled_training_runs_and_saves_plain_names(tmp_path):
 def test_mixed_routing_puts_both_kinds_in_every_micro_batch():
     c = train.load_config(TINY + ["--routing=mixed", "--reasoning_fraction=0.25"])
     _, fluency, reasoning = train.load_data(c)
-    batches = train.micro_batches(5, "reasoning", c, fluency, reasoning, 0, 1)
-    assert len(batches) == 2
-    for b in batches:
+    micro = train.micro_batches(5, "reasoning", c, fluency, reasoning, 0, 1)
+    assert [i for i, _ in micro] == [10, 11]                             # global micro-batch indices of step 5
+    for _, b in micro:
         assert b.x.shape == (4, 48) and b.kind == "reasoning"
         assert not b.answer_mask[:3].any() and b.answer_mask[3].any()   # 3 fluency rows, 1 reasoning row
     with pytest.raises(ConfigError, match="routing='mixed' needs 0 < reasoning_fraction < 1"):
         train.load_config(TINY + ["--routing=mixed", "--reasoning_fraction=0.0"])
+
+
+# -----------------------------------------------------------------------------
+# evaluation-only runs, fp16 resume, crash recovery, throughput accounting
+
+def test_eval_only_on_a_resumed_run_evaluates_once_and_leaves_the_checkpoint_alone(tmp_path, capsys):
+    train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=4", "--eval_interval=2"])
+    ckpt = (tmp_path / "ckpt.pt").read_bytes()
+    before = (tmp_path / "metrics.jsonl").read_text()
+    for max_iters in (4, 10):                     # a finished run, and one that could still train
+        capsys.readouterr()
+        train.main(TINY + [f"--out_dir={tmp_path}", "--init_from=resume", "--eval_only=True",
+                           f"--max_iters={max_iters}", "--eval_interval=2"])
+        assert "eval @ iter 4" in capsys.readouterr().out
+        assert (tmp_path / "ckpt.pt").read_bytes() == ckpt
+    lines = (tmp_path / "metrics.jsonl").read_text()
+    assert lines.startswith(before)               # nothing trained, nothing dropped
+    extra = [json.loads(line) for line in lines[len(before):].splitlines()]
+    assert [(r["type"], r["iter"]) for r in extra] == [("eval_only", 4)] * 2
+    assert extra[0]["fluency_loss"] == records(tmp_path, "eval")[-1]["fluency_loss"]
+
+
+def test_fp16_resume_is_exact_with_the_loss_scaler_state(tmp_path):
+    fp16 = [a for a in TINY if not a.startswith("--dtype")] + ["--dtype=float16", "--eval_interval=3"]
+    full, half = str(tmp_path / "full"), str(tmp_path / "half")
+    train.main(fp16 + [f"--out_dir={full}", "--max_iters=6"])
+    train.main(fp16 + [f"--out_dir={half}", "--max_iters=3"])
+    train.main(fp16 + [f"--out_dir={half}", "--max_iters=6", "--init_from=resume"])
+    a, b = (torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=False) for d in (full, half))
+    assert a["scaler"] == b["scaler"] and a["scaler"]["_growth_tracker"] == 6   # steps since the last overflow
+    assert [r["loss"] for r in records(full, "train")] == [r["loss"] for r in records(half, "train")]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_resume_after_a_crash_drops_metric_records_past_the_checkpoint(tmp_path, monkeypatch):
+    real_step = train.train_step
+    calls = []
+
+    def crash_at_iter_3(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise FloatingPointError("simulated crash at iter 3")
+        return real_step(*args)
+    monkeypatch.setattr(train, "train_step", crash_at_iter_3)
+    with pytest.raises(FloatingPointError):
+        train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=6", "--eval_interval=2"])
+    assert [r["iter"] for r in records(tmp_path, "train")] == [1, 2, 3]      # iter 3 is past the checkpoint (2)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "iter": 4, "lo')                              # a line cut short by the crash
+    monkeypatch.setattr(train, "train_step", real_step)
+    train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=6", "--eval_interval=2", "--init_from=resume"])
+    assert [r["iter"] for r in records(tmp_path, "train")] == [1, 2, 3, 4, 5, 6]
+    assert [r["iter"] for r in records(tmp_path, "eval")] == [0, 2, 4, 6]
+
+
+def test_throughput_counts_only_training_time_and_the_flops_actually_run(tmp_path, monkeypatch):
+    clock = iter(range(10**6))
+    monkeypatch.setattr(train, "perf_counter", lambda: 0.5 * next(clock))    # every training step takes 0.5 s
+    args = TINY + [f"--out_dir={tmp_path}", "--max_iters=9", "--eval_interval=3", "--log_interval=2",
+                   "--n_steps_dist=uniform", "--n_steps=3", "--grad_steps=1"]
+    train.main(args)
+    c = train.load_config(args)
+    model = GPT(GPTConfig(block_size=48, vocab_size=257, n_layer=2, n_head=2, n_embd=32, n_steps=3, n_latent=16))
+    tokens_per_iter = 2 * 4 * 48
+    logs = records(tmp_path, "train")
+    assert [r["iter"] for r in logs] == [2, 4, 6, 8]
+    for r in logs:                                 # evals at 3 and 6 fall inside windows and must not count
+        assert r["tokens_per_s"] == tokens_per_iter / 0.5
+        its = range(r["iter"] - 2, r["iter"])
+        flops = sum(model.flops_per_token(train.train_steps(it, c), 48, grad_steps=1)["total"] for it in its)
+        assert r["tflops"] == pytest.approx(flops * tokens_per_iter / (0.5 * len(its)) / 1e12)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rl_q=0"], "rl_q must be > 0"),
+    (["--weight_gamma=0.0"], "weight_gamma must be > 0"),
+    (["--min_lr=1e-2"], r"min_lr must be in \[0, learning_rate=0.003\], got 0.01"),
+])
+def test_config_values_that_would_crash_or_mislead_later(tmp_path, args, message):
+    with pytest.raises(ConfigError, match=message):
+        train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=2"] + args)
+
+
+def test_bf16_autocast_training_on_cpu(tmp_path):
+    bf16 = [a for a in TINY if not a.startswith("--dtype")] + ["--dtype=bfloat16"]
+    train.main(bf16 + [f"--out_dir={tmp_path}", "--max_iters=4", "--eval_interval=4"])
+    losses = [r["loss"] for r in records(tmp_path, "train")]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert all(torch.isfinite(v).all() for v in final_params(tmp_path).values())
+    assert math.isfinite(records(tmp_path, "eval")[-1]["fluency_loss"][-1])
+
+
+def test_training_step_makes_no_float64_tensors():
+    """MPS has no float64: the step's counts and sums must use dtypes every device has."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class DtypeLog(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                    raise AssertionError(f"{func} made a float64 tensor")
+            return out
+    c = train.load_config(TINY)
+    _, _, reasoning = train.load_data(c)
+    micro = [(i, reasoning.get_batch(i, 4)) for i in range(2)]
+    model = GPT(GPTConfig(block_size=48, vocab_size=257, n_layer=1, n_head=2, n_embd=32, n_steps=2, n_latent=16))
+    ctx, scaler = train.precision(c, "cpu")
+    with DtypeLog():
+        train.train_step(model, micro, "reasoning", 2, c, ctx, scaler, 1, "cpu")
