@@ -7,7 +7,7 @@ README "Performance". Every ratio is measured side by side in one process, repet
     python bench.py --sweep=True --vocab=gpt2            # K in {0,1,2,4,8}: time and FLOP ratios to K=0
     python bench.py --reference=True                     # our K=0 trunk vs a plain nanoGPT-style GPT
     python bench.py --compare_compile=True               # compile time and graphs: whole forward vs compile_parts
-    python bench.py --device=cuda --compile=True --vocab=gpt2 --n_layer=12 --n_head=12 --n_embd=768 \
+    python bench.py --device=cuda --compile=True --vocab=gpt2 --n_layer=12 --n_head=12 --n_embd=768 \\
         --block_size=1024 --batch_size=12 --n_steps=4   # GPT-2 small shape, bf16: MFU
 
 MF columns: analytic MFLOPs per token, 6 per multiply-add (model.flops_per_token). Not counted: where the logits
@@ -38,12 +38,30 @@ from losses import rlrp_loss, step_weights
 from model import GPT, GPTConfig
 
 DEFAULTS = dict(
-    device="cpu", vocab="byte",  # byte (256) | gpt2 (50257) | char (65, shakespeare_char) | an int
-    n_steps=4, batch_size=12, block_size=64, n_layer=4, n_head=4, n_embd=128, n_latent=0,  # nanoGPT's CPU shape
-    compile=False, dtype="bfloat16",  # autocast dtype on cuda; CPU runs float32
-    gpu_peak_tflops=989.0,            # for MFU: H100/H200 bf16 dense; A100 is 312
-    warmup=3, iters=10, threads=0,    # threads 0 = torch's default
-    sweep=False, reference=False, compare_compile=False, json=False, seed=1337,
+    vocab="byte",             # byte (256) | gpt2 (50257) | char (65, shakespeare_char) | an int
+    # the model: nanoGPT's shakespeare_char CPU shape
+    n_steps=4,                # K, refinement steps of the latent head (0 = plain GPT)
+    batch_size=12,
+    block_size=64,
+    n_layer=4,
+    n_head=4,
+    n_embd=128,
+    n_latent=0,               # D, latent width (0 = n_embd)
+    # system
+    device="cpu",             # cpu | cuda: named, not guessed, so a result says what it measured
+    compile=False,            # True: GPT.compile_parts (the trunk and one head step, reused by every K)
+    dtype="bfloat16",         # autocast dtype on cuda; CPU runs float32
+    gpu_peak_tflops=989.0,    # for MFU: H100/H200 bf16 dense; A100 is 312
+    threads=0,                # torch threads, 0 = torch's default (1 on cores shared with other jobs)
+    # timing
+    warmup=3,                 # untimed steps of each variant first
+    iters=10,                 # timed steps of each variant, interleaved; the median is reported
+    seed=1337,
+    # what to run (none: one row for the config above)
+    sweep=False,              # K in {0,1,2,4,8}: time and FLOP ratios to K=0, memory from a subprocess per K
+    reference=False,          # our K=0 trunk vs a plain nanoGPT-style GPT (exact and tanh GELU)
+    compare_compile=False,    # compile time, graphs and speed: forward compiled whole vs compile_parts vs eager
+    json=False,               # one JSON object per row instead of the table
 )
 VOCABS = {"byte": 256, "gpt2": 50257, "char": 65}
 SWEEP_STEPS = (0, 1, 2, 4, 8)
@@ -51,7 +69,7 @@ SWEEP_STEPS = (0, 1, 2, 4, 8)
 
 def parse_args(argv):
     try:
-        return configure(DEFAULTS, argv)
+        return configure(DEFAULTS, argv, doc=__file__)
     except ConfigError as e:
         sys.exit(f"bench.py: {e}")
 

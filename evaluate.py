@@ -2,7 +2,15 @@
 Evaluation, per refinement step k, in one teacher-forced pass, summed over DDP ranks: fluency val loss,
 and on held-out reasoning answers exact match, token accuracy and how often step K beats step 1. train.py
 runs it every eval_interval; experiments.py reuses evaluate_reasoning (sample.py decodes greedily instead).
+
+CLI: python evaluate.py --plot --out_dir=DIR   plots of one run's DIR/metrics.jsonl, written next to it (PLOTS
+     below; needs matplotlib, an optional extra: pip install matplotlib)
 """
+
+import argparse
+import json
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -103,3 +111,135 @@ def format_eval(rec):
     if "step_K_beats_1" in rec:
         lines.append(f"step K beats step 1 on {100 * rec['step_K_beats_1']:.1f}% of answer tokens")
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# plots of one run: python evaluate.py --plot --out_dir=DIR
+
+PLOTS = {  # what: the PNG written next to metrics.jsonl (only when the run logged that data)
+    "train_loss": "train_loss.png",                    # training loss over iterations, fluency and reasoning apart
+    "fluency_loss": "fluency_loss_per_step.png",       # fluency val loss over training, one line per step k
+    "answer_exact_match": "answer_em_per_step.png",    # held-out answer exact match over training, one line per k
+    "task_exact_match": "task_em_step_K.png",          # exact match at the last step K, one line per task
+}
+KINDS = ("fluency", "reasoning")
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl, skipping a line cut short by a crash."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: it is written by `python train.py --out_dir="
+                                f"{os.path.dirname(path) or '.'}`")
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+    return records
+
+
+def plot_series(records):
+    """What the plots show, from metrics.jsonl records, in iteration order:
+      train_loss          {kind: (iters, losses)}; a train record has a sub-dict per kind that ran since the last log
+                          ({"fluency": {"loss": ...}, "reasoning": {...}}), or, in the older format, "kind" and "loss"
+      fluency_loss        [(iters, values)] for each step k, from eval records (eval_only records are left out)
+      answer_exact_match  the same
+      task_exact_match    {task: (iters, exact match at the last step K)}"""
+    records = sorted(records, key=lambda r: r.get("iter", 0))  # sorted() is stable: ties keep the file's order
+    out = {"train_loss": {}, "fluency_loss": [], "answer_exact_match": [], "task_exact_match": {}}
+
+    def add(series, key, it, value):
+        xs, ys = series.setdefault(key, ([], []))
+        xs.append(it)
+        ys.append(value)
+
+    for rec in records:
+        it = rec.get("iter")
+        if rec.get("type") == "train":
+            parts = {kind: rec[kind] for kind in KINDS if isinstance(rec.get(kind), dict)}
+            if not parts and rec.get("kind") in KINDS:  # the older format: one kind per record
+                parts = {rec["kind"]: rec}
+            for kind, part in parts.items():
+                if isinstance(part.get("loss"), (int, float)):
+                    add(out["train_loss"], kind, it, part["loss"])
+        elif rec.get("type") == "eval":
+            for key in ("fluency_loss", "answer_exact_match"):
+                for k, v in enumerate(rec.get(key) or []):
+                    while len(out[key]) <= k:
+                        out[key].append(([], []))
+                    out[key][k][0].append(it)
+                    out[key][k][1].append(v)
+            for task, em in (rec.get("task_exact_match") or {}).items():
+                if em:
+                    add(out["task_exact_match"], task, it, em[-1])
+    out["fluency_loss"], out["answer_exact_match"] = (
+        [(list(xs), list(ys)) for xs, ys in out[key]] for key in ("fluency_loss", "answer_exact_match"))
+    return out
+
+
+def plot_run(out_dir):
+    """Write PLOTS of out_dir/metrics.jsonl next to it; returns the paths written. matplotlib is imported here:
+    it is an optional extra."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    series = plot_series(read_metrics(path))
+    if not any(series.values()):
+        raise ValueError(f"{path}: no train or eval records to plot")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("--plot needs matplotlib, an optional extra: pip install matplotlib") from None
+    name = os.path.basename(os.path.abspath(out_dir))
+    written = []
+
+    def save(fig, what):
+        fig.tight_layout()
+        written.append(os.path.join(out_dir, PLOTS[what]))
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    if series["train_loss"]:
+        kinds = [k for k in KINDS if k in series["train_loss"]]
+        fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), squeeze=False)
+        for ax, kind in zip(axes[0], kinds):
+            ax.plot(*series["train_loss"][kind], color="C0" if kind == "fluency" else "C1")
+            ax.set(title=f"{name}: {kind} training loss", xlabel="iter", ylabel="loss")
+        save(fig, "train_loss")
+    for what, title, ylabel in (("fluency_loss", "fluency val loss per step", "loss"),
+                                ("answer_exact_match", "held-out answer exact match per step", "exact match")):
+        if series[what]:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for k, (xs, ys) in enumerate(series[what]):
+                ax.plot(xs, ys, marker=".", label=f"k={k + 1}")
+            ax.set(title=f"{name}: {title}", xlabel="iter", ylabel=ylabel)
+            ax.legend(fontsize=8)
+            save(fig, what)
+    if series["task_exact_match"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for task, (xs, ys) in series["task_exact_match"].items():
+            ax.plot(xs, ys, marker=".", label=task)
+        ax.set(title=f"{name}: exact match per task at step K", xlabel="iter", ylabel="exact match")
+        ax.legend(fontsize=8)
+        save(fig, "task_exact_match")
+    return written
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Plots of one training run's metrics.jsonl, written next to it: "
+                                 + ", ".join(PLOTS.values()) + " (those the run has data for). Needs matplotlib.",
+                                 epilog="example: python evaluate.py --plot --out_dir=out-cpu")
+    ap.add_argument("--plot", action="store_true", help="plot OUT_DIR/metrics.jsonl into OUT_DIR/*.png")
+    ap.add_argument("--out_dir", default="out", help="the run's folder, train.py's out_dir (default: out)")
+    args = ap.parse_args()
+    if not args.plot:
+        ap.error("nothing to do: pass --plot")
+    try:
+        for p in plot_run(args.out_dir):
+            print(f"wrote {p}")
+    except (FileNotFoundError, ValueError, ImportError) as e:  # one line, no traceback
+        sys.exit(f"evaluate.py: {e}")

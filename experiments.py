@@ -1,9 +1,9 @@
 """
 Does latent thinking help? Trains the ablation of README "Results" and writes results/ablation.md + plots.
 
-    python experiments.py              # 7 variants x 3 seeds on config/train_cpu.py (83 min on 2 CPU cores)
-    python experiments.py --quick      # 1 seed, a quarter of the steps (~8 min): the same table, in results/quick
-    python experiments.py --sweep      # 1 seed of the preset with one default changed: results/sweep.md (18 min)
+    python experiments.py                # 7 variants x 3 seeds on config/train_cpu.py (83 min on 2 CPU cores)
+    python experiments.py --quick=True   # 1 seed, a quarter of the steps (~8 min): the same table, in results/quick
+    python experiments.py --sweep=True   # 1 seed of the preset with one default changed: results/sweep.md (18 min)
 
 All variants share the trunk, the data mixture, the tokens seen, the seeds and the evaluation (the fixed
 held-out synthetic eval set, never trained on: data.is_eval_prompt); only the overrides below change.
@@ -11,7 +11,6 @@ Runs go to <out>/runs/<variant>-s<seed>/; a finished run with the same configura
 interrupted ablation resumes.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -24,8 +23,19 @@ import numpy as np
 import torch
 
 import train
+from configurator import ConfigError, configure
 from evaluate import evaluate_reasoning
 from sample import load_checkpoint
+
+DEFAULTS = dict(
+    quick=False,                   # 1 seed, a quarter of the steps, into results/quick
+    sweep=False,                   # 1 seed of the preset with one default changed (SWEEP): sweep.md, not ablation.md
+    out="",                        # '' = results, or results/quick with quick=True
+    preset="config/train_cpu.py",  # the config every variant overrides
+    jobs=2,                        # runs in parallel, one thread each
+    variants="",                   # comma-separated names; '' = the ablation's 7 (ABLATION), or SWEEP with sweep=True
+    iters=0,                       # steps per run; 0 = the preset's max_iters (a quarter with quick=True)
+)
 
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 FIXED_K = "--n_steps_dist=fixed"  # the preset trains with random K (README "Results"); the ablation's steps do not
@@ -66,6 +76,11 @@ def run_args(root, preset, name, seed, max_iters):
             f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}", f"--eval_interval={max(1, max_iters // 6)}"]
 
 
+def train_config(args):
+    """train.py's checked config for these arguments (never a resume: an ablation run starts from scratch)."""
+    return train.load_config(args)[0]
+
+
 def finished(out_dir, args):
     """A run is reused only when it completed with exactly the configuration asked for now."""
     try:
@@ -73,7 +88,7 @@ def finished(out_dir, args):
         last_eval = read_metrics(out_dir)[1][-1]["iter"]
     except (FileNotFoundError, IndexError):
         return False
-    return saved == train.load_config(args) and last_eval == saved["max_iters"]
+    return saved == train_config(args) and last_eval == saved["max_iters"]
 
 
 def train_run(root, preset, name, seed, max_iters, threads):
@@ -133,11 +148,13 @@ def task_table(title, summaries, tasks, value):
     return lines
 
 
-def write_report(path, preset, summaries, seeds, wall_s, max_iters):
-    """The main table, exact match per task, and the test-time curve, as markdown."""
+def write_report(path, preset, summaries, seeds, wall_s, max_iters, argv=None):
+    """The main table, exact match per task, and the test-time curve, as markdown; argv: the command's arguments
+    (None = this process's)."""
+    argv = sys.argv[1:] if argv is None else argv
     tasks = list(next(iter(summaries.values()))[0]["task_em"])
     lines = [f"# RLRP {os.path.splitext(os.path.basename(path))[0]}\n",
-             f"`python {' '.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])}` · {preset} · {max_iters} steps · "
+             f"`python {' '.join(['experiments.py', *argv])}` · {preset} · {max_iters} steps · "
              f"seeds {seeds} · {platform.processor() or platform.machine()}, {os.cpu_count()} cores · "
              f"wall time {wall_s / 60:.1f} min · mean ± std over seeds\n",
              "Exact match (EM) is on the held-out synthetic eval set, teacher-forced (identical to greedy decoding).\n",
@@ -208,36 +225,39 @@ def plot(root, summaries):
     fig.savefig(os.path.join(root, "em_over_training.png"), dpi=110)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1 seed, a quarter of the steps, into results/quick")
-    ap.add_argument("--sweep", action="store_true", help="1 seed of the preset with one default changed: sweep.md")
-    ap.add_argument("--out", default="", help="default: results, or results/quick with --quick")
-    ap.add_argument("--preset", default="config/train_cpu.py", help="the config every variant overrides")
-    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
-    ap.add_argument("--variants", default="", help=f"default: {','.join(ABLATION)}; with --sweep: {','.join(SWEEP)}")
-    ap.add_argument("--iters", type=int, default=0, help="steps per run (default: the preset's; a quarter with --quick)")
-    args = ap.parse_args()
-    names = args.variants.split(",") if args.variants else SWEEP if args.sweep else ABLATION
+def parse_args(argv):
+    """(config, variant names) from DEFAULTS and argv (--key=value, like train.py); bad values: ConfigError."""
+    c = configure(DEFAULTS, argv, doc=__file__)
+    if c["jobs"] < 1 or c["iters"] < 0:
+        raise ConfigError(f"jobs must be >= 1 and iters >= 0, got jobs={c['jobs']}, iters={c['iters']}")
+    names = c["variants"].split(",") if c["variants"] else SWEEP if c["sweep"] else ABLATION
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        sys.exit(f"experiments.py: unknown variant(s) {unknown}; valid: {', '.join(VARIANTS)}")
-    out = args.out or ("results/quick" if args.quick else "results")
-    preset_iters = train.load_config([args.preset])["max_iters"]
-    max_iters = args.iters or (preset_iters // 4 if args.quick else preset_iters)
-    seeds = [0] if args.quick or args.sweep else [0, 1, 2]
+        raise ConfigError(f"unknown variant(s) {unknown}; valid: {', '.join(VARIANTS)}")
+    return c, names
+
+
+def main(argv):
+    c, names = parse_args(argv)
+    out = c["out"] or ("results/quick" if c["quick"] else "results")
+    preset_iters = train_config([c["preset"]])["max_iters"]
+    max_iters = c["iters"] or (preset_iters // 4 if c["quick"] else preset_iters)
+    seeds = [0] if c["quick"] or c["sweep"] else [0, 1, 2]
     t0 = time.time()
     jobs = [(n, s) for s in seeds for n in names]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for future in [pool.submit(train_run, out, args.preset, n, s, max_iters, 1) for n, s in jobs]:
+    with ThreadPoolExecutor(c["jobs"]) as pool:
+        for future in [pool.submit(train_run, out, c["preset"], n, s, max_iters, 1) for n, s in jobs]:
             future.result()
     summaries = {n: [summarize_run(run_dir(out, n, s)) for s in seeds] for n in names}
-    report = "sweep.md" if args.sweep else "ablation.md"
-    write_report(os.path.join(out, report), args.preset, summaries, seeds, time.time() - t0, max_iters)
-    if not args.sweep:
+    report = "sweep.md" if c["sweep"] else "ablation.md"
+    write_report(os.path.join(out, report), c["preset"], summaries, seeds, time.time() - t0, max_iters, argv)
+    if not c["sweep"]:
         plot(out, summaries)
     print(open(os.path.join(out, report)).read())
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"experiments.py: {e}")

@@ -334,7 +334,17 @@ class GPT(nn.Module):
             from transformers import GPT2LMHeadModel
         except ImportError as e:
             raise ImportError("loading GPT-2 weights needs transformers: pip install transformers") from e
-        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        try:  # a local folder or the Hugging Face cache first: no network
+            hf = GPT2LMHeadModel.from_pretrained(name_or_dir, local_files_only=True)
+        except OSError:
+            try:
+                hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+            except OSError as e:
+                raise OSError(
+                    f"cannot load GPT-2 weights {name_or_dir!r}: not a local folder, not in the Hugging Face cache, and "
+                    f"the hub is unreachable. For an offline machine: GPT2LMHeadModel.from_pretrained({name_or_dir!r})"
+                    f".save_pretrained(DIR) where the hub is reachable, copy DIR over, use init_from=DIR "
+                    f"(HF_HUB_OFFLINE=1 skips the hub's retries)") from e
         c = hf.config
         if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{name_or_dir}: activation {c.activation_function!r} is not GPT-2's tanh GELU")

@@ -10,7 +10,9 @@ scaling curve (reasoning exact match against the number of steps K').
 Prompts: every prompt follows an end-of-text token, as every document and reasoning example does in
 training, so an empty --start samples unconditionally. A prompt is UTF-8 text; one that is not (a file in
 another encoding, raw bytes on the command line) cannot be encoded and is refused. A literal
-'<|endoftext|>' in a prompt is ordinary text, as in training (data.Tokenizer.encode).
+'<|endoftext|>' in a prompt is ordinary text, as in training (data.Tokenizer.encode). A sample ends where the
+model emits the end-of-text token, which is not printed (--stop_at_eot=False continues past it, printed as
+'<|endoftext|>'); with --temperature=0 every sample is the same greedy one, so one is printed.
 """
 
 import os
@@ -21,21 +23,21 @@ from contextlib import nullcontext
 import torch
 
 import data
-from configurator import ConfigError, configure
+from configurator import ConfigError, configure, default_device, default_dtype
 from model import GPT, GPTConfig
 
-CUDA = torch.cuda.is_available()
-defaults = dict(
+DEFAULTS = dict(
     init_from="resume",     # 'resume' = out_dir/ckpt.pt (train.py writes it); GPT-2: 'gpt2', ... or a local HF folder
-    out_dir="out",
+    out_dir="out",          # the folder of ckpt.pt, for init_from='resume'
     start="\n",             # the prompt, or FILE:path to read it from a file
-    num_samples=3,
-    max_new_tokens=200,
+    num_samples=3,          # with temperature=0 one is printed: greedy decoding gives the same sample every time
+    max_new_tokens=200,     # tokens generated per sample, at most
+    stop_at_eot=True,       # end a sample at the end-of-text token; False = continue past it up to max_new_tokens
     temperature=0.8,        # 0 = greedy
     top_k=200,              # None = the whole vocabulary
-    seed=1337,
-    device="cuda" if CUDA else "cpu",
-    dtype="bfloat16" if CUDA and torch.cuda.is_bf16_supported() else "float16" if CUDA else "float32",
+    seed=1337,              # torch.manual_seed before loading and sampling
+    device=None,            # None = best available: cuda, then mps, then cpu
+    dtype=None,             # None = best the device supports: bfloat16, then float16 on cuda; float32 elsewhere
     n_steps=None,           # K': refinement steps at test time, any value >= 0; None = the K the model was trained with
     exit_threshold=None,    # adaptive exit: a token stops refining once KL(p_k || p_{k-1}) < this; None = always K'
     show_steps=False,       # per generated token: each step's top-1 token and its probability
@@ -43,11 +45,20 @@ defaults = dict(
     eval=False,             # greedy-decode reasoning eval answers for K' = 0..2K (or 0..n_steps): the scaling curve
     eval_data="",           # '' = the checkpoint's reasoning eval set; 'synthetic' or a .jsonl file
     eval_tasks="",          # synthetic suite, e.g. 'add:3,sort:5'; '' = the checkpoint's
-    eval_examples=200,
-    eval_batch_size=64,
+    eval_examples=200,      # with eval: this many examples
+    eval_batch_size=64,     # with eval: prompts decoded together (prompts of one length share a batch)
     plot="",                # with eval: save the scaling curve to this PNG (needs matplotlib)
 )
 ADAPTIVE_DEFAULT = 0.01     # the threshold eval compares at when exit_threshold is not given
+
+
+def load_config(argv):
+    """DEFAULTS with argv applied, device and dtype resolved (None = the best available), checked."""
+    c = configure(DEFAULTS, argv, doc=__file__)
+    c["device"] = c["device"] or default_device()
+    c["dtype"] = c["dtype"] or default_dtype(c["device"])
+    check_config(c)
+    return c
 
 
 def check_config(c):
@@ -131,15 +142,21 @@ def show_steps(tok, new_ids, steps):
 def sample(model, tok, c, ctx):
     K = model.resolve_steps(c["n_steps"])
     x = torch.tensor([encode_prompt(tok, c["start"])], device=c["device"])
-    for _ in range(c["num_samples"]):
-        want_steps = c["show_steps"] or c["exit_threshold"] is not None  # else only logits_K' is computed
+    n, stop = c["num_samples"], tok.eot_token if c["stop_at_eot"] else None
+    if c["temperature"] == 0 and n > 1:
+        print(f"num_samples={n} with temperature=0: greedy decoding gives the same sample every time, printed once")
+        n = 1
+    want_steps = c["show_steps"] or c["exit_threshold"] is not None  # else only logits_K' is computed
+    for _ in range(n):
         with ctx:
             y = model.generate(x, c["max_new_tokens"], c["temperature"], c["top_k"], K, c["exit_threshold"],
-                               return_steps=want_steps)
+                               stop_token=stop, return_steps=want_steps)
         y, steps = y if want_steps else (y, None)
-        print(tok.decode(y[0, 1:].tolist()))   # without the leading eot
+        new = y[0, x.size(1):].tolist()
+        ended = stop is not None and new[-1:] == [stop]
+        print(tok.decode(x[0, 1:].tolist() + new[:-1 if ended else None]))  # without the eots around the text
         if c["show_steps"]:
-            show_steps(tok, y[0, x.size(1):].tolist(), steps)
+            show_steps(tok, new, steps)
         if c["exit_threshold"] is not None:
             mean = steps["used"].float().mean()
             print(f"adaptive exit (KL < {c['exit_threshold']}): {mean:.2f} steps per token of K'={K}")
@@ -241,12 +258,11 @@ def plot_curve(curve, K, what, path):
 
 
 def main(argv):
-    c = configure(defaults, argv)
-    check_config(c)
+    c = load_config(argv)
     torch.manual_seed(c["seed"])
     model, tok, train_cfg = load_model(c)
     model.resolve_steps(c["n_steps"])   # n_steps > 0 on a model built with K = 0: one clear line, now
-    device_type = "cuda" if "cuda" in c["device"] else "cpu"
+    device_type = c["device"].split(":")[0]
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
     return evaluate(model, tok, c, train_cfg, ctx) if c["eval"] else sample(model, tok, c, ctx)

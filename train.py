@@ -13,10 +13,13 @@ trains on the same examples with the same masks on 1 process or on W, and a resu
 where the checkpoint left it.
 """
 
+import importlib.util
 import json
 import math
 import os
+import signal
 import sys
+from statistics import fmean
 from time import perf_counter
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -27,44 +30,47 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoint
 import data
-from configurator import ConfigError, configure
+from configurator import ConfigError, configure, default_device, default_dtype
 from evaluate import all_reduce_sum, evaluate_fluency, evaluate_reasoning, format_eval, per_task
 from losses import WEIGHT_SCHEDULES, loss_masks, rlrp_loss, step_weights
 from model import GPT, GPTConfig
 
 DEFAULTS = dict(
     # I/O
-    out_dir="out",
+    out_dir="out",             # ckpt.pt (and ckpt.prev.pt, the one before) and metrics.jsonl go here
     init_from="scratch",       # 'scratch' | 'resume' (from out_dir/ckpt.pt) | 'gpt2', 'gpt2-medium', ... or a local HF dir
     eval_interval=1000,        # evaluate and write out_dir/ckpt.pt every eval_interval steps and at the end
-    log_interval=10,
+    checkpoint_interval=0,     # also write ckpt.pt every this many steps (0 = only with evals)
+    checkpoint_minutes=30.0,   # ... and when this many minutes passed since the last one (0 = off)
+    log_interval=10,           # a train record every log_interval steps: means over the steps since the last
     eval_iters=50,             # fluency val micro-batches per eval, over all ranks
     eval_examples=500,         # held-out reasoning examples per eval
-    eval_only=False,
-    wandb_log=False,
-    wandb_project="nanorlrp",
-    wandb_run_name="rlrp",
+    eval_only=False,           # evaluate once (with init_from=resume: the checkpoint, untouched) and exit
+    wandb_log=False,           # also log every record to Weights & Biases (pip install wandb)
+    wandb_project="nanorlrp",  # wandb's project
+    wandb_run_name="rlrp",     # wandb's run name
     # data (data.py)
     tokenizer="gpt2",          # 'gpt2' | 'byte'
     tokenizer_file="",         # local gpt2.tiktoken for machines without internet (or env NANORLRP_TOKENIZER_FILE)
     fluency_data="data/openwebtext",  # a folder from `python data.py prepare`, or 'pydoc' (embedded); '' = none
     reasoning_data="synthetic",       # 'synthetic' (built-in suite) or a .jsonl file; '' = none
     reasoning_eval_data="",    # a .jsonl file; '' = the held-out hash slice of reasoning_data
-    reasoning_tasks=data.DEFAULT_TASKS,
+    reasoning_tasks=data.DEFAULT_TASKS,  # the synthetic suite: family:level, comma-separated (README "Data")
     reasoning_fraction=0.5,    # ρ: the fraction of optimizer steps that are reasoning steps
     routing="step",            # 'step': each optimizer step is all fluency or all reasoning (routing (ii));
                                # 'mixed': every micro-batch holds a ρ share of reasoning rows (the no-routing ablation)
     gsm8k_answer="final",      # 'final' (text after ####) | 'solution' (the whole worked solution)
     gradient_accumulation_steps=40,  # micro-batches per optimizer step over ALL ranks (divided among them)
     batch_size=12,             # micro-batch size (rows)
-    block_size=1024,
+    block_size=1024,           # context length in tokens
     # model
-    n_layer=12,
-    n_head=12,
-    n_embd=768,
-    dropout=0.0,
-    bias=False,
+    n_layer=12,                # trunk blocks
+    n_head=12,                 # attention heads per block
+    n_embd=768,                # C, the trunk's width
+    dropout=0.0,               # dropout in the trunk (masks seeded by the global micro-batch index)
+    bias=False,                # biases in Linears and LayerNorms (GPT-2 has them)
     n_steps=4,                 # K, refinement steps of the latent head (0 = plain GPT baseline)
     n_latent=0,                # D, latent width (0 = n_embd)
     # the RLRP objective (losses.py)
@@ -72,28 +78,29 @@ DEFAULTS = dict(
     weight_gamma=0.5,          # γ of the exp schedule
     lambda_rl=0.5,             # λ_rl, soft RL on reasoning steps
     lambda_imp=0.1,            # λ_imp, improvement penalty
-    imp_margin=0.0,
+    imp_margin=0.0,            # margin of the improvement penalty: later steps must beat step 1 by this much
     rl_answer_only=True,       # soft RL on answer spans only
-    rl_q=1.0,                  # soft-RL exponent q: 1 = the paper's p, → 0 = CE
+    rl_q=1.0,                  # soft-RL exponent q > 0: L_RL = (1 − p^q)/q; 1 = the paper's 1 − p, → 0 = CE
     n_steps_dist="fixed",      # 'fixed' | 'uniform': K ~ U{1..2K−1} per optimizer step (recurrent-depth style)
     grad_steps=0,              # backprop through only the last grad_steps refinement steps (0 = all)
     # AdamW with warmup + cosine decay
-    learning_rate=6e-4,
-    max_iters=50000,
-    weight_decay=0.1,
-    beta1=0.9,
-    beta2=0.95,
+    learning_rate=6e-4,        # peak learning rate, after warmup
+    max_iters=50000,           # optimizer steps in all
+    weight_decay=0.1,          # AdamW's, on matrices and embeddings only
+    beta1=0.9,                 # AdamW's β1
+    beta2=0.95,                # AdamW's β2
     grad_clip=1.0,             # 0 = off
-    decay_lr=True,
-    warmup_iters=2000,
-    lr_decay_iters=50000,
-    min_lr=6e-5,
+    decay_lr=True,             # False = constant learning_rate
+    warmup_iters=2000,         # linear warmup steps
+    lr_decay_iters=50000,      # the cosine reaches min_lr here (~ max_iters, per Chinchilla)
+    min_lr=6e-5,               # the learning rate's floor, <= learning_rate
     # system
     device=None,               # None = best available: cuda, then mps, then cpu
     dtype=None,                # None = best the device supports: bfloat16, float16 (with a GradScaler), float32
     compile=None,              # None = on for cuda, off elsewhere
+    threads=0,                 # CPU threads per process; 0 = torch's default, or cores / processes under torchrun
     gpu_peak_tflops=989.0,     # for MFU: H100/H200 bf16 dense; A100 is 312
-    seed=1337,
+    seed=1337,                 # model init, data order, K draws and dropout all follow from it
 )
 ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "n_steps", "n_latent")
 
@@ -115,7 +122,8 @@ def check_config(c):
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
                 "n_layer", "n_head", "n_embd", "eval_iters"):
         need(c[key] >= 1, f"{key} must be >= 1, got {c[key]}")
-    need(c["max_iters"] >= 0 and c["eval_examples"] >= 0, "max_iters and eval_examples must be >= 0")
+    for key in ("max_iters", "eval_examples", "checkpoint_interval", "checkpoint_minutes", "threads"):
+        need(c[key] >= 0, f"{key} must be >= 0, got {c[key]}")
     need(c["rl_q"] > 0, f"rl_q must be > 0 (1 = the paper's soft RL, small = close to CE), got {c['rl_q']}")
     need(c["weight_gamma"] > 0, f"weight_gamma must be > 0, got {c['weight_gamma']}")
     need(0 <= c["min_lr"] <= c["learning_rate"],
@@ -138,9 +146,16 @@ def check_config(c):
 
 
 def load_config(argv):
-    c = configure(DEFAULTS, argv)
+    """(config, checkpoint): with init_from=resume the checkpoint's config is the base that argv overrides
+    (checkpoint.resume_config), else DEFAULTS; checkpoint is None unless resuming."""
+    c, ckpt = configure(DEFAULTS, argv, doc=__file__), None
+    if c["init_from"] == "resume":
+        ckpt = checkpoint.load(os.path.join(c["out_dir"], "ckpt.pt"))
+        c = checkpoint.resume_config(DEFAULTS, ckpt["config"], argv)
     check_config(c)
-    return c
+    if c["wandb_log"] and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("wandb_log=True needs wandb: pip install wandb")
+    return c, ckpt
 
 # -----------------------------------------------------------------------------
 # system: ranks, device, precision
@@ -153,8 +168,10 @@ def setup_system(c):
         raise ConfigError(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be divisible by "
                           f"the number of processes ({world})")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = c["device"] or ("cuda" if torch.cuda.is_available() else
-                             "mps" if torch.backends.mps.is_available() else "cpu")
+    device = c["device"] or default_device()
+    threads = c["threads"] or (os.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if world > 1 else 0)
+    if device == "cpu" and threads:
+        torch.set_num_threads(max(1, threads))   # several processes on one CPU must not oversubscribe its cores
     if device == "cuda" or device.startswith("cuda:"):
         device = f"cuda:{local_rank}" if world > 1 else device
         torch.cuda.set_device(device)
@@ -167,8 +184,7 @@ def setup_system(c):
 
 def precision(c, device_type):
     """(autocast context, GradScaler): bf16 where supported, fp16 + loss scaling otherwise, float32 on CPU/MPS."""
-    dtype = c["dtype"] or ("float32" if device_type != "cuda" else
-                           "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    dtype = c["dtype"] or default_dtype(device_type)
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
     return ctx, torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 
@@ -185,7 +201,11 @@ def build_model(c, tok, ckpt):
         V = tok.vocab_size if tok.vocab_size < 1024 else -(-tok.vocab_size // 64) * 64  # pad big vocabularies to ×64
         model = GPT(GPTConfig(vocab_size=V, dropout=c["dropout"], **{k: c[k] for k in ARCH_KEYS if k != "vocab_size"}))
     else:
-        model = GPT.from_pretrained(c["init_from"], n_steps=c["n_steps"], n_latent=c["n_latent"], dropout=c["dropout"])
+        try:
+            model = GPT.from_pretrained(c["init_from"], n_steps=c["n_steps"], n_latent=c["n_latent"],
+                                        dropout=c["dropout"])
+        except (ImportError, OSError, ValueError) as e:
+            raise ConfigError(str(e).splitlines()[0]) from e
     if c["block_size"] > model.config.block_size:
         raise ConfigError(f"block_size={c['block_size']} is larger than the model's {model.config.block_size}")
     if tok.vocab_size > model.config.vocab_size:
@@ -195,12 +215,6 @@ def build_model(c, tok, ckpt):
         model.crop_block_size(c["block_size"])
     return model
 
-
-def save_checkpoint(path, state):
-    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 # -----------------------------------------------------------------------------
 # schedules: pure functions of the iteration, identical on every rank
@@ -300,26 +314,46 @@ def load_data(c):
     return tok, fluency, reasoning
 
 
-def keep_records_until(path, it):
-    """On resume: drop metric records past the checkpoint's iteration (a crashed run wrote them after its last
-    checkpoint, and the resumed run writes them again), and a line cut short by the crash. Atomic rewrite."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["iter"] <= it:
-                    keep.append(line)
-            except ValueError:
-                pass
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+def catch_stop_signals():
+    """SIGINT (Ctrl-C) and SIGTERM (what a cluster scheduler sends before preemption) no longer kill the run: they
+    are recorded in the returned list, and the loop finishes its step, writes a checkpoint and exits. The same
+    signal again exits at once. (torchrun forwards Ctrl-C to its workers as SIGTERM, hence 'the same'.)"""
+    caught = []
+
+    def handler(signum, frame):
+        if signum in caught:
+            sys.exit(128 + signum)
+        caught.append(signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return caught
+
+
+def flat(rec, prefix=""):
+    """A record as flat scalars for wandb: {'fluency_loss': [a, b]} -> {'fluency_loss/k1': a, 'fluency_loss/k2': b}."""
+    out = {}
+    for key, v in rec.items():
+        name = prefix + key
+        if isinstance(v, dict):
+            out.update(flat(v, name + "/"))
+        elif isinstance(v, list):
+            out.update({f"{name}/k{k + 1}": x for k, x in enumerate(v)})
+        elif isinstance(v, (int, float)):
+            out[name] = v
+    return out
+
+
+def window_means(steps):
+    """The mean of each logged part over the steps of one kind since the last log; ℓ_k over the steps that ran
+    step k (K varies with n_steps_dist='uniform'). steps: [loss, ds, rl, imp, ℓ_1..ℓ_K] lists."""
+    rec = {"steps": len(steps), **{name: fmean(s[i] for s in steps) for i, name in enumerate(("loss", "ds", "rl", "imp"))}}
+    K = max(len(s) for s in steps) - 4
+    rec["nll_k"] = [fmean(s[4 + k] for s in steps if len(s) > 4 + k) for k in range(K)]
+    return rec
 
 
 def main(argv):
-    c = load_config(argv)
+    c, ckpt = load_config(argv)
     rank, local_rank, world, device = setup_system(c)
     master, device_type = rank == 0, device.split(":")[0]
     ctx, scaler = precision(c, device_type)
@@ -328,11 +362,6 @@ def main(argv):
     tok, fluency, reasoning = load_data(c)
     router = data.Router(c["reasoning_fraction"])
     ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
-    ckpt = None
-    if c["init_from"] == "resume":
-        if not os.path.exists(ckpt_path):
-            raise ConfigError(f"init_from=resume but {ckpt_path} does not exist; start with init_from=scratch")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     model = build_model(c, tok, ckpt).to(device)
     optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), device_type)
     start_iter, best_val, resumed = 0, float("inf"), ckpt is not None
@@ -365,7 +394,7 @@ def main(argv):
     if master:
         os.makedirs(c["out_dir"], exist_ok=True)
         if resumed and not c["eval_only"]:
-            keep_records_until(metrics_path, start_iter)
+            checkpoint.keep_records_until(metrics_path, start_iter)
         elif not resumed and not c["eval_only"] and os.path.exists(metrics_path):
             os.remove(metrics_path)  # a fresh run starts a fresh record
         n_params = raw_model.get_num_params()
@@ -374,14 +403,14 @@ def main(argv):
     wandb = None
     if c["wandb_log"] and master:
         import wandb
-        wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=c)
+        wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=c, resume="allow")
 
     def record(rec):
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if wandb:
-                wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["iter"])
+                wandb.log(flat(rec), step=rec["iter"])
 
     def run_eval(it):
         raw_model.eval()
@@ -398,23 +427,32 @@ def main(argv):
             tqdm.write(format_eval(rec))
         return rec
 
+    saved_at = perf_counter()
+
+    def save(it):
+        nonlocal saved_at
+        if master:
+            checkpoint.save(ckpt_path, {"model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
+                                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                        "iter_num": it, "best_val_loss": best_val, "config": c})
+        saved_at = perf_counter()
+
     if c["eval_only"]:  # evaluate the model as loaded, once; the checkpoint is left untouched
         record(dict(run_eval(start_iter), type="eval_only"))
         if world > 1:
             dist.destroy_process_group()
         return
 
+    stop = catch_stop_signals()
     pbar = tqdm(total=c["max_iters"], initial=start_iter, disable=not master, dynamic_ncols=True)
-    window = dict(tokens=0, flops=0, seconds=0.0)   # what the training steps since the last log did, and took
+    window = dict(tokens=0, flops=0, seconds=0.0, fluency=[], reasoning=[], n_steps=[])  # steps since the last log
     for it in range(start_iter, c["max_iters"] + 1):
         if (it % c["eval_interval"] == 0 or it == c["max_iters"]) and not (resumed and it == start_iter):
             rec = run_eval(it)
             record(rec)
             best_val = min(best_val, rec.get("fluency_loss", [float("inf")])[-1])
-            if master and it > start_iter:
-                save_checkpoint(ckpt_path, {"model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
-                                            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                            "iter_num": it, "best_val_loss": best_val, "config": c})
+            if it > start_iter:
+                save(it)
         if it == c["max_iters"]:
             break
 
@@ -426,8 +464,10 @@ def main(argv):
         lr = get_lr(it, c)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        totals = all_reduce_sum(train_step(model, micro, kind, K, c, ctx, scaler, world, device), world)
-        if not torch.isfinite(totals[0]):
+        totals = train_step(model, micro, kind, K, c, ctx, scaler, world, device)
+        # one all-reduce: the loss parts, and whether any rank was asked to stop (all ranks stop at the same step)
+        totals = all_reduce_sum(torch.cat([totals, totals.new_tensor([float(bool(stop))])]), world).tolist()
+        if not math.isfinite(totals[0]):
             raise FloatingPointError(f"non-finite loss at iter {it} ({kind} step); parameters not updated, the last "
                                      f"good checkpoint is {ckpt_path}; lower learning_rate or check the data")
         if c["grad_clip"] > 0:
@@ -437,21 +477,37 @@ def main(argv):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         pbar.update(1)
+        window[kind].append(totals[:-1])
+        window["n_steps"].append(K)
         window["tokens"] += tokens_per_iter
         window["flops"] += raw_model.flops_per_token(K, c["block_size"], c["grad_steps"])["total"] * tokens_per_iter
         window["seconds"] += perf_counter() - t_step
 
-        if (it + 1) % c["log_interval"] == 0 and master:
-            loss, ds, rl, imp, *nll_k = totals.tolist()
+        if (it + 1) % c["log_interval"] == 0:
+            steps = window["fluency"] + window["reasoning"]
             tflops = window["flops"] / window["seconds"] / world / 1e12       # per process, FLOPs actually run
-            rec = {"type": "train", "iter": it + 1, "tokens": (it + 1) * tokens_per_iter, "kind": kind, "n_steps": K,
-                   "loss": loss, "ds": ds, "rl": rl, "imp": imp, "nll_k": nll_k, "lr": lr,
+            rec = {"type": "train", "iter": it + 1, "tokens": (it + 1) * tokens_per_iter, "lr": lr,
+                   "loss": sum(s[0] for s in steps) / len(steps), "n_steps": window["n_steps"],
+                   **{k: window_means(window[k]) for k in ("fluency", "reasoning") if window[k]},
                    "tokens_per_s": window["tokens"] / window["seconds"], "tflops": tflops}
             if device_type == "cuda":
                 rec["mfu"] = tflops / c["gpu_peak_tflops"]
-            window = dict(tokens=0, flops=0, seconds=0.0)
+            window = dict(tokens=0, flops=0, seconds=0.0, fluency=[], reasoning=[], n_steps=[])
             record(rec)
-            pbar.set_postfix(loss=f"{loss:.4f}", kind=kind[0], tok_s=f"{rec['tokens_per_s']:.0f}")
+            pbar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+        if totals[-1] > 0:  # SIGINT / SIGTERM: this step is done; save it and leave
+            save(it + 1)
+            pbar.close()
+            if master:
+                print(f"train.py: stopped by a signal after iter {it + 1}; checkpoint written to {ckpt_path} "
+                      f"(continue with --init_from=resume)", file=sys.stderr)
+            if world > 1:
+                dist.destroy_process_group()
+            sys.exit(128 + (stop[0] if stop else signal.SIGTERM))
+        eval_next = (it + 1) % c["eval_interval"] == 0 or it + 1 == c["max_iters"]    # which saves anyway
+        if not eval_next and (c["checkpoint_interval"] and (it + 1) % c["checkpoint_interval"] == 0 or
+                              c["checkpoint_minutes"] and perf_counter() - saved_at > 60 * c["checkpoint_minutes"]):
+            save(it + 1)   # rank 0 alone writes, so its own clock may decide: no collective
     pbar.close()
     if master:
         print(f"done: metrics in {metrics_path}, checkpoint in {ckpt_path}")
@@ -463,4 +519,5 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except (ConfigError, FloatingPointError) as e:
-        sys.exit(f"train.py: {e}")
+        # under torchrun every rank raises the same error: rank 0 says it, the others exit quietly
+        sys.exit(f"train.py: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1)

@@ -7,6 +7,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -18,7 +20,8 @@ from tiktoken.load import load_tiktoken_bpe
 import data
 from data import FluencyData, ReasoningData, Router, get_tokenizer, micro_batch_index, prepare, read_jsonl
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 GSM8K = os.path.join(FIXTURES, "gsm8k_sample.jsonl")
 PROMPT_ANSWER = os.path.join(FIXTURES, "prompt_answer_sample.jsonl")
 TEXTS = ["Hello, world! It's 2024 and we've got   spaces\n\n\tand tabs.",
@@ -259,6 +262,77 @@ def test_fluency_errors(tmp_path, byte):
     os.remove(out / "meta.json")
     with pytest.raises(FileNotFoundError, match='meta.json missing.*"tokenizer": "byte"'):
         FluencyData(str(out), byte, 8)
+
+
+def byte_corpus(path, n_tokens):
+    """A file that the byte tokenizer turns into exactly n_tokens tokens (its bytes, then eot)."""
+    path.write_text("".join(chr(97 + i % 26) + ("\n" if i % 60 == 59 else "") for i in range(n_tokens - 1))[:n_tokens - 1])
+    return str(path)
+
+
+def test_prepare_val_holds_a_few_blocks(tmp_path, byte, capsys):
+    """val = max(val_fraction * N, min(min_val_tokens, 10% of N)): 0.0005 of a 50k-token corpus is 25 tokens, too few
+    for one window of block_size 1024; the default min_val_tokens (4 windows of 1024 + 1) is taken instead."""
+    doc = byte_corpus(tmp_path / "doc.txt", 50_000)
+    meta = prepare(doc, str(tmp_path / "out"), byte)
+    assert data.MIN_VAL_TOKENS == 4 * 1025
+    assert (meta["val_tokens"], meta["train_tokens"]) == (4100, 50_000 - 4100)
+    out = capsys.readouterr().out
+    assert "val: 4,100 tokens = 4.0 blocks of 1024+1" in out and "warning" not in out
+    fd = FluencyData(str(tmp_path / "out"), byte, 1024)
+    assert fd.get_batch("val", 0, 2).x.shape == (2, 1024)
+    # the fraction wins when it asks for more; min_val_tokens=0 leaves the fraction alone
+    assert prepare(doc, str(tmp_path / "out"), byte, val_fraction=0.25)["val_tokens"] == 12_500
+    assert prepare(doc, str(tmp_path / "out"), byte, min_val_tokens=0)["val_tokens"] == 25
+    assert prepare(doc, str(tmp_path / "out"), byte, min_val_tokens=5000)["val_tokens"] == 5000
+    capsys.readouterr()
+    # never more than 10% of the corpus for the minimum: a small corpus gets a warning
+    meta = prepare(byte_corpus(tmp_path / "small.txt", 5000), str(tmp_path / "small"), byte)
+    assert meta["val_tokens"] == 500 and meta["train_tokens"] == 4500
+    captured = capsys.readouterr()
+    assert "val: 500 tokens = 0.5 blocks of 1024+1" in captured.out
+    assert captured.err.count("warning:") == 1 and "--min_val_tokens=4100" in captured.err
+    # 0.0005 of 24k tokens was 12 tokens (no window of 1024 fits); now 10% of the corpus, 2.3 windows
+    assert prepare(byte_corpus(tmp_path / "mid.txt", 24_000), str(tmp_path / "mid"), byte)["val_tokens"] == 2400
+    assert "val: 2,400 tokens = 2.3 blocks" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--min_val_tokens=-1"):
+        prepare(doc, str(tmp_path / "out"), byte, min_val_tokens=-1)
+
+
+def test_short_val_split_is_one_line_naming_the_file_and_the_fix(tmp_path, byte):
+    prepare(byte_corpus(tmp_path / "doc.txt", 3000), str(tmp_path / "out"), byte)
+    val = os.path.join(str(tmp_path / "out"), "val.bin")
+    with pytest.raises(ValueError) as e:
+        FluencyData(str(tmp_path / "out"), byte, 1024)
+    msg = str(e.value)
+    assert "\n" not in msg and val in msg and "300 tokens" in msg and "block_size+1=1025" in msg
+    assert "--min_val_tokens" in msg and "bigger corpus" in msg
+    with pytest.raises(ValueError, match=re.escape(os.path.join(str(tmp_path / "out"), "train.bin"))):
+        FluencyData(str(tmp_path / "out"), byte, 4000)  # train holds 2,700
+
+
+@pytest.mark.slow
+def test_prepare_cli_then_train_stops_with_one_line(tmp_path):
+    """The real CLIs: prepare prints the val split (and warns on a small corpus); train.py on a val split shorter
+    than block_size+1 stops before training with one line naming val.bin and the fix."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                                       timeout=300)
+    r = run("data.py", "prepare", f"--input={byte_corpus(tmp_path / 'doc.txt', 50_000)}", f"--out_dir={tmp_path / 'ok'}",
+            "--tokenizer=byte")
+    assert r.returncode == 0, r.stderr
+    assert "val: 4,100 tokens = 4.0 blocks of 1024+1" in r.stdout and "warning" not in r.stdout + r.stderr
+    assert os.path.getsize(tmp_path / "ok" / "val.bin") == 2 * 4100
+    r = run("data.py", "prepare", f"--input={byte_corpus(tmp_path / 'small.txt', 3000)}",
+            f"--out_dir={tmp_path / 'small'}", "--tokenizer=byte")
+    assert r.returncode == 0, r.stderr
+    assert "val: 300 tokens" in r.stdout and "warning:" in r.stderr
+    r = run("train.py", f"--fluency_data={tmp_path / 'small'}", "--tokenizer=byte", "--device=cpu", "--compile=False",
+            f"--out_dir={tmp_path / 'run'}")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    assert str(tmp_path / "small" / "val.bin") in lines[0] and "--min_val_tokens" in lines[0], lines[0]
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
 
 
 def test_pydoc_default(byte):

@@ -1,8 +1,14 @@
-"""evaluate.py: answer positions only are unembedded, a rank without eval batches under DDP, no float64."""
+"""evaluate.py: answer positions only are unembedded, a rank without eval batches under DDP, no float64; the plots
+of one run's metrics.jsonl (`python evaluate.py --plot --out_dir=DIR`)."""
 
 import datetime
+import json
 import os
 import socket
+import struct
+import subprocess
+import sys
+import zlib
 
 import pytest
 import torch
@@ -13,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import data
-from evaluate import evaluate_fluency, evaluate_reasoning
+from evaluate import PLOTS, evaluate_fluency, evaluate_reasoning, plot_series
 from model import GPT, GPTConfig
 
 K = 3
@@ -169,3 +175,121 @@ def test_evaluation_creates_no_float64_tensors():
         evaluate_reasoning(model, reasoning, K, n_examples=18)
     assert rec.float64_ops == [], f"float64 tensors made by {sorted(set(rec.float64_ops))}"
     assert got == pytest.approx(want, rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# python evaluate.py --plot --out_dir=DIR
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("add:2", "sort:8")
+
+
+def train_record(it, kinds, old=False):
+    """A train record as train.py logs it: old = top-level kind and loss; new = a sub-dict per kind that ran since the
+    last log, plus the mean loss over all those steps."""
+    parts = {kind: {"steps": 5, "loss": 3.0 - it / 100 + (kind == "reasoning"), "ds": 2.5, "rl": 0.3, "imp": 0.01,
+                    "nll_k": [2.6, 2.5, 2.4]} for kind in kinds}
+    base = {"type": "train", "iter": it, "tokens": it * 2048, "n_steps": K, "lr": 1e-3, "tokens_per_s": 9000.0}
+    if old:
+        (kind,) = kinds
+        return {**base, "kind": kind, **parts[kind]}
+    return {**base, **parts, "loss": sum(p["loss"] for p in parts.values()) / len(parts)}
+
+
+def eval_record(it, kind="eval"):
+    em = lambda j: [min(1.0, 0.1 * it / 100 + 0.05 * k + j) for k in range(K)]
+    return {"type": kind, "iter": it, "tokens": it * 2048, "fluency_loss": [2.0 - it / 1000 - 0.01 * k for k in range(K)],
+            "answer_exact_match": em(0), "answer_token_acc": em(0.1), "step_K_beats_1": 0.4,
+            "task_exact_match": {task: em(0.2 * j) for j, task in enumerate(TASKS)}}
+
+
+def write_metrics(folder, records):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def new_format_run():
+    records = []
+    for it in range(0, 101, 10):
+        if it:
+            records.append(train_record(it, ("fluency", "reasoning") if it % 20 else ("reasoning",)))
+        if it % 50 == 0:
+            records.append(eval_record(it))
+    return records + [eval_record(100, "eval_only")]
+
+
+def png_size(path):
+    """(width, height) of a PNG file, after checking its signature, every chunk's CRC and the closing IEND."""
+    blob = open(path, "rb").read()
+    assert blob[:8] == b"\x89PNG\r\n\x1a\n", f"{path}: not a PNG"
+    pos, chunks = 8, []
+    while pos < len(blob):
+        n, kind = struct.unpack(">I4s", blob[pos:pos + 8])
+        body, crc = blob[pos + 8:pos + 8 + n], struct.unpack(">I", blob[pos + 8 + n:pos + 12 + n])[0]
+        assert zlib.crc32(kind + body) == crc, f"{path}: bad CRC in chunk {kind}"
+        chunks.append(kind)
+        pos += 12 + n
+    assert chunks[0] == b"IHDR" and chunks[-1] == b"IEND" and b"IDAT" in chunks and pos == len(blob)
+    return struct.unpack(">II", blob[16:24])
+
+
+def run_evaluate(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+
+
+def test_plot_series_reads_old_and_new_train_records():
+    new = plot_series(new_format_run())
+    iters = list(range(10, 101, 10))
+    assert new["train_loss"]["reasoning"] == (iters, [3.0 - it / 100 + 1 for it in iters])
+    assert new["train_loss"]["fluency"] == (iters[::2], [3.0 - it / 100 for it in iters[::2]])
+    evals = [0, 50, 100]  # the eval_only record is left out
+    assert [s[0] for s in new["fluency_loss"]] == [evals] * K
+    assert new["fluency_loss"][2][1] == [eval_record(it)["fluency_loss"][2] for it in evals]
+    assert new["answer_exact_match"][0][1] == [eval_record(it)["answer_exact_match"][0] for it in evals]
+    assert new["task_exact_match"]["sort:8"] == (evals, [eval_record(it)["task_exact_match"]["sort:8"][-1] for it in evals])
+    old = plot_series([train_record(it, ("fluency" if it % 20 else "reasoning",), old=True) for it in iters])
+    assert old["train_loss"]["fluency"] == (iters[::2], [3.0 - it / 100 for it in iters[::2]])
+    assert old["train_loss"]["reasoning"] == (iters[1::2], [3.0 - it / 100 + 1 for it in iters[1::2]])
+    assert old["fluency_loss"] == old["answer_exact_match"] == [] and old["task_exact_match"] == {}
+
+
+@pytest.mark.slow
+def test_plot_cli_writes_pngs_next_to_metrics(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra (requirements-extra.txt), not installed")
+    run = str(tmp_path / "run")
+    write_metrics(run, new_format_run())
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+        f.write('{"type": "train", "iter": 1')  # a line cut short by a crash is skipped
+    r = run_evaluate("--plot", f"--out_dir={run}")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(run)) == sorted(["metrics.jsonl", *PLOTS.values()])
+    for name in PLOTS.values():
+        w, h = png_size(os.path.join(run, name))
+        assert w > 100 and h > 100 and os.path.join(run, name) in r.stdout
+    # a run without reasoning evaluation (old train records): only what it has is plotted
+    old = str(tmp_path / "old")
+    write_metrics(old, [train_record(10, ("fluency",), old=True), train_record(20, ("fluency",), old=True),
+                        {k: v for k, v in eval_record(20).items() if k in ("type", "iter", "tokens", "fluency_loss")}])
+    r = run_evaluate("--plot", f"--out_dir={old}")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(old)) == sorted(["metrics.jsonl", PLOTS["train_loss"], PLOTS["fluency_loss"]])
+
+
+@pytest.mark.slow
+def test_plot_cli_one_line_errors(tmp_path):
+    r = run_evaluate("--help")
+    assert r.returncode == 0 and "--plot" in r.stdout and "--out_dir" in r.stdout
+    r = run_evaluate("--plot", f"--out_dir={tmp_path / 'nowhere'}")  # no metrics.jsonl
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert str(tmp_path / "nowhere" / "metrics.jsonl") in r.stderr and "train.py" in r.stderr
+    # matplotlib missing (a stand-in package that fails to import): one line, what to install
+    blocker = tmp_path / "blocker" / "matplotlib"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ModuleNotFoundError('matplotlib hidden by the test')\n")
+    write_metrics(str(tmp_path / "run"), new_format_run())
+    r = run_evaluate("--plot", f"--out_dir={tmp_path / 'run'}", env={"PYTHONPATH": str(tmp_path / "blocker")})
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "pip install matplotlib" in r.stderr
+    assert os.listdir(tmp_path / "run") == ["metrics.jsonl"]

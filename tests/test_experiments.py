@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import experiments
+from configurator import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_PRESET = """
@@ -37,7 +38,7 @@ def table_rows(text, header_start):
 def test_ablation_report_matches_runs(tmp_path):
     preset, out = tmp_path / "tiny.py", tmp_path / "res"
     preset.write_text(TINY_PRESET)
-    cmd = [sys.executable, os.path.join(ROOT, "experiments.py"), "--quick", "--iters=3", "--variants=gpt,rlrp",
+    cmd = [sys.executable, os.path.join(ROOT, "experiments.py"), "--quick=True", "--iters=3", "--variants=gpt,rlrp",
            f"--preset={preset}", f"--out={out}"]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     report = (out / "ablation.md").read_text()
@@ -74,13 +75,33 @@ def test_ablation_report_matches_runs(tmp_path):
     preset.write_text(TINY_PRESET)
     # --sweep writes its own report next to the ablation's, sharing (and reusing) the runs
     report = (out / "ablation.md").read_text()
-    sweep = [c for c in cmd if c != "--quick"] + ["--sweep", "--variants=rlrp,rlrp_k2"]
+    sweep = [c for c in cmd if c != "--quick=True"] + ["--sweep=True", "--variants=rlrp,rlrp_k2"]
     subprocess.run(sweep, check=True, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert os.stat(ckpt).st_mtime_ns == before and (out / "ablation.md").read_text() == report
     assert list(table_rows((out / "sweep.md").read_text(), "| variant | what |")) == ["rlrp", "rlrp_k2"]
 
 
+def run_cli(cwd, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "experiments.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def one_line_error(r, words):
+    return r.returncode == 1 and r.stdout == "" and r.stderr.strip().count("\n") == 0 and words in r.stderr
+
+
 def test_unknown_variant_is_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments.py"), "--variants=gpt,rlrpp"],
-                       cwd=tmp_path, capture_output=True, text=True)
-    assert r.returncode != 0 and "unknown variant(s) ['rlrpp']" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert one_line_error(run_cli(tmp_path, "--quick=True", "--variants=gpt,rlrpp"), "unknown variant(s) ['rlrpp']")
+
+
+def test_arguments_are_key_value_like_every_entry_point(tmp_path):
+    c, names = experiments.parse_args(["--sweep=True", "--jobs=1"])
+    assert c["sweep"] is True and c["quick"] is False and c["jobs"] == 1 and names == experiments.SWEEP
+    c, names = experiments.parse_args(["--quick=True", "--variants=gpt,rlrp", "--variants=rlrp"])  # in order
+    assert c["quick"] is True and names == ["rlrp"] and c["preset"] == "config/train_cpu.py"
+    assert experiments.parse_args([])[1] == experiments.ABLATION
+    with pytest.raises(ConfigError, match="jobs must be >= 1"):
+        experiments.parse_args(["--jobs=0"])
+    # the old argparse flags are one-line errors naming the form to write; nothing starts training
+    assert one_line_error(run_cli(tmp_path, "--sweep", "--variants=nope"), "write --sweep=True")
+    assert one_line_error(run_cli(tmp_path, "--preset=missing.py"), "config file 'missing.py' not found")

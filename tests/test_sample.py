@@ -4,6 +4,7 @@ the per-step view, decoded against teacher-forced exact match, the CLI and its e
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -273,3 +274,67 @@ def test_cli_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip().count("\n") == 0 and "ckpt.pt not found" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def cats_dir(tmp_path_factory):
+    """A checkpoint of a tiny model trained (a few seconds) until greedy decoding continues 'ca' as
+    'cats<eot>cats<eot>...': a sample that reaches the end-of-text token and would run on past it."""
+    tok = data.get_tokenizer("byte")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=BS, vocab_size=257, n_layer=2, n_head=2, n_embd=32, n_steps=2, n_latent=24))
+    seq = torch.tensor(([tok.eot_token] + tok.encode("cats")) * 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        starts = torch.randint(0, len(seq) - BS - 1, (8,)).tolist()
+        x, y = (torch.stack([seq[s + i:s + i + BS] for s in starts]) for i in (0, 1))
+        model(x, y)[1].mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    assert tok.decode(model.generate(torch.tensor([[256, 99, 97]]), 8, temperature=0)[0].tolist()) == \
+        "<|endoftext|>cats<|endoftext|>cats<|endoftext|>"
+    out_dir = str(tmp_path_factory.mktemp("cats"))
+    torch.save(dict(model_args=asdict(model.config), model=model.state_dict(), iter_num=0,
+                    config=dict(tokenizer="byte", tokenizer_file="", block_size=BS, seed=0, n_steps=2)),
+               os.path.join(out_dir, "ckpt.pt"))
+    return out_dir
+
+
+def run_sample(*args):
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          encoding="utf-8", env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8"),
+                          timeout=120)
+
+
+@pytest.mark.slow
+def test_cli_stops_at_end_of_text_and_prints_a_greedy_sample_once(cats_dir):
+    base = [f"--out_dir={cats_dir}", "--start=ca", "--temperature=0", "--max_new_tokens=12"]
+    r = run_sample(*base)                                        # num_samples=3 by default
+    assert r.returncode == 0, r.stderr[-2000:]
+    note, *rest = r.stdout.splitlines()
+    assert "greedy decoding" in note and "same sample every time" in note and "num_samples=3" in note
+    assert rest == ["cats", "---------------"]                   # once, and stopped at <|endoftext|>
+    r = run_sample(*base, "--stop_at_eot=False", "--num_samples=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == ["cats<|endoftext|>cats<|endoftext|>cats", "---------------"]  # all 12 tokens
+
+
+def test_sampled_generation_stops_at_eot_too(cats_dir, capsys):
+    sample.main([f"--out_dir={cats_dir}", "--start=ca", "--num_samples=2", "--max_new_tokens=12",
+                 "--temperature=0.01", "--show_steps=True"])
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if not line.startswith(" ")] == ["cats", "---------------"] * 2  # no greedy note
+    rows = [line.split()[0] for line in out if line.startswith(" ") and "k=0" not in line]
+    assert rows == ["'t'", "'s'", "'<eot>'"] * 2               # the per-step view shows the token that stopped it
+
+
+def test_device_default_is_cuda_then_mps_then_cpu(monkeypatch):
+    assert sample.DEFAULTS["device"] is None and sample.DEFAULTS["dtype"] is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    c = sample.load_config([])
+    assert c["device"] == "mps" and c["dtype"] == "float32"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert sample.load_config([])["device"] == "cpu"
+    assert sample.load_config(["--device=cuda:1", "--dtype=float16"])["device"] == "cuda:1"

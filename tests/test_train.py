@@ -3,8 +3,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -59,10 +61,79 @@ def test_batch_must_divide_over_ranks(monkeypatch, tmp_path):
         train.main(TINY + [f"--out_dir={tmp_path}"])
 
 
-def test_block_size_larger_than_the_models(tmp_path):
-    train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=1", "--eval_interval=1"])
-    with pytest.raises(ConfigError, match="block_size=64 is larger than the model's 48"):
-        train.main(TINY + [f"--out_dir={tmp_path}", "--init_from=resume", "--block_size=64"])
+def test_resume_takes_the_checkpoints_config_and_refuses_changes_that_make_another_run(tmp_path, capsys):
+    train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=2", "--eval_interval=2"])
+    for arg, message in [("--n_layer=3", "n_layer=3 differs from the checkpoint's 2"),
+                         ("--block_size=64", "block_size=64 differs from the checkpoint's 48"),
+                         ("--reasoning_tasks=add:1", "reasoning_tasks='add:1' differs from the checkpoint's"),
+                         ("--lambda_rl=0.9", "lambda_rl=0.9 differs from the checkpoint's 0.5")]:
+        with pytest.raises(ConfigError, match=message):
+            train.main(TINY + [f"--out_dir={tmp_path}", "--init_from=resume", arg])
+    # no preset, no TINY: everything (byte tokenizer, pydoc, the tiny shape) comes from the checkpoint;
+    # max_iters and eval_interval are safe to change
+    train.main([f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=4", "--eval_interval=4"])
+    assert [r["iter"] for r in records(tmp_path, "train")] == [1, 2, 3, 4]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]["n_layer"] == 2
+
+
+def test_unreadable_checkpoint_is_one_line_naming_the_file_and_the_previous_one(tmp_path):
+    train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=4", "--eval_interval=2"])
+    assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=False)["iter_num"] == 2   # the one before the latest
+    data = (tmp_path / "ckpt.pt").read_bytes()
+    (tmp_path / "ckpt.pt").write_bytes(data[: len(data) // 2])                         # truncated
+    out = subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path}", "--init_from=resume"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert f"{tmp_path}/ckpt.pt is unreadable" in line and f"the previous checkpoint is {tmp_path}/ckpt.prev.pt" in line
+
+
+def test_checkpoint_interval_saves_between_evals(tmp_path):
+    train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=5", "--eval_interval=100", "--checkpoint_interval=2"])
+    iters = [torch.load(tmp_path / f, weights_only=False)["iter_num"] for f in ("ckpt.prev.pt", "ckpt.pt")]
+    assert iters == [4, 5]                         # 2, 4 by the interval, 5 at the end (with its eval)
+
+
+def test_missing_optional_packages_and_offline_weights_are_one_line_errors(tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match=r"wandb_log=True needs wandb: pip install wandb"):
+            train.load_config(TINY + ["--wandb_log=True"])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    out = subprocess.run([sys.executable, "train.py", *TINY, "--init_from=gpt2", f"--out_dir={tmp_path}"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("train.py: cannot load GPT-2 weights 'gpt2'") and "init_from=DIR" in line
+
+
+def test_threads_key_sets_the_cpu_threads(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=1", "--threads=1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_train_records_log_the_mean_of_each_kind_since_the_last_log(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = TINY + ["--max_iters=6", "--eval_interval=6", "--n_steps_dist=uniform", "--n_steps=2"]
+    train.main(args + [f"--out_dir={one}", "--log_interval=1"])
+    train.main(args + [f"--out_dir={two}", "--log_interval=3"])
+    steps, windows = records(one, "train"), records(two, "train")
+    assert [r["iter"] for r in windows] == [3, 6]
+    for w in windows:
+        its = steps[w["iter"] - 3: w["iter"]]
+        assert w["n_steps"] == [r["n_steps"][0] for r in its]
+        assert w["loss"] == pytest.approx(sum(r["loss"] for r in its) / 3)
+        for kind in ("fluency", "reasoning"):                    # ρ = 0.5: both kinds in every window of 3
+            mine = [r[kind] for r in its if kind in r]
+            assert w[kind]["steps"] == len(mine) > 0
+            assert w[kind]["loss"] == pytest.approx(sum(m["loss"] for m in mine) / len(mine))
+            for k, v in enumerate(w[kind]["nll_k"]):             # ℓ_k over the steps that ran step k
+                ran = [m["nll_k"][k] for m in mine if len(m["nll_k"]) > k]
+                assert v == pytest.approx(sum(ran) / len(ran))
 
 
 def test_config_error_is_one_line_on_the_command_line(tmp_path):
@@ -76,7 +147,7 @@ def test_config_error_is_one_line_on_the_command_line(tmp_path):
 def test_preset_file_and_override_order(tmp_path):
     preset = tmp_path / "preset.py"
     preset.write_text("n_steps = 3\nlambda_rl = 0.25\n")
-    c = train.load_config([str(preset), "--n_steps=5"])
+    c, _ = train.load_config([str(preset), "--n_steps=5"])
     assert (c["n_steps"], c["lambda_rl"], c["n_layer"]) == (5, 0.25, train.DEFAULTS["n_layer"])
     for name in ("train_cpu.py", "train_gpt2_gsm8k.py"):
         train.load_config([os.path.join(ROOT, "config", name)])   # the shipped presets are valid
@@ -113,7 +184,7 @@ def test_accumulating_micro_batches_equals_one_large_batch():
     rd = data.ReasoningData("synthetic", tok, 48, seed=0)
     micro = [rd.get_batch(i, 3) for i in range(4)]            # different padding in every micro-batch
     big = train.cat_batches(micro, "reasoning")
-    c = train.load_config(TINY + ["--lambda_rl=0.5", "--lambda_imp=0.3"])
+    c, _ = train.load_config(TINY + ["--lambda_rl=0.5", "--lambda_imp=0.3"])
     ctx, scaler = train.precision(c, "cpu")
     results = []
     for batches in ([big], micro):
@@ -214,8 +285,9 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
                          timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = records(one, "train"), records(two, "train")
-    assert [r["kind"] for r in a] == [r["kind"] for r in b] == ["fluency", "reasoning"] * 2
-    assert [r["n_steps"] for r in a] == [r["n_steps"] for r in b] and max(r["n_steps"] for r in a) > 1
+    kinds = lambda recs: [next(k for k in ("fluency", "reasoning") if k in r) for r in recs]
+    assert kinds(a) == kinds(b) == ["fluency", "reasoning"] * 2
+    assert [r["n_steps"] for r in a] == [r["n_steps"] for r in b] and max(r["n_steps"][0] for r in a) > 1
     for ra, rb in zip(a, b):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
     pa, pb = final_params(one), final_params(two)
@@ -235,7 +307,7 @@ def test_compiled_training_runs_and_saves_plain_names(tmp_path):
 
 
 def test_mixed_routing_puts_both_kinds_in_every_micro_batch():
-    c = train.load_config(TINY + ["--routing=mixed", "--reasoning_fraction=0.25"])
+    c, _ = train.load_config(TINY + ["--routing=mixed", "--reasoning_fraction=0.25"])
     _, fluency, reasoning = train.load_data(c)
     micro = train.micro_batches(5, "reasoning", c, fluency, reasoning, 0, 1)
     assert [i for i, _ in micro] == [10, 11]                             # global micro-batch indices of step 5
@@ -306,7 +378,7 @@ def test_throughput_counts_only_training_time_and_the_flops_actually_run(tmp_pat
     args = TINY + [f"--out_dir={tmp_path}", "--max_iters=9", "--eval_interval=3", "--log_interval=2",
                    "--n_steps_dist=uniform", "--n_steps=3", "--grad_steps=1"]
     train.main(args)
-    c = train.load_config(args)
+    c, _ = train.load_config(args)
     model = GPT(GPTConfig(block_size=48, vocab_size=257, n_layer=2, n_head=2, n_embd=32, n_steps=3, n_latent=16))
     tokens_per_iter = 2 * 4 * 48
     logs = records(tmp_path, "train")
@@ -348,10 +420,49 @@ def test_training_step_makes_no_float64_tensors():
                 if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
                     raise AssertionError(f"{func} made a float64 tensor")
             return out
-    c = train.load_config(TINY)
+    c, _ = train.load_config(TINY)
     _, _, reasoning = train.load_data(c)
     micro = [(i, reasoning.get_batch(i, 4)) for i in range(2)]
     model = GPT(GPTConfig(block_size=48, vocab_size=257, n_layer=1, n_head=2, n_embd=32, n_steps=2, n_latent=16))
     ctx, scaler = train.precision(c, "cpu")
     with DtypeLog():
         train.train_step(model, micro, "reasoning", 2, c, ctx, scaler, 1, "cpu")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_checkpoints_the_finished_step_and_resume_equals_an_uninterrupted_run(tmp_path, sig):
+    args = TINY + ["--dropout=0.1", "--n_steps_dist=uniform", "--eval_interval=1000", "--checkpoint_minutes=0"]
+    cut, full = tmp_path / "cut", tmp_path / "full"
+    proc = subprocess.Popen([sys.executable, "train.py", *args, "--max_iters=1000", f"--out_dir={cut}"], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (cut / "metrics.jsonl").exists() or len(records(cut, "train")) < 3:   # a few steps in
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig
+    n = torch.load(cut / "ckpt.pt", weights_only=False)["iter_num"]
+    assert 3 <= n < 1000
+    assert err.strip().splitlines()[-1] == (f"train.py: stopped by a signal after iter {n}; checkpoint written to "
+                                            f"{cut}/ckpt.pt (continue with --init_from=resume)")
+    train.main(TINY + [f"--out_dir={cut}", "--init_from=resume", f"--max_iters={n + 3}"])
+    train.main(args + [f"--out_dir={full}", f"--max_iters={n + 3}"])
+    a, b = records(full, "train"), records(cut, "train")
+    assert [r["iter"] for r in b] == list(range(1, n + 4))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    for k, v in final_params(full).items():
+        assert torch.equal(v, final_params(cut)[k]), k
+
+
+@pytest.mark.slow
+def test_a_config_error_under_torchrun_is_one_line_from_rank_0(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", "config/train_cpu.py", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0
+    lines = out.stderr.splitlines()
+    assert lines[0] == "train.py: gradient_accumulation_steps=1 must be divisible by the number of processes (2)"
+    assert sum("must be divisible" in line for line in lines) == 1              # rank 1 exits quietly
+    assert not any('train.py", line' in line for line in lines)                 # no traceback from train.py
