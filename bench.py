@@ -47,6 +47,7 @@ DEFAULTS = dict(
     n_head=4,
     n_embd=128,
     n_latent=0,               # D, latent width (0 = n_embd)
+    head_attn="none",         # what a refinement step may read besides h_t: none | trunk | latent
     # system
     device="cpu",             # cpu | cuda: named, not guessed, so a result says what it measured
     compile=False,            # True: GPT.compile_parts (the trunk and one head step, reused by every K)
@@ -125,7 +126,8 @@ def make_step(cfg, K=None, plain=None, compile=None):
         model = PlainGPT(V, T, cfg["n_layer"], cfg["n_head"], cfg["n_embd"], gelu=plain).to(dev)
     else:
         model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
-                              n_embd=cfg["n_embd"], n_steps=K, n_latent=cfg["n_latent"], dropout=0.0)).to(dev)
+                              n_embd=cfg["n_embd"], n_steps=K, n_latent=cfg["n_latent"], head_attn=cfg["head_attn"],
+                              dropout=0.0)).to(dev)
     opt = optimizer(model, dev)
     mode = cfg["compile"] if compile is None else compile
     run = (model.compile_parts() if mode is True and plain is None else

@@ -324,12 +324,40 @@ def _sort(rng, level):  # 'sort(93712)=' -> '12379': 1..level digits (sorting is
     return f"sort({digits})=", "".join(sorted(digits))
 
 
+# hop and iter pose the same question, f applied L times, and differ in where f is. hop: in the prompt, a fresh
+# map per example, so nothing can be memorised and each hop is one lookup in the context. iter: nowhere, one
+# fixed map for the whole dataset, learnable as a table (the control). Both maps are single cycles: the L hops
+# visit L+1 distinct symbols (no fixed point or short cycle to shortcut) and f^L differs for every L < cycle length.
+HOP_SYMBOLS = "pqrstuvw"  # hop's symbols, one token each (no f: f names the map); prompts of 39 bytes, block_size >= 41
+ITER_F = "8475692310"     # iter's f: d -> ITER_F[d], the 10-cycle 0>8>1>4>6>2>7>3>5>9>0, the same for every seed
+ITER_WIDTH = 4            # iter applies f^L to each of 4 digits: 10^4 prompts per level (one digit: only 10)
+
+
+def _hop(rng, level, ordered=False):  # level 2: 'w>t,q>s,v>r,r>p,u>q,p>w,t>u,s>v;f^2(r)=' -> 'w' (r>p>w)
+    cycle = [HOP_SYMBOLS[i] for i in rng.permutation(len(HOP_SYMBOLS))]  # f(cycle[i]) = cycle[i + 1]: a random 8-cycle
+    f = {a: b for a, b in zip(cycle, cycle[1:] + cycle[:1])}
+    keys = sorted(f) if ordered else [cycle[i] for i in rng.permutation(len(cycle))]  # hopo: keys p..w in order
+    start = int(rng.integers(len(cycle)))
+    return ",".join(f"{k}>{f[k]}" for k in keys) + f";f^{level}({cycle[start]})=", cycle[(start + level) % len(cycle)]
+
+
+def _iter(rng, level):  # level 2: 'f^2(4071)=' -> '2156': f = ITER_F twice on each digit (4>6>2, 0>8>1, ...)
+    x = "".join(map(str, rng.integers(10, size=ITER_WIDTH)))
+    y = x
+    for _ in range(level):
+        y = "".join(ITER_F[int(d)] for d in y)
+    return f"f^{level}({x})=", y
+
+
 # family: (generator, max level, longest prompt+answer in characters: a bound on tokens for both tokenizers)
 TASKS = {
     "add": (_add, 18, lambda L: 3 * L + 3),
     "mul": (_mul, 18, lambda L: 2 * L + 4),
     "chain": (_chain, 25, lambda L: 6 * L + 7),
     "sort": (_sort, 60, lambda L: 2 * L + 7),
+    "hop": (_hop, len(HOP_SYMBOLS) - 1, lambda L: 4 * len(HOP_SYMBOLS) + 8),  # keys in random order
+    "hopo": (lambda rng, L: _hop(rng, L, ordered=True), len(HOP_SYMBOLS) - 1, lambda L: 4 * len(HOP_SYMBOLS) + 8),
+    "iter": (_iter, len(ITER_F) - 1, lambda L: 10 + ITER_WIDTH),
 }
 DEFAULT_TASKS = "add:2,mul:2,chain:2,sort:8"  # measured on the CPU preset: README "Data"
 EVAL_STREAM = 1_000_003  # the synthetic eval set's rng key: the same for every seed and every suite

@@ -9,7 +9,17 @@ README "The method in one screen"; the code below uses the same symbols.
         o_k = h_t + W_out · z_k                      # back to the hidden space; W_out starts at 0
 
 z_k is a convex combination of z_{k-1} ∈ [−1,1]^D and tanh(u_k) ∈ [−1,1]^D, so it never leaves the
-box however many steps run (I1). The head is position-wise: it never mixes tokens (I3).
+box however many steps run (I1).
+
+head_attn chooses what a step may read besides h_t (README "The method in one screen"):
+    none    position-wise: the head never mixes tokens, the literal reading of the method
+    trunk   a_k = Attn(q = W_q LN_z(z_{k-1})_t; keys, values = W_kv LN_h(h_s), s <= t)   computed once per token
+    latent  a_k = Attn(q, keys, values = W_qkv LN_z(z_{k-1})_s, s <= t)   a tiny universal-transformer block
+            u_k = MLP([LN_z(z_{k-1}) ; LN_h(h_t) ; a_k])
+Both attend causally (I3: step k at position t reads positions <= t only), with one set of weights for every
+step; the update and W_out are unchanged, so I1, I2, I4 and I5 hold as before. Heads: D // 64 of size 64
+(GPT-2's head size) when D is a multiple of 64 and at least 128, else one head of size D. a_k's output projection is folded into the MLP's first
+layer (fc_a), as the product of two linear maps is one.
 """
 
 import torch
@@ -17,11 +27,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+HEAD_ATTN = ("none", "trunk", "latent")
+
+
 class LatentHead(nn.Module):
 
-    def __init__(self, n_embd, n_latent, bias=True, mlp_ratio=4):
+    def __init__(self, n_embd, n_latent, bias=True, mlp_ratio=4, attn="none"):
         super().__init__()
+        if attn not in HEAD_ATTN:
+            raise ValueError(f"head_attn must be one of {', '.join(HEAD_ATTN)}, got {attn!r}")
         hidden = mlp_ratio * n_latent
+        self.attn = attn
+        self.n_head = n_latent // 64 if n_latent % 64 == 0 and n_latent >= 128 else 1
+        self.head_size = n_latent // self.n_head
         self.ln_h = nn.LayerNorm(n_embd, bias=bias)           # LN_h
         self.w_in = nn.Linear(n_embd, n_latent, bias=bias)    # W_in
         self.ln_z = nn.LayerNorm(n_latent, bias=bias)         # LN_z
@@ -32,10 +50,18 @@ class LatentHead(nn.Module):
         self.proj = nn.Linear(hidden, n_latent, bias=bias)
         self.b = nn.Parameter(torch.zeros(n_latent))           # β = sigmoid(b); starts at 0.5
         self.w_out = nn.Linear(n_latent, n_embd, bias=bias)   # W_out
+        if attn == "trunk":
+            self.w_q = nn.Linear(n_latent, n_latent, bias=bias)      # W_q
+            self.w_kv = nn.Linear(n_embd, 2 * n_latent, bias=bias)   # W_kv: keys, values of LN_h(h)
+        elif attn == "latent":
+            self.w_qkv = nn.Linear(n_latent, 3 * n_latent, bias=bias)  # W_qkv of LN_z(z_{k-1})
+        if attn != "none":
+            self.fc_a = nn.Linear(n_latent, hidden, bias=False)     # a_k's part of the MLP's first layer
         self.reset_parameters()
 
     def reset_parameters(self):
-        for lin in (self.w_in, self.fc_z, self.fc_h, self.proj):
+        attn = [getattr(self, n) for n in ("w_q", "w_kv", "w_qkv", "fc_a") if hasattr(self, n)]
+        for lin in (self.w_in, self.fc_z, self.fc_h, self.proj, *attn):
             nn.init.normal_(lin.weight, mean=0.0, std=0.02)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
@@ -46,15 +72,37 @@ class LatentHead(nn.Module):
             nn.init.zeros_(self.w_out.bias)
 
     def start(self, h):
-        """h (..., C) -> z_0 (..., D), and what every step reuses: (injection (..., H), β (D,))."""
+        """h (B, T, C) -> z_0 (B, T, D), and what every step reuses: (injection (B, T, H), β (D,), the keys and
+        values of LN_h(h) for head_attn='trunk' (2 × (B, nh, T, hs)), else None). head_attn='none' also takes
+        h (..., C) of any shape."""
         hn = self.ln_h(h)                                   # LN_h(h_t)
+        kv = self.heads(self.w_kv(hn)).chunk(2, dim=1) if self.attn == "trunk" else None
         # the h-part of the MLP's first layer is the same at every step: computed once
-        return torch.tanh(self.w_in(hn)), (self.fc_h(hn), torch.sigmoid(self.b))
+        return torch.tanh(self.w_in(hn)), (self.fc_h(hn), torch.sigmoid(self.b), kv)
 
-    def step(self, z, inject, beta):
-        """One refinement step k: z_{k-1} (..., D) -> z_k (..., D)."""
-        u = self.proj(F.gelu(self.fc_z(self.ln_z(z)) + inject, approximate="tanh"))  # u_k
+    def step(self, z, inject, beta, kv):
+        """One refinement step k: z_{k-1} (B, T, D) -> z_k (B, T, D)."""
+        zn = self.ln_z(z)                                                              # LN_z(z_{k-1})
+        first = self.fc_z(zn) + inject
+        if self.attn != "none":
+            first = first + self.fc_a(self.read(zn, kv))                               # a_k joins the MLP input
+        u = self.proj(F.gelu(first, approximate="tanh"))                               # u_k
         return z + beta * (torch.tanh(u) - z)                                          # z_k
+
+    def heads(self, x):
+        """(B, T, n·D) -> (B, n·nh, T, hs): attention heads, n = 1, 2, 3 for q, kv, qkv."""
+        B, T, _ = x.shape
+        return x.view(B, T, -1, self.head_size).transpose(1, 2)
+
+    def read(self, zn, kv):
+        """a_k (B, T, D): causal attention of each position's LN_z(z_{k-1}) over positions <= t."""
+        B, T, D = zn.shape
+        if self.attn == "trunk":
+            q, (k, v) = self.heads(self.w_q(zn)), kv                                  # (B, nh, T, hs)
+        else:
+            q, k, v = self.heads(self.w_qkv(zn)).chunk(3, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)                   # (B, nh, T, hs)
+        return a.transpose(1, 2).reshape(B, T, D)
 
     def out(self, h, z):
         """o_k = h_t + W_out · z_k, back in the hidden space (..., C)."""

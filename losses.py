@@ -122,15 +122,21 @@ def token_nll(x, weight, targets, chunk_rows=None, chunk_cols=None):
 # -----------------------------------------------------------------------------
 # step weights w and masked means
 
-def step_weights(n_steps, schedule="linear", gamma=0.5):
+def step_weights(n_steps, schedule="linear", gamma=0.5, skip=0):
     """
     w ∈ R^K, w_k ≥ 0, Σ_k w_k = 1:
       uniform: w_k = 1/K    linear: w_k ∝ k    exp: w_k ∝ γ^(K−k)    last: w_K = 1
+    skip = s puts no weight on the first steps: w_k = 0 for k ≤ s, and the schedule's own weights of steps
+    s+1..K renormalised to sum to 1 (linear stays ∝ k, not ∝ k − s). With random K a step may draw K ≤ s;
+    then s is taken as K − 1: only step K, the last, is supervised, as it is whenever exactly one step is left.
+    (train.check_config requires s < n_steps, so the configured K always keeps K − s steps.)
     """
     if schedule not in WEIGHT_SCHEDULES:
         raise ValueError(f"weight_schedule must be one of {', '.join(WEIGHT_SCHEDULES)}, got {schedule!r}")
     if n_steps < 1:
         raise ValueError(f"step weights need n_steps >= 1, got {n_steps}")
+    if skip < 0:
+        raise ValueError(f"weight_skip must be >= 0, got {skip}")
     k = torch.arange(1, n_steps + 1, dtype=torch.float32)
     if schedule == "uniform":
         w = torch.ones(n_steps)
@@ -142,6 +148,8 @@ def step_weights(n_steps, schedule="linear", gamma=0.5):
         w = gamma ** (n_steps - k)
     else:
         w = (k == n_steps).float()
+    # w_k = v_k · 1[k > s'] / Σ_{j > s'} v_j,  s' = min(skip, K − 1),  v = the schedule's weights above
+    w = w * (k > min(skip, n_steps - 1))
     return w / w.sum()
 
 

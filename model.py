@@ -15,8 +15,9 @@ block_size; from then on the window slides and each new token re-runs the trunk 
 (positions are absolute, so cached keys cannot be shifted).
 """
 
-import math
 import inspect
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ class GPTConfig:
     bias: bool = True        # bias in Linears and LayerNorms, like GPT-2
     n_steps: int = 4         # K, refinement steps of the latent head; 0 = no head, a plain GPT
     n_latent: int = 0        # D, latent width; 0 = n_embd
+    head_attn: str = "none"  # what a refinement step may read besides h_t: none | trunk | latent (latent_head.py)
 
     def __post_init__(self):
         if self.n_steps < 0:
@@ -118,7 +120,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         # I5: K = 0 builds no head at all, so the baseline is a plain GPT on the same code path
-        self.latent_head = LatentHead(config.n_embd, config.n_latent, config.bias) if config.n_steps > 0 else None
+        self.latent_head = (LatentHead(config.n_embd, config.n_latent, config.bias, attn=config.head_attn)
+                            if config.n_steps > 0 else None)
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections
@@ -227,21 +230,24 @@ class GPT(nn.Module):
             z = self.latent_head.step(z, *fixed)        # z_k
             yield self.latent_head.out(h, z)            # o_k
 
-    def step_logits(self, h, K, exit_threshold=None, trace=False):
+    def step_logits(self, outs, K, exit_threshold=None, trace=False):
         """
-        h (B, C) at the newest position -> (logits (B, V) of the step each row ends at, steps used (B,), top1, prob).
+        outs: o_0 = h, o_1..o_K (each (B, C)) at the newest position, e.g. refine_steps(h, K) -> (logits (B, V) of
+        the step each row ends at, steps used (B,), top1, prob).
         Adaptive exit: a row stops at the first k >= 1 with KL(p_k || p_{k-1}) < exit_threshold, p_0 being the
         trunk's own distribution, and takes logits_k; KL >= 0, so a threshold of 0 (or None) runs all K steps.
         trace: top1, prob (B, K+1) = each step's argmax and its probability (k = 0 the trunk; -1/nan where a row
         had exited), else None.
         """
+        outs = iter(outs)
+        h = next(outs)                                                 # o_0, the trunk's own
         B, adaptive = h.size(0), bool(exit_threshold)
         used = torch.full((B,), K, dtype=torch.long, device=h.device)
         done = torch.zeros(B, dtype=torch.bool, device=h.device)
         top1 = torch.full((B, K + 1), -1, dtype=torch.long, device=h.device) if trace else None
         prob = torch.full((B, K + 1), float("nan"), device=h.device) if trace else None
         out = logp_prev = None
-        for k, o in enumerate(self.refine_steps(h, K)):
+        for k, o in enumerate(itertools.chain([h], outs)):            # lazily: an early exit stops computing
             if k < K and not (adaptive or trace):
                 continue  # fixed K: only logits_K is needed
             logits = self.lm_head(self.transformer.ln_f(o))            # logits_k, (B, V)
@@ -272,21 +278,28 @@ class GPT(nn.Module):
         then on, and generation ends early once every row has (N < max_new_tokens).
         return_steps: also return a dict of (B, N) `used`, the steps each token ran (-1 = padding after
         stop_token), and (B, N, K'+1) `top1`, `prob`: what each step k would have predicted (step_logits).
+        An attending head (head_attn trunk | latent) has no cache of its own yet: each token re-runs the trunk and
+        all K' steps on the window, so step k at the newest token reads step k−1 of every earlier token, whatever
+        step that token's adaptive exit stopped at (the exit only picks which step's logits a token takes).
         """
         K = self.resolve_steps(n_steps)
         bs = self.config.block_size
         self.check_inputs(idx[:, -bs:], None)
         if exit_threshold is not None and exit_threshold < 0:
             raise ValueError(f"exit_threshold must be >= 0, got {exit_threshold}")
+        attending = K > 0 and self.config.head_attn != "none"
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache, steps = None, []
         for _ in range(max_new_tokens):
-            if cache is None or cache[0]["k"].size(2) == bs:
+            if attending:  # no cache for the attending head yet: the whole window, all K' steps, every token
+                h = self.trunk(idx[:, -bs:])
+                outs = [h[:, -1], *self.latent_head(h, K)[:, :, -1]]          # o_0..o_K' at the newest position
+            elif cache is None or cache[0]["k"].size(2) == bs:
                 cache = [{} for _ in self.transformer.h]                 # (re)fill from the last block_size tokens
-                h = self.trunk(idx[:, -bs:], cache)[:, -1]
+                outs = self.refine_steps(self.trunk(idx[:, -bs:], cache)[:, -1], K)
             else:
-                h = self.trunk(idx[:, -1:], cache)[:, -1]               # the newest token only, (B, C)
-            logits, used, top1, prob = self.step_logits(h, K, exit_threshold, trace=return_steps)
+                outs = self.refine_steps(self.trunk(idx[:, -1:], cache)[:, -1], K)   # the newest token only
+            logits, used, top1, prob = self.step_logits(outs, K, exit_threshold, trace=return_steps)
             idx_next = self._pick(logits, temperature, top_k)           # (B,)
             if stop_token is not None:
                 idx_next, used = idx_next.masked_fill(done, stop_token), used.masked_fill(done, -1)
@@ -325,7 +338,7 @@ class GPT(nn.Module):
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
-    def from_pretrained(cls, name_or_dir, n_steps=4, n_latent=0, dropout=0.0):
+    def from_pretrained(cls, name_or_dir, n_steps=4, n_latent=0, dropout=0.0, head_attn="none"):
         """
         GPT-2 weights from the Hugging Face hub ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or a local
         directory written by `save_pretrained`, plus a fresh latent head (which, by I2, changes nothing yet).
@@ -349,7 +362,8 @@ class GPT(nn.Module):
         if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{name_or_dir}: activation {c.activation_function!r} is not GPT-2's tanh GELU")
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                           n_embd=c.n_embd, dropout=dropout, bias=True, n_steps=n_steps, n_latent=n_latent)
+                           n_embd=c.n_embd, dropout=dropout, bias=True, n_steps=n_steps, n_latent=n_latent,
+                           head_attn=head_attn)
         model = cls(config)
         sd, sd_hf = model.state_dict(), hf.state_dict()
         # HF stores these as Conv1D (in, out); ours are Linear (out, in)
@@ -388,11 +402,16 @@ class GPT(nn.Module):
         trunk = 6 * blocks + 12 * cfg.n_layer * cfg.n_embd * T
         head = 0
         if K > 0:
-            hd = self.latent_head
+            hd, D = self.latent_head, cfg.n_latent
+
+            def n(*names):  # weights of these matmuls (those the variant has)
+                return sum(getattr(hd, name).weight.numel() for name in names if hasattr(hd, name))
             n_grad = K if not grad_steps else min(K, grad_steps)          # steps with a full backward
-            step, w_in, w_out = (hd.fc_z.weight.numel() + hd.proj.weight.numel(), hd.w_in.weight.numel(),
-                                 hd.w_out.weight.numel())
-            head = (6 * hd.fc_h.weight.numel() + (6 if n_grad == K else 2) * w_in
+            once = n("fc_h", "w_kv")                                       # the injection, trunk keys/values
+            # per step: its matmuls, and for an attending head the scores q·k and att·v over T positions
+            step = n("fc_z", "proj", "w_q", "w_qkv", "fc_a") + (2 * D * T if hd.attn != "none" else 0)
+            w_in, w_out = n("w_in"), n("w_out")
+            head = (6 * once + (6 if n_grad == K else 2) * w_in
                     + n_grad * 6 * (step + w_out) + (K - n_grad) * (2 * step + 4 * w_out))
         unembed = 6 * cfg.n_embd * cfg.vocab_size * max(K, 1)
         return {"trunk": trunk, "head": head, "unembed": unembed, "total": trunk + head + unembed}

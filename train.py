@@ -34,6 +34,7 @@ import checkpoint
 import data
 from configurator import ConfigError, configure, default_device, default_dtype
 from evaluate import all_reduce_sum, evaluate_fluency, evaluate_reasoning, format_eval, per_task
+from latent_head import HEAD_ATTN
 from losses import WEIGHT_SCHEDULES, loss_masks, rlrp_loss, step_weights
 from model import GPT, GPTConfig
 
@@ -73,15 +74,20 @@ DEFAULTS = dict(
     bias=False,                # biases in Linears and LayerNorms (GPT-2 has them)
     n_steps=4,                 # K, refinement steps of the latent head (0 = plain GPT baseline)
     n_latent=0,                # D, latent width (0 = n_embd)
+    head_attn="none",          # what a refinement step may read besides h_t: none | trunk | latent (latent_head.py)
     # the RLRP objective (losses.py)
     weight_schedule="linear",  # step weights w: uniform | linear | exp | last
     weight_gamma=0.5,          # γ of the exp schedule
+    weight_skip=0,             # w_k = 0 for k <= weight_skip, the rest renormalised (< n_steps; a step whose K is
+                               # <= weight_skip, with random K, supervises its last step only)
     lambda_rl=0.5,             # λ_rl, soft RL on reasoning steps
     lambda_imp=0.1,            # λ_imp, improvement penalty
     imp_margin=0.0,            # margin of the improvement penalty: later steps must beat step 1 by this much
     rl_answer_only=True,       # soft RL on answer spans only
     rl_q=1.0,                  # soft-RL exponent q > 0: L_RL = (1 − p^q)/q; 1 = the paper's 1 − p, → 0 = CE
-    n_steps_dist="fixed",      # 'fixed' | 'uniform': K ~ U{1..2K−1} per optimizer step (recurrent-depth style)
+    n_steps_dist="fixed",      # K per optimizer step (recurrent-depth style): 'fixed' | 'uniform': U{1..2K−1} |
+                               # 'lognormal': Huginn's log-normal Poisson, mean K, heavy right tail, <= n_steps_max
+    n_steps_max=0,             # the cap of 'lognormal' draws, >= n_steps (0 = 4K: ~0.1% of draws clipped)
     grad_steps=0,              # backprop through only the last grad_steps refinement steps (0 = all)
     # AdamW with warmup + cosine decay
     learning_rate=6e-4,        # peak learning rate, after warmup
@@ -102,7 +108,7 @@ DEFAULTS = dict(
     gpu_peak_tflops=989.0,     # for MFU: H100/H200 bf16 dense; A100 is 312
     seed=1337,                 # model init, data order, K draws and dropout all follow from it
 )
-ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "n_steps", "n_latent")
+ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "n_steps", "n_latent", "head_attn")
 
 # -----------------------------------------------------------------------------
 # configuration: every bad value stops here with one line, before anything heavy
@@ -115,7 +121,8 @@ def check_config(c):
     need(c["n_steps"] >= 0, f"n_steps must be >= 0, got {c['n_steps']}")
     need(c["n_latent"] >= 0, f"n_latent must be >= 0, got {c['n_latent']}")
     need(0 <= c["reasoning_fraction"] <= 1, f"reasoning_fraction must be in [0, 1], got {c['reasoning_fraction']}")
-    for key in ("lambda_rl", "lambda_imp", "imp_margin", "weight_decay", "grad_clip", "dropout", "grad_steps"):
+    for key in ("lambda_rl", "lambda_imp", "imp_margin", "weight_decay", "grad_clip", "dropout", "grad_steps",
+                "weight_skip", "n_steps_max"):
         need(c[key] >= 0, f"{key} must be >= 0, got {c[key]}")
     need(c["weight_schedule"] in WEIGHT_SCHEDULES,
          f"weight_schedule must be one of {', '.join(WEIGHT_SCHEDULES)}, got {c['weight_schedule']!r}")
@@ -130,10 +137,17 @@ def check_config(c):
          f"min_lr must be in [0, learning_rate={c['learning_rate']}], got {c['min_lr']}")
     need(c["n_embd"] % c["n_head"] == 0, f"n_embd ({c['n_embd']}) must be divisible by n_head ({c['n_head']})")
     need(c["tokenizer"] in ("gpt2", "byte"), f"tokenizer must be 'gpt2' or 'byte', got {c['tokenizer']!r}")
+    need(c["head_attn"] in HEAD_ATTN, f"head_attn must be one of {', '.join(HEAD_ATTN)}, got {c['head_attn']!r}")
     need(c["routing"] in ("step", "mixed"), f"routing must be 'step' or 'mixed', got {c['routing']!r}")
     need(c["routing"] == "step" or (0 < c["reasoning_fraction"] < 1 and c["batch_size"] >= 2),
          "routing='mixed' needs 0 < reasoning_fraction < 1 and batch_size >= 2")
-    need(c["n_steps_dist"] in ("fixed", "uniform"), f"n_steps_dist must be 'fixed' or 'uniform', got {c['n_steps_dist']!r}")
+    need(c["n_steps_dist"] in ("fixed", "uniform", "lognormal"),
+         f"n_steps_dist must be fixed, uniform or lognormal, got {c['n_steps_dist']!r}")
+    need(c["n_steps_max"] == 0 or c["n_steps_max"] >= c["n_steps"],
+         f"n_steps_max must be 0 (= 4·n_steps) or >= n_steps={c['n_steps']}, got {c['n_steps_max']}")
+    need(c["weight_skip"] == 0 or c["weight_skip"] < c["n_steps"],
+         f"weight_skip must be < n_steps={c['n_steps']} (steps 1..weight_skip get no weight, so nothing would be "
+         f"supervised), got {c['weight_skip']}")
     need(c["gsm8k_answer"] in ("final", "solution"), f"gsm8k_answer must be 'final' or 'solution', got {c['gsm8k_answer']!r}")
     need(c["dtype"] in (None, "float32", "bfloat16", "float16"),
          f"dtype must be float32, bfloat16 or float16, got {c['dtype']!r}")
@@ -203,7 +217,7 @@ def build_model(c, tok, ckpt):
     else:
         try:
             model = GPT.from_pretrained(c["init_from"], n_steps=c["n_steps"], n_latent=c["n_latent"],
-                                        dropout=c["dropout"])
+                                        dropout=c["dropout"], head_attn=c["head_attn"])
         except (ImportError, OSError, ValueError) as e:
             raise ConfigError(str(e).splitlines()[0]) from e
     if c["block_size"] > model.config.block_size:
@@ -234,11 +248,33 @@ def get_lr(it, c):
 
 
 def train_steps(it, c):
-    """K for optimizer step `it`: the configured K, or K ~ U{1..2K−1} (mean K) seeded by (seed, it)."""
+    """
+    K for optimizer step `it`, a function of (seed, it) alone: the same on every rank and on resume.
+      fixed:     K
+      uniform:   K_it ~ U{1..2K−1}                                                    (mean K)
+      lognormal: τ ~ N(log(K−1) − σ²/2, σ), K_it = min(Poisson(e^τ) + 1, n_steps_max)  (σ = 1/2)
+    'lognormal' is Huginn's log-normal Poisson (Geiping et al. 2025) with r̄ = K − 1: E[e^τ] = r̄, so E[K_it] = K
+    before the cap (Huginn's formula with r̄ = K has mean K + 1). Its median is <= K and its right tail is heavy.
+    The cap (n_steps_max, 0 = 4K) clips ~0.1% of draws and lowers the mean by <0.1% for K = 2..32; a cap of 2K−1,
+    uniform's largest K, would clip 5–10% of them and lower the mean 3–8%. K = 1 always draws 1.
+    """
     K = c["n_steps"]
     if c["n_steps_dist"] == "fixed" or K == 0:
         return K
-    return int(np.random.default_rng([c["seed"], it]).integers(1, 2 * K))
+    rng = np.random.default_rng([c["seed"], it])
+    if c["n_steps_dist"] == "uniform":
+        return int(rng.integers(1, 2 * K))
+    sigma = 0.5                                                          # Huginn's
+    rate = (K - 1) * math.exp(sigma * rng.standard_normal() - sigma ** 2 / 2)   # e^τ, written without log(0) at K = 1
+    return min(int(rng.poisson(rate)) + 1, max_train_steps(c))
+
+
+def max_train_steps(c):
+    """The largest K train_steps can draw: K, 2K−1 ('uniform') or the cap n_steps_max ('lognormal', 0 = 4K)."""
+    K, dist = c["n_steps"], c["n_steps_dist"]
+    if dist == "fixed" or K == 0:
+        return K
+    return 2 * K - 1 if dist == "uniform" else c["n_steps_max"] or 4 * K
 
 
 def seed_micro_batch(c, index):
@@ -283,7 +319,7 @@ def train_step(model, micro, kind, K, c, ctx, scaler, world, device):
     """Forward + backward over this rank's micro-batches, (global index, Batch) pairs; returns this rank's share
     of [loss, ds, rl, imp, ℓ_1..ℓ_K]."""
     counts = step_counts([b for _, b in micro], c, device, world)
-    weights = step_weights(max(K, 1), c["weight_schedule"], c["weight_gamma"])
+    weights = step_weights(max(K, 1), c["weight_schedule"], c["weight_gamma"], c["weight_skip"])
     totals = 0
     for i, (index, b) in enumerate(micro):
         b = b.to(device)
@@ -376,9 +412,8 @@ def main(argv):
         raw_model.compile_parts()   # the trunk and one refinement step: any K reuses the same graphs
     if world > 1:
         # truncated backward: when K > grad_steps, z_0 is detached and W_in gets no gradient in that step
-        max_k = 2 * c["n_steps"] - 1 if c["n_steps_dist"] == "uniform" else c["n_steps"]
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None,
-                    find_unused_parameters=0 < c["grad_steps"] < max_k)
+                    find_unused_parameters=0 < c["grad_steps"] < max_train_steps(c))
 
     # eval sets: fixed, sharded over ranks. A rank may get none, but every rank runs every evaluation (they
     # all-reduce), so what is evaluated is decided by the config, never by a rank's own shard.

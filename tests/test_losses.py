@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import (deep_supervision_loss, improvement_penalty, rlrp_loss, soft_rl_loss, step_weights,
-                    token_nll)
+from losses import (check_weights, deep_supervision_loss, improvement_penalty, rlrp_loss, soft_rl_loss,
+                    step_weights, token_nll)
 
 K, B, T, V, C = 3, 2, 5, 11, 6
 
@@ -49,6 +49,60 @@ def test_step_weights_formulas():
 def test_step_weights_unknown_schedule_names_the_valid_ones():
     with pytest.raises(ValueError, match="uniform, linear, exp, last"):
         step_weights(4, "cosine")
+
+
+def skipped_weights(n_steps, schedule, gamma, skip):
+    """The step weights with skip, written out: the schedule's unnormalised v_k, zero for k <= s' = min(skip, K−1),
+    divided by what is left."""
+    v = {"uniform": lambda k: 1.0, "linear": lambda k: float(k), "exp": lambda k: gamma ** (n_steps - k),
+         "last": lambda k: float(k == n_steps)}[schedule]
+    s = min(skip, n_steps - 1)
+    kept = [v(k) if k > s else 0.0 for k in range(1, n_steps + 1)]
+    return [x / sum(kept) for x in kept]
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "linear", "exp", "last"])
+def test_step_weights_with_skip_match_a_plain_recomputation(schedule):
+    for n_steps in (1, 2, 3, 4, 7):
+        for skip in (0, 1, 2, 3, 6, 9):                    # skip >= K: random K drew fewer steps than skip
+            w = step_weights(n_steps, schedule, gamma=0.7, skip=skip)
+            want = torch.tensor(skipped_weights(n_steps, schedule, 0.7, skip))
+            assert torch.allclose(w, want), (schedule, n_steps, skip)
+            check_weights(w, n_steps)                      # still a probability vector
+            s = min(skip, n_steps - 1)
+            assert torch.equal(w[:s], torch.zeros(s)) and w[s:].gt(0).any()
+        assert torch.equal(step_weights(n_steps, schedule, 0.7, skip=0), step_weights(n_steps, schedule, 0.7))
+
+
+def test_step_weights_skip_examples_and_its_rule_for_too_few_steps():
+    assert torch.allclose(step_weights(4, "linear", skip=1), torch.tensor([0, 2 / 9, 3 / 9, 4 / 9]))  # ∝ k, not k−s
+    assert torch.allclose(step_weights(4, "uniform", skip=2), torch.tensor([0, 0, 0.5, 0.5]))
+    assert torch.allclose(step_weights(3, "exp", gamma=0.5, skip=1), torch.tensor([0, 1 / 3, 2 / 3]))
+    for n_steps, skip in [(1, 1), (2, 2), (2, 5), (3, 3)]:                 # K <= skip: the last step only
+        assert torch.equal(step_weights(n_steps, "linear", skip=skip), torch.eye(n_steps)[-1])
+    with pytest.raises(ValueError, match="weight_skip must be >= 0, got -1"):
+        step_weights(4, "linear", skip=-1)
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "linear", "exp"])
+def test_skipped_steps_get_no_gradient_and_soft_rl_uses_the_same_weights(schedule):
+    # L_DS and L_RL take the same w in rlrp_loss; L_IMP only reads sg(ℓ_1). So with skip = 1 step 1's ℓ gets no
+    # gradient from the whole loss, and later steps still do
+    _, y, nll = random_nll(seed=5)
+    nll = nll.detach().requires_grad_()
+    answer = random_mask(seed=3)
+    w = step_weights(K, schedule, skip=1).double()
+    loss, parts = rlrp_loss(nll, y, answer, "reasoning", w, lambda_rl=0.7, lambda_imp=0.2, margin=0.1)
+    valid = y >= 0
+    p = torch.exp(-nll)
+    ds = sum(w[k] * mean_over(nll[k], valid) for k in range(K))
+    rl = sum(w[k] * mean_over(1 - p[k], answer & valid) for k in range(K))
+    imp = sum(mean_over(torch.clamp(nll[k] - nll[0] + 0.1, min=0), valid) for k in range(1, K)) / (K - 1)
+    assert torch.allclose(parts["ds"], ds) and torch.allclose(parts["rl"], rl)
+    assert torch.allclose(loss, ds + 0.7 * rl + 0.2 * imp)
+    g, = torch.autograd.grad(loss, nll)
+    assert torch.equal(g[0], torch.zeros_like(g[0]))
+    assert g[1:][:, valid].abs().gt(0).all()
 
 
 @pytest.mark.parametrize("weights, match", [

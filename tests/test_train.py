@@ -45,10 +45,17 @@ def final_params(out_dir):
     (["--lambda_rl=-0.1"], "lambda_rl must be >= 0, got -0.1"),
     (["--lambda_imp=-1.0"], "lambda_imp must be >= 0"),
     (["--weight_schedule=cosine"], "weight_schedule must be one of uniform, linear, exp, last, got 'cosine'"),
+    (["--head_attn=global"], "head_attn must be one of none, trunk, latent, got 'global'"),
     (["--dtype=float8"], "dtype must be float32, bfloat16 or float16"),
     (["--reasoning_data=", "--reasoning_fraction=0.5"], "reasoning_fraction > 0 needs reasoning_data"),
     (["missing_preset.py"], "config file 'missing_preset.py' not found"),
     (["--fluency_data=/nonexistent/folder"], "/nonexistent/folder"),
+    (["--n_steps_dist=poisson"], "n_steps_dist must be fixed, uniform or lognormal, got 'poisson'"),
+    (["--n_steps_max=-1"], "n_steps_max must be >= 0, got -1"),
+    (["--n_steps_dist=lognormal", "--n_steps_max=1"], r"n_steps_max must be 0 \(= 4·n_steps\) or >= n_steps=2, got 1"),
+    (["--weight_skip=-1"], "weight_skip must be >= 0, got -1"),
+    (["--weight_skip=2"], r"weight_skip must be < n_steps=2 \(steps 1..weight_skip get no weight"),
+    (["--n_steps=0", "--weight_skip=1"], "weight_skip must be < n_steps=0"),
 ])
 def test_config_errors(tmp_path, args, message):
     with pytest.raises(ConfigError, match=message):
@@ -176,8 +183,75 @@ def test_random_k_is_a_function_of_the_iteration():
     assert abs(sum(ks) / len(ks) - 4) < 0.3
 
 
+def test_lognormal_k_is_a_function_of_the_iteration_with_mean_k_a_heavy_tail_and_a_hard_cap():
+    for K in (2, 4, 8):
+        c = dict(train.DEFAULTS, n_steps=K, n_steps_dist="lognormal")
+        its = range(20000)
+        ks = [train.train_steps(it, c) for it in its]
+        assert ks[999::-1] == [train.train_steps(it, c) for it in reversed(range(1000))]  # any order: f(seed, it)
+        assert min(ks) >= 1 and max(ks) <= train.max_train_steps(c) == 4 * K  # the default cap, 4K
+        # mean K within 3% of K: ~5 standard errors (sd ≈ 0.57·K over 20,000 draws), and the cap lowers it < 0.1%
+        assert abs(sum(ks) / len(ks) - K) < 0.03 * K, (K, sum(ks) / len(ks))
+        assert sorted(ks)[len(ks) // 2] <= K < 2 * K - 1 < max(ks)           # median <= K; a tail past uniform's
+        capped = dict(c, n_steps_max=K + 1)
+        kc = [train.train_steps(it, capped) for it in its]
+        assert max(kc) == K + 1 == train.max_train_steps(capped)             # the cap holds, and is reached
+        assert kc == [min(k, K + 1) for k in ks]                             # clipped, the rest unchanged
+    one = dict(train.DEFAULTS, n_steps=1, n_steps_dist="lognormal")
+    assert {train.train_steps(it, one) for it in range(200)} == {1}
+    assert train.train_steps(0, dict(one, n_steps=0)) == 0
+
+
+def test_max_train_steps_is_the_largest_k_a_step_can_draw():
+    base = dict(train.DEFAULTS, n_steps=3)
+    for dist, cap, want in [("fixed", 0, 3), ("uniform", 0, 5), ("lognormal", 0, 12), ("lognormal", 4, 4)]:
+        c = dict(base, n_steps_dist=dist, n_steps_max=cap)
+        assert train.max_train_steps(c) == max(train.train_steps(it, c) for it in range(5000)) == want, dist
+    for dist in ("fixed", "uniform", "lognormal"):
+        assert train.max_train_steps(dict(base, n_steps=0, n_steps_dist=dist)) == 0
+
+
+class _DDPBuilt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("dist, grad_steps, cap, unused", [
+    ("lognormal", 2, 0, True),      # K=2, but the draws reach the cap 4K = 8 > grad_steps: W_in sometimes unused
+    ("lognormal", 2, 2, False),     # capped at 2 = grad_steps: every step backprops through z_0
+    ("uniform", 2, 0, True),        # up to 2K−1 = 3
+    ("fixed", 2, 0, False),
+    ("lognormal", 0, 0, False),     # grad_steps = 0: all steps
+])
+def test_ddp_finds_unused_parameters_whenever_a_drawn_k_can_exceed_grad_steps(tmp_path, monkeypatch, dist,
+                                                                              grad_steps, cap, unused):
+    seen = {}
+
+    def fake_ddp(model, **kwargs):
+        seen.update(kwargs)
+        raise _DDPBuilt
+    monkeypatch.setattr(train, "setup_system", lambda c: (0, 0, 2, "cpu"))   # as rank 0 of 2, without a process group
+    monkeypatch.setattr(train, "DDP", fake_ddp)
+    with pytest.raises(_DDPBuilt):
+        train.main(TINY + [f"--out_dir={tmp_path}", f"--n_steps_dist={dist}", f"--grad_steps={grad_steps}",
+                           f"--n_steps_max={cap}"])
+    assert seen["find_unused_parameters"] is unused
+
+
 # -----------------------------------------------------------------------------
 # the training step
+
+def test_train_step_weights_skip_the_first_steps_also_when_k_is_drawn_small():
+    # totals = [loss, ds, rl, imp, ℓ_1..ℓ_K] and L_DS = Σ_k w_k ℓ_k, so ds shows the weights train_step used
+    c, _ = train.load_config(TINY + ["--n_steps=3", "--weight_skip=1", "--weight_schedule=linear"])
+    _, _, reasoning = train.load_data(c)
+    micro = [(i, reasoning.get_batch(i, 4)) for i in range(2)]
+    ctx, scaler = train.precision(c, "cpu")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=48, vocab_size=257, n_layer=1, n_head=2, n_embd=32, n_steps=3, n_latent=16))
+    for K, w in [(3, [0, 2 / 5, 3 / 5]), (2, [0, 1]), (1, [1])]:          # K = 1 <= weight_skip: its only step
+        totals = train.train_step(model, micro, "reasoning", K, c, ctx, scaler, 1, "cpu")
+        assert totals[1] == pytest.approx(sum(wk * nk for wk, nk in zip(w, totals[4:].tolist())), rel=1e-5), K
+
 
 def test_accumulating_micro_batches_equals_one_large_batch():
     tok = data.get_tokenizer("byte")
@@ -230,15 +304,20 @@ def test_evaluate_reasoning_matches_a_plain_count():
 # -----------------------------------------------------------------------------
 # whole runs
 
-def test_resume_continues_exactly(tmp_path):
-    # dropout and random K make the RNG and the K schedule part of what must resume exactly
-    extra = ["--dropout=0.1", "--n_steps_dist=uniform", "--eval_interval=3"]
+def run_and_resume(tmp_path, extra):
+    """The same 6 iterations uninterrupted, and interrupted at 3 then resumed: (full, half) train records."""
     full, half = str(tmp_path / "full"), str(tmp_path / "half")
     train.main(TINY + extra + [f"--out_dir={full}", "--max_iters=6"])
     train.main(TINY + extra + [f"--out_dir={half}", "--max_iters=3"])
     train.main(TINY + extra + [f"--out_dir={half}", "--max_iters=6", "--init_from=resume"])
     a, b = records(full, "train"), records(half, "train")
     assert [r["iter"] for r in b] == list(range(1, 7))
+    return full, half, a, b
+
+
+def test_resume_continues_exactly(tmp_path):
+    # dropout and random K make the RNG and the K schedule part of what must resume exactly
+    full, half, a, b = run_and_resume(tmp_path, ["--dropout=0.1", "--n_steps_dist=uniform", "--eval_interval=3"])
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert [r["n_steps"] for r in a] == [r["n_steps"] for r in b]
     for k, v in final_params(full).items():
@@ -248,6 +327,19 @@ def test_resume_continues_exactly(tmp_path):
     for r in evals:
         assert len(r["fluency_loss"]) == len(r["answer_exact_match"]) == len(r["answer_token_acc"]) == 2
         assert r["tokens"] == r["iter"] * 2 * 4 * 48
+
+
+def test_resume_continues_exactly_with_lognormal_k(tmp_path):
+    # the log-normal Poisson K schedule (here 1, 2, 2, 3, 3, 3: deeper than K = 2 too) with dropout and truncated
+    # backward, interrupted at iter 3
+    extra = ["--dropout=0.1", "--n_steps_dist=lognormal", "--grad_steps=1", "--eval_interval=3"]
+    full, half, a, b = run_and_resume(tmp_path, extra)
+    c, _ = train.load_config(TINY + extra)
+    assert [r["n_steps"] for r in a] == [r["n_steps"] for r in b] == [[train.train_steps(it, c)] for it in range(6)]
+    assert max(r["n_steps"][0] for r in a) > 2
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    for k, v in final_params(full).items():
+        assert torch.equal(v, final_params(half)[k]), k
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
