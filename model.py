@@ -183,13 +183,13 @@ class GPT(nn.Module):
 
     def compile_parts(self):
         """
-        torch.compile (fullgraph=True) what does not depend on K: the trunk, z_0, and one refinement step. The
-        K-step loop stays in Python, so every K (a random K per optimizer step, any K' at evaluation) reuses
-        the same graphs instead of compiling one per K; compiling forward whole unrolls the loop and recompiles
-        for each new K. ℓ stays eager: its tiled loops would be unrolled into the graph too, and its cost is
-        matmuls that compiling does not speed up. Returns self; parameters and state_dict names are unchanged.
+        torch.compile (fullgraph=True) what does not depend on K: the trunk, z_0, one refinement step, and one
+        step's ℓ. The K-step loop stays in Python, so every K (a random K per optimizer step, any K' at
+        evaluation) reuses the same graphs instead of compiling one per K; compiling forward whole unrolls the
+        loop and recompiles for each new K. Returns self; parameters and state_dict names are unchanged.
         """
         self.trunk = torch.compile(self.trunk, fullgraph=True)
+        self.step_nll = torch.compile(self.step_nll, fullgraph=True)
         if self.latent_head is not None:
             self.latent_head.start = torch.compile(self.latent_head.start, fullgraph=True)
             self.latent_head.step = torch.compile(self.latent_head.step, fullgraph=True)
@@ -199,6 +199,10 @@ class GPT(nn.Module):
         """h (B, T, C) -> o (max(K,1), B, T, C): o_1..o_K from the latent head, or h itself for K = 0."""
         return self.latent_head(h, K, grad_steps=grad_steps) if K > 0 else h.unsqueeze(0)
 
+    def step_nll(self, o, targets):
+        """ℓ_k (B, T) of one step's o_k (B, T, C): the fused unembedding + cross-entropy of LN_f(o_k)."""
+        return token_nll(self.transformer.ln_f(o), self.lm_head.weight, targets)
+
     def forward(self, idx, targets=None, n_steps=None, grad_steps=None):
         """
         idx: (B, T) token ids. Returns (logits, nll):
@@ -207,11 +211,10 @@ class GPT(nn.Module):
         """
         K = self.resolve_steps(n_steps)
         self.check_inputs(idx, targets)
-        o = self.transformer.ln_f(self.refine(self.trunk(idx), K, grad_steps))  # LN_f(o_k), (K', B, T, C)
+        o = self.refine(self.trunk(idx), K, grad_steps)                        # o_k, (K', B, T, C)
         if targets is None:
-            return self.lm_head(o), None
-        nll = token_nll(o, self.lm_head.weight, targets.expand(o.shape[:-1]))   # ℓ, (K', B, T)
-        return None, nll
+            return self.lm_head(self.transformer.ln_f(o)), None
+        return None, torch.stack([self.step_nll(o_k, targets) for o_k in o])   # ℓ, (K', B, T), step by step
 
     # -------------------------------------------------------------------------
     # generation

@@ -234,7 +234,7 @@ def test_compiled_parts_reuse_the_same_graphs_for_every_k():
         for a, b in zip(g_got, g_want):
             assert torch.allclose(a, b, atol=1e-5)
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs == [3] * 8                                   # the trunk, z_0, one step: compiled once, for any K
+    assert graphs == [4] * 8                                   # the trunk, z_0, one step, one ℓ_k: once, for any K
 
 
 # -----------------------------------------------------------------------------
