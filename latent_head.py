@@ -80,12 +80,13 @@ class LatentHead(nn.Module):
         # the h-part of the MLP's first layer is the same at every step: computed once
         return torch.tanh(self.w_in(hn)), (self.fc_h(hn), torch.sigmoid(self.b), kv)
 
-    def step(self, z, inject, beta, kv):
-        """One refinement step k: z_{k-1} (B, T, D) -> z_k (B, T, D)."""
+    def step(self, z, inject, beta, kv, cache=None):
+        """One refinement step k: z_{k-1} (B, T, D) -> z_k (B, T, D). cache: generation's dict of this step's
+        keys/values at earlier positions (head_attn='latent'), extended here; see GPT.refine_steps."""
         zn = self.ln_z(z)                                                              # LN_z(z_{k-1})
         first = self.fc_z(zn) + inject
         if self.attn != "none":
-            first = first + self.fc_a(self.read(zn, kv))                               # a_k joins the MLP input
+            first = first + self.fc_a(self.read(zn, kv, cache))                        # a_k joins the MLP input
         u = self.proj(F.gelu(first, approximate="tanh"))                               # u_k
         return z + beta * (torch.tanh(u) - z)                                          # z_k
 
@@ -94,14 +95,21 @@ class LatentHead(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, -1, self.head_size).transpose(1, 2)
 
-    def read(self, zn, kv):
-        """a_k (B, T, D): causal attention of each position's LN_z(z_{k-1}) over positions <= t."""
+    def read(self, zn, kv, cache=None):
+        """a_k (B, T, D): causal attention of each position's LN_z(z_{k-1}) over positions <= t. In generation
+        the keys may hold earlier positions too (kv, cache); then T is the whole window or the newest token."""
         B, T, D = zn.shape
         if self.attn == "trunk":
             q, (k, v) = self.heads(self.w_q(zn)), kv                                  # (B, nh, T, hs)
         else:
             q, k, v = self.heads(self.w_qkv(zn)).chunk(3, dim=1)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)                   # (B, nh, T, hs)
+            if cache is not None:                                                      # generation: earlier ones
+                if cache:
+                    k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+                cache["k"], cache["v"] = k, v
+        # one new token attends to every cached position; a whole sequence, causally
+        assert T == k.size(2) or T == 1, "generation adds one token at a time after the window"
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=T == k.size(2))        # (B, nh, T, hs)
         return a.transpose(1, 2).reshape(B, T, D)
 
     def out(self, h, z):

@@ -219,19 +219,30 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # generation
 
-    def refine_steps(self, h, K):
+    def refine_steps(self, h, K, cache=None):
         """
-        The head one step at a time, for generation: yields o_0 = h (the trunk's own), then o_1..o_K, each
-        shaped like h, so that adaptive exit can stop after any step. LatentHead.step does the update; a test
-        checks that o_1..o_K equal LatentHead.forward's.
+        The head one step at a time, for generation. h (B, T, C): the positions this call adds (the whole window
+        on a (re)fill, else the newest token). Yields o_0 = h_t (the trunk's own), then o_1..o_K at the newest
+        position t, each (B, C), so that adaptive exit can stop after any step.
+        cache: a dict this call extends with what an attending head's steps read of earlier positions:
+          head_attn='trunk'   the keys and values of LN_h(h), one set for every step (2·D numbers per token)
+          head_attn='latent'  step k's keys and values of LN_z(z_{k−1}) (2·D·K' per token): all K' steps must
+                              run for every token, since later tokens read them (see generate)
+        A test checks o_1..o_K against LatentHead.forward on the whole sequence.
         """
-        yield h
+        yield h[:, -1]
         if K == 0:
             return
-        z, fixed = self.latent_head.start(h)            # z_0
-        for _ in range(K):
-            z = self.latent_head.step(z, *fixed)        # z_k
-            yield self.latent_head.out(h, z)            # o_k
+        head = self.latent_head
+        if head.attn == "none":
+            h = h[:, -1:]                                  # position-wise: the newest position is all it needs
+        z, (inject, beta, kv) = head.start(h)              # z_0
+        if head.attn == "trunk":
+            kv = tuple(torch.cat([old, new], 2) for old, new in zip(cache["kv"], kv)) if "kv" in cache else kv
+            cache["kv"] = kv
+        for k in range(K):
+            z = head.step(z, inject, beta, kv, cache.setdefault(k, {}) if head.attn == "latent" else None)  # z_k
+            yield head.out(h[:, -1], z[:, -1])             # o_k
 
     def step_logits(self, outs, K, exit_threshold=None, trace=False):
         """
@@ -281,27 +292,25 @@ class GPT(nn.Module):
         then on, and generation ends early once every row has (N < max_new_tokens).
         return_steps: also return a dict of (B, N) `used`, the steps each token ran (-1 = padding after
         stop_token), and (B, N, K'+1) `top1`, `prob`: what each step k would have predicted (step_logits).
-        An attending head (head_attn trunk | latent) has no cache of its own yet: each token re-runs the trunk and
-        all K' steps on the window, so step k at the newest token reads step k−1 of every earlier token, whatever
-        step that token's adaptive exit stopped at (the exit only picks which step's logits a token takes).
+        An attending head (head_attn trunk | latent) caches what its steps read (refine_steps): step k at the
+        newest token reads step k−1 of every earlier token, whatever step that token's adaptive exit stopped at
+        (the exit picks which step's logits a token takes), exactly as the uncached model computes it.
         """
         K = self.resolve_steps(n_steps)
         bs = self.config.block_size
         self.check_inputs(idx[:, -bs:], None)
         if exit_threshold is not None and exit_threshold < 0:
             raise ValueError(f"exit_threshold must be >= 0, got {exit_threshold}")
-        attending = K > 0 and self.config.head_attn != "none"
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache, steps = None, []
         for _ in range(max_new_tokens):
-            if attending:  # no cache for the attending head yet: the whole window, all K' steps, every token
-                h = self.trunk(idx[:, -bs:])
-                outs = [h[:, -1], *self.latent_head(h, K)[:, :, -1]]          # o_0..o_K' at the newest position
-            elif cache is None or cache[0]["k"].size(2) == bs:
-                cache = [{} for _ in self.transformer.h]                 # (re)fill from the last block_size tokens
-                outs = self.refine_steps(self.trunk(idx[:, -bs:], cache)[:, -1], K)
+            if cache is None or cache[0]["k"].size(2) == bs:
+                cache = [{} for _ in self.transformer.h] + [{}]          # (re)fill from the last block_size tokens
+                outs = self.refine_steps(self.trunk(idx[:, -bs:], cache), K, cache[-1])
             else:
-                outs = self.refine_steps(self.trunk(idx[:, -1:], cache)[:, -1], K)   # the newest token only
+                outs = self.refine_steps(self.trunk(idx[:, -1:], cache), K, cache[-1])   # the newest token only
+            if K and self.config.head_attn == "latent":
+                outs = list(outs)                   # every step runs, exit or not: later tokens read its state
             logits, used, top1, prob = self.step_logits(outs, K, exit_threshold, trace=return_steps)
             idx_next = self._pick(logits, temperature, top_k)           # (B,)
             if stop_token is not None:

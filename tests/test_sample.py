@@ -46,12 +46,26 @@ def gpt2_tok(gpt2_tokenizer_file):
 # model.generate
 
 
-def test_refine_steps_equal_the_head():
+@pytest.mark.parametrize("attn", ["none", "trunk", "latent"])
+def test_refine_steps_with_the_cache_equal_the_head(attn):
+    """Generation's step-by-step head, fed a 3-position prefix and then one position at a time with its cache,
+    gives at the newest position what LatentHead.forward gives on the whole sequence, at every step."""
     model = tiny_model(K=3)
-    h = torch.randn(2, 5, 32)
-    o = list(model.refine_steps(h, 5))
-    assert len(o) == 6 and torch.equal(o[0], h)                       # o_0 = h, the trunk's own
-    assert torch.allclose(torch.stack(o[1:]), model.latent_head(h, 5), atol=1e-6)
+    if attn != "none":
+        model = GPT(GPTConfig(block_size=BS, vocab_size=257, n_layer=2, n_head=2, n_embd=32, n_steps=3, n_latent=24,
+                              head_attn=attn)).eval()
+        with torch.no_grad():
+            for p in model.latent_head.parameters():
+                p.normal_(0, 0.3)
+    h = torch.randn(2, 6, 32)
+    cache = {}
+    for t in range(3, 7):
+        new = h[:, :t] if t == 3 else h[:, t - 1:t]
+        o = list(model.refine_steps(new, 5, cache))
+        assert len(o) == 6 and torch.equal(o[0], h[:, t - 1])                 # o_0 = h_t, the trunk's own
+        assert torch.allclose(torch.stack(o[1:]), model.latent_head(h[:, :t], 5)[:, :, -1], atol=1e-5)
+    if attn == "latent":
+        assert [cache[k]["k"].size(2) for k in range(5)] == [6] * 5            # every step, every position
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
