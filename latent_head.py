@@ -107,9 +107,9 @@ class LatentHead(nn.Module):
                 if cache:
                     k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
                 cache["k"], cache["v"] = k, v
-        # one new token attends to every cached position; a whole sequence, causally
-        assert T == k.size(2) or T == 1, "generation adds one token at a time after the window"
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=T == k.size(2))        # (B, nh, T, hs)
+        # a whole sequence attends causally; one new token (generation, T = 1) to every cached position
+        causal = True if T > 1 else False          # a plain bool, also when a compiled graph has a dynamic T
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=causal)                  # (B, nh, T, hs)
         return a.transpose(1, 2).reshape(B, T, D)
 
     def out(self, h, z):

@@ -391,8 +391,11 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_runs_and_saves_plain_names(tmp_path):
-    train.main(TINY + [f"--out_dir={tmp_path}", "--compile=True", "--max_iters=2", "--eval_interval=2"])
+@pytest.mark.parametrize("attn", ["none", "latent"])
+def test_compiled_training_runs_and_saves_plain_names(tmp_path, attn):
+    # random K and eval batches of other lengths than training's: the compiled parts must take both
+    train.main(TINY + [f"--out_dir={tmp_path}", "--compile=True", "--max_iters=3", "--eval_interval=3",
+                       f"--head_attn={attn}", "--n_steps_dist=uniform"])
     state = final_params(tmp_path)
     assert not any(k.startswith("_orig_mod.") for k in state)
     assert all(math.isfinite(r["loss"]) for r in records(tmp_path, "train"))
