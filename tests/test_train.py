@@ -364,10 +364,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(tmp_path):
-    # dropout (masks seeded by global micro-batch index), random K with truncated backward (W_in then gets no
-    # gradient in some steps), and one fluency eval batch for two ranks (rank 1 has no fluency shard)
+    # dropout (masks seeded by global micro-batch index), random K (log-normal Poisson) with truncated backward
+    # (W_in then gets no gradient in some steps) and no weight on step 1, an attending head, and one fluency eval
+    # batch for two ranks (rank 1 has no fluency shard)
     args = TINY + ["--max_iters=4", "--eval_interval=4", "--reasoning_fraction=0.5", "--dropout=0.1",
-                   "--n_steps_dist=uniform", "--n_steps=3", "--grad_steps=1", "--eval_iters=1"]
+                   "--n_steps_dist=lognormal", "--n_steps=3", "--grad_steps=1", "--weight_skip=1",
+                   "--head_attn=trunk", "--eval_iters=1"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "train.py", *args, f"--out_dir={one}"], cwd=ROOT, env=env, check=True,
