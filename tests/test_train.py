@@ -510,12 +510,14 @@ def test_training_step_makes_no_float64_tensors():
     """MPS has no float64: the step's counts and sums must use dtypes every device has."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    made_float64 = []
+
     class DtypeLog(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in out if isinstance(out, (tuple, list)) else [out]:
                 if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
-                    raise AssertionError(f"{func} made a float64 tensor")
+                    made_float64.append(str(func))
             return out
     c, _ = train.load_config(TINY)
     _, _, reasoning = train.load_data(c)
@@ -524,6 +526,7 @@ def test_training_step_makes_no_float64_tensors():
     ctx, scaler = train.precision(c, "cpu")
     with DtypeLog():
         train.train_step(model, micro, "reasoning", 2, c, ctx, scaler, 1, "cpu")
+    assert made_float64 == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
