@@ -18,8 +18,8 @@ head_attn chooses what a step may read besides h_t (README "The method in one sc
             u_k = MLP([LN_z(z_{k-1}) ; LN_h(h_t) ; a_k])
 Both attend causally (I3: step k at position t reads positions <= t only), with one set of weights for every
 step; the update and W_out are unchanged, so I1, I2, I4 and I5 hold as before. Heads: D // 64 of size 64
-(GPT-2's head size) when D is a multiple of 64 and at least 128, else one head of size D. a_k's output projection is folded into the MLP's first
-layer (fc_a), as the product of two linear maps is one.
+(GPT-2's head size) when D is a multiple of 64 and at least 128, else one head of size D. a_k's output
+projection is folded into the MLP's first layer (fc_a), as the product of two linear maps is one.
 """
 
 import torch

@@ -480,7 +480,8 @@ def main(argv):
 
     stop = catch_stop_signals()
     pbar = tqdm(total=c["max_iters"], initial=start_iter, disable=not master, dynamic_ncols=True)
-    window = dict(tokens=0, flops=0, seconds=0.0, fluency=[], reasoning=[], n_steps=[])  # steps since the last log
+    new_window = lambda: dict(tokens=0, flops=0, seconds=0.0, fluency=[], reasoning=[], n_steps=[])
+    window = new_window()                                     # what the steps since the last log did, and took
     for it in range(start_iter, c["max_iters"] + 1):
         if (it % c["eval_interval"] == 0 or it == c["max_iters"]) and not (resumed and it == start_iter):
             rec = run_eval(it)
@@ -527,7 +528,7 @@ def main(argv):
                    "tokens_per_s": window["tokens"] / window["seconds"], "tflops": tflops}
             if device_type == "cuda":
                 rec["mfu"] = tflops / c["gpu_peak_tflops"]
-            window = dict(tokens=0, flops=0, seconds=0.0, fluency=[], reasoning=[], n_steps=[])
+            window = new_window()
             record(rec)
             pbar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
         if totals[-1] > 0:  # SIGINT / SIGTERM: this step is done; save it and leave
