@@ -70,9 +70,9 @@ def read_metrics(out_dir):
     return [r for r in recs if r["type"] == "train"], [r for r in recs if r["type"] == "eval"]
 
 
-def run_args(root, preset, name, seed, max_iters):
-    """train.py's arguments for one run of the ablation."""
-    return [preset, *VARIANTS[name][1], f"--seed={seed}", f"--out_dir={run_dir(root, name, seed)}",
+def run_args(out_dir, preset, overrides, seed, max_iters):
+    """train.py's arguments for one run: the preset, the variant's overrides, the seed and the step budget."""
+    return [preset, *overrides, f"--seed={seed}", f"--out_dir={out_dir}",
             f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}", f"--eval_interval={max(1, max_iters // 6)}"]
 
 
@@ -91,9 +91,10 @@ def finished(out_dir, args):
     return saved == train_config(args) and last_eval == saved["max_iters"]
 
 
-def train_run(root, preset, name, seed, max_iters, threads):
-    """One training run in its own process (train.py exactly as a user runs it); reused when already done."""
-    out, args = run_dir(root, name, seed), run_args(root, preset, name, seed, max_iters)
+def train_run(out, preset, overrides, seed, max_iters, threads=1):
+    """One training run in its own process (train.py exactly as a user runs it) into out; reused when already
+    done with the same configuration."""
+    args = run_args(out, preset, overrides, seed, max_iters)
     if finished(out, args):
         return
     os.makedirs(out, exist_ok=True)
@@ -246,7 +247,8 @@ def main(argv):
     t0 = time.time()
     jobs = [(n, s) for s in seeds for n in names]
     with ThreadPoolExecutor(c["jobs"]) as pool:
-        for future in [pool.submit(train_run, out, c["preset"], n, s, max_iters, 1) for n, s in jobs]:
+        runs = [pool.submit(train_run, run_dir(out, n, s), c["preset"], VARIANTS[n][1], s, max_iters) for n, s in jobs]
+        for future in runs:
             future.result()
     summaries = {n: [summarize_run(run_dir(out, n, s)) for s in seeds] for n in names}
     report = "sweep.md" if c["sweep"] else "ablation.md"

@@ -68,7 +68,7 @@ def test_ablation_report_matches_runs(tmp_path):
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert os.stat(ckpt).st_mtime_ns == before
     # ... but only when the configuration is the same: a changed preset trains again
-    args = experiments.run_args(str(out), str(preset), "rlrp", 0, 3)
+    args = experiments.run_args(str(out / "runs" / "rlrp-s0"), str(preset), experiments.VARIANTS["rlrp"][1], 0, 3)
     assert experiments.finished(str(out / "runs" / "rlrp-s0"), args)
     preset.write_text(TINY_PRESET.replace('"add:1,sort:3"', '"add:1,sort:4"'))
     assert not experiments.finished(str(out / "runs" / "rlrp-s0"), args)

@@ -1,0 +1,283 @@
+"""
+The depth experiment: does step K beat step 1 where the trunk runs out of layers, and does thinking longer at
+test time (K' > K) help? Trains VARIANTS x 3 seeds and writes results/depth.md + plots (README "Results: Depth").
+
+    python depth.py                 # 9 variants x 3 seeds on config/train_depth.py (see README for the time)
+    python depth.py --quick=True    # 1 seed, a quarter of the steps: checks the pipeline, into results/depth-quick
+
+Every run sees the same data for the same steps (the preset: in-context lookups hopo:1-3 and the fixed-map
+control iter:2); only the overrides of VARIANTS change. Then every checkpoint is evaluated on EVAL_TASKS, the
+held-out prompts of the trained tasks and of counts never trained on (hopo:4; iter:1 and iter:3):
+  - exact match at every test-time step K' = 0..3K: step k's logits do not depend on how many steps follow,
+    so one pass with 3K steps gives the whole curve, and K' = 0 is the trunk alone;
+  - necessity: the same checkpoint with the latent state's path to the logits cut at the readout,
+    o_k = h_t + W_out·z̃_k with z̃_k = 0 (zero) or z_k of a random other position of the row (shuffle).
+The two plain GPTs get the extra FLOPs of the costliest head in the trunk: more layers, or a wider trunk,
+whichever count or width matches best (matched_gpts). Runs are reused like experiments.py's.
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+import data
+import train
+from configurator import ConfigError, configure
+from evaluate import evaluate_reasoning, per_task
+from experiments import fmt, mean_std, read_metrics, run_dir, train_config, train_run
+from sample import load_checkpoint
+
+DEFAULTS = dict(
+    quick=False,                     # 1 seed, a quarter of the steps, into results/depth-quick
+    out="",                          # '' = results/depth, or results/depth-quick with quick=True
+    preset="config/train_depth.py",  # the config every variant overrides
+    jobs=2,                          # runs in parallel, one thread each
+    variants="",                     # comma-separated names; '' = all of VARIANTS
+    iters=0,                         # steps per run; 0 = the preset's max_iters (a quarter with quick=True)
+    eval_per_task=400,               # held-out examples per task of EVAL_TASKS
+)
+
+EVAL_TASKS = "hopo:1,hopo:2,hopo:3,hopo:4,iter:1,iter:2,iter:3"  # hopo:4, iter:1 and iter:3 are never trained on
+RANDOM_K = "--n_steps_dist=uniform"  # recurrent-depth training: K ~ U{1..2K-1} per optimizer step, mean K
+HEADS = {  # name: (what it is, overrides of the preset); the preset trains a fixed K
+    "none": ("position-wise head (the method as written), fixed K", ["--head_attn=none"]),
+    "trunk": ("head attends to the trunk's h, fixed K", ["--head_attn=trunk"]),
+    "latent": ("head attends to the latents z_{k-1}, fixed K", ["--head_attn=latent"]),
+    "none_rk": ("position-wise head, random K", ["--head_attn=none", RANDOM_K]),
+    "trunk_rk": ("head attends to h, random K", ["--head_attn=trunk", RANDOM_K]),
+    "latent_rk": ("head attends to z_{k-1}, random K", ["--head_attn=latent", RANDOM_K]),
+}
+GPT_ONLY = ["--n_steps=0", "--lambda_rl=0.0", "--lambda_imp=0.0"]
+
+
+def model_flops(cfg, **changes):
+    """Training FLOPs per token of cfg's model with some config keys changed (built on the meta device: no weights)."""
+    c = cfg | changes
+    with torch.device("meta"):
+        model = train.build_model(c, data.get_tokenizer(c["tokenizer"], c["tokenizer_file"]), None)
+    return model.flops_per_token(seq_len=c["block_size"])["total"]
+
+
+def matched_gpts(cfg):
+    """The two FLOP-matched plain GPTs: {'gpt_deep': n_layer, 'gpt_wide': n_embd} whose K = 0 FLOPs/token are
+    closest (in ratio) to the costliest head variant's, the target."""
+    target = max(model_flops(cfg, head_attn=a) for a in ("none", "trunk", "latent"))
+    off = lambda f: abs(np.log(f / target))
+    layers = min(range(cfg["n_layer"] + 1, 4 * cfg["n_layer"] + 1), key=lambda n: off(model_flops(cfg, n_steps=0, n_layer=n)))
+    step = 16 * cfg["n_head"] // np.gcd(16, cfg["n_head"])  # widths divisible by n_head and by 16
+    widths = range(cfg["n_embd"] + step, 4 * cfg["n_embd"] + 1, step)
+    width = min(widths, key=lambda w: off(model_flops(cfg, n_steps=0, n_embd=w)))
+    return {"gpt_deep": layers, "gpt_wide": width}, target
+
+
+def variants(cfg):
+    """{name: (what it is, overrides)}: the plain GPT, the two FLOP-matched GPTs, and HEADS."""
+    match, _ = matched_gpts(cfg)
+    return {
+        "gpt": ("plain GPT, K = 0", GPT_ONLY),
+        "gpt_deep": (f"GPT, {match['gpt_deep']} layers (FLOP-matched)", [*GPT_ONLY, f"--n_layer={match['gpt_deep']}"]),
+        "gpt_wide": (f"GPT, {match['gpt_wide']} wide (FLOP-matched)", [*GPT_ONLY, f"--n_embd={match['gpt_wide']}"]),
+        **HEADS,
+    }
+
+
+def cut_latent(model, how, seed=0):
+    """The necessity check: model.refine with the latent state's path to the logits cut at the readout,
+    o_k = h_t + W_out·z̃_k, z̃_k = 0 ('zero') or z_k of a random other position of the same row ('shuffle')."""
+    head, gen = model.latent_head, torch.Generator().manual_seed(seed)
+
+    def refine(h, K, grad_steps=None):
+        _, z = head(h, K, return_latents=True)                      # z_0..z_K, (K+1, B, T, D)
+        z = z[1:]
+        z = torch.zeros_like(z) if how == "zero" else z[:, :, torch.randperm(z.size(2), generator=gen)]
+        return head.out(h, z)                                       # o_1..o_K, (K, B, T, C)
+    return refine
+
+
+@torch.no_grad()
+def evaluate_run(out_dir, n_per_task):
+    """{'curve': {task: exact match at K' = 0..3K}, 'zero'/'shuffle': {task: exact match at K}, 'beats': the
+    step_K_beats_1 rate at K} on EVAL_TASKS' held-out examples."""
+    model, cfg = load_checkpoint(out_dir, "cpu")
+    tok = data.get_tokenizer(cfg["tokenizer"], cfg.get("tokenizer_file", ""))
+    suite = data.ReasoningData("synthetic", tok, cfg["block_size"], tasks=EVAL_TASKS)
+    n = n_per_task * len(suite.tasks)
+    batches, tags = suite.eval_batches(cfg["batch_size"], n), suite.eval_tags(n)
+    K = model.config.n_steps
+    run = lambda k: per_task(evaluate_reasoning(model, batches, k)["per_example_exact"], tags)
+    trunk_alone = run(0)
+    if K == 0:
+        return {"curve": {t: em for t, em in trunk_alone.items()}, "K": 0}
+    steps = evaluate_reasoning(model, batches, 3 * K)
+    res = {"K": K, "curve": {t: trunk_alone[t] + em for t, em in per_task(steps["per_example_exact"], tags).items()},
+           "beats": evaluate_reasoning(model, batches, K)["step_K_beats_1"]}
+    for how in ("zero", "shuffle"):
+        model.refine = cut_latent(model, how)           # an instance attribute shadows GPT.refine ...
+        res[how] = {t: em[-1] for t, em in run(K).items()}
+        del model.refine                                # ... until deleted
+    return res
+
+
+def summarize(out_dir, n_per_task):
+    """One run: its evaluation (evaluate_run, cached in depth_eval.json next to the checkpoint), size, speed."""
+    cache, res = os.path.join(out_dir, "depth_eval.json"), None
+    if os.path.exists(cache) and os.path.getmtime(cache) > os.path.getmtime(os.path.join(out_dir, "ckpt.pt")):
+        with open(cache) as f:
+            res = json.load(f)
+    if res is None or res["n_per_task"] != n_per_task:
+        res = evaluate_run(out_dir, n_per_task) | {"n_per_task": n_per_task}
+        with open(cache, "w") as f:
+            json.dump(res, f)
+    train_recs, evals = read_metrics(out_dir)
+    cfg = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["config"]
+    return res | {"flops": model_flops(cfg), "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train_recs])),
+                  "evals": evals}
+
+
+def seed_table(title, runs_by_name, tasks, value):
+    """Markdown lines: one row per variant, one `mean ± std over seeds` column per task of value(run, task)."""
+    lines = [f"\n## {title}\n", "| variant | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
+    for name, runs in runs_by_name.items():
+        lines.append(f"| {name} | " + " | ".join(fmt([value(r, t) for r in runs]) for t in tasks) + " |")
+    return lines
+
+
+def write_report(path, cfg, names, summaries, seeds, wall_s, argv):
+    tasks = EVAL_TASKS.split(",")
+    heads = {n: runs for n, runs in summaries.items() if runs[0]["K"] > 0}
+    K = next(iter(heads.values()))[0]["K"] if heads else 0
+    base = summaries["gpt"][0]["flops"] if "gpt" in summaries else None
+    lines = [f"# RLRP depth experiment\n",
+             f"`python {' '.join(['depth.py', *argv])}` · {cfg['preset']} · {cfg['max_iters']} steps · seeds {seeds} · "
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores · wall time {wall_s / 60:.1f} min · "
+             f"mean ± std over seeds · {summaries[next(iter(summaries))][0]['n_per_task']} held-out examples per task\n",
+             "Exact match (EM), teacher-forced (identical to greedy decoding). `:4` was never trained on.\n",
+             "| variant | what | FLOPs/token | vs gpt | tokens/s (2 jobs) |", "| --- | --- | --- | --- | --- |"]
+    for name, runs in summaries.items():
+        ratio = f"{runs[0]['flops'] / base:.2f}×" if base else ""
+        lines.append(f"| {name} | {names[name][0]} | {runs[0]['flops'] / 1e6:.2f}M | {ratio} "
+                     f"| {mean_std([r['tokens_per_s'] for r in runs])[0]:.0f} |")
+    lines += seed_table("Exact match at step K (K' = 0 for the GPTs)", summaries, tasks,
+                        lambda r, t: r["curve"][t][r["K"]])
+    if heads:
+        lines += seed_table("Exact match at step 1", heads, tasks, lambda r, t: r["curve"][t][1])
+        lines += seed_table("Step K minus step 1", heads, tasks, lambda r, t: r["curve"][t][K] - r["curve"][t][1])
+        lines += [f"\n## step_K_beats_1: answer tokens where ℓ_K < ℓ_1\n", "| variant | rate |", "| --- | --- |"]
+        lines += [f"| {n} | {fmt([r['beats'] for r in runs])} |" for n, runs in heads.items()]
+        lines += necessity_table(heads, tasks, K)
+        lines += curve_table(heads, tasks, K)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def necessity_table(heads, tasks, K):
+    """EM at step K as trained, with the latent readout zeroed or shuffled, and K' = 0 (the trunk alone)."""
+    lines = ["\n## Necessity: the same checkpoints at step K, latent readout cut\n",
+             "| variant | test | " + " | ".join(tasks) + " |", "| --- | --- |" + " --- |" * len(tasks)]
+    tests = {"as trained": lambda r, t: r["curve"][t][K], "z zeroed": lambda r, t: r["zero"][t],
+             "z shuffled": lambda r, t: r["shuffle"][t], "K' = 0": lambda r, t: r["curve"][t][0]}
+    for name, runs in heads.items():
+        for test, value in tests.items():
+            lines.append(f"| {name} | {test} | " + " | ".join(f"{np.mean([value(r, t) for r in runs]):.3f}"
+                                                         for t in tasks) + " |")
+    return lines
+
+
+def curve_table(heads, tasks, K):
+    """Mean exact match at each test-time K' = 0..3K, one row per variant and task."""
+    width = 3 * K + 1
+    lines = ["\n## Test-time steps K' (mean over seeds)\n", "| variant | task | " +
+             " | ".join(f"K'={k}" for k in range(width)) + " |", "| --- | --- |" + " --- |" * width]
+    for name, runs in heads.items():
+        for t in tasks:
+            curve = np.mean([r["curve"][t] for r in runs], axis=0)
+            lines.append(f"| {name} | {t} | " + " | ".join(f"{v:.2f}" for v in curve) + " |")
+    return lines
+
+
+def plot(root, summaries):
+    """depth_vs_test_k.png (the main figure) and depth_over_training.png; skipped without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return
+    tasks = EVAL_TASKS.split(",")
+    cols = -(-len(tasks) // 2)
+    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 6.4), sharey=True)
+    for ax, t in zip(axes.flat, tasks):
+        for i, (name, runs) in enumerate(summaries.items()):
+            curve = np.mean([r["curve"][t] for r in runs], axis=0)
+            if runs[0]["K"] == 0:   # a GPT: one value, drawn as a level
+                ax.axhline(curve[0], color=f"C{i}", ls=":", label=name)
+            else:
+                ax.plot(range(len(curve)), curve, color=f"C{i}", ls="--" if name.endswith("_rk") else "-",
+                        marker=".", label=name)
+        ax.set(title=t, xlabel="test-time steps K'")
+    axes[0, 0].set(ylabel="held-out exact match")
+    axes[1, 0].set(ylabel="held-out exact match")
+    axes[0, -1].legend(fontsize=7)
+    for ax in axes.flat[len(tasks):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "depth_vs_test_k.png"), dpi=110)
+    trained = list(next(iter(summaries.values()))[0]["evals"][-1]["task_exact_match"])
+    fig, axes = plt.subplots(1, len(trained), figsize=(3.2 * len(trained), 3.4), sharey=True)
+    for ax, t in zip(np.atleast_1d(axes), trained):
+        for i, (name, runs) in enumerate(summaries.items()):
+            its = [e["iter"] for e in runs[0]["evals"]]
+            em = np.mean([[e["task_exact_match"][t][-1] for e in r["evals"]] for r in runs], axis=0)
+            ax.plot(its, em, color=f"C{i}", ls="--" if name.endswith("_rk") else "-", label=name)
+        ax.set(title=f"{t} (step K)", xlabel="training step")
+    np.atleast_1d(axes)[0].set(ylabel="held-out exact match")
+    np.atleast_1d(axes)[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "depth_over_training.png"), dpi=110)
+
+
+def parse_args(argv):
+    """(config, {name: (what, overrides)}) from DEFAULTS and argv (--key=value); bad values: ConfigError."""
+    c = configure(DEFAULTS, argv, doc=__file__)
+    if c["jobs"] < 1 or c["iters"] < 0 or c["eval_per_task"] < 1:
+        raise ConfigError(f"jobs and eval_per_task must be >= 1 and iters >= 0, got jobs={c['jobs']}, "
+                          f"iters={c['iters']}, eval_per_task={c['eval_per_task']}")
+    all_variants = variants(train_config([c["preset"]]))
+    names = c["variants"].split(",") if c["variants"] else list(all_variants)
+    unknown = [n for n in names if n not in all_variants]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {unknown}; valid: {', '.join(all_variants)}")
+    return c, {n: all_variants[n] for n in names}
+
+
+def main(argv):
+    c, names = parse_args(argv)
+    out = c["out"] or ("results/depth-quick" if c["quick"] else "results/depth")
+    preset = train_config([c["preset"]])
+    c["max_iters"] = c["iters"] or (preset["max_iters"] // 4 if c["quick"] else preset["max_iters"])
+    seeds = [0] if c["quick"] else [0, 1, 2]
+    t0 = time.time()
+    with ThreadPoolExecutor(c["jobs"]) as pool:  # the slowest (attending heads) first, so the pool ends together
+        jobs = [(n, s) for s in seeds for n in reversed(names)]
+        for future in [pool.submit(train_run, run_dir(out, n, s), c["preset"], names[n][1], s, c["max_iters"])
+                       for n, s in jobs]:
+            future.result()
+        summaries = dict(zip(names, pool.map(
+            lambda n: [summarize(run_dir(out, n, s), c["eval_per_task"]) for s in seeds], names)))
+    write_report(os.path.join(out, "depth.md"), c, names, summaries, seeds, time.time() - t0, argv)
+    plot(out, summaries)
+    print(open(os.path.join(out, "depth.md")).read())
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"depth.py: {e}")
