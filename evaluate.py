@@ -67,7 +67,7 @@ def evaluate_reasoning(model, batches, n_steps, n_examples=None, world=1):
     for b in batches:
         m = b.answer_mask
         ids, y = b.answer_id[m], b.y[m]                                       # (n,) each answer token's example, target
-        o = model.transformer.ln_f(model.refine(model.trunk(b.x), n_steps))   # (K', B, T, C)
+        o = model.transformer.ln_f(model.head_outputs(model.trunk(b.x), n_steps))   # (K', B, T, C)
         o = o[:, m]                                                           # (K', n, C): answer positions only
         for k in range(K):
             logits = model.lm_head(o[k]).float()                              # (n, V): one step at a time

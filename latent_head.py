@@ -71,7 +71,7 @@ class LatentHead(nn.Module):
         if self.w_out.bias is not None:
             nn.init.zeros_(self.w_out.bias)
 
-    def start(self, h):
+    def init_state(self, h):
         """h (B, T, C) -> z_0 (B, T, D), and what every step reuses: (injection (B, T, H), β (D,), the keys and
         values of LN_h(h) for head_attn='trunk' (2 × (B, nh, T, hs)), else None). head_attn='none' also takes
         h (..., C) of any shape."""
@@ -80,9 +80,9 @@ class LatentHead(nn.Module):
         # the h-part of the MLP's first layer is the same at every step: computed once
         return torch.tanh(self.w_in(hn)), (self.fc_h(hn), torch.sigmoid(self.b), kv)
 
-    def step(self, z, inject, beta, kv, cache=None):
+    def update(self, z, inject, beta, kv, cache=None):
         """One refinement step k: z_{k-1} (B, T, D) -> z_k (B, T, D). cache: generation's dict of this step's
-        keys/values at earlier positions (head_attn='latent'), extended here; see GPT.refine_steps."""
+        keys/values at earlier positions (head_attn='latent'), extended here; see GPT.newest_outputs."""
         zn = self.ln_z(z)                                                              # LN_z(z_{k-1})
         first = self.fc_z(zn) + inject
         if self.attn != "none":
@@ -112,7 +112,7 @@ class LatentHead(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, is_causal=causal)                  # (B, nh, T, hs)
         return a.transpose(1, 2).reshape(B, T, D)
 
-    def out(self, h, z):
+    def readout(self, h, z):
         """o_k = h_t + W_out · z_k, back in the hidden space (..., C)."""
         return h + self.w_out(z)
 
@@ -126,14 +126,14 @@ class LatentHead(nn.Module):
         """
         K = n_steps
         first_grad_step = 1 if grad_steps is None else max(1, K - grad_steps + 1)
-        z, fixed = self.start(h)                   # z_0 (B, T, D)
+        z, shared = self.init_state(h)                   # z_0 (B, T, D)
         if first_grad_step > 1:
             z = z.detach()
         zs, outs = [z], []
         for k in range(1, K + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= first_grad_step):
-                z = self.step(z, *fixed)           # z_k
+                z = self.update(z, *shared)           # z_k
             zs.append(z)
-            outs.append(self.out(h, z))            # o_k
+            outs.append(self.readout(h, z))            # o_k
         o = torch.stack(outs)                      # (K, B, T, C)
         return (o, torch.stack(zs)) if return_latents else o

@@ -191,11 +191,11 @@ class GPT(nn.Module):
         self.trunk = torch.compile(self.trunk, fullgraph=True)
         self.step_nll = torch.compile(self.step_nll, fullgraph=True)
         if self.latent_head is not None:
-            self.latent_head.start = torch.compile(self.latent_head.start, fullgraph=True)
-            self.latent_head.step = torch.compile(self.latent_head.step, fullgraph=True)
+            self.latent_head.init_state = torch.compile(self.latent_head.init_state, fullgraph=True)
+            self.latent_head.update = torch.compile(self.latent_head.update, fullgraph=True)
         return self
 
-    def refine(self, h, K, grad_steps=None):
+    def head_outputs(self, h, K, grad_steps=None):
         """h (B, T, C) -> o (max(K,1), B, T, C): o_1..o_K from the latent head, or h itself for K = 0."""
         return self.latent_head(h, K, grad_steps=grad_steps) if K > 0 else h.unsqueeze(0)
 
@@ -211,7 +211,7 @@ class GPT(nn.Module):
         """
         K = self.resolve_steps(n_steps)
         self.check_inputs(idx, targets)
-        o = self.refine(self.trunk(idx), K, grad_steps)                        # o_k, (K', B, T, C)
+        o = self.head_outputs(self.trunk(idx), K, grad_steps)                        # o_k, (K', B, T, C)
         if targets is None:
             return self.lm_head(self.transformer.ln_f(o)), None
         return None, torch.stack([self.step_nll(o_k, targets) for o_k in o])   # ℓ, (K', B, T), step by step
@@ -219,7 +219,7 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # generation
 
-    def refine_steps(self, h, K, cache=None):
+    def newest_outputs(self, h, K, cache=None):
         """
         The head one step at a time, for generation. h (B, T, C): the positions this call adds (the whole window
         on a (re)fill, else the newest token). Yields o_0 = h_t (the trunk's own), then o_1..o_K at the newest
@@ -236,17 +236,17 @@ class GPT(nn.Module):
         head = self.latent_head
         if head.attn == "none":
             h = h[:, -1:]                                  # position-wise: the newest position is all it needs
-        z, (inject, beta, kv) = head.start(h)              # z_0
+        z, (inject, beta, kv) = head.init_state(h)              # z_0
         if head.attn == "trunk":
             kv = tuple(torch.cat([old, new], 2) for old, new in zip(cache["kv"], kv)) if "kv" in cache else kv
             cache["kv"] = kv
         for k in range(K):
-            z = head.step(z, inject, beta, kv, cache.setdefault(k, {}) if head.attn == "latent" else None)  # z_k
-            yield head.out(h[:, -1], z[:, -1])             # o_k
+            z = head.update(z, inject, beta, kv, cache.setdefault(k, {}) if head.attn == "latent" else None)  # z_k
+            yield head.readout(h[:, -1], z[:, -1])             # o_k
 
-    def step_logits(self, outs, K, exit_threshold=None, trace=False):
+    def exit_logits(self, outs, K, exit_threshold=None, trace=False):
         """
-        outs: o_0 = h, o_1..o_K (each (B, C)) at the newest position, e.g. refine_steps(h, K) -> (logits (B, V) of
+        outs: o_0 = h, o_1..o_K (each (B, C)) at the newest position, e.g. newest_outputs(h, K) -> (logits (B, V) of
         the step each row ends at, steps used (B,), top1, prob).
         Adaptive exit: a row stops at the first k >= 1 with KL(p_k || p_{k-1}) < exit_threshold, p_0 being the
         trunk's own distribution, and takes logits_k; KL >= 0, so a threshold of 0 (or None) runs all K steps.
@@ -288,11 +288,11 @@ class GPT(nn.Module):
         only, and logits_K' -> next token (temperature 0 = greedy; top_k keeps the k most likely).
         The context is the last block_size tokens. Positions are absolute, so once the window slides the cache
         is recomputed from the last block_size tokens: exactly what the uncached model would see.
-        exit_threshold: adaptive exit, see step_logits. stop_token: a row that emits it is padded with it from
+        exit_threshold: adaptive exit, see exit_logits. stop_token: a row that emits it is padded with it from
         then on, and generation ends early once every row has (N < max_new_tokens).
         return_steps: also return a dict of (B, N) `used`, the steps each token ran (-1 = padding after
-        stop_token), and (B, N, K'+1) `top1`, `prob`: what each step k would have predicted (step_logits).
-        An attending head (head_attn trunk | latent) caches what its steps read (refine_steps): step k at the
+        stop_token), and (B, N, K'+1) `top1`, `prob`: what each step k would have predicted (exit_logits).
+        An attending head (head_attn trunk | latent) caches what its steps read (newest_outputs): step k at the
         newest token reads step k−1 of every earlier token, whatever step that token's adaptive exit stopped at
         (the exit picks which step's logits a token takes), exactly as the uncached model computes it.
         """
@@ -306,12 +306,12 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if cache is None or cache[0]["k"].size(2) == bs:
                 cache = [{} for _ in self.transformer.h] + [{}]          # (re)fill from the last block_size tokens
-                outs = self.refine_steps(self.trunk(idx[:, -bs:], cache), K, cache[-1])
+                outs = self.newest_outputs(self.trunk(idx[:, -bs:], cache), K, cache[-1])
             else:
-                outs = self.refine_steps(self.trunk(idx[:, -1:], cache), K, cache[-1])   # the newest token only
+                outs = self.newest_outputs(self.trunk(idx[:, -1:], cache), K, cache[-1])   # the newest token only
             if K and self.config.head_attn == "latent":
                 outs = list(outs)                   # every step runs, exit or not: later tokens read its state
-            logits, used, top1, prob = self.step_logits(outs, K, exit_threshold, trace=return_steps)
+            logits, used, top1, prob = self.exit_logits(outs, K, exit_threshold, trace=return_steps)
             idx_next = self._pick(logits, temperature, top_k)           # (B,)
             if stop_token is not None:
                 idx_next, used = idx_next.masked_fill(done, stop_token), used.masked_fill(done, -1)

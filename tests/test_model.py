@@ -166,7 +166,7 @@ def test_grad_steps_truncates_the_recurrence():
     g_trunc, = torch.autograd.grad(o[-1].sum(), head.fc_z.weight)
     # reference: steps 1..3 from a detached z, then one step with gradient
     _, z = head(h, 3, return_latents=True)
-    z_last = head.step(z[-1].detach(), *head.start(h)[1])
+    z_last = head.update(z[-1].detach(), *head.init_state(h)[1])
     g_ref, = torch.autograd.grad((h + head.w_out(z_last)).sum(), head.fc_z.weight)
     assert torch.allclose(g_trunc, g_ref, atol=1e-6)
 
@@ -417,7 +417,7 @@ def test_attending_head_flops_per_token_by_hand(attn):
 def test_compiled_attending_step_equals_eager(attn):
     model = tiny_model(head_attn=attn)
     head = model.latent_head
-    step = torch.compile(head.step, fullgraph=True)
+    step = torch.compile(head.update, fullgraph=True)
     for T in (9, 5, 7):                                  # a new length makes dynamo compile T as a dynamic size
-        z, fixed = head.start(torch.randn(2, T, 32))
-        assert torch.allclose(step(z, *fixed), head.step(z, *fixed), atol=1e-6)
+        z, shared = head.init_state(torch.randn(2, T, 32))
+        assert torch.allclose(step(z, *shared), head.update(z, *shared), atol=1e-6)

@@ -47,7 +47,7 @@ def gpt2_tok(gpt2_tokenizer_file):
 
 
 @pytest.mark.parametrize("attn", ["none", "trunk", "latent"])
-def test_refine_steps_with_the_cache_equal_the_head(attn):
+def test_newest_outputs_with_the_cache_equal_the_head(attn):
     """Generation's step-by-step head, fed a 3-position prefix and then one position at a time with its cache,
     gives at the newest position what LatentHead.forward gives on the whole sequence, at every step."""
     model = tiny_model(K=3)
@@ -61,7 +61,7 @@ def test_refine_steps_with_the_cache_equal_the_head(attn):
     cache = {}
     for t in range(3, 7):
         new = h[:, :t] if t == 3 else h[:, t - 1:t]
-        o = list(model.refine_steps(new, 5, cache))
+        o = list(model.newest_outputs(new, 5, cache))
         assert len(o) == 6 and torch.equal(o[0], h[:, t - 1])                 # o_0 = h_t, the trunk's own
         assert torch.allclose(torch.stack(o[1:]), model.latent_head(h[:, :t], 5)[:, :, -1], atol=1e-5)
     if attn == "latent":
