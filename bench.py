@@ -1,23 +1,25 @@
 """
-Benchmark RLRP training steps (forward + backward + AdamW on the real loss) on synthetic random tokens:
-ms/iter, tokens/s, peak memory, analytic FLOPs per token split trunk / head / unembed, and MFU on a GPU.
-README "Performance". Every ratio is measured side by side in one process, repetitions interleaved, medians.
+Benchmarks of RLRP training steps: speed, memory, FLOPs and MFU per K (README "Performance").
+Forward + backward + AdamW on the real loss, on random tokens: ms/iter, tokens/s, peak memory, analytic FLOPs
+per token split trunk / head / unembed, and MFU on a GPU. Every ratio is measured side by side in one
+process, repetitions interleaved, medians.
 
     python bench.py                                      # one row for the config below
     python bench.py --sweep=True --vocab=gpt2            # K in {0,1,2,4,8}: time and FLOP ratios to K=0
     python bench.py --reference=True                     # our K=0 trunk vs a plain nanoGPT-style GPT
-    python bench.py --compare_compile=True               # compile time and graphs: whole forward vs compile_parts
+    python bench.py --compare_compile=True               # compile time and graphs: whole vs compile_parts
     python bench.py --device=cuda --compile=True --vocab=gpt2 --n_layer=12 --n_head=12 --n_embd=768 \\
         --block_size=1024 --batch_size=12 --n_steps=4   # GPT-2 small shape, bf16: MFU
 
-MF columns: analytic MFLOPs per token, 6 per multiply-add (model.flops_per_token). Not counted: where the logits
-exceed one tile, the fused NLL recomputes them in backward, running 8·C·V per step where 6·C·V are counted.
-CPU peak memory is the process's peak RSS, a high-water mark that never goes down, so a sweep measures each
-K's memory in a fresh subprocess. train_mem_mb = peak minus the mark before the first training step.
-compile_s is the first compiled step at K, k2_compile_s the first at a second K (K - 1): compiling forward whole
-unrolls the K-step loop, so each new K compiles again; GPT.compile_parts compiles the trunk and one step, which
-every K reuses. graphs counts the graphs dynamo compiled. TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 makes compiles cold.
-On cores shared with other jobs use --threads=1: a 2-thread op stalls whenever one of its cores is taken.
+MF columns: analytic MFLOPs per token, 6 per multiply-add (model.flops_per_token). Not counted: where the
+logits exceed one tile, the fused NLL recomputes them in backward, running 8·C·V per step where 6·C·V are
+counted. CPU peak memory is the process's peak RSS, a high-water mark that never goes down, so a sweep
+measures each K's memory in a fresh subprocess. train_mem_mb = peak minus the mark before the first training
+step. compile_s is the first compiled step at K, k2_compile_s the first at a second K (K - 1): compiling
+forward whole unrolls the K-step loop, so each new K compiles again; GPT.compile_parts compiles the trunk and
+one step, which every K reuses. graphs counts the graphs dynamo compiled. TORCHINDUCTOR_FORCE_DISABLE_CACHES=1
+makes compiles cold. On cores shared with other jobs use --threads=1: a 2-thread op stalls whenever one of its
+cores is taken.
 """
 
 import json as json_lib
@@ -61,7 +63,8 @@ DEFAULTS = dict(
     # what to run (none: one row for the config above)
     sweep=False,              # K in {0,1,2,4,8}: time and FLOP ratios to K=0, memory from a subprocess per K
     reference=False,          # our K=0 trunk vs a plain nanoGPT-style GPT (exact and tanh GELU)
-    compare_compile=False,    # compile time, graphs and speed: forward compiled whole vs compile_parts vs eager
+    compare_compile=False,    # compile time, graphs and speed: forward compiled whole vs compile_parts vs
+                              # eager
     json=False,               # one JSON object per row instead of the table
 )
 VOCABS = {"byte": 256, "gpt2": 50257, "char": 65}
@@ -90,7 +93,8 @@ class PlainGPT(nn.Module):
         self.wte, self.wpe = nn.Embedding(vocab_size, C), nn.Embedding(block_size, C)
         self.h = nn.ModuleList(nn.ModuleDict(dict(
             ln_1=nn.LayerNorm(C), c_attn=nn.Linear(C, 3 * C), c_proj=nn.Linear(C, C),
-            ln_2=nn.LayerNorm(C), c_fc=nn.Linear(C, 4 * C), mlp_proj=nn.Linear(4 * C, C))) for _ in range(n_layer))
+            ln_2=nn.LayerNorm(C), c_fc=nn.Linear(C, 4 * C), mlp_proj=nn.Linear(4 * C, C)))
+            for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(C)
         self.lm_head = nn.Linear(C, vocab_size, bias=False)
         self.wte.weight = self.lm_head.weight
@@ -99,7 +103,8 @@ class PlainGPT(nn.Module):
         B, T = idx.shape
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
         for b in self.h:
-            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in b.c_attn(b.ln_1(x)).chunk(3, dim=2))
+            qkv = b.c_attn(b.ln_1(x)).chunk(3, dim=2)
+            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in qkv)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
             x = x + b.c_proj(y)
             x = x + b.mlp_proj(F.gelu(b.c_fc(b.ln_2(x)), approximate=self.gelu))
@@ -118,7 +123,8 @@ def optimizer(model, device):
 def make_step(cfg, K=None, plain=None, compile=None):
     """A closure step(k=K) running one training step (real loss, backward, AdamW) with k refinement steps, and
     the model it trains. plain: None for our GPT, else PlainGPT with that GELU. compile: False, True
-    (GPT.compile_parts; PlainGPT whole) or 'whole' (our forward compiled whole, one graph per K, for comparison)."""
+    (GPT.compile_parts; PlainGPT whole) or 'whole' (our forward compiled whole, one graph per K, for
+    comparison)."""
     torch.manual_seed(cfg["seed"])
     K = cfg["n_steps"] if K is None else K
     V, B, T, dev = vocab_size(cfg), cfg["batch_size"], cfg["block_size"], cfg["device"]
@@ -126,8 +132,8 @@ def make_step(cfg, K=None, plain=None, compile=None):
         model = PlainGPT(V, T, cfg["n_layer"], cfg["n_head"], cfg["n_embd"], gelu=plain).to(dev)
     else:
         model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
-                              n_embd=cfg["n_embd"], n_steps=K, n_latent=cfg["n_latent"], head_attn=cfg["head_attn"],
-                              dropout=0.0)).to(dev)
+                              n_embd=cfg["n_embd"], n_steps=K, n_latent=cfg["n_latent"],
+                              head_attn=cfg["head_attn"], dropout=0.0)).to(dev)
     opt = optimizer(model, dev)
     mode = cfg["compile"] if compile is None else compile
     run = (model.compile_parts() if mode is True and plain is None else
@@ -153,7 +159,8 @@ def make_step(cfg, K=None, plain=None, compile=None):
 
 
 def time_interleaved(steps, warmup, iters):
-    """Median seconds per step for each named step; one repetition of each in turn, so drift hits all alike."""
+    """Median seconds per step for each named step; one repetition of each in turn, so drift hits all
+    alike."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -173,14 +180,16 @@ def peak_mem_mb(device):
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 2**10
     except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (20 if sys.platform == "darwin" else 10)
+        kib_or_bytes = 20 if sys.platform == "darwin" else 10   # ru_maxrss: bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** kib_or_bytes
 
 
 def row(cfg, K, model, dt, mem=None):
     B, T = cfg["batch_size"], cfg["block_size"]
     f = model.flops_per_token(K, T)
     r = dict(n_steps=K, vocab_size=vocab_size(cfg), ms_per_iter=1e3 * dt, tokens_per_s=B * T / dt,
-             flops_per_token=f["total"], trunk_flops=f["trunk"], head_flops=f["head"], unembed_flops=f["unembed"])
+             flops_per_token=f["total"], trunk_flops=f["trunk"], head_flops=f["head"],
+             unembed_flops=f["unembed"])
     if mem:
         r.update(mem)
     if cfg["device"] == "cuda":
@@ -251,27 +260,31 @@ def run_compile(cfg):
                          graphs=counters["stats"]["unique_graphs"]))
     dts = time_interleaved(steps, cfg["warmup"], cfg["iters"])
     for r in rows:
-        r.update(row(cfg, K, model, dts[r["compile"]]), eager_tokens_per_s=cfg["batch_size"] * cfg["block_size"]
-                 / dts["eager"], speedup_vs_eager=dts["eager"] / dts[r["compile"]])
+        r.update(row(cfg, K, model, dts[r["compile"]]),
+                 eager_tokens_per_s=cfg["batch_size"] * cfg["block_size"] / dts["eager"],
+                 speedup_vs_eager=dts["eager"] / dts[r["compile"]])
     return rows
 
 
 COLUMNS = [  # (key, header, width, format); MF = MFLOPs per token
-    ("compile", "compile", 8, "s"), ("n_steps", "K", 3, "d"), ("ms_per_iter", "ms/iter", 9, ".1f"), ("tokens_per_s", "tok/s", 8, ".0f"),
-    ("trunk_flops", "trunk MF", 9, ".2f"), ("head_flops", "head MF", 8, ".2f"), ("unembed_flops", "unemb MF", 9, ".2f"),
+    ("compile", "compile", 8, "s"), ("n_steps", "K", 3, "d"), ("ms_per_iter", "ms/iter", 9, ".1f"),
+    ("tokens_per_s", "tok/s", 8, ".0f"), ("trunk_flops", "trunk MF", 9, ".2f"),
+    ("head_flops", "head MF", 8, ".2f"), ("unembed_flops", "unemb MF", 9, ".2f"),
     ("time_ratio", "t/t0", 6, ".2f"), ("flop_ratio", "F/F0", 6, ".2f"), ("quotient", "quot", 6, ".2f"),
     ("peak_mem_mb", "peak MB", 8, ".0f"), ("train_mem_mb", "train MB", 9, ".0f"), ("mfu", "MFU", 6, ".1%"),
     ("reference_tokens_per_s", "ref tok/s", 10, ".0f"), ("speed_vs_reference", "vs ref", 7, ".2f"),
     ("speed_vs_reference_tanh", "vs ref(tanh)", 13, ".2f"),
     ("eager_tokens_per_s", "eager tok/s", 12, ".0f"), ("speedup_vs_eager", "speedup", 8, ".2f"),
-    ("compile_s", "compile s", 10, ".1f"), ("k2_compile_s", "2nd K s", 8, ".1f"), ("graphs", "graphs", 7, "d"),
+    ("compile_s", "compile s", 10, ".1f"), ("k2_compile_s", "2nd K s", 8, ".1f"),
+    ("graphs", "graphs", 7, "d"),
 ]
 
 
 def print_table(cfg, rows):
     cols = [c for c in COLUMNS if c[0] in rows[0]]
-    print(f"# {cfg['device']} vocab={vocab_size(cfg)} B={cfg['batch_size']} T={cfg['block_size']} L={cfg['n_layer']} "
-          f"H={cfg['n_head']} C={cfg['n_embd']} compile={cfg['compile']} threads={torch.get_num_threads()}")
+    print(f"# {cfg['device']} vocab={vocab_size(cfg)} B={cfg['batch_size']} T={cfg['block_size']} "
+          f"L={cfg['n_layer']} H={cfg['n_head']} C={cfg['n_embd']} compile={cfg['compile']} "
+          f"threads={torch.get_num_threads()}")
     print(" ".join(f"{h:>{w}}" for _, h, w, _ in cols))
     for r in rows:
         print(" ".join(f"{r[k] * (1e-6 if k.endswith('_flops') else 1):>{w}{f}}" for k, _, w, f in cols))

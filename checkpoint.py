@@ -1,23 +1,71 @@
 """
-Checkpoints and resume: atomic writes that keep the previous checkpoint, one-line errors for a missing or
-unreadable file, the resumed run's config (the checkpoint's own, with only the keys that are safe to change
-overridable), and the metric records a crashed run wrote after its last checkpoint.
+Where a run starts from (init_from) and its checkpoints.
+
+The model for init_from (scratch, a checkpoint, GPT-2), atomic checkpoint writes that keep the previous one,
+one-line errors for a missing or unreadable file, and the resumed run's config and state.
 """
 
-import json
 import os
+from dataclasses import asdict
 
 import torch
 
 from configurator import ConfigError, configure
+from model import GPT, GPTConfig
 
-# What a resumed run may change: where and how often it evaluates, logs and saves, how long it runs and where
-# its learning-rate schedule ends, and the machine it runs on. Everything else (architecture, data, objective,
-# optimizer, seed) comes from the checkpoint: a different value would make it another run, not this one resumed.
+# What a resumed run may change: where and how often it evaluates, logs and saves, how long it runs and
+# where its learning-rate schedule ends, and the machine it runs on. Everything else (architecture, data,
+# objective, optimizer, seed) comes from the checkpoint: a different value would make it another run, not
+# this one resumed.
 SAFE_ON_RESUME = ("out_dir", "init_from", "eval_interval", "log_interval", "eval_iters", "eval_examples",
                   "eval_only", "checkpoint_interval", "checkpoint_minutes", "wandb_log", "wandb_project",
                   "wandb_run_name", "max_iters", "lr_decay_iters", "min_lr", "device", "dtype", "compile",
                   "threads", "gpu_peak_tflops", "tokenizer_file")
+ARCH_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "bias", "n_steps", "n_latent", "head_attn")
+
+
+def build_model(c, tok, ckpt):
+    """The model for c's init_from (ckpt: the loaded checkpoint when resuming); its block_size must cover the
+    run's, and its vocabulary the tokenizer's."""
+    if c["init_from"] == "resume":
+        model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": c["dropout"]}))
+        model.load_state_dict(ckpt["model"])
+    elif c["init_from"] == "scratch":
+        V = tok.vocab_size if tok.vocab_size < 1024 else -(-tok.vocab_size // 64) * 64  # big ones: pad to ×64
+        model = GPT(GPTConfig(vocab_size=V, dropout=c["dropout"], **{k: c[k] for k in ARCH_KEYS}))
+    else:
+        try:
+            model = GPT.from_pretrained(c["init_from"], n_steps=c["n_steps"], n_latent=c["n_latent"],
+                                        dropout=c["dropout"], head_attn=c["head_attn"])
+        except (ImportError, OSError, ValueError) as e:
+            raise ConfigError(str(e).splitlines()[0]) from e
+    if c["block_size"] > model.config.block_size:
+        raise ConfigError(f"block_size={c['block_size']} is larger than the model's "
+                          f"{model.config.block_size}")
+    if tok.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"tokenizer {tok.name!r} ({tok.vocab_size} tokens) does not fit the model's "
+                          f"vocabulary ({model.config.vocab_size})")
+    if c["block_size"] < model.config.block_size:
+        model.crop_block_size(c["block_size"])
+    return model
+
+
+def state(model, optimizer, scaler, it, best_val, config):
+    """What a checkpoint holds: enough to rebuild the model (model_args) and to continue the run exactly."""
+    return {"model_args": asdict(model.config), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": it,
+            "best_val_loss": best_val, "config": config}
+
+
+def restore(ckpt, optimizer, scaler):
+    """A resumed run's optimizer and loss-scaler state from ckpt -> (its iteration, best val loss); a new run
+    (ckpt None) starts at (0, inf)."""
+    if ckpt is None:
+        return 0, float("inf")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):                            # fp16's loss scale ({} when the scaler is off)
+        scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["iter_num"], ckpt["best_val_loss"]
 
 
 def previous(path):
@@ -27,8 +75,9 @@ def previous(path):
 
 
 def save(path, state):
-    """Atomic (written to a temp file, then renamed): a crash mid-write leaves the last checkpoint intact. The one
-    it replaces is kept as ckpt.prev.pt, so a checkpoint damaged later (a full disk, a bad copy) loses one interval."""
+    """Atomic (written to a temp file, then renamed): a crash mid-write leaves the last checkpoint intact. The
+    one it replaces is kept as ckpt.prev.pt, so a checkpoint damaged later (a full disk, a bad copy) loses one
+    interval."""
     torch.save(state, path + ".tmp")
     if os.path.exists(path):
         os.replace(path, previous(path))
@@ -38,9 +87,11 @@ def save(path, state):
 def load(path):
     """The checkpoint at `path` (on the CPU), or a ConfigError naming the file and what to do instead."""
     prev = previous(path)
-    hint = f"; the previous checkpoint is {prev}: copy it to {path} to resume from it" if os.path.exists(prev) else ""
+    hint = f"; the previous checkpoint is {prev}: copy it to {path} to resume from it" \
+        if os.path.exists(prev) else ""
     if not os.path.exists(path):
-        raise ConfigError(f"init_from=resume but {path} does not exist" + (hint or "; start with init_from=scratch"))
+        raise ConfigError(f"init_from=resume but {path} does not exist"
+                          + (hint or "; start with init_from=scratch"))
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated zip, a damaged pickle, ...: whatever it is, the file cannot be used
@@ -54,24 +105,7 @@ def resume_config(defaults, saved, argv):
     c = configure(base, argv)
     for key in defaults:
         if key not in SAFE_ON_RESUME and c[key] != base[key]:
-            raise ConfigError(f"{key}={c[key]!r} differs from the checkpoint's {base[key]!r}; a resumed run keeps its "
-                              f"config except {', '.join(SAFE_ON_RESUME)} (start a new out_dir to change it)")
+            raise ConfigError(f"{key}={c[key]!r} differs from the checkpoint's {base[key]!r}; a resumed run "
+                              f"keeps its config except {', '.join(SAFE_ON_RESUME)} (start a new out_dir to "
+                              "change it)")
     return c
-
-
-def keep_records_until(path, it):
-    """On resume: drop the metric records past the checkpoint's iteration (the crashed run wrote them after its
-    last checkpoint and the resumed run writes them again), and a line cut short by the crash. Atomic."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["iter"] <= it:
-                    keep.append(line)
-            except ValueError:
-                pass
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)

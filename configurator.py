@@ -1,5 +1,7 @@
 """
-nanoGPT's configurator, made safe. A script keeps its defaults in one dict and calls
+An entry point's set-up: its config, and its process (device, precision, DDP ranks, stop signals).
+
+The config is nanoGPT's configurator, made safe. A script keeps its defaults in one dict and calls
 
     config = configure(DEFAULTS, sys.argv[1:], doc=__file__)
 
@@ -13,9 +15,11 @@ commands after it) and every key with its default and the comment after it in th
 import ast
 import io
 import os
+import signal
 import sys
 import tokenize
 from ast import literal_eval
+from contextlib import nullcontext
 
 
 class ConfigError(ValueError):
@@ -36,7 +40,8 @@ def _coerce(key, value, default):
 
 def _set(config, key, value, source):
     if key not in config:
-        raise ConfigError(f"unknown config key {key!r} (from {source}); valid keys: {', '.join(sorted(config))}")
+        raise ConfigError(f"unknown config key {key!r} (from {source}); valid keys: "
+                          f"{', '.join(sorted(config))}")
     config[key] = _coerce(key, value, config[key])
 
 
@@ -59,12 +64,12 @@ def _parse_value(text):
 
 
 def configure(defaults, argv, doc=None):
-    """A copy of `defaults` with the presets and --key=value overrides in argv applied in order. With --help or
-    -h anywhere in argv: print help_text(defaults, doc) and exit 0. doc: the script's file (__file__); None =
-    the file of the module that holds `defaults` as a global, else the running script."""
+    """A copy of `defaults` with the presets and --key=value overrides in argv applied in order. With --help
+    or -h anywhere in argv: print help_text(defaults, doc) and exit 0. doc: the script's file (__file__);
+    None = the running script's."""
     if any(arg in ("--help", "-h") for arg in argv):
         try:
-            print(help_text(defaults, doc or _defining_file(defaults)), flush=True)
+            print(help_text(defaults, doc or getattr(sys.modules["__main__"], "__file__", None)), flush=True)
         except BrokenPipeError:  # `--help | head`: the reader left; no traceback
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
@@ -82,85 +87,42 @@ def configure(defaults, argv, doc=None):
             _apply_file(config, arg)
     return config
 
-
-def default_device():
-    """The best available device: cuda, then mps, then cpu."""
-    import torch
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def default_dtype(device):
-    """The best autocast dtype `device` supports: bfloat16, else float16 on CUDA; float32 on CPU and MPS."""
-    import torch
-    if device.split(":")[0] != "cuda":
-        return "float32"
-    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-
 # -----------------------------------------------------------------------------
 # --help: the DEFAULTS block's own comments, so the meanings live in one place
 
 
-def _defining_file(defaults):
-    """The file of the first module up the call stack that holds `defaults` as a global, else the script's."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if any(value is defaults for value in frame.f_globals.values()):
-            return frame.f_globals.get("__file__")
-        frame = frame.f_back
-    return getattr(sys.modules.get("__main__"), "__file__", None)
-
-
-def _dict_block(tree, first_key):
-    """The module-level `NAME = dict(key=value, ...)` or `NAME = {"key": value, ...}` holding first_key:
-    [(key, its first ast node, its last)] in source order, and the block's first line; ([], 0) if none."""
-    for node in tree.body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            continue
-        v = node.value
-        if isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id == "dict" and not v.args:
-            items = [(kw.arg, kw, kw) for kw in v.keywords if kw.arg]
-        elif isinstance(v, ast.Dict):
-            items = [(k.value, k, val) for k, val in zip(v.keys, v.values) if isinstance(k, ast.Constant)]
-        else:
-            continue
-        if any(key == first_key for key, _, _ in items):
-            return items, v.lineno
-    return [], 0
-
-
-def _comments(source):
-    """({line: (column, text)} of every comment, set of lines holding code)."""
-    comments, code = {}, set()
+def _describe(source, first_key):
+    """From the source of the `dict(key=value, ...)` call holding first_key: ({key: its meaning}, {key: the
+    section header right above it}). A key's meaning is the comment on the line where its value ends (the last
+    key on that line takes it), joined with the comment-only lines right after it that are indented past the
+    key; a comment-only line at the keys' indent heads a section."""
+    def is_block(node):
+        return isinstance(node, ast.Call) and getattr(node.func, "id", None) == "dict" \
+            and any(kw.arg == first_key for kw in node.keywords)
+    call = next(filter(is_block, ast.walk(ast.parse(source))), None)
+    if call is None:
+        return {}, {}
+    comments, alone = {}, {}        # {line: (column, text)} of every comment, and of the comment-only lines
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
             comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
-        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
-            code.update(range(tok.start[0], tok.end[0] + 1))
-    return comments, code
-
-
-def _describe(source, first_key):
-    """From the DEFAULTS block's source: ({key: its meaning}, {key: the section header right above it}). A key's
-    meaning is the comment on the line where its value ends (the last key on that line takes it), joined with
-    the comment-only lines right after it that are indented past the key; a comment-only line at the keys'
-    indent heads a section."""
-    items, line = _dict_block(ast.parse(source), first_key)
-    comments, code = _comments(source)
-    alone = {n: c for n, c in comments.items() if n not in code}        # comment-only lines
-    last_on_line = {last.end_lineno: key for key, _, last in items}
-    meaning, section = {}, {}
-    for key, first, last in items:
-        col, end = first.col_offset, last.end_lineno
-        header = [text for n, (c, text) in sorted(alone.items()) if line < n < first.lineno and c <= col and text]
+            if tok.line.lstrip().startswith("#"):
+                alone[tok.start[0]] = comments[tok.start[0]]
+    keys = [kw for kw in call.keywords if kw.arg]
+    last_on_line = {kw.end_lineno: kw.arg for kw in keys}
+    meaning, section, line = {}, {}, call.lineno
+    for kw in keys:
+        header = [text for n, (col, text) in sorted(alone.items())
+                  if line < n < kw.lineno and col <= kw.col_offset and text]
         if header:
-            section[key] = " ".join(header)
-        if last_on_line[end] == key and end in comments:
-            parts, n = [comments[end][1]], end + 1
-            while n in alone and alone[n][0] > col:
+            section[kw.arg] = " ".join(header)
+        if last_on_line[kw.end_lineno] == kw.arg and kw.end_lineno in comments:
+            parts, n = [comments[kw.end_lineno][1]], kw.end_lineno + 1
+            while n in alone and alone[n][0] > kw.col_offset:
                 parts.append(alone[n][1])
                 n += 1
-            meaning[key] = " ".join(p for p in parts if p)
-        line = end
+            meaning[kw.arg] = " ".join(p for p in parts if p)
+        line = kw.end_lineno
     return meaning, section
 
 
@@ -168,7 +130,7 @@ def _usage(docstring):
     """The docstring's first paragraph, and the indented block of commands right after it if there is one."""
     paragraphs = [p for p in (docstring or "").strip("\n").split("\n\n") if p.strip()]
     keep = paragraphs[:1]
-    if len(paragraphs) > 1 and all(l.startswith(" ") for l in paragraphs[1].splitlines()):
+    if len(paragraphs) > 1 and all(line.startswith(" ") for line in paragraphs[1].splitlines()):
         keep.append(paragraphs[1])
     return "\n\n".join(keep)
 
@@ -194,8 +156,10 @@ def help_text(defaults, path=None):
     name = os.path.basename(path) if path else "script.py"
     lines = [_usage(doc), ""] if doc else []
     lines += [f"usage: python {name} [PRESET.py ...] [--key=value ...]",
-              "  applied in order: PRESET.py is a Python file of assignments (config/*.py); a --key=value value is",
-              "  read as a Python literal, else taken as a string (booleans: --key=True); -h, --help: this text",
+              "  applied in order: PRESET.py is a Python file of assignments (config/*.py); a --key=value "
+              "value is",
+              "  read as a Python literal, else taken as a string (booleans: --key=True); -h, --help: this "
+              "text",
               "", "keys, with their defaults:"]
     args = {key: f"--{key}={_shown(value)}" for key, value in defaults.items()}
     width = min(max(map(len, args.values()), default=0), 36)
@@ -204,3 +168,76 @@ def help_text(defaults, path=None):
             lines.append(section[key])
         lines.append(f"  {arg:<{width}}  {meaning[key]}".rstrip() if key in meaning else f"  {arg}")
     return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# the process: device, precision, DDP ranks, stop signals (torch is imported here only, so --help stays fast)
+
+
+def default_device():
+    """The best available device: cuda, then mps, then cpu."""
+    import torch
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def default_dtype(device):
+    """The best autocast dtype `device` supports: bfloat16, else float16 on CUDA; float32 on CPU and MPS."""
+    import torch
+    if device.split(":")[0] != "cuda":
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def autocast(device, dtype):
+    """torch.autocast to dtype on device's type; none for float32."""
+    import torch
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+def precision(c, device_type):
+    """(autocast context, GradScaler) for c's dtype (None = default_dtype): bf16 where supported, fp16 + loss
+    scaling otherwise, float32 (no autocast) on CPU and MPS."""
+    import torch
+    dtype = c["dtype"] or default_dtype(device_type)
+    return autocast(device_type, dtype), torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+
+
+def setup_system(c):
+    """Starts DDP under torchrun, for a config with device, threads and gradient_accumulation_steps; returns
+    (rank, local_rank, world_size, device)."""
+    import torch
+    import torch.distributed as dist
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if c["gradient_accumulation_steps"] % world:
+        raise ConfigError(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be divisible "
+                          f"by the number of processes ({world})")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = c["device"] or default_device()
+    per_process = os.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    threads = c["threads"] or (per_process if world > 1 else 0)
+    if device == "cpu" and threads:
+        torch.set_num_threads(max(1, threads))   # processes sharing a CPU must not oversubscribe its cores
+    if device == "cuda" or device.startswith("cuda:"):
+        device = f"cuda:{local_rank}" if world > 1 else device
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return rank, local_rank, world, device
+
+
+def catch_stop_signals():
+    """SIGINT (Ctrl-C) and SIGTERM (what a cluster scheduler sends before preemption) no longer kill the
+    process: they are recorded in the returned list, for a loop to finish its step, save and exit. The same
+    signal again exits at once. (torchrun forwards Ctrl-C to its workers as SIGTERM, hence 'the same'.)"""
+    caught = []
+
+    def handler(signum, frame):
+        if signum in caught:
+            sys.exit(128 + signum)
+        caught.append(signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return caught

@@ -1,7 +1,10 @@
 """
-Evaluation, per refinement step k, in one teacher-forced pass, summed over DDP ranks: fluency val loss,
-and on held-out reasoning answers exact match, token accuracy and how often step K beats step 1. train.py
-runs it every eval_interval; experiments.py reuses evaluate_reasoning (sample.py decodes greedily instead).
+Metrics: what a run measures per refinement step k, the records train.py writes of it, and their plots.
+
+Evaluation is one teacher-forced pass, summed over DDP ranks: fluency val loss and, on held-out reasoning
+answers, exact match (greedy decoding's), token accuracy and how often step K beats step 1; and exact match
+against the test-time steps K' (exact_match_curve). train.py writes eval and train records to metrics.jsonl
+(and wandb).
 
 CLI: python evaluate.py --plot --out_dir=DIR   plots of one run's DIR/metrics.jsonl, written next to it (PLOTS
      below; needs matplotlib, an optional extra: pip install matplotlib)
@@ -11,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+from statistics import fmean
 
 import torch
 import torch.distributed as dist
@@ -23,15 +27,16 @@ def all_reduce_sum(t, world):
         dist.all_reduce(t)
     return t
 
-# Every rank must run the same all_reduce calls, in the same order, with the same shapes, whatever its share of
-# the eval set (possibly none). Tensors on the device are float32 (loss sums, small per-example counts, exact
-# below 2**24) or int64 (global token counts): no float64, which MPS lacks.
+# Every rank must run the same all_reduce calls, in the same order, with the same shapes, whatever its share
+# of the eval set (possibly none). Tensors on the device are float32 (loss sums, small per-example counts,
+# exact below 2**24) or int64 (global token counts): no float64, which MPS lacks.
 
 
 @torch.no_grad()
 def evaluate_fluency(model, batches, n_steps, world=1):
-    """Per-step val loss: the mean of ℓ_k over all valid targets of all ranks' batches; `batches` is this rank's
-    share, possibly empty. Two all_reduce calls on every rank: Σ ℓ_k per step, then the count of valid targets."""
+    """Per-step val loss: the mean of ℓ_k over all valid targets of all ranks' batches; `batches` is this
+    rank's share, possibly empty. Two all_reduce calls on every rank: Σ ℓ_k per step, then the count of valid
+    targets."""
     device = model.lm_head.weight.device
     sums = torch.zeros(max(n_steps, 1), dtype=torch.float32, device=device)   # Σ ℓ_k per step
     count = torch.zeros((), dtype=torch.int64, device=device)                 # valid targets
@@ -52,29 +57,32 @@ def evaluate_reasoning(model, batches, n_steps, n_examples=None, world=1):
       step_K_beats_1     answer tokens where ℓ_K < ℓ_1
     Also per_example_exact (N, K'), for per-task tables. batches: this rank's share of eval_batches, possibly
     empty; n_examples: the size of the whole eval set (answer_id < n_examples), needed with DDP or no batches.
-    Only answer positions are unembedded: (K', n, V) logits for the batch's n answer tokens, never (K', B, T, V).
+    Only answer positions are unembedded: (K', n, V) logits for the batch's n answer tokens, never
+    (K', B, T, V).
     """
     K = max(n_steps, 1)
     if n_examples is None:
         if not batches or world > 1:
-            raise ValueError("evaluate_reasoning needs n_examples (the size of the whole eval set) when this rank has "
-                             "no batches or with DDP (world > 1): every rank must sum tensors of the same shape")
+            raise ValueError("evaluate_reasoning needs n_examples (the size of the whole eval set) when this "
+                             "rank has no batches or with DDP (world > 1): every rank must sum tensors of "
+                             "the same shape")
         n_examples = 1 + max(int(b.answer_id.max()) for b in batches)
     device = model.lm_head.weight.device
-    wrong = torch.zeros(n_examples, K, dtype=torch.float32, device=device)  # wrong answer tokens, per example, step
+    wrong = torch.zeros(n_examples, K, dtype=torch.float32, device=device)  # wrong answer tokens (example, k)
     seen = torch.zeros(n_examples, dtype=torch.float32, device=device)      # answer tokens per example
-    beats = torch.zeros(2, dtype=torch.int64, device=device)                # (tokens where ℓ_K < ℓ_1, answer tokens)
+    beats = torch.zeros(2, dtype=torch.int64, device=device)                # (tokens where ℓ_K < ℓ_1, all)
     for b in batches:
         m = b.answer_mask
-        ids, y = b.answer_id[m], b.y[m]                                       # (n,) each answer token's example, target
+        ids, y = b.answer_id[m], b.y[m]                   # (n,): each answer token's example, and target
         o = model.transformer.ln_f(model.head_outputs(model.trunk(b.x), n_steps))   # (K', B, T, C)
-        o = o[:, m]                                                           # (K', n, C): answer positions only
+        o = o[:, m]                                       # (K', n, C): answer positions only
         for k in range(K):
             logits = model.lm_head(o[k]).float()                              # (n, V): one step at a time
             wrong[:, k].index_add_(0, ids, (logits.argmax(-1) != y).float())
             if k in (0, K - 1):                                               # ℓ_1 and ℓ_K on answer tokens
                 nll = F.cross_entropy(logits, y, reduction="none")
-                nll_first = nll if k == 0 else nll_first
+                if k == 0:
+                    nll_first = nll
         seen.index_add_(0, ids, torch.ones_like(ids, dtype=seen.dtype))
         beats += torch.stack([(nll < nll_first).sum(), m.sum()])
     wrong, seen, beats = (all_reduce_sum(t, world) for t in (wrong, seen, beats))
@@ -98,7 +106,49 @@ def per_task(exact, tags):
     return out
 
 
+@torch.no_grad()
+def exact_match_curve(model, batches, n_steps, tags=()):
+    """
+    Teacher-forced exact match (greedy decoding's, see evaluate_reasoning) at every test-time K' = 0..n_steps
+    -> (curve, {task: curve}), given each example's task tag. Step k's logits do not depend on how many steps
+    follow, so one pass with n_steps steps gives K' = 1..n_steps; K' = 0 (the trunk alone) is a second pass.
+    """
+    passes = [0, n_steps] if n_steps else [0]
+    exact = torch.cat([evaluate_reasoning(model, batches, k)["per_example_exact"] for k in passes], dim=1)
+    return exact[~exact[:, 0].isnan()].mean(0).tolist(), per_task(exact, tags)
+
+# -----------------------------------------------------------------------------
+# train.py's records, one JSON object a line in metrics.jsonl
+
+
+def eval_sets(fluency, reasoning, c, rank, world, device):
+    """train.py's fixed eval sets, this rank's share: (fluency val batches, reasoning eval batches, the task
+    of every reasoning example); None = no such evaluation. A rank may get no batches, but every rank runs
+    every evaluation (they all-reduce), so what is evaluated is decided by the config, never by a rank's
+    shard."""
+    B = c["batch_size"]
+    n = c["eval_examples"] if reasoning else 0
+    fluency_val = [fluency.get_batch("val", i, B).to(device) for i in range(rank, c["eval_iters"], world)] \
+        if fluency else None
+    reasoning_val = [b.to(device) for b in reasoning.eval_batches(B, n)[rank::world]] if n else None
+    return fluency_val, reasoning_val, reasoning.eval_tags(n) if n else []
+
+
+def eval_metrics(model, fluency_val, reasoning_val, tags, n_steps, n_examples, world=1):
+    """An eval record's metrics, from eval_sets: fluency_loss, answer_exact_match, answer_token_acc (per
+    step), step_K_beats_1 and task_exact_match ({task: per step}), those of the sets there are."""
+    rec = {}
+    if fluency_val is not None:
+        rec["fluency_loss"] = evaluate_fluency(model, fluency_val, n_steps, world)
+    if reasoning_val is not None:
+        r = evaluate_reasoning(model, reasoning_val, n_steps, n_examples, world)
+        r["task_exact_match"] = per_task(r.pop("per_example_exact").cpu(), tags)
+        rec.update(r)
+    return rec
+
+
 def format_eval(rec):
+    """An eval record as a table: one column per step k."""
     K = len(rec.get("fluency_loss") or rec.get("answer_exact_match"))
     lines = [f"eval @ iter {rec['iter']} ({rec['tokens'] / 1e6:.2f}M tokens)",
              f"{'':>14}" + "".join(f"{'k=' + str(k + 1):>8}" for k in range(K))]
@@ -113,14 +163,95 @@ def format_eval(rec):
     return "\n".join(lines)
 
 
+class TrainWindow:
+    """The optimizer steps since the last train record: what each logged, and what they took."""
+
+    def __init__(self, tokens_per_iter):
+        self.tokens_per_iter = tokens_per_iter
+        self.parts = {"fluency": [], "reasoning": []}   # [loss, ds, rl, imp, ℓ_1..ℓ_K] of each step, per kind
+        self.n_steps, self.tokens, self.flops, self.seconds = [], 0, 0, 0.0
+
+    def add(self, kind, K, parts, flops_per_token, seconds):
+        self.parts[kind].append(parts)
+        self.n_steps.append(K)
+        self.tokens += self.tokens_per_iter
+        self.flops += flops_per_token * self.tokens_per_iter
+        self.seconds += seconds
+
+    def record(self, it, lr, world, gpu_peak_tflops=None):
+        """The train record at iteration `it`: means over the window's steps, each kind's apart (kind_means),
+        and throughput; MFU given the GPU's peak TFLOP/s."""
+        steps = self.parts["fluency"] + self.parts["reasoning"]
+        tflops = self.flops / self.seconds / world / 1e12       # per process, FLOPs actually run
+        rec = {"type": "train", "iter": it, "tokens": it * self.tokens_per_iter, "lr": lr,
+               "loss": sum(s[0] for s in steps) / len(steps), "n_steps": self.n_steps,
+               **{kind: kind_means(parts) for kind, parts in self.parts.items() if parts},
+               "tokens_per_s": self.tokens / self.seconds, "tflops": tflops}
+        if gpu_peak_tflops:
+            rec["mfu"] = tflops / gpu_peak_tflops
+        return rec
+
+
+def kind_means(steps):
+    """The mean of each logged part over the steps of one kind; ℓ_k over the steps that ran step k (K varies
+    with random K). steps: [loss, ds, rl, imp, ℓ_1..ℓ_K] lists."""
+    names = ("loss", "ds", "rl", "imp")
+    rec = {"steps": len(steps), **{name: fmean(s[i] for s in steps) for i, name in enumerate(names)}}
+    K = max(len(s) for s in steps) - 4
+    rec["nll_k"] = [fmean(s[4 + k] for s in steps if len(s) > 4 + k) for k in range(K)]
+    return rec
+
+
+class Records:
+    """A run's metrics.jsonl, one JSON record a line, and the same records to wandb when given a wandb run."""
+
+    def __init__(self, path, wandb=None):
+        self.path, self.wandb = path, wandb
+
+    def write(self, rec):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.wandb:
+            self.wandb.log(flat(rec), step=rec["iter"])
+
+    def start(self, resumed_at=None):
+        """Training starts: a fresh run (resumed_at None) removes the old records; a resumed one keeps those
+        up to its checkpoint's iteration, dropping what the crashed run wrote after it (the resumed run writes
+        it again) and a line cut short by the crash. Atomic."""
+        if not os.path.exists(self.path):
+            return
+        if resumed_at is None:
+            os.remove(self.path)
+            return
+        kept = [json.dumps(rec) + "\n" for rec in read_metrics(self.path) if rec["iter"] <= resumed_at]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
+
+
+def flat(rec, prefix=""):
+    """A record as flat scalars for wandb: {'fluency_loss': [a, b]} -> {'fluency_loss/k1': a,
+    'fluency_loss/k2': b}."""
+    out = {}
+    for key, v in rec.items():
+        name = prefix + key
+        if isinstance(v, dict):
+            out.update(flat(v, name + "/"))
+        elif isinstance(v, list):
+            out.update({f"{name}/k{k + 1}": x for k, x in enumerate(v)})
+        elif isinstance(v, (int, float)):
+            out[name] = v
+    return out
+
+
 # -----------------------------------------------------------------------------
 # plots of one run: python evaluate.py --plot --out_dir=DIR
 
 PLOTS = {  # what: the PNG written next to metrics.jsonl (only when the run logged that data)
-    "train_loss": "train_loss.png",                    # training loss over iterations, fluency and reasoning apart
-    "fluency_loss": "fluency_loss_per_step.png",       # fluency val loss over training, one line per step k
-    "answer_exact_match": "answer_em_per_step.png",    # held-out answer exact match over training, one line per k
-    "task_exact_match": "task_em_step_K.png",          # exact match at the last step K, one line per task
+    "train_loss": "train_loss.png",                  # training loss over iterations, fluency, reasoning apart
+    "fluency_loss": "fluency_loss_per_step.png",     # fluency val loss over training, one line per step k
+    "answer_exact_match": "answer_em_per_step.png",  # held-out answer exact match over training, a line per k
+    "task_exact_match": "task_em_step_K.png",        # exact match at the last step K, one line per task
 }
 KINDS = ("fluency", "reasoning")
 
@@ -144,12 +275,13 @@ def read_metrics(path):
 
 def plot_series(records):
     """What the plots show, from metrics.jsonl records, in iteration order:
-      train_loss          {kind: (iters, losses)}; a train record has a sub-dict per kind that ran since the last log
-                          ({"fluency": {"loss": ...}, "reasoning": {...}}), or, in the older format, "kind" and "loss"
-      fluency_loss        [(iters, values)] for each step k, from eval records (eval_only records are left out)
+      train_loss          {kind: (iters, losses)}; a train record has a sub-dict per kind that ran since the
+                          last log ({"fluency": {"loss": ...}, "reasoning": {...}}), or, in the older format,
+                          "kind" and "loss"
+      fluency_loss        [(iters, values)] for each step k, from eval records (not eval_only records)
       answer_exact_match  the same
       task_exact_match    {task: (iters, exact match at the last step K)}"""
-    records = sorted(records, key=lambda r: r.get("iter", 0))  # sorted() is stable: ties keep the file's order
+    records = sorted(records, key=lambda r: r.get("iter", 0))  # stable: ties keep the file's order
     out = {"train_loss": {}, "fluency_loss": [], "answer_exact_match": [], "task_exact_match": {}}
 
     def add(series, key, it, value):
@@ -181,19 +313,27 @@ def plot_series(records):
     return out
 
 
-def plot_run(out_dir):
-    """Write PLOTS of out_dir/metrics.jsonl next to it; returns the paths written. matplotlib is imported here:
-    it is an optional extra."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    series = plot_series(read_metrics(path))
-    if not any(series.values()):
-        raise ValueError(f"{path}: no train or eval records to plot")
+def pyplot():
+    """matplotlib.pyplot drawing to files (the Agg backend), or None: matplotlib is an optional extra."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("--plot needs matplotlib, an optional extra: pip install matplotlib") from None
+        return None
+    return plt
+
+
+def plot_run(out_dir):
+    """Write PLOTS of out_dir/metrics.jsonl next to it; returns the paths written. matplotlib is imported
+    here: it is an optional extra."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    series = plot_series(read_metrics(path))
+    if not any(series.values()):
+        raise ValueError(f"{path}: no train or eval records to plot")
+    plt = pyplot()
+    if plt is None:
+        raise ImportError("--plot needs matplotlib, an optional extra: pip install matplotlib")
     name = os.path.basename(os.path.abspath(out_dir))
     written = []
 
@@ -211,7 +351,8 @@ def plot_run(out_dir):
             ax.set(title=f"{name}: {kind} training loss", xlabel="iter", ylabel="loss")
         save(fig, "train_loss")
     for what, title, ylabel in (("fluency_loss", "fluency val loss per step", "loss"),
-                                ("answer_exact_match", "held-out answer exact match per step", "exact match")):
+                                ("answer_exact_match", "held-out answer exact match per step",
+                                 "exact match")):
         if series[what]:
             fig, ax = plt.subplots(figsize=(6, 4))
             for k, (xs, ys) in enumerate(series[what]):
@@ -231,8 +372,8 @@ def plot_run(out_dir):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Plots of one training run's metrics.jsonl, written next to it: "
-                                 + ", ".join(PLOTS.values()) + " (those the run has data for). Needs matplotlib.",
-                                 epilog="example: python evaluate.py --plot --out_dir=out-cpu")
+                                 + ", ".join(PLOTS.values()) + " (those the run has data for). Needs "
+                                 "matplotlib.", epilog="example: python evaluate.py --plot --out_dir=out-cpu")
     ap.add_argument("--plot", action="store_true", help="plot OUT_DIR/metrics.jsonl into OUT_DIR/*.png")
     ap.add_argument("--out_dir", default="out", help="the run's folder, train.py's out_dir (default: out)")
     args = ap.parse_args()

@@ -1,9 +1,9 @@
 """
 Does latent thinking help? Trains the ablation of README "Results" and writes results/ablation.md + plots.
 
-    python experiments.py                # 7 variants x 3 seeds on config/train_cpu.py (83 min on 2 CPU cores)
-    python experiments.py --quick=True   # 1 seed, a quarter of the steps (~8 min): the same table, in results/quick
-    python experiments.py --sweep=True   # 1 seed of the preset with one default changed: results/sweep.md (18 min)
+    python experiments.py                # 7 variants x 3 seeds on config/train_cpu.py (83 min, 2 CPU cores)
+    python experiments.py --quick=True   # 1 seed, a quarter of the steps (~8 min), into results/quick
+    python experiments.py --sweep=True   # the preset with one default changed, 1 seed: sweep.md (18 min)
 
 All variants share the trunk, the data mixture, the tokens seen, the seeds and the evaluation (the fixed
 held-out synthetic eval set, never trained on: data.is_eval_prompt); only the overrides below change.
@@ -24,21 +24,23 @@ import torch
 
 import train
 from configurator import ConfigError, configure
-from evaluate import evaluate_reasoning
+from evaluate import exact_match_curve, pyplot
 from sample import load_checkpoint
 
 DEFAULTS = dict(
     quick=False,                   # 1 seed, a quarter of the steps, into results/quick
-    sweep=False,                   # 1 seed of the preset with one default changed (SWEEP): sweep.md, not ablation.md
+    sweep=False,                   # 1 seed of the preset with one default changed (SWEEP): sweep.md, not
+                                   # ablation.md
     out="",                        # '' = results, or results/quick with quick=True
     preset="config/train_cpu.py",  # the config every variant overrides
     jobs=2,                        # runs in parallel, one thread each
-    variants="",                   # comma-separated names; '' = the ablation's 7 (ABLATION), or SWEEP with sweep=True
+    variants="",                   # comma-separated names; '' = the ablation's 7 (ABLATION), or SWEEP with
+                                   # sweep=True
     iters=0,                       # steps per run; 0 = the preset's max_iters (a quarter with quick=True)
 )
 
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-FIXED_K = "--n_steps_dist=fixed"  # the preset trains with random K (README "Results"); the ablation's steps do not
+FIXED_K = "--n_steps_dist=fixed"  # the preset trains with random K (README "Results"); the ablation does not
 VARIANTS = {  # name: (what it is, overrides of the preset)
     "gpt": ("GPT baseline: K=0, plain CE, same mixture", [FIXED_K, "--n_steps=0", "--lambda_rl=0.0"]),
     "gpt_deeper": ("GPT +1 layer: extra compute in the trunk",
@@ -72,8 +74,8 @@ def read_metrics(out_dir):
 
 def run_args(out_dir, preset, overrides, seed, max_iters):
     """train.py's arguments for one run: the preset, the variant's overrides, the seed and the step budget."""
-    return [preset, *overrides, f"--seed={seed}", f"--out_dir={out_dir}",
-            f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}", f"--eval_interval={max(1, max_iters // 6)}"]
+    return [preset, *overrides, f"--seed={seed}", f"--out_dir={out_dir}", f"--max_iters={max_iters}",
+            f"--lr_decay_iters={max_iters}", f"--eval_interval={max(1, max_iters // 6)}"]
 
 
 def train_config(args):
@@ -103,19 +105,12 @@ def train_run(out, preset, overrides, seed, max_iters, threads=1):
                        env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
 
 
-@torch.no_grad()
-def test_time_curve(out_dir):
-    """Teacher-forced exact match (= greedy decoding's) at the last step for every test-time K' = 0..2K."""
-    model, cfg = load_checkpoint(out_dir, "cpu")
-    batches = train.load_data(cfg)[2].eval_batches(cfg["batch_size"], cfg["eval_examples"])
-    K = model.config.n_steps
-    return [evaluate_reasoning(model, batches, k)["answer_exact_match"][-1] for k in range(2 * K + 1)] \
-        if K else [evaluate_reasoning(model, batches, 0)["answer_exact_match"][-1]]
-
-
 def summarize_run(out_dir):
+    """One run's figures for the report, and its test-time curve: teacher-forced exact match (= greedy
+    decoding's) for every K' = 0..2K on the run's own held-out eval set."""
     train_recs, evals = read_metrics(out_dir)
     model, cfg = load_checkpoint(out_dir, "cpu")
+    batches = train.load_data(cfg)[2].eval_batches(cfg["batch_size"], cfg["eval_examples"])
     last = evals[-1]
     return {
         "params": model.get_num_params(),
@@ -126,7 +121,7 @@ def summarize_run(out_dir):
         "em_last": last["answer_exact_match"][-1],
         "task_em": {t: v[-1] for t, v in last["task_exact_match"].items()},
         "task_em_first": {t: v[0] for t, v in last["task_exact_match"].items()},
-        "curve": test_time_curve(out_dir),
+        "curve": exact_match_curve(model, batches, 2 * model.config.n_steps)[0],
         "evals": evals,
     }
 
@@ -141,6 +136,11 @@ def fmt(values, digits=3):
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def mean_curve(runs):
+    """The test-time curve averaged over a variant's seeds."""
+    return np.mean([r["curve"] for r in runs], axis=0)
+
+
 def task_table(title, summaries, tasks, value):
     """Markdown lines: one row per variant, one `mean ± std` column per task of value(run summary, task)."""
     lines = [f"\n## {title}\n", "| variant | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
@@ -149,45 +149,60 @@ def task_table(title, summaries, tasks, value):
     return lines
 
 
+COLUMNS = ("variant", "what", "params", "FLOPs/token", "tokens/s", "fluency val loss", "EM step 1",
+           "EM step K")  # the report's main table
+
+
 def write_report(path, preset, summaries, seeds, wall_s, max_iters, argv=None):
-    """The main table, exact match per task, and the test-time curve, as markdown; argv: the command's arguments
-    (None = this process's)."""
+    """The main table, exact match per task, and the test-time curve, as markdown; argv: the command's
+    arguments (None = this process's)."""
     argv = sys.argv[1:] if argv is None else argv
     tasks = list(next(iter(summaries.values()))[0]["task_em"])
     lines = [f"# RLRP {os.path.splitext(os.path.basename(path))[0]}\n",
              f"`python {' '.join(['experiments.py', *argv])}` · {preset} · {max_iters} steps · "
              f"seeds {seeds} · {platform.processor() or platform.machine()}, {os.cpu_count()} cores · "
              f"wall time {wall_s / 60:.1f} min · mean ± std over seeds\n",
-             "Exact match (EM) is on the held-out synthetic eval set, teacher-forced (identical to greedy decoding).\n",
-             "| variant | what | params | FLOPs/token | tokens/s | fluency val loss | EM step 1 | EM step K |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "Exact match (EM) is on the held-out synthetic eval set, teacher-forced (identical to greedy "
+             "decoding).\n",
+             "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     for name, runs in summaries.items():
-        r0 = runs[0]
-        lines.append(f"| {name} | {VARIANTS[name][0]} | {r0['params'] / 1e6:.3f}M | {r0['flops_per_token'] / 1e6:.2f}M "
-                     f"| {mean_std([r['tokens_per_s'] for r in runs])[0]:.0f} | {fmt([r['fluency_loss'] for r in runs])} "
-                     f"| {fmt([r['em_first'] for r in runs])} | {fmt([r['em_last'] for r in runs])} |")
+        r0, mean = runs[0], lambda key: fmt([r[key] for r in runs])
+        tokens_per_s = mean_std([r["tokens_per_s"] for r in runs])[0]
+        lines.append(f"| {name} | {VARIANTS[name][0]} | {r0['params'] / 1e6:.3f}M | "
+                     f"{r0['flops_per_token'] / 1e6:.2f}M | {tokens_per_s:.0f} | {mean('fluency_loss')} | "
+                     f"{mean('em_first')} | {mean('em_last')} |")
     lines += task_table("Exact match at step K, per task", summaries, tasks, lambda r, t: r["task_em"][t])
     lines += task_table("Step K minus step 1, per task (exact match; 0 for K=0)", summaries, tasks,
                         lambda r, t: r["task_em"][t] - r["task_em_first"][t])
     lines += ["\n## Test-time steps K' (exact match at the last step)\n"]
     width = max(len(runs[0]["curve"]) for runs in summaries.values())
-    lines += ["| variant | " + " | ".join(f"K'={k}" for k in range(width)) + " |", "| --- |" + " --- |" * width]
+    lines += ["| variant | " + " | ".join(f"K'={k}" for k in range(width)) + " |",
+              "| --- |" + " --- |" * width]
     for name, runs in summaries.items():
-        curve = np.mean([r["curve"] for r in runs], axis=0)
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in curve) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in mean_curve(runs)) + " |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
 def plot(root, summaries):
     """Four PNGs; skipped with a note when matplotlib (optional) is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return
+
+    def save(fig, png):
+        fig.tight_layout()
+        fig.savefig(os.path.join(root, png), dpi=110)
+
+    def one_line_per_variant(png, lines, marker=None, **labels):  # lines: {variant: (xs, ys)}
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, (xs, ys) in lines.items():
+            ax.plot(xs, ys, marker=marker, label=name)
+        ax.set(**labels)
+        ax.legend(fontsize=8)
+        save(fig, png)
+
     shown = "rlrp" if "rlrp" in summaries else list(summaries)[-1]
     evals = summaries[shown][0]["evals"]
     its = [e["iter"] for e in evals]
@@ -198,36 +213,25 @@ def plot(root, summaries):
     axes[0].set(title=f"{shown}: fluency val loss per step", xlabel="iter")
     axes[1].set(title=f"{shown}: answer-token accuracy per step", xlabel="iter")
     axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(root, "loss_per_step.png"), dpi=110)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, runs in summaries.items():
-        curve = np.mean([r["curve"] for r in runs], axis=0)
-        ax.plot(range(len(curve)), curve, marker="o", label=name)
-    ax.set(title="exact match vs test-time steps K'", xlabel="K'", ylabel="answer exact match")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(root, "em_vs_test_k.png"), dpi=110)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, runs in summaries.items():
-        if len(runs[0]["curve"]) > 1:  # models with a head
-            ax.plot([e["iter"] for e in runs[0]["evals"]], [e["step_K_beats_1"] for e in runs[0]["evals"]], label=name)
-    ax.set(title="answer tokens where step K beats step 1", xlabel="iter", ylabel="fraction")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(root, "step_k_beats_1.png"), dpi=110)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, runs in summaries.items():  # mean over seeds: the tasks are learned in sudden jumps
-        its = [e["iter"] for e in runs[0]["evals"]]
-        ax.plot(its, np.mean([[e["answer_exact_match"][-1] for e in r["evals"]] for r in runs], axis=0), label=name)
-    ax.set(title="held-out exact match (last step) over training", xlabel="iter", ylabel="answer exact match")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(root, "em_over_training.png"), dpi=110)
+    save(fig, "loss_per_step.png")
+    curves = {name: mean_curve(runs) for name, runs in summaries.items()}
+    one_line_per_variant("em_vs_test_k.png", {n: (range(len(c)), c) for n, c in curves.items()}, marker="o",
+                         title="exact match vs test-time steps K'", xlabel="K'", ylabel="answer exact match")
+    iters = lambda runs: [e["iter"] for e in runs[0]["evals"]]
+    beats = {n: (iters(runs), [e["step_K_beats_1"] for e in runs[0]["evals"]])
+             for n, runs in summaries.items() if len(runs[0]["curve"]) > 1}      # models with a head
+    one_line_per_variant("step_k_beats_1.png", beats, title="answer tokens where step K beats step 1",
+                         xlabel="iter", ylabel="fraction")
+    # mean over seeds: the tasks are learned in sudden jumps
+    em_last = lambda runs: np.mean([[e["answer_exact_match"][-1] for e in r["evals"]] for r in runs], axis=0)
+    over_training = {n: (iters(runs), em_last(runs)) for n, runs in summaries.items()}
+    one_line_per_variant("em_over_training.png", over_training, xlabel="iter", ylabel="answer exact match",
+                         title="held-out exact match (last step) over training")
 
 
 def parse_args(argv):
-    """(config, variant names) from DEFAULTS and argv (--key=value, like train.py); bad values: ConfigError."""
+    """(config, variant names) from DEFAULTS and argv (--key=value, like train.py); bad values:
+    ConfigError."""
     c = configure(DEFAULTS, argv, doc=__file__)
     if c["jobs"] < 1 or c["iters"] < 0:
         raise ConfigError(f"jobs must be >= 1 and iters >= 0, got jobs={c['jobs']}, iters={c['iters']}")
@@ -247,7 +251,8 @@ def main(argv):
     t0 = time.time()
     jobs = [(n, s) for s in seeds for n in names]
     with ThreadPoolExecutor(c["jobs"]) as pool:
-        runs = [pool.submit(train_run, run_dir(out, n, s), c["preset"], VARIANTS[n][1], s, max_iters) for n, s in jobs]
+        runs = [pool.submit(train_run, run_dir(out, n, s), c["preset"], VARIANTS[n][1], s, max_iters)
+                for n, s in jobs]
         for future in runs:
             future.result()
     summaries = {n: [summarize_run(run_dir(out, n, s)) for s in seeds] for n in names}

@@ -13,7 +13,8 @@ box however many steps run (I1).
 
 head_attn chooses what a step may read besides h_t (README "The method in one screen"):
     none    position-wise: the head never mixes tokens, the literal reading of the method
-    trunk   a_k = Attn(q = W_q LN_z(z_{k-1})_t; keys, values = W_kv LN_h(h_s), s <= t)   computed once per token
+    trunk   a_k = Attn(q = W_q LN_z(z_{k-1})_t; keys, values = W_kv LN_h(h_s), s <= t)
+            (keys and values computed once per token)
     latent  a_k = Attn(q, keys, values = W_qkv LN_z(z_{k-1})_s, s <= t)   a tiny universal-transformer block
             u_k = MLP([LN_z(z_{k-1}) ; LN_h(h_t) ; a_k])
 Both attend causally (I3: step k at position t reads positions <= t only), with one set of weights for every
@@ -72,23 +73,24 @@ class LatentHead(nn.Module):
             nn.init.zeros_(self.w_out.bias)
 
     def init_state(self, h):
-        """h (B, T, C) -> z_0 (B, T, D), and what every step reuses: (injection (B, T, H), β (D,), the keys and
-        values of LN_h(h) for head_attn='trunk' (2 × (B, nh, T, hs)), else None). head_attn='none' also takes
-        h (..., C) of any shape."""
+        """h (B, T, C) -> z_0 (B, T, D), and what every step reuses: (injection (B, T, H), β (D,), the keys
+        and values of LN_h(h) for head_attn='trunk' (2 × (B, nh, T, hs)), else None). head_attn='none' also
+        takes h (..., C) of any shape."""
         hn = self.ln_h(h)                                   # LN_h(h_t)
         kv = self.heads(self.w_kv(hn)).chunk(2, dim=1) if self.attn == "trunk" else None
+        z = torch.tanh(self.w_in(hn))                       # z_0 = tanh(W_in · LN_h(h_t))
         # the h-part of the MLP's first layer is the same at every step: computed once
-        return torch.tanh(self.w_in(hn)), (self.fc_h(hn), torch.sigmoid(self.b), kv)
+        return z, (self.fc_h(hn), torch.sigmoid(self.b), kv)   # (injection, β = sigmoid(b), keys/values)
 
     def update(self, z, inject, beta, kv, cache=None):
         """One refinement step k: z_{k-1} (B, T, D) -> z_k (B, T, D). cache: generation's dict of this step's
-        keys/values at earlier positions (head_attn='latent'), extended here; see GPT.newest_outputs."""
-        zn = self.ln_z(z)                                                              # LN_z(z_{k-1})
-        first = self.fc_z(zn) + inject
+        keys/values at earlier positions (head_attn='latent'), extended here; see latents."""
+        zn = self.ln_z(z)                                          # LN_z(z_{k-1})
+        first = self.fc_z(zn) + inject                             # 1st layer on [LN_z(z_{k-1}) ; LN_h(h_t)]
         if self.attn != "none":
-            first = first + self.fc_a(self.read(zn, kv, cache))                        # a_k joins the MLP input
-        u = self.proj(F.gelu(first, approximate="tanh"))                               # u_k
-        return z + beta * (torch.tanh(u) - z)                                          # z_k
+            first = first + self.fc_a(self.read(zn, kv, cache))    # a_k joins the MLP input: [... ; a_k]
+        u = self.proj(F.gelu(first, approximate="tanh"))           # u_k = MLP([LN_z(z_{k-1}) ; LN_h(h_t)])
+        return z + beta * (torch.tanh(u) - z)                      # z_k = z_{k-1} + β ⊙ (tanh(u_k) − z_{k-1})
 
     def heads(self, x):
         """(B, T, n·D) -> (B, n·nh, T, hs): attention heads, n = 1, 2, 3 for q, kv, qkv."""
@@ -96,14 +98,15 @@ class LatentHead(nn.Module):
         return x.view(B, T, -1, self.head_size).transpose(1, 2)
 
     def read(self, zn, kv, cache=None):
-        """a_k (B, T, D): causal attention of each position's LN_z(z_{k-1}) over positions <= t. In generation
-        the keys may hold earlier positions too (kv, cache); then T is the whole window or the newest token."""
+        """a_k (B, T, D): causal attention of each position's LN_z(z_{k-1}) over positions <= t. In
+        generation the keys may hold earlier positions too (kv, cache); then T is the whole window or the
+        newest token."""
         B, T, D = zn.shape
         if self.attn == "trunk":
             q, (k, v) = self.heads(self.w_q(zn)), kv                                  # (B, nh, T, hs)
         else:
             q, k, v = self.heads(self.w_qkv(zn)).chunk(3, dim=1)
-            if cache is not None:                                                      # generation: earlier ones
+            if cache is not None:                                        # generation: earlier positions' too
                 if cache:
                     k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
                 cache["k"], cache["v"] = k, v
@@ -113,27 +116,48 @@ class LatentHead(nn.Module):
         return a.transpose(1, 2).reshape(B, T, D)
 
     def readout(self, h, z):
-        """o_k = h_t + W_out · z_k, back in the hidden space (..., C)."""
-        return h + self.w_out(z)
+        """o_k (..., C), back in the hidden space."""
+        return h + self.w_out(z)                                   # o_k = h_t + W_out · z_k
+
+    def latents(self, h, n_steps, grad_steps=None, cache=None):
+        """
+        Yields z_0, z_1..z_K (each (B, T, D)) for h (B, T, C), one step at a time: forward takes them all,
+        generation may stop after any step (adaptive exit).
+        grad_steps: backpropagate through only the last `grad_steps` steps (None = all). Earlier steps run
+        without autograd, so they cost no activation memory.
+        cache: generation's dict of what an attending head's steps read of earlier positions, extended here
+        (h then holds the positions this call adds: the whole window on a (re)fill, else the newest token):
+          head_attn='trunk'   cache['kv']: the keys and values of LN_h(h), one set for every step
+                              (2·D numbers per token)
+          head_attn='latent'  cache[k−1]: step k's keys and values of LN_z(z_{k−1}) (2·D·K per token): all K
+                              steps must run for every token, since later tokens read them
+        """
+        first_grad_step = 1 if grad_steps is None else max(1, n_steps - grad_steps + 1)
+        z, (inject, beta, kv) = self.init_state(h)                 # z_0 (B, T, D)
+        if cache is not None and self.attn == "trunk":
+            if "kv" in cache:                                      # earlier positions' keys come first
+                kv = tuple(torch.cat(pair, 2) for pair in zip(cache["kv"], kv))    # (B, nh, T_all, hs)
+            cache["kv"] = kv
+        if first_grad_step > 1:
+            z = z.detach()
+        yield z
+        for k in range(1, n_steps + 1):
+            step_cache = cache.setdefault(k - 1, {}) if cache is not None and self.attn == "latent" else None
+            with torch.set_grad_enabled(torch.is_grad_enabled() and k >= first_grad_step):
+                z = self.update(z, inject, beta, kv, step_cache)   # z_k
+            yield z
 
     def forward(self, h, n_steps, return_latents=False, grad_steps=None):
         """
         h: (B, T, C) trunk output. Returns o: (K, B, T, C), o[k-1] = o_k, and with return_latents=True
-        also z: (K+1, B, T, D), z[k] = z_k.
-        grad_steps: backpropagate through only the last `grad_steps` steps of the recurrence (None = all).
-        Earlier steps run without autograd, so they cost no activation memory; their o_k still pass
-        gradient to h and W_out through the loss on step k.
+        also z: (K+1, B, T, D), z[k] = z_k. grad_steps: see latents; the o_k of the steps run without
+        autograd still pass gradient to h and W_out through the loss on step k.
         """
-        K = n_steps
-        first_grad_step = 1 if grad_steps is None else max(1, K - grad_steps + 1)
-        z, shared = self.init_state(h)                   # z_0 (B, T, D)
-        if first_grad_step > 1:
-            z = z.detach()
-        zs, outs = [z], []
-        for k in range(1, K + 1):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and k >= first_grad_step):
-                z = self.update(z, *shared)           # z_k
+        latents = self.latents(h, n_steps, grad_steps)
+        zs, outs = [next(latents)], []                             # z_0
+        for z in latents:                                          # z_1..z_K
             zs.append(z)
-            outs.append(self.readout(h, z))            # o_k
-        o = torch.stack(outs)                      # (K, B, T, C)
+            # o_k as each step ends: another order would change the float sums of h's gradient
+            outs.append(self.readout(h, z))
+        o = torch.stack(outs)                                      # (K, B, T, C)
         return (o, torch.stack(zs)) if return_latents else o

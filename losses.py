@@ -1,15 +1,18 @@
 """
-RLRP losses. Everything is a function of one tensor, the per-step token NLL (README "The method in one screen"):
+RLRP losses: ℓ, the per-step token NLL, and the loss terms L_DS, L_RL, L_IMP built from it.
+README "The method in one screen"; the code below uses the same symbols.
 
     ℓ ∈ R^{K×B×T},  ℓ[k,b,t] = −log softmax(logits_k)[y_t],  p = exp(−ℓ) the target token's probability
 
-`token_nll` computes ℓ from the hidden states without ever holding the K full-vocabulary logits
-tensors; the loss terms below only see ℓ and (B, T) masks, with step weights w (Σ_k w_k = 1):
+The loss terms see only ℓ and (B, T) masks, with step weights w (Σ_k w_k = 1):
 
     L_DS  = Σ_k w_k · masked_mean(ℓ_k, m_valid)
     L_RL  = Σ_k w_k · masked_mean((1 − p_k^q) / q, m_RL)        q > 0; q = 1: 1 − p_k
     L_IMP = 1/(K−1) · Σ_{k=2..K} masked_mean(relu(ℓ_k − sg(ℓ_1) + margin), m_valid)
     L     = L_DS + λ_rl·L_RL + λ_imp·L_IMP                       λ_rl = 0 on fluency batches
+
+token_nll computes ℓ from the hidden states without ever holding the K full-vocabulary logits tensors: it
+unembeds and takes the cross-entropy tile by tile (the end of this file), and equals plain cross-entropy.
 """
 
 import torch
@@ -19,7 +22,157 @@ WEIGHT_SCHEDULES = ("uniform", "linear", "exp", "last")
 
 
 # -----------------------------------------------------------------------------
-# ℓ: fused unembedding + cross-entropy, tiled over rows and vocabulary, logits recomputed in backward
+# step weights w and masked means
+
+def step_weights(n_steps, schedule="linear", gamma=0.5, skip=0):
+    """
+    w ∈ R^K, w_k ≥ 0, Σ_k w_k = 1:
+      uniform: w_k = 1/K    linear: w_k ∝ k    exp: w_k ∝ γ^(K−k)    last: w_K = 1
+    skip = s puts no weight on the first steps: w_k = 0 for k ≤ s, and the schedule's own weights of steps
+    s+1..K renormalised to sum to 1 (linear stays ∝ k, not ∝ k − s). With random K a step may draw K ≤ s;
+    then s is taken as K − 1: only step K, the last, is supervised, as it is whenever exactly one step is
+    left. (train.check_config requires s < n_steps, so the configured K always keeps K − s steps.)
+    """
+    if schedule not in WEIGHT_SCHEDULES:
+        raise ValueError(f"weight_schedule must be one of {', '.join(WEIGHT_SCHEDULES)}, got {schedule!r}")
+    if n_steps < 1:
+        raise ValueError(f"step weights need n_steps >= 1, got {n_steps}")
+    if skip < 0:
+        raise ValueError(f"weight_skip must be >= 0, got {skip}")
+    k = torch.arange(1, n_steps + 1, dtype=torch.float32)
+    if schedule == "uniform":
+        w = torch.ones(n_steps)                  # v_k = 1
+    elif schedule == "linear":
+        w = k                                    # v_k = k
+    elif schedule == "exp":
+        if not gamma > 0:
+            raise ValueError(f"the exp weight schedule needs gamma > 0, got {gamma}")
+        w = gamma ** (n_steps - k)               # v_k = γ^(K−k)
+    else:
+        w = (k == n_steps).float()               # v_k = 1[k = K]
+    # w_k = v_k · 1[k > s'] / Σ_{j > s'} v_j,  s' = min(skip, K − 1),  v = the schedule's weights above
+    w = w * (k > min(skip, n_steps - 1))
+    return w / w.sum()
+
+
+def check_weights(weights, n_steps):
+    """Weights must be a length-K probability vector."""
+    if weights.shape != (n_steps,):
+        raise ValueError(f"step weights must have shape ({n_steps},) to match ℓ's {n_steps} steps, "
+                         f"got {tuple(weights.shape)}")
+    if (weights < 0).any() or abs(weights.sum().item() - 1.0) > 1e-5:
+        raise ValueError(f"step weights must be >= 0 and sum to 1, got sum {weights.sum().item():.6f}")
+
+
+def masked_mean(a, mask, count=None):
+    """
+    The mean of a (..., B, T) over the positions where mask (B, T) is true, per leading index: (...).
+    count replaces Σ m when the mean spans more than this batch: the micro-batches of one optimizer step
+    on all ranks, so that accumulating micro-batches equals one large batch token for token.
+    """
+    count = mask.sum() if count is None else count
+    # masked_mean(a, m) = Σ a·m / max(Σ m, 1) over the last two dims
+    return torch.where(mask, a, 0.0).sum(dim=(-2, -1)) / torch.as_tensor(count).clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# the three loss terms and the objective
+
+def deep_supervision_loss(nll, weights, mask, count=None):
+    """(i) deep supervision: every step is trained to predict the next token. nll: ℓ (K, B, T)."""
+    check_weights(weights, nll.size(0))
+    # L_DS = Σ_k w_k · masked_mean(ℓ_k, m_valid)
+    return (weights.to(nll) * masked_mean(nll, mask, count)).sum()
+
+
+def soft_rl_loss(nll, weights, mask, q=1.0, count=None):
+    """
+    (iii) soft RL: p_k = exp(−ℓ_k) = p_k(y_t) is the exact expected reward of sampling from softmax(logits_k)
+    with reward 1[token = y_t], so at q = 1 L_RL is the expected loss 1 − p, with gradient −∇p = −p·∇log p.
+    The exponent q reweights it: ∂L_RL/∂ℓ = p^q per token, CE's gradient weighted by p^q, from CE (q → 0,
+    where (1 − p^q)/q → ℓ too) to the paper's (q = 1).
+    """
+    if not q > 0:
+        raise ValueError(f"rl_q must be > 0 (the soft RL loss divides by it; q → 0 is plain CE), got {q}")
+    check_weights(weights, nll.size(0))
+    # (1 − p^q)/q differs from −p^q/q (reward maximisation) by the constant 1/q, so the two have the same
+    # gradient; the constant makes the logged value ≥ 0 and 0 at p = 1. expm1 keeps 1 − p^q exact as p^q → 1.
+    expected_loss = -torch.expm1(-q * nll) / q                         # (1 − p_k^q) / q, (K, B, T)
+    # L_RL = Σ_k w_k · masked_mean((1 − p_k^q) / q, m_RL)
+    return (weights.to(nll) * masked_mean(expected_loss, mask, count)).sum()
+
+
+def improvement_penalty(nll, mask, margin=0.0, count=None):
+    """
+    Later steps must not be worse than step 1; 0 when K ≤ 1. sg = stop-gradient: the penalty pushes later
+    steps down, never step 1 up.
+    """
+    if nll.size(0) <= 1:
+        return nll.new_zeros(())
+    excess = F.relu(nll[1:] - nll[:1].detach() + margin)   # relu(ℓ_k − sg(ℓ_1) + margin), (K−1, B, T)
+    # L_IMP = 1/(K−1) · Σ_{k=2..K} masked_mean(relu(ℓ_k − sg(ℓ_1) + margin), m_valid)
+    return masked_mean(excess, mask, count).mean()
+
+
+def loss_masks(targets, answer_mask, rl_answer_only=True):
+    """(m_valid, m_RL), both (B, T) bool: m_valid = (y ≠ −1); m_RL = the answer mask if rl_answer_only,
+    else m_valid."""
+    m_valid = targets >= 0
+    return m_valid, (answer_mask & m_valid if rl_answer_only else m_valid)
+
+
+def rlrp_loss(nll, targets, answer_mask, kind, weights, lambda_rl=0.0, lambda_imp=0.0,
+              rl_answer_only=True, margin=0.0, rl_q=1.0, counts=None):
+    """
+    (ii) data-aware routing: the objective for one batch by its kind.
+      fluency:   L = L_DS + λ_imp·L_IMP
+      reasoning: L = L_DS + λ_rl·L_RL + λ_imp·L_IMP, L_RL on answer spans if rl_answer_only
+    with L_RL = Σ_k w_k · masked_mean((1 − p_k^q) / q, m_RL), p = exp(−ℓ), q = rl_q > 0 (see soft_rl_loss).
+    Every term is always computed and switched by its weight, never by a branch on tensor values,
+    so every DDP rank builds the same graph. Returns (loss, parts) with parts detached for logging.
+    nll: (K, B, T); targets: (B, T) with −1 = ignored; answer_mask: (B, T) bool; kind: str.
+    counts: optional (Σ m_valid, Σ m_RL) over the whole optimizer step (see masked_mean), else this batch's.
+    """
+    if kind not in ("fluency", "reasoning"):
+        raise ValueError(f"batch kind must be 'fluency' or 'reasoning', got {kind!r}")
+    m_valid, m_rl = loss_masks(targets, answer_mask, rl_answer_only)
+    n_valid, n_rl = counts if counts is not None else (None, None)
+    l_ds = deep_supervision_loss(nll, weights, m_valid, n_valid)
+    l_rl = soft_rl_loss(nll, weights, m_rl, q=rl_q, count=n_rl)
+    l_imp = improvement_penalty(nll, m_valid, margin, n_valid)
+    lam_rl = lambda_rl if kind == "reasoning" else 0.0
+    loss = l_ds + lam_rl * l_rl + lambda_imp * l_imp                   # L = L_DS + λ_rl·L_RL + λ_imp·L_IMP
+    parts = {"ds": l_ds.detach(), "rl": l_rl.detach(), "imp": l_imp.detach(),
+             "nll_k": masked_mean(nll.detach(), m_valid, n_valid)}   # nll_k: (K,) per-step token NLL
+    return loss, parts
+
+
+# -----------------------------------------------------------------------------
+# ℓ: the unembedding fused with the cross-entropy
+
+def token_nll(x, weight, targets, chunk_rows=None, chunk_cols=None):
+    """
+    ℓ for already-normalised hidden states: x (..., C), weight (V, C) the unembedding, targets (...)
+    with −1 = ignored. Returns (...) NLL in float32 (float64 for float64 inputs), 0 at ignored positions.
+    The logits x @ weight.T (N×V for N positions: at GPT-2's vocabulary far more numbers than the model has
+    weights) are made one tile of chunk_rows × chunk_cols at a time (default_tile when not given) and
+    recomputed in backward (_LinearCrossEntropy) instead of stored.
+    """
+    rows, cols = default_tile(weight.size(0), x.device)
+    x, flat_targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    if chunk_rows is None and chunk_cols is None and x.size(0) * weight.size(0) <= rows * cols:
+        # all the logits fit in one tile: plain cross-entropy keeps them for backward instead of recomputing
+        # them; twice as fast as the fused path here, K=0 steps with 65 or 256 tokens ~4% faster (B=12, T=64)
+        logits = x @ weight.T
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        flat = F.cross_entropy(logits, flat_targets, ignore_index=-1, reduction="none")   # (N,)
+    else:
+        flat = _LinearCrossEntropy.apply(x, weight, flat_targets, chunk_rows or rows, chunk_cols or cols)
+    return flat.view(targets.shape)                                    # ℓ = −log softmax(x W^T)[y], (...)
+
+
+# -----------------------------------------------------------------------------
+# how token_nll tiles: the tile size, and the autograd function that recomputes each tile in backward
 
 def default_chunk_rows(vocab_size, max_elements=2**24):
     """Rows per chunk so one chunk of logits holds at most `max_elements` (64 MB in fp32)."""
@@ -28,8 +181,9 @@ def default_chunk_rows(vocab_size, max_elements=2**24):
 
 # On CPU, tiles of at most 512×512 logits (1 MB in fp32) stay in the L2 cache, so the softmax passes between
 # the matmuls run at cache speed instead of streaming 333×50257 row chunks through memory. At the GPT-2
-# vocabulary (B=12, T=64) this makes whole training steps 2.0× (K=0) and 2.5× (K=4) faster than full-vocabulary
-# row chunks, and ℓ itself 1.9× faster than plain F.cross_entropy on full logits, recomputation included.
+# vocabulary (B=12, T=64) this makes whole training steps 2.0× (K=0) and 2.5× (K=4) faster than
+# full-vocabulary row chunks, and ℓ itself 1.9× faster than plain F.cross_entropy on full logits,
+# recomputation included.
 CPU_TILE = 512
 
 
@@ -67,10 +221,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse[r] = torch.stack(tiles).logsumexp(0)        # logsumexp over the vocabulary, tile by tile
         # the target's logit is one dot product per row, rounded like the matmul's logits so nll >= 0 holds
         # under autocast too
-        target_logit = (xc.to(acc) * wc.index_select(0, targets.clamp(min=0)).to(acc)).sum(1).to(dtype).to(acc)
+        w_target = wc.index_select(0, targets.clamp(min=0))                              # W[y[n]], (N, C)
+        target_logit = (xc.to(acc) * w_target.to(acc)).sum(1).to(dtype).to(acc)
         ctx.save_for_backward(x, weight, targets, lse)
         ctx.chunk_rows, ctx.chunk_cols, ctx.dtype, ctx.acc = chunk_rows, chunk_cols, dtype, acc
-        return torch.where(targets >= 0, lse - target_logit, 0.0)
+        return torch.where(targets >= 0, lse - target_logit, 0.0)   # logsumexp(x W^T) − x·W[y], (N,)
 
     @staticmethod
     def backward(ctx, grad_nll):
@@ -88,154 +243,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             target_col, minus_g = (targets[r] % cols)[:, None], -g[r]
             for j in range(0, weight.size(0), cols):
                 c = slice(j, j + cols)
-                # d nll / d logits = (softmax − onehot(y))·g from recomputed logits, in place: no extra tile-sized
-                # buffers. Formed in acc before the cast to the matmul dtype: for a confident token p(y) → 1 and
-                # the two parts nearly cancel, so rounding p alone to bf16 (~2^-9) would swamp 1 − p
+                # d nll / d logits = (softmax − onehot(y))·g from recomputed logits, in place: no extra
+                # tile-sized buffers. Formed in acc before the cast to the matmul dtype: for a confident
+                # token p(y) → 1 and the two parts nearly cancel, so rounding p alone to bf16 (~2^-9) would
+                # swamp 1 − p
                 d = (xc[r] @ wc[c].T).to(acc).sub_(lse[r, None]).exp_().mul_(g[r])
-                d.scatter_add_(1, target_col.clamp(max=d.size(1) - 1),    # clamp: the last tile may be narrower
+                d.scatter_add_(1, target_col.clamp(max=d.size(1) - 1),  # clamp: the last tile may be narrower
                                torch.where(target_tile == j // cols, minus_g, 0.0))
                 d = d.to(dtype)
                 grad_x[r] += d @ wc[c]
                 grad_w[c] += d.T @ xc[r]
         return grad_x.to(x.dtype), grad_w.to(weight.dtype), None, None, None
-
-
-def token_nll(x, weight, targets, chunk_rows=None, chunk_cols=None):
-    """
-    ℓ for already-normalised hidden states: x (..., C), weight (V, C) the unembedding, targets (...)
-    with −1 = ignored. Returns (...) NLL in float32 (float64 for float64 inputs), 0 at ignored positions.
-    chunk_rows × chunk_cols is the tile of logits held at once (default_tile when not given).
-    """
-    rows, cols = default_tile(weight.size(0), x.device)
-    x, flat_targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    if chunk_rows is None and chunk_cols is None and x.size(0) * weight.size(0) <= rows * cols:
-        # all the logits fit in one tile: plain cross-entropy keeps them for backward instead of recomputing
-        # them; twice as fast as the fused path here, K=0 steps with 65 or 256 tokens ~4% faster (B=12, T=64)
-        logits = x @ weight.T
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        flat = F.cross_entropy(logits, flat_targets, ignore_index=-1, reduction="none")
-    else:
-        flat = _LinearCrossEntropy.apply(x, weight, flat_targets, chunk_rows or rows, chunk_cols or cols)
-    return flat.view(targets.shape)
-
-
-# -----------------------------------------------------------------------------
-# step weights w and masked means
-
-def step_weights(n_steps, schedule="linear", gamma=0.5, skip=0):
-    """
-    w ∈ R^K, w_k ≥ 0, Σ_k w_k = 1:
-      uniform: w_k = 1/K    linear: w_k ∝ k    exp: w_k ∝ γ^(K−k)    last: w_K = 1
-    skip = s puts no weight on the first steps: w_k = 0 for k ≤ s, and the schedule's own weights of steps
-    s+1..K renormalised to sum to 1 (linear stays ∝ k, not ∝ k − s). With random K a step may draw K ≤ s;
-    then s is taken as K − 1: only step K, the last, is supervised, as it is whenever exactly one step is left.
-    (train.check_config requires s < n_steps, so the configured K always keeps K − s steps.)
-    """
-    if schedule not in WEIGHT_SCHEDULES:
-        raise ValueError(f"weight_schedule must be one of {', '.join(WEIGHT_SCHEDULES)}, got {schedule!r}")
-    if n_steps < 1:
-        raise ValueError(f"step weights need n_steps >= 1, got {n_steps}")
-    if skip < 0:
-        raise ValueError(f"weight_skip must be >= 0, got {skip}")
-    k = torch.arange(1, n_steps + 1, dtype=torch.float32)
-    if schedule == "uniform":
-        w = torch.ones(n_steps)
-    elif schedule == "linear":
-        w = k
-    elif schedule == "exp":
-        if not gamma > 0:
-            raise ValueError(f"the exp weight schedule needs gamma > 0, got {gamma}")
-        w = gamma ** (n_steps - k)
-    else:
-        w = (k == n_steps).float()
-    # w_k = v_k · 1[k > s'] / Σ_{j > s'} v_j,  s' = min(skip, K − 1),  v = the schedule's weights above
-    w = w * (k > min(skip, n_steps - 1))
-    return w / w.sum()
-
-
-def check_weights(weights, n_steps):
-    """Weights must be a length-K probability vector."""
-    if weights.shape != (n_steps,):
-        raise ValueError(f"step weights must have shape ({n_steps},) to match ℓ's {n_steps} steps, "
-                         f"got {tuple(weights.shape)}")
-    if (weights < 0).any() or abs(weights.sum().item() - 1.0) > 1e-5:
-        raise ValueError(f"step weights must be >= 0 and sum to 1, got sum {weights.sum().item():.6f}")
-
-
-def masked_mean(a, mask, count=None):
-    """
-    masked_mean(a, m) = Σ a·m / max(Σ m, 1) over the last two dims: a (..., B, T), mask (B, T) bool.
-    count replaces Σ m when the mean spans more than this batch: the micro-batches of one optimizer step
-    on all ranks, so that accumulating micro-batches equals one large batch token for token.
-    """
-    count = mask.sum() if count is None else count
-    return torch.where(mask, a, 0.0).sum(dim=(-2, -1)) / torch.as_tensor(count).clamp(min=1)
-
-
-# -----------------------------------------------------------------------------
-# the three loss terms
-
-def deep_supervision_loss(nll, weights, mask, count=None):
-    """(i) L_DS = Σ_k w_k · masked_mean(ℓ_k, m_valid)."""
-    check_weights(weights, nll.size(0))
-    return (weights.to(nll) * masked_mean(nll, mask, count)).sum()
-
-
-def soft_rl_loss(nll, weights, mask, q=1.0, count=None):
-    """
-    (iii) L_RL = Σ_k w_k · masked_mean((1 − p_k^q) / q, m_RL),  p_k = exp(−ℓ_k) = p_k(y_t),  q > 0.
-    p is the exact expected reward of sampling from softmax(logits_k) with reward 1[token = y_t], so at
-    q = 1 L_RL is the expected loss 1 − p, with gradient −∇p = −p·∇log p. The exponent q reweights it:
-    ∂L_RL/∂ℓ = p^q per token, CE's gradient weighted by p^q, from CE (q → 0, where (1 − p^q)/q → ℓ too)
-    to the paper's (q = 1).
-    """
-    if not q > 0:
-        raise ValueError(f"rl_q must be > 0 (the soft RL loss divides by it; q → 0 is plain CE), got {q}")
-    check_weights(weights, nll.size(0))
-    # (1 − p^q)/q differs from −p^q/q (reward maximisation) by the constant 1/q, so the two have the same
-    # gradient; the constant makes the logged value ≥ 0 and 0 at p = 1. expm1 keeps 1 − p^q exact as p^q → 1.
-    expected_loss = -torch.expm1(-q * nll) / q
-    return (weights.to(nll) * masked_mean(expected_loss, mask, count)).sum()
-
-
-def improvement_penalty(nll, mask, margin=0.0, count=None):
-    """
-    L_IMP = 1/(K−1) · Σ_{k=2..K} masked_mean(relu(ℓ_k − sg(ℓ_1) + margin), m_valid), 0 when K ≤ 1.
-    sg = stop-gradient: the penalty pushes later steps down, never step 1 up.
-    """
-    if nll.size(0) <= 1:
-        return nll.new_zeros(())
-    excess = F.relu(nll[1:] - nll[:1].detach() + margin)   # (K−1, B, T)
-    return masked_mean(excess, mask, count).mean()
-
-
-def loss_masks(targets, answer_mask, rl_answer_only=True):
-    """(m_valid, m_RL), both (B, T) bool: m_valid = (y ≠ −1); m_RL = the answer mask if rl_answer_only else m_valid."""
-    m_valid = targets >= 0
-    return m_valid, (answer_mask & m_valid if rl_answer_only else m_valid)
-
-
-def rlrp_loss(nll, targets, answer_mask, kind, weights, lambda_rl=0.0, lambda_imp=0.0,
-              rl_answer_only=True, margin=0.0, rl_q=1.0, counts=None):
-    """
-    (ii) data-aware routing: the objective for one batch by its kind.
-      fluency:   L = L_DS + λ_imp·L_IMP
-      reasoning: L = L_DS + λ_rl·L_RL + λ_imp·L_IMP, L_RL on answer spans if rl_answer_only
-    with L_RL = Σ_k w_k · masked_mean((1 − p_k^q) / q, m_RL), p = exp(−ℓ), q = rl_q > 0 (see soft_rl_loss).
-    Every term is always computed and switched by its weight, never by a branch on tensor values,
-    so every DDP rank builds the same graph. Returns (loss, parts) with parts detached for logging.
-    nll: (K, B, T); targets: (B, T) with −1 = ignored; answer_mask: (B, T) bool; kind: str.
-    counts: optional (Σ m_valid, Σ m_RL) over the whole optimizer step (see masked_mean), else this batch's.
-    """
-    if kind not in ("fluency", "reasoning"):
-        raise ValueError(f"batch kind must be 'fluency' or 'reasoning', got {kind!r}")
-    m_valid, m_rl = loss_masks(targets, answer_mask, rl_answer_only)
-    n_valid, n_rl = counts if counts is not None else (None, None)
-    l_ds = deep_supervision_loss(nll, weights, m_valid, n_valid)
-    l_rl = soft_rl_loss(nll, weights, m_rl, q=rl_q, count=n_rl)
-    l_imp = improvement_penalty(nll, m_valid, margin, n_valid)
-    lam_rl = lambda_rl if kind == "reasoning" else 0.0
-    loss = l_ds + lam_rl * l_rl + lambda_imp * l_imp
-    parts = {"ds": l_ds.detach(), "rl": l_rl.detach(), "imp": l_imp.detach(),
-             "nll_k": masked_mean(nll.detach(), m_valid, n_valid)}   # nll_k: (K,) per-step token NLL
-    return loss, parts

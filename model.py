@@ -9,9 +9,9 @@ With targets the model returns ℓ (K, B, T), the per-step token NLL, instead of
 full-vocabulary logits tensors are never alive at once (losses.token_nll). A model built with
 n_steps = 0 has no head and is exactly a GPT (I5); n_steps is also a run-time argument (I4).
 
-Generation (GPT.generate) keeps a KV cache for the trunk: the head is position-wise (I3), so each new
-token costs one trunk pass on one position plus K head steps on that position only, until the context fills
-block_size; from then on the window slides and each new token re-runs the trunk on the last block_size tokens
+Generation (GPT.generate, its helpers after the class) caches the trunk's keys and values, and what an
+attending head's steps read: each new token costs one trunk pass and K head steps on one position until the
+context fills block_size; then the window slides and each new token re-runs the last block_size tokens
 (positions are absolute, so cached keys cannot be shifted).
 """
 
@@ -39,7 +39,7 @@ class GPTConfig:
     bias: bool = True        # bias in Linears and LayerNorms, like GPT-2
     n_steps: int = 4         # K, refinement steps of the latent head; 0 = no head, a plain GPT
     n_latent: int = 0        # D, latent width; 0 = n_embd
-    head_attn: str = "none"  # what a refinement step may read besides h_t: none | trunk | latent (latent_head.py)
+    head_attn: str = "none"  # what a step may read besides h_t: none | trunk | latent (latent_head.py)
 
     def __post_init__(self):
         if self.n_steps < 0:
@@ -65,15 +65,16 @@ class CausalSelfAttention(nn.Module):
         this call's keys and values are appended to; None in training (the graph is then the plain one)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))    # (B, nh, T, hs)
         causal = True
         if kv is not None:
-            if kv:  # one new token attends to all cached ones (more would need a causal mask offset by T_cached)
+            if kv:  # one new token attends to all cached ones (more would need a mask offset by T_cached)
                 assert T == 1, "the KV cache takes one token at a time after the prompt"
                 k, v, causal = torch.cat([kv["k"], k], 2), torch.cat([kv["v"], v], 2), False
             kv["k"], kv["v"] = k, v
         # flash / memory-efficient attention kernels where the device has them
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)   # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -151,8 +152,8 @@ class GPT(nn.Module):
         if K < 0:
             raise ValueError(f"n_steps must be >= 0, got {K}")
         if K > 0 and self.latent_head is None:
-            raise ValueError(f"n_steps={K} asks for refinement steps, but this model was built with n_steps=0 "
-                             "(no latent head); use n_steps=0")
+            raise ValueError(f"n_steps={K} asks for refinement steps, but this model was built with "
+                             "n_steps=0 (no latent head); use n_steps=0")
         return K
 
     def check_inputs(self, idx, targets):
@@ -160,10 +161,11 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
         if torch.compiler.is_compiling():
-            return  # the value checks below sync with the device; eager runs do them, compiled graphs skip them
+            return  # the value checks below sync with the device: eager runs do them, compiled graphs don't
         V = self.config.vocab_size
         if idx.numel() and (idx.min() < 0 or idx.max() >= V):
-            raise ValueError(f"token ids must be in [0, {V}), got range [{idx.min().item()}, {idx.max().item()}]")
+            raise ValueError(f"token ids must be in [0, {V}), got range "
+                             f"[{idx.min().item()}, {idx.max().item()}]")
         if targets is not None and targets.numel() and (targets.min() < -1 or targets.max() >= V):
             raise ValueError(f"targets must be in [0, {V}) or -1 (ignored), got range "
                              f"[{targets.min().item()}, {targets.max().item()}]")
@@ -181,26 +183,17 @@ class GPT(nn.Module):
             x = block(x, None if cache is None else cache[i])
         return x
 
-    def compile_parts(self):
-        """
-        torch.compile (fullgraph=True) what does not depend on K: the trunk, z_0, one refinement step, and one
-        step's ℓ. The K-step loop stays in Python, so every K (a random K per optimizer step, any K' at
-        evaluation) reuses the same graphs instead of compiling one per K; compiling forward whole unrolls the
-        loop and recompiles for each new K. Returns self; parameters and state_dict names are unchanged.
-        """
-        self.trunk = torch.compile(self.trunk, fullgraph=True)
-        self.step_nll = torch.compile(self.step_nll, fullgraph=True)
-        if self.latent_head is not None:
-            self.latent_head.init_state = torch.compile(self.latent_head.init_state, fullgraph=True)
-            self.latent_head.update = torch.compile(self.latent_head.update, fullgraph=True)
-        return self
-
     def head_outputs(self, h, K, grad_steps=None):
         """h (B, T, C) -> o (max(K,1), B, T, C): o_1..o_K from the latent head, or h itself for K = 0."""
         return self.latent_head(h, K, grad_steps=grad_steps) if K > 0 else h.unsqueeze(0)
 
+    def unembed(self, o):
+        """o_k (..., C) -> logits_k (..., V)."""
+        return self.lm_head(self.transformer.ln_f(o))          # logits_k = lm_head(LN_f(o_k))
+
     def step_nll(self, o, targets):
-        """ℓ_k (B, T) of one step's o_k (B, T, C): the fused unembedding + cross-entropy of LN_f(o_k)."""
+        """ℓ_k (B, T) of one step's o_k (B, T, C): unembed fused with the cross-entropy (losses.token_nll)."""
+        # ℓ_k = −log softmax(lm_head(LN_f(o_k)))[y], without holding logits_k
         return token_nll(self.transformer.ln_f(o), self.lm_head.weight, targets)
 
     def forward(self, idx, targets=None, n_steps=None, grad_steps=None):
@@ -213,88 +206,37 @@ class GPT(nn.Module):
         self.check_inputs(idx, targets)
         o = self.head_outputs(self.trunk(idx), K, grad_steps)                        # o_k, (K', B, T, C)
         if targets is None:
-            return self.lm_head(self.transformer.ln_f(o)), None
+            return self.unembed(o), None
         return None, torch.stack([self.step_nll(o_k, targets) for o_k in o])   # ℓ, (K', B, T), step by step
 
+    def compile_parts(self):
+        """
+        torch.compile (fullgraph=True) what does not depend on K: the trunk, z_0, one refinement step, and one
+        step's ℓ. The K-step loop stays in Python, so every K (a random K per optimizer step, any K' at
+        evaluation) reuses the same graphs instead of compiling one per K; compiling forward whole unrolls
+        the loop and recompiles for each new K. Returns self; parameters and state_dict names are unchanged.
+        """
+        self.trunk = torch.compile(self.trunk, fullgraph=True)
+        self.step_nll = torch.compile(self.step_nll, fullgraph=True)
+        if self.latent_head is not None:
+            self.latent_head.init_state = torch.compile(self.latent_head.init_state, fullgraph=True)
+            self.latent_head.update = torch.compile(self.latent_head.update, fullgraph=True)
+        return self
+
     # -------------------------------------------------------------------------
-    # generation
-
-    def newest_outputs(self, h, K, cache=None):
-        """
-        The head one step at a time, for generation. h (B, T, C): the positions this call adds (the whole window
-        on a (re)fill, else the newest token). Yields o_0 = h_t (the trunk's own), then o_1..o_K at the newest
-        position t, each (B, C), so that adaptive exit can stop after any step.
-        cache: a dict this call extends with what an attending head's steps read of earlier positions:
-          head_attn='trunk'   the keys and values of LN_h(h), one set for every step (2·D numbers per token)
-          head_attn='latent'  step k's keys and values of LN_z(z_{k−1}) (2·D·K' per token): all K' steps must
-                              run for every token, since later tokens read them (see generate)
-        A test checks o_1..o_K against LatentHead.forward on the whole sequence.
-        """
-        yield h[:, -1]
-        if K == 0:
-            return
-        head = self.latent_head
-        if head.attn == "none":
-            h = h[:, -1:]                                  # position-wise: the newest position is all it needs
-        z, (inject, beta, kv) = head.init_state(h)              # z_0
-        if head.attn == "trunk":
-            kv = tuple(torch.cat([old, new], 2) for old, new in zip(cache["kv"], kv)) if "kv" in cache else kv
-            cache["kv"] = kv
-        for k in range(K):
-            z = head.update(z, inject, beta, kv, cache.setdefault(k, {}) if head.attn == "latent" else None)  # z_k
-            yield head.readout(h[:, -1], z[:, -1])             # o_k
-
-    def exit_logits(self, outs, K, exit_threshold=None, trace=False):
-        """
-        outs: o_0 = h, o_1..o_K (each (B, C)) at the newest position, e.g. newest_outputs(h, K) -> (logits (B, V) of
-        the step each row ends at, steps used (B,), top1, prob).
-        Adaptive exit: a row stops at the first k >= 1 with KL(p_k || p_{k-1}) < exit_threshold, p_0 being the
-        trunk's own distribution, and takes logits_k; KL >= 0, so a threshold of 0 (or None) runs all K steps.
-        trace: top1, prob (B, K+1) = each step's argmax and its probability (k = 0 the trunk; -1/nan where a row
-        had exited), else None.
-        """
-        outs = iter(outs)
-        h = next(outs)                                                 # o_0, the trunk's own
-        B, adaptive = h.size(0), bool(exit_threshold)
-        used = torch.full((B,), K, dtype=torch.long, device=h.device)
-        done = torch.zeros(B, dtype=torch.bool, device=h.device)
-        top1 = torch.full((B, K + 1), -1, dtype=torch.long, device=h.device) if trace else None
-        prob = torch.full((B, K + 1), float("nan"), device=h.device) if trace else None
-        out = logp_prev = None
-        for k, o in enumerate(itertools.chain([h], outs)):            # lazily: an early exit stops computing
-            if k < K and not (adaptive or trace):
-                continue  # fixed K: only logits_K is needed
-            logits = self.lm_head(self.transformer.ln_f(o))            # logits_k, (B, V)
-            logp = F.log_softmax(logits.float(), dim=-1)
-            if trace:
-                p, i = logp.max(-1)
-                top1[:, k], prob[:, k] = i.masked_fill(done, -1), p.exp().masked_fill(done, float("nan"))
-            out = logits if out is None else torch.where(done[:, None], out, logits)  # exited rows keep theirs
-            if adaptive and k > 0:
-                kl = (logp.exp() * (logp - logp_prev)).sum(-1).clamp(min=0)      # KL(p_k || p_{k-1}), (B,)
-                exit_now = ~done & (kl < exit_threshold)
-                used, done = torch.where(exit_now, k, used), done | exit_now
-                if done.all():
-                    break
-            logp_prev = logp
-        return out, used, top1, prob
+    # generation (its helpers, newest_outputs, exit_logits and next_token, follow the class)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_steps=None, exit_threshold=None,
                  stop_token=None, return_steps=False):
         """
-        Continue idx (B, T) by max_new_tokens tokens -> (B, T + N). Call model.eval() first.
-        Each new token: one trunk pass on one position with the KV cache, then K' head steps on that position
-        only, and logits_K' -> next token (temperature 0 = greedy; top_k keeps the k most likely).
-        The context is the last block_size tokens. Positions are absolute, so once the window slides the cache
-        is recomputed from the last block_size tokens: exactly what the uncached model would see.
+        Continue idx (B, T) by max_new_tokens tokens -> (B, T + N), the model in eval mode. Each new token:
+        K' head steps on its position, logits_K' -> next token (temperature 0 = greedy; top_k keeps the k most
+        likely). The context is the last block_size tokens, exactly what the uncached model would see.
         exit_threshold: adaptive exit, see exit_logits. stop_token: a row that emits it is padded with it from
         then on, and generation ends early once every row has (N < max_new_tokens).
         return_steps: also return a dict of (B, N) `used`, the steps each token ran (-1 = padding after
         stop_token), and (B, N, K'+1) `top1`, `prob`: what each step k would have predicted (exit_logits).
-        An attending head (head_attn trunk | latent) caches what its steps read (newest_outputs): step k at the
-        newest token reads step k−1 of every earlier token, whatever step that token's adaptive exit stopped at
-        (the exit picks which step's logits a token takes), exactly as the uncached model computes it.
         """
         K = self.resolve_steps(n_steps)
         bs = self.config.block_size
@@ -304,15 +246,16 @@ class GPT(nn.Module):
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache, steps = None, []
         for _ in range(max_new_tokens):
-            if cache is None or cache[0]["k"].size(2) == bs:
-                cache = [{} for _ in self.transformer.h] + [{}]          # (re)fill from the last block_size tokens
-                outs = self.newest_outputs(self.trunk(idx[:, -bs:], cache), K, cache[-1])
+            if cache is None or cache[0]["k"].size(2) == bs:      # (re)fill from the last block_size tokens
+                cache, new = [{} for _ in self.transformer.h] + [{}], idx[:, -bs:]
             else:
-                outs = self.newest_outputs(self.trunk(idx[:, -1:], cache), K, cache[-1])   # the newest token only
+                new = idx[:, -1:]                                   # the newest token only
+            outs = newest_outputs(self.latent_head, self.trunk(new, cache), K, cache[-1])
             if K and self.config.head_attn == "latent":
-                outs = list(outs)                   # every step runs, exit or not: later tokens read its state
-            logits, used, top1, prob = self.exit_logits(outs, K, exit_threshold, trace=return_steps)
-            idx_next = self._pick(logits, temperature, top_k)           # (B,)
+                # every step runs, exit or not: step k at a later token reads step k−1 here, as uncached
+                outs = list(outs)
+            logits, used, top1, prob = exit_logits(outs, K, self.unembed, exit_threshold, return_steps)
+            idx_next = next_token(logits, temperature, top_k)                   # (B,)
             if stop_token is not None:
                 idx_next, used = idx_next.masked_fill(done, stop_token), used.masked_fill(done, -1)
                 done = done | (idx_next == stop_token)
@@ -323,21 +266,9 @@ class GPT(nn.Module):
         if not return_steps:
             return idx
         B = idx.size(0)
-        if not steps:
-            return idx, dict(used=idx.new_zeros(B, 0), top1=idx.new_zeros(B, 0, K + 1), prob=torch.zeros(B, 0, K + 1))
-        used, top1, prob = (torch.stack(t, dim=1) for t in zip(*steps))
+        used, top1, prob = ((torch.stack(t, dim=1) for t in zip(*steps)) if steps else  # (B, N), (B, N, K'+1)
+                            (idx.new_zeros(B, 0), idx.new_zeros(B, 0, K + 1), torch.zeros(B, 0, K + 1)))
         return idx, dict(used=used, top1=top1, prob=prob)
-
-    @staticmethod
-    def _pick(logits, temperature, top_k):
-        """logits (B, V) -> next token ids (B,)."""
-        if temperature == 0:
-            return logits.argmax(-1)
-        logits = logits.float() / temperature
-        if top_k is not None:
-            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-            logits[logits < v[:, [-1]]] = -float("inf")
-        return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(-1)
 
     # -------------------------------------------------------------------------
     # pretrained weights
@@ -366,16 +297,17 @@ class GPT(nn.Module):
                 hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
             except OSError as e:
                 raise OSError(
-                    f"cannot load GPT-2 weights {name_or_dir!r}: not a local folder, not in the Hugging Face cache, and "
-                    f"the hub is unreachable. For an offline machine: GPT2LMHeadModel.from_pretrained({name_or_dir!r})"
-                    f".save_pretrained(DIR) where the hub is reachable, copy DIR over, use init_from=DIR "
-                    f"(HF_HUB_OFFLINE=1 skips the hub's retries)") from e
+                    f"cannot load GPT-2 weights {name_or_dir!r}: not a local folder, not in the Hugging Face "
+                    f"cache, and the hub is unreachable. For an offline machine: "
+                    f"GPT2LMHeadModel.from_pretrained({name_or_dir!r}).save_pretrained(DIR) where the hub is "
+                    f"reachable, copy DIR over, use init_from=DIR (HF_HUB_OFFLINE=1 skips the hub's retries)"
+                ) from e
         c = hf.config
         if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{name_or_dir}: activation {c.activation_function!r} is not GPT-2's tanh GELU")
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                           n_embd=c.n_embd, dropout=dropout, bias=True, n_steps=n_steps, n_latent=n_latent,
-                           head_attn=head_attn)
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                           n_head=c.n_head, n_embd=c.n_embd, dropout=dropout, bias=True, n_steps=n_steps,
+                           n_latent=n_latent, head_attn=head_attn)
         model = cls(config)
         sd, sd_hf = model.state_dict(), hf.state_dict()
         # HF stores these as Conv1D (in, out); ours are Linear (out, in)
@@ -384,7 +316,8 @@ class GPT(nn.Module):
         for k in (k for k in sd if not k.startswith("latent_head.")):
             w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
             if w.shape != sd[k].shape:
-                raise ValueError(f"{name_or_dir}: {k} has shape {tuple(w.shape)}, expected {tuple(sd[k].shape)}")
+                raise ValueError(f"{name_or_dir}: {k} has shape {tuple(w.shape)}, "
+                                 f"expected {tuple(sd[k].shape)}")
             sd[k].copy_(w)
         return model
 
@@ -405,7 +338,7 @@ class GPT(nn.Module):
         """
         Training FLOPs per token (forward + backward = 6 per multiply-add per parameter, PaLM appendix B),
         split into trunk (blocks + attention scores), head (latent head) and unembed (lm_head, once per step).
-        grad_steps (truncated backward, LatentHead.forward): the steps before the last grad_steps run forward
+        grad_steps (truncated backward, LatentHead.latents): the steps before the last grad_steps run forward
         only (2 per multiply-add), z_0 too, and their W_out needs only its weight gradient (4).
         """
         cfg, K = self.config, self.resolve_steps(n_steps)
@@ -427,3 +360,68 @@ class GPT(nn.Module):
                     + n_grad * 6 * (step + w_out) + (K - n_grad) * (2 * step + 4 * w_out))
         unembed = 6 * cfg.n_embd * cfg.vocab_size * max(K, 1)
         return {"trunk": trunk, "head": head, "unembed": unembed, "total": trunk + head + unembed}
+
+
+# -----------------------------------------------------------------------------
+# generation helpers: the head's outputs at the newest position, adaptive exit, the next token
+
+def newest_outputs(head, h, K, cache):
+    """
+    Yields o_0 = h_t (the trunk's own), then o_1..o_K at the newest position t, each (B, C), one at a time so
+    that adaptive exit can stop after any step. h (B, T, C): the positions this call adds; head: the model's
+    LatentHead (None when K = 0), cache its generation cache (LatentHead.latents), extended here.
+    """
+    yield h[:, -1]
+    if K == 0:
+        return
+    if head.attn == "none":
+        h = h[:, -1:]                                # position-wise: the newest position is all it needs
+    for z in itertools.islice(head.latents(h, K, cache=cache), 1, None):     # z_1..z_K, (B, T, D)
+        yield head.readout(h[:, -1], z[:, -1])                               # o_k, (B, C)
+
+
+def exit_logits(outs, K, unembed, exit_threshold=None, trace=False):
+    """
+    outs: o_0 = h, o_1..o_K (each (B, C)) at the newest position (newest_outputs); unembed: o_k -> logits_k.
+    Returns (logits (B, V) of the step each row ends at, steps used (B,), top1, prob).
+    Adaptive exit: a row stops at the first k >= 1 with KL(p_k || p_{k-1}) < exit_threshold, p_0 being the
+    trunk's own distribution, and takes logits_k; KL >= 0, so a threshold of 0 (or None) runs all K steps.
+    trace: top1, prob (B, K+1) = each step's argmax and its probability (k = 0 the trunk; -1/nan where a
+    row had exited), else None.
+    """
+    outs = iter(outs)
+    h = next(outs)                                                 # o_0, the trunk's own
+    B, adaptive = h.size(0), bool(exit_threshold)
+    used = torch.full((B,), K, dtype=torch.long, device=h.device)
+    done = torch.zeros(B, dtype=torch.bool, device=h.device)
+    top1 = torch.full((B, K + 1), -1, dtype=torch.long, device=h.device) if trace else None
+    prob = torch.full((B, K + 1), float("nan"), device=h.device) if trace else None
+    out = logp_prev = None
+    for k, o in enumerate(itertools.chain([h], outs)):            # lazily: an early exit stops computing
+        if k < K and not (adaptive or trace):
+            continue  # fixed K: only logits_K is needed
+        logits = unembed(o)                                        # logits_k, (B, V)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        if trace:
+            p, i = logp.max(-1)
+            top1[:, k], prob[:, k] = i.masked_fill(done, -1), p.exp().masked_fill(done, float("nan"))
+        out = logits if out is None else torch.where(done[:, None], out, logits)  # exited rows keep theirs
+        if adaptive and k > 0:
+            kl = (logp.exp() * (logp - logp_prev)).sum(-1).clamp(min=0)      # KL(p_k || p_{k-1}), (B,)
+            exit_now = ~done & (kl < exit_threshold)
+            used, done = torch.where(exit_now, k, used), done | exit_now
+            if done.all():
+                break
+        logp_prev = logp
+    return out, used, top1, prob
+
+
+def next_token(logits, temperature, top_k):
+    """logits (B, V) -> next token ids (B,): greedy at temperature 0, else sampled from the top_k."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(-1)

@@ -1,11 +1,14 @@
 """
-Sample from a trained nanoRLRP model, watch what each latent step predicts, or measure the test-time
-scaling curve (reasoning exact match against the number of steps K').
+Sample from a trained nanoRLRP model, see what each latent step predicts, or measure the test-time curve.
 
     python sample.py --out_dir=out-cpu --start="352+819=" --temperature=0 --n_steps=8 --show_steps=True
     python sample.py --out_dir=out-cpu --start=FILE:prompt.txt --exit_threshold=0.01
     python sample.py --out_dir=out-cpu --eval=True --plot=scaling.png
     python sample.py --init_from=gpt2 --tokenizer_file=gpt2.tiktoken --start="The meaning of life is"
+
+The test-time curve (--eval): reasoning exact match for every K' = 0..2K, teacher-forced
+(evaluate.exact_match_curve, equal to greedy decoding's), then greedy decoding at the trained K with adaptive
+exit against fixed K.
 
 Prompts: every prompt follows an end-of-text token, as every document and reasoning example does in
 training, so an empty --start samples unconditionally. A prompt is UTF-8 text; one that is not (a file in
@@ -23,30 +26,39 @@ from contextlib import nullcontext
 import torch
 
 import data
-from configurator import ConfigError, configure, default_device, default_dtype
+from configurator import ConfigError, autocast, configure, default_device, default_dtype
+from evaluate import exact_match_curve, pyplot
 from model import GPT, GPTConfig
 
 DEFAULTS = dict(
-    init_from="resume",     # 'resume' = out_dir/ckpt.pt (train.py writes it); GPT-2: 'gpt2', ... or a local HF folder
+    init_from="resume",     # 'resume' = out_dir/ckpt.pt (train.py writes it); GPT-2: 'gpt2', ... or a local
+                            # HF folder
     out_dir="out",          # the folder of ckpt.pt, for init_from='resume'
     start="\n",             # the prompt, or FILE:path to read it from a file
-    num_samples=3,          # with temperature=0 one is printed: greedy decoding gives the same sample every time
+    num_samples=3,          # with temperature=0 one is printed: greedy decoding gives the same sample every
+                            # time
     max_new_tokens=200,     # tokens generated per sample, at most
-    stop_at_eot=True,       # end a sample at the end-of-text token; False = continue past it up to max_new_tokens
+    stop_at_eot=True,       # end a sample at the end-of-text token; False = continue past it up to
+                            # max_new_tokens
     temperature=0.8,        # 0 = greedy
     top_k=200,              # None = the whole vocabulary
     seed=1337,              # torch.manual_seed before loading and sampling
     device=None,            # None = best available: cuda, then mps, then cpu
-    dtype=None,             # None = best the device supports: bfloat16, then float16 on cuda; float32 elsewhere
-    n_steps=None,           # K': refinement steps at test time, any value >= 0; None = the K the model was trained with
-    exit_threshold=None,    # adaptive exit: a token stops refining once KL(p_k || p_{k-1}) < this; None = always K'
+    dtype=None,             # None = best the device supports: bfloat16, then float16 on cuda; float32
+                            # elsewhere
+    n_steps=None,           # K': refinement steps at test time, any value >= 0; None = the K the model was
+                            # trained with
+    exit_threshold=None,    # adaptive exit: a token stops refining once KL(p_k || p_{k-1}) < this; None =
+                            # always K'
     show_steps=False,       # per generated token: each step's top-1 token and its probability
-    tokenizer_file="",      # GPT-2's gpt2.tiktoken, where the checkpoint's path does not exist on this machine
-    eval=False,             # greedy-decode reasoning eval answers for K' = 0..2K (or 0..n_steps): the scaling curve
+    tokenizer_file="",      # GPT-2's gpt2.tiktoken, where the checkpoint's path does not exist on this
+                            # machine
+    eval=False,             # reasoning eval: exact match for K' = 0..2K (or 0..n_steps), the scaling curve,
+                            # and adaptive exit against fixed K
     eval_data="",           # '' = the checkpoint's reasoning eval set; 'synthetic' or a .jsonl file
     eval_tasks="",          # synthetic suite, e.g. 'add:3,sort:5'; '' = the checkpoint's
     eval_examples=200,      # with eval: this many examples
-    eval_batch_size=64,     # with eval: prompts decoded together (prompts of one length share a batch)
+    eval_batch_size=64,     # with eval: examples per batch (decoded: prompts of one length share a batch)
     plot="",                # with eval: save the scaling curve to this PNG (needs matplotlib)
 )
 ADAPTIVE_DEFAULT = 0.01     # the threshold eval compares at when exit_threshold is not given
@@ -76,11 +88,8 @@ def check_config(c):
         raise ConfigError("num_samples, max_new_tokens, eval_examples and eval_batch_size must be >= 1")
     if c["dtype"] not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {c['dtype']!r}")
-    if c["plot"]:
-        try:
-            import matplotlib  # noqa: F401  (optional: only --plot needs it)
-        except ImportError:
-            raise ConfigError("--plot needs matplotlib: pip install matplotlib") from None
+    if c["plot"] and pyplot() is None:   # matplotlib is optional: only --plot needs it
+        raise ConfigError("--plot needs matplotlib: pip install matplotlib")
 
 
 def load_checkpoint(out_dir, device):
@@ -102,9 +111,11 @@ def load_model(c):
     else:  # pretrained GPT-2 with a fresh latent head, which changes nothing yet (I2)
         model = GPT.from_pretrained(c["init_from"], n_steps=4 if c["n_steps"] is None else c["n_steps"])
         model, train_cfg = model.eval().to(c["device"]), dict(tokenizer="gpt2")
-    tok = data.get_tokenizer(train_cfg["tokenizer"], c["tokenizer_file"] or train_cfg.get("tokenizer_file", ""))
+    tok = data.get_tokenizer(train_cfg["tokenizer"],
+                             c["tokenizer_file"] or train_cfg.get("tokenizer_file", ""))
     if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
+        raise ValueError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens, the model "
+                         f"{model.config.vocab_size}")
     return model, tok, train_cfg
 
 
@@ -118,8 +129,8 @@ def encode_prompt(tok, start):
             start = f.read()
     bad = next((i for i, ch in enumerate(start) if "\ud800" <= ch <= "\udfff"), None)
     if bad is not None:
-        raise ValueError(f"--start: the prompt cannot be encoded: it is not valid UTF-8 text (at character {bad}); "
-                         "save it as UTF-8")
+        raise ValueError(f"--start: the prompt cannot be encoded: it is not valid UTF-8 text (at character "
+                         f"{bad}); save it as UTF-8")
     return [tok.eot_token] + tok.encode(start)
 
 # -----------------------------------------------------------------------------
@@ -136,7 +147,8 @@ def show_steps(tok, new_ids, steps):
     for t, tid in enumerate(new_ids):
         cells = [f"{show(int(i)):>9} {float(p):.3f}" if i >= 0 else "-"
                  for i, p in zip(steps["top1"][0, t], steps["prob"][0, t])]
-        print(f"{show(tid):>9} " + " ".join(f"{cell:>15}" for cell in cells) + f"  {int(steps['used'][0, t]):>5}")
+        used = int(steps["used"][0, t])
+        print(f"{show(tid):>9} " + " ".join(f"{cell:>15}" for cell in cells) + f"  {used:>5}")
 
 
 def sample(model, tok, c, ctx):
@@ -144,7 +156,8 @@ def sample(model, tok, c, ctx):
     x = torch.tensor([encode_prompt(tok, c["start"])], device=c["device"])
     n, stop = c["num_samples"], tok.eot_token if c["stop_at_eot"] else None
     if c["temperature"] == 0 and n > 1:
-        print(f"num_samples={n} with temperature=0: greedy decoding gives the same sample every time, printed once")
+        print(f"num_samples={n} with temperature=0: greedy decoding gives the same sample every time, "
+              "printed once")
         n = 1
     want_steps = c["show_steps"] or c["exit_threshold"] is not None  # else only logits_K' is computed
     for _ in range(n):
@@ -167,28 +180,33 @@ def sample(model, tok, c, ctx):
 
 
 def eval_set(c, train_cfg, tok, block_size):
-    """([(prompt, answer)], task tag per example, description) from --eval_data or else the checkpoint's config."""
-    source = c["eval_data"] or train_cfg.get("reasoning_eval_data") or train_cfg.get("reasoning_data", "synthetic")
+    """([(prompt, answer)], task tag per example, description) from --eval_data or else the checkpoint's
+    config."""
+    source = (c["eval_data"] or train_cfg.get("reasoning_eval_data")
+              or train_cfg.get("reasoning_data", "synthetic"))
     n, gsm8k = c["eval_examples"], train_cfg.get("gsm8k_answer", "final")
-    if source not in ("synthetic", train_cfg.get("reasoning_data")):   # a separate eval file: its first n lines
+    if source not in ("synthetic", train_cfg.get("reasoning_data")):   # a separate file: its first n lines
         examples = data.read_jsonl(source, gsm8k)[:n]
         return examples, ["jsonl"] * len(examples), source
     # the built-in suite, or the held-out slice of the training JSONL (never trained on)
     tasks = c["eval_tasks"] or train_cfg.get("reasoning_tasks") or data.DEFAULT_TASKS
-    rd = data.ReasoningData(source, tok, block_size, train_cfg.get("seed", 0), tasks=tasks, gsm8k_answer=gsm8k)
+    rd = data.ReasoningData(source, tok, block_size, train_cfg.get("seed", 0), tasks=tasks,
+                            gsm8k_answer=gsm8k)
     return rd.eval_examples(n), rd.eval_tags(n), f"{source} {tasks}" if source == "synthetic" else source
 
 
 def encode_examples(tok, examples):
-    """[(prompt, answer)] -> [([eot] + prompt ids, answer ids + [eot])]: the leading eot as in training's rows."""
+    """[(prompt, answer)] -> [([eot] + prompt ids, answer ids + [eot])]: the leading eot as in training's
+    rows."""
     return [([tok.eot_token] + tok.encode(p), tok.encode(a) + [tok.eot_token]) for p, a in examples]
 
 
-def decode_answers(model, examples, eot, K, exit_threshold=None, batch_size=64, device="cpu", ctx=nullcontext()):
+def decode_answers(model, examples, eot, K, exit_threshold=None, batch_size=64, device="cpu",
+                   ctx=nullcontext()):
     """
-    Greedy answers at K' steps to encoded examples [(prompt ids, answer ids + [eot])] -> (exact match per example,
-    generated ids per example, steps used per answer token). A match is generated tokens == answer + [eot].
-    Prompts of equal length share a batch, so no padding is needed.
+    Greedy answers at K' steps to encoded examples [(prompt ids, answer ids + [eot])] -> (exact match per
+    example, generated ids per example, steps used per answer token). A match is generated tokens == answer +
+    [eot]. Prompts of equal length share a batch, so no padding is needed.
     """
     by_len = defaultdict(list)
     for i, (p, _) in enumerate(examples):
@@ -208,43 +226,59 @@ def decode_answers(model, examples, eot, K, exit_threshold=None, batch_size=64, 
     return [g == a for g, (_, a) in zip(gen, examples)], gen, used
 
 
+def example_batches(examples, eot, batch_size):
+    """Encoded [(prompt ids, answer ids + [eot])] -> reasoning Batches of batch_size examples, one per row,
+    laid out as data.ReasoningData.eval_batches lays out its own: answer_id = the example's index."""
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        x = torch.full((len(chunk), max(len(p) + len(a) for p, a in chunk) - 1), eot)
+        y, answer_id = torch.full_like(x, -1), torch.full_like(x, -1)
+        for r, (p, a) in enumerate(chunk):
+            ids = p + a
+            x[r, :len(ids) - 1], y[r, :len(ids) - 1] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+            answer_id[r, len(p) - 1:len(ids) - 1] = start + r
+        batches.append(data.Batch(x, y, "reasoning", answer_id >= 0, answer_id))
+    return batches
+
+
 def evaluate(model, tok, c, train_cfg, ctx):
     """Print exact match for K' = 0..2K (overall and per task), then adaptive exit against fixed K."""
     K = model.config.n_steps
     top = 2 * K if c["n_steps"] is None else c["n_steps"]
     examples, tags, what = eval_set(c, train_cfg, tok, model.config.block_size)
     examples = encode_examples(tok, examples)
-    tasks = list(dict.fromkeys(tags)) if len(set(tags)) > 1 else []
-    run = lambda k, thr=None: decode_answers(model, examples, tok.eot_token, k, thr, c["eval_batch_size"],
-                                             c["device"], ctx)
-
-    def em(match, task=None):  # exact match over all examples, or over one task's
-        sel = [m for m, t in zip(match, tags) if task in (None, t)]
-        return sum(sel) / max(len(sel), 1)
-
-    print(f"test-time scaling: greedy exact match on {len(examples)} eval examples ({what}); trained with K={K}")
+    batches = [b.to(c["device"]) for b in example_batches(examples, tok.eot_token, c["eval_batch_size"])]
+    with ctx:
+        curve, by_task = exact_match_curve(model, batches, top, tags)
+    tasks = list(by_task) if len(by_task) > 1 else []
+    print(f"test-time scaling: exact match on {len(examples)} eval examples ({what}), teacher-forced "
+          f"(= greedy decoding's); trained with K={K}")
     print("K'".rjust(6) + f" {'all':>7} " + " ".join(f"{t:>9}" for t in tasks))
-    curve, fixed = [], {}
-    for k in range(top + 1):
-        fixed[k] = run(k)
-        curve.append(em(fixed[k][0]))
-        print(f"{k:>6} {curve[-1]:>7.3f} " + " ".join(f"{em(fixed[k][0], t):>9.3f}" for t in tasks))
-    if 0 < K <= top:  # adaptive exit at the trained K against fixed K
-        thr = ADAPTIVE_DEFAULT if c["exit_threshold"] is None else c["exit_threshold"]
-        (match_a, gen_a, used_a), (match_f, gen_f, _) = run(K, thr), fixed[K]
-        same = sum(a == f for ga, gf in zip(gen_a, gen_f) for a, f in zip(ga, gf)) / sum(map(len, gen_f))
-        print(f"adaptive exit at K'={K} (KL(p_k || p_k-1) < {thr}): exact match {em(match_a):.3f} vs "
-              f"{em(match_f):.3f} fixed, tokens identical {same:.1%}, "
-              f"mean steps per token {sum(used_a) / max(len(used_a), 1):.2f} vs {K}")
+    for k, em in enumerate(curve):
+        print(f"{k:>6} {em:>7.3f} " + " ".join(f"{by_task[t][k]:>9.3f}" for t in tasks))
+    if 0 < K <= top:
+        compare_adaptive_exit(model, examples, tok.eot_token, K, c, ctx)
     if c["plot"]:
         plot_curve(curve, K, what, c["plot"])
     return curve
 
 
+def compare_adaptive_exit(model, examples, eot, K, c, ctx):
+    """Greedy decoding at the trained K with adaptive exit against fixed K: exact match, the tokens both
+    generate alike, and the steps a token runs."""
+    thr = ADAPTIVE_DEFAULT if c["exit_threshold"] is None else c["exit_threshold"]
+    run = lambda t: decode_answers(model, examples, eot, K, t, c["eval_batch_size"], c["device"], ctx)
+    (match_a, gen_a, used_a), (match_f, gen_f, _) = run(thr), run(None)
+    same = sum(a == f for ga, gf in zip(gen_a, gen_f) for a, f in zip(ga, gf)) / sum(map(len, gen_f))
+    em = lambda match: sum(match) / len(match)
+    print(f"adaptive exit at K'={K} (KL(p_k || p_k-1) < {thr}): exact match {em(match_a):.3f} vs "
+          f"{em(match_f):.3f} fixed, tokens identical {same:.1%}, "
+          f"mean steps per token {sum(used_a) / max(len(used_a), 1):.2f} vs {K}")
+
+
 def plot_curve(curve, K, what, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(range(len(curve)), curve, marker="o")
     ax.axvline(K, color="gray", linestyle="--", label=f"trained K={K}")
@@ -262,9 +296,7 @@ def main(argv):
     torch.manual_seed(c["seed"])
     model, tok, train_cfg = load_model(c)
     model.resolve_steps(c["n_steps"])   # n_steps > 0 on a model built with K = 0: one clear line, now
-    device_type = c["device"].split(":")[0]
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
-    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    ctx = autocast(c["device"], c["dtype"])
     return evaluate(model, tok, c, train_cfg, ctx) if c["eval"] else sample(model, tok, c, ctx)
 
 

@@ -1,4 +1,5 @@
-"""Shared test set-up: the repository root on sys.path, and GPT-2's tokenizer file provisioned offline-friendly."""
+"""Shared test set-up: the repository root on sys.path, and GPT-2's tokenizer file provisioned
+offline-friendly."""
 
 import os
 import sys
@@ -18,6 +19,6 @@ def gpt2_tokenizer_file():
     cache = os.path.join(ROOT, "tests", ".cache")
     path = os.path.join(cache, "gpt2.tiktoken")
     if not os.path.isfile(path):
-        from data import fetch_gpt2_ranks
+        from prepare import fetch_gpt2_ranks
         fetch_gpt2_ranks(cache)
     return path

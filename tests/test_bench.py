@@ -52,7 +52,8 @@ def test_one_tile_of_logits_takes_plain_cross_entropy_with_the_same_result():
     x, weight = torch.randn(30, 16, generator=g), torch.randn(50, 16, generator=g)
     y, upstream = torch.randint(-1, 50, (30,), generator=g), torch.randn(30, generator=g)
     plain_path = nll_and_grads(token_nll, x, weight, y, upstream)   # 30×50 logits: one tile, no recompute
-    tiled_path = nll_and_grads(lambda a, b, t: token_nll(a, b, t, chunk_rows=7, chunk_cols=9), x, weight, y, upstream)
+    tiled = lambda a, b, t: token_nll(a, b, t, chunk_rows=7, chunk_cols=9)
+    tiled_path = nll_and_grads(tiled, x, weight, y, upstream)
     for a, b in zip(plain_path, tiled_path):
         assert torch.allclose(a, b, atol=1e-5)
     assert token_nll(x.double(), weight.double(), y).dtype == torch.float64
@@ -92,7 +93,8 @@ def test_tiled_nll_under_bf16_autocast_is_close_and_never_negative():
 
 def test_default_tile_is_cache_sized_on_cpu_and_whole_rows_elsewhere():
     assert default_tile(256, torch.device("cpu")) == (CPU_TILE, CPU_TILE)
-    assert default_tile(50257, torch.device("cpu")) == (default_chunk_rows(50257), CPU_TILE)  # memory budget wins
+    # the memory budget wins
+    assert default_tile(50257, torch.device("cpu")) == (default_chunk_rows(50257), CPU_TILE)
     assert default_tile(50257, torch.device("meta")) == (default_chunk_rows(50257), 50257)
 
 
@@ -148,4 +150,5 @@ def test_flops_per_token_match_a_hand_count():
     head = 6 * (w_in + fc_h) + 6 * K * (fc_z + proj + w_out)
     unembed = 6 * C * V * K
     assert (r["trunk_flops"], r["head_flops"], r["unembed_flops"]) == (trunk, head, unembed)
-    assert r["flops_per_token"] == trunk + head + unembed == 6 * (12 * L * C * C + 2 * L * C * T) + head + unembed
+    assert r["flops_per_token"] == trunk + head + unembed \
+        == 6 * (12 * L * C * C + 2 * L * C * T) + head + unembed

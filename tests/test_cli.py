@@ -1,5 +1,6 @@
-"""One command-line convention for every entry point (configurator.py): --help lists every key with its default and
-its meaning from the DEFAULTS comments, and a bare boolean flag is a one-line error naming the form to write."""
+"""One command-line convention for every entry point (configurator.py): --help lists every key with its
+default and its meaning from the DEFAULTS comments, and a bare boolean flag is a one-line error naming the
+form to write."""
 
 import importlib
 import os
@@ -40,7 +41,7 @@ def test_help_lists_every_key_with_its_default_and_meaning(script):
     assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
     module = importlib.import_module(script[:-3])
     doc_first_line = module.__doc__.strip().splitlines()[0]
-    assert r.stdout.startswith(doc_first_line)                      # the usage header: the docstring's first paragraph
+    assert r.stdout.startswith(doc_first_line)     # the usage header: the docstring's first paragraph
     assert f"usage: python {script} " in r.stdout
     lines = key_lines(r.stdout)
     assert list(lines) == list(module.DEFAULTS)                     # every key once, in the DEFAULTS order
@@ -86,7 +87,8 @@ DEFAULTS = dict(
     assert keys["a"].split() == ["--a=1", "the", "a", "continued", "on", "a", "second", "line"]
     assert keys["b"].strip() == "--b='x y'" and keys["c"].strip() == "--c=None"
     assert keys["d"].split() == ["--d=0.5", "d", "only"]
-    assert lines.index("section one") < lines.index(keys["a"]) < lines.index("section two") < lines.index(keys["e"])
+    at = lines.index
+    assert at("section one") < at(keys["a"]) < at("section two") < at(keys["e"])
 
 
 def test_help_without_a_readable_source_still_lists_the_defaults(tmp_path):

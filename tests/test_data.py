@@ -1,6 +1,6 @@
-"""data.py: tokenizers, prepared token files, answer-span masks, synthetic tasks, JSONL, routing, errors.
-Expected values are recomputed here independently (Python int arithmetic, tiktoken's own pattern), never
-taken from data.py."""
+"""data.py, prepare.py, tasks.py: tokenizers, prepared token files, answer-span masks, synthetic tasks, JSONL,
+routing, errors. Expected values are recomputed here independently (Python int arithmetic, tiktoken's own
+pattern), never taken from the code under test."""
 
 import ast
 import functools
@@ -19,8 +19,9 @@ import tiktoken
 import torch
 from tiktoken.load import load_tiktoken_bpe
 
-import data
-from data import FluencyData, ReasoningData, Router, get_tokenizer, micro_batch_index, prepare, read_jsonl
+from data import FluencyData, ReasoningData, Router, get_tokenizer, micro_batch_index, read_jsonl
+from prepare import MIN_VAL_TOKENS, _text_pieces, fetch_gpt2_ranks, prepare
+from tasks import ITER_F, is_eval_prompt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -30,7 +31,8 @@ TEXTS = ["Hello, world! It's 2024 and we've got   spaces\n\n\tand tabs.",
          "héllo wörld — 日本語 🙂 naïve café", "0123456789 31415926535 -42 +7"]
 PARAGRAPH = ("GPT-2's tokenizer doesn't treat   runs of spaces, numbers like 1234567 or 3.14159, and\n\n"
              "new paragraphs the way you'd guess; unicode like déjà vu, 東京, emoji 🚀 and CamelCaseWords too. "
-             "They'll, we're, I've, she'd, you'll: contractions.\t\tTabs\r\nand CRLF. <|endoftext|> is text here.  ")
+             "They'll, we're, I've, she'd, you'll: contractions.\t\tTabs\r\nand CRLF. <|endoftext|> is text "
+             "here.  ")
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +61,8 @@ def solve(prompt):
         return str(a + b if m[2] == "+" else a * b).zfill(len(m[1]) + 1)[::-1]
     if m := re.fullmatch(r"sort\((\d+)\)=", prompt):
         return "".join(sorted(m[1]))
-    if m := re.fullmatch(r"f\^(\d)\((\d+)\)=", prompt):  # iter: the suite's fixed f, as a table digit -> digit
-        f, x = {str(d): data.ITER_F[d] for d in range(10)}, m[2]
+    if m := re.fullmatch(r"f\^(\d)\((\d+)\)=", prompt):  # iter: the suite's fixed f, a digit -> digit table
+        f, x = {str(d): ITER_F[d] for d in range(10)}, m[2]
         return "".join(functools.reduce(lambda v, _: f[v], range(int(m[1])), d) for d in x)
     if ">" in prompt:  # hop, hopo: the map written in the prompt
         f, _, start, L = hop_map(prompt)
@@ -94,7 +96,7 @@ def hop_map(prompt):
 
 
 def train_prompts(rd, n, batch_size=256):
-    """At least n training prompts of a byte-tokenized synthetic ReasoningData, in order, from batches 0, 1, ..."""
+    """At least n training prompts of a byte-tokenized synthetic ReasoningData, in order, from batch 0 on."""
     train, index = [], 0
     while len(train) < n:
         b = rd.get_batch(index, batch_size)
@@ -106,6 +108,26 @@ def train_prompts(rd, n, batch_size=256):
             train += [bytes(row[eots[eots <= s][-1] + 1:s + 1].tolist()).decode() for s in starts]
         index += 1
     return train
+
+
+def check_seeds_and_eval_set(rd, byte, tasks, other_block_size, last_task):
+    """rd (seed 0, 4 tasks): its batches are those of the same seed and not of another; its eval set does not
+    depend on the seed or the block size, and each task's eval examples (here the last's) not on the rest of
+    the suite."""
+    same = ReasoningData("synthetic", byte, rd.block_size, seed=0, tasks=tasks)
+    assert torch.equal(rd.get_batch(3, 4).x, same.get_batch(3, 4).x)  # same seed, same data
+    other = ReasoningData("synthetic", byte, rd.block_size, seed=1, tasks=tasks)
+    assert not torch.equal(rd.get_batch(3, 4).x, other.get_batch(3, 4).x)
+    resized = ReasoningData("synthetic", byte, other_block_size, seed=5, tasks=tasks)
+    assert resized.eval_examples(100) == rd.eval_examples(100)
+    alone = ReasoningData("synthetic", byte, 64, tasks=last_task).eval_examples(25)
+    assert alone == rd.eval_examples(100)[3::4]
+
+
+def run_script(*args):
+    """A repository script run as a user runs it (one thread), its output captured."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
 
 
 def unpack(batch, tok):
@@ -123,8 +145,10 @@ def unpack(batch, tok):
         for a, b in zip(eots, eots[1:]):  # one example: seq[a+1..b], its targets t = a..b-1
             m = mask[a:b]
             start = m.index(True)  # the answer starts at seq[a + start + 1]
-            assert all(m[start:]) and not any(m[:start]), "the mask is the segment's suffix: no prompt token in it"
-            assert len(set(aid[a + start:b])) == 1 and aid[a + start] >= 0 and all(i == -1 for i in aid[a:a + start])
+            suffix = all(m[start:]) and not any(m[:start])
+            assert suffix, "the mask is the segment's suffix: no prompt token in it"
+            assert len(set(aid[a + start:b])) == 1 and aid[a + start] >= 0
+            assert all(i == -1 for i in aid[a:a + start])
             out.append((seq[a + 1:a + start + 1], seq[a + start + 1:b], aid[a + start]))
     ids = [i for _, _, i in out]
     assert len(set(ids)) == len(ids), "answer ids are unique within the batch"
@@ -168,7 +192,8 @@ def test_gpt2_file_errors(tmp_path, gpt2_tokenizer_file, monkeypatch):
         get_tokenizer("gpt2")
     # no file and no network: the error says how to provide the file
     monkeypatch.delenv("NANORLRP_TOKENIZER_FILE")
-    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(ConnectionError("offline")))
+    offline = lambda name: (_ for _ in ()).throw(ConnectionError("offline"))
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(FileNotFoundError, match=r"tokenizer_file=.*NANORLRP_TOKENIZER_FILE.*fetch_tokenizer"):
         get_tokenizer("gpt2")
     with pytest.raises(ValueError, match="unknown tokenizer 'bpe'"):
@@ -182,16 +207,17 @@ def test_fetch_gpt2_ranks_extracts_and_verifies(tmp_path, gpt2_tokenizer_file, m
             assert cmd[1:4] == ["-m", "pip", "download"] and "openai-whisper==20250625" in cmd
             src = tmp_path / "gpt2.src"
             src.write_bytes(content)
-            with tarfile.open(os.path.join(cmd[cmd.index("-d") + 1], "openai_whisper-20250625.tar.gz"), "w:gz") as tf:
+            sdist = os.path.join(cmd[cmd.index("-d") + 1], "openai_whisper-20250625.tar.gz")
+            with tarfile.open(sdist, "w:gz") as tf:
                 tf.add(src, arcname="openai_whisper-20250625/whisper/assets/gpt2.tiktoken")
         return run
     ranks = open(gpt2_tokenizer_file, "rb").read()
-    monkeypatch.setattr(data.subprocess, "run", fake_pip(ranks))
-    path = data.fetch_gpt2_ranks(str(tmp_path / "out"))
+    monkeypatch.setattr(subprocess, "run", fake_pip(ranks))
+    path = fetch_gpt2_ranks(str(tmp_path / "out"))
     assert open(path, "rb").read() == ranks and os.listdir(tmp_path / "out") == ["gpt2.tiktoken"]
-    monkeypatch.setattr(data.subprocess, "run", fake_pip(ranks + b"x"))
+    monkeypatch.setattr(subprocess, "run", fake_pip(ranks + b"x"))
     with pytest.raises(ValueError, match="sha256"):
-        data.fetch_gpt2_ranks(str(tmp_path / "out2"))
+        fetch_gpt2_ranks(str(tmp_path / "out2"))
 
 # -----------------------------------------------------------------------------
 # fluency data
@@ -206,7 +232,8 @@ def write_corpus(root):
 
 
 def read_back(folder, dtype):
-    return np.concatenate([np.fromfile(os.path.join(folder, f"{s}.bin"), dtype) for s in ("train", "val")]).tolist()
+    splits = [np.fromfile(os.path.join(folder, f"{s}.bin"), dtype) for s in ("train", "val")]
+    return np.concatenate(splits).tolist()
 
 
 def test_prepare_shards_read_back_identically(tmp_path, byte):
@@ -219,19 +246,21 @@ def test_prepare_shards_read_back_identically(tmp_path, byte):
         assert read_back(out, np.uint16) == want
         assert meta == json.load(open(out / "meta.json"))
         assert (meta["tokenizer"], meta["dtype"], meta["documents"]) == ("byte", "uint16", len(docs))
-        assert meta["val_tokens"] == math.ceil(0.1 * len(want)) and meta["train_tokens"] + meta["val_tokens"] == len(want)
+        assert meta["val_tokens"] == math.ceil(0.1 * len(want))
+        assert meta["train_tokens"] + meta["val_tokens"] == len(want)
         assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]  # no temporary files left
     assert read_back(tmp_path / "out3", np.uint16) == expected
 
 
 def test_prepare_streams_in_pieces_with_the_same_tokens(tmp_path, gpt2, monkeypatch):
     """A file read in small pieces tokenizes exactly like the whole file at once (GPT-2 BPE)."""
-    text = "".join(f"Line {i}:  it's   here\n\n  indented {i * 37}\n\t\ttabbed\n\n\n" for i in range(200)) + PARAGRAPH
+    text = "".join(f"Line {i}:  it's   here\n\n  indented {i * 37}\n\t\ttabbed\n\n\n" for i in range(200))
+    text += PARAGRAPH
     (tmp_path / "big.txt").write_text(text, encoding="utf-8")
     whole = gpt2.encode(open(tmp_path / "big.txt", encoding="utf-8").read()) + [50256]
-    pieces = functools.partial(data._text_pieces, chunk_chars=40)
+    pieces = functools.partial(_text_pieces, chunk_chars=40)
     assert len(list(pieces(str(tmp_path / "big.txt")))) > 100  # the file really is cut in many pieces
-    monkeypatch.setattr(data, "_text_pieces", pieces)
+    monkeypatch.setattr("prepare._text_pieces", pieces)
     prepare(str(tmp_path / "big.txt"), str(tmp_path / "out"), gpt2, val_fraction=0.01)
     assert read_back(tmp_path / "out", np.uint16) == whole
 
@@ -245,7 +274,8 @@ def test_fluency_windows_inside_file_and_shifted(tmp_path, byte):
     starts = set()
     for index in range(200):
         b = fd.get_batch("train", index, 4)
-        assert b.x.shape == b.y.shape == (4, T) and b.x.dtype == b.y.dtype == torch.int64 and b.kind == "fluency"
+        assert b.x.shape == b.y.shape == (4, T) and b.x.dtype == b.y.dtype == torch.int64
+        assert b.kind == "fluency"
         assert torch.equal(b.x[:, 1:], b.y[:, :-1]) and not b.answer_mask.any() and (b.answer_id == -1).all()
         for r in range(4):
             starts.add(windows[tuple(b.x[r].tolist() + [b.y[r, -1].item()])])  # KeyError = outside the file
@@ -254,16 +284,18 @@ def test_fluency_windows_inside_file_and_shifted(tmp_path, byte):
     v = np.fromfile(tmp_path / "out" / "val.bin", np.uint16).tolist()
     assert all(tuple(val.x[r].tolist()) in {tuple(v[i:i + T]) for i in range(len(v) - T)} for r in range(2))
     # a pure function of (seed, split, index)
-    assert torch.equal(fd.get_batch("train", 7, 4).x, FluencyData(str(tmp_path / "out"), byte, T, seed=3).get_batch("train", 7, 4).x)
+    batch7 = lambda seed: FluencyData(str(tmp_path / "out"), byte, T, seed=seed).get_batch("train", 7, 4).x
+    assert torch.equal(fd.get_batch("train", 7, 4).x, batch7(3))
     assert not torch.equal(fd.get_batch("train", 7, 4).x, fd.get_batch("train", 8, 4).x)
-    assert not torch.equal(fd.get_batch("train", 7, 4).x, FluencyData(str(tmp_path / "out"), byte, T, seed=4).get_batch("train", 7, 4).x)
+    assert not torch.equal(fd.get_batch("train", 7, 4).x, batch7(4))
 
 
 def test_large_vocab_is_stored_as_uint32(tmp_path):
     (tmp_path / "doc.txt").write_text("wide vocabulary " * 20)
     meta = prepare(str(tmp_path / "doc.txt"), str(tmp_path / "out"), WideTok(), val_fraction=0.1)
     want = [70_000 + b for b in ("wide vocabulary " * 20).encode()] + [70_256]
-    assert meta["dtype"] == "uint32" and os.path.getsize(tmp_path / "out" / "train.bin") == 4 * meta["train_tokens"]
+    assert meta["dtype"] == "uint32"
+    assert os.path.getsize(tmp_path / "out" / "train.bin") == 4 * meta["train_tokens"]
     assert read_back(tmp_path / "out", np.uint32) == want
     b = FluencyData(str(tmp_path / "out"), WideTok(), 8).get_batch("train", 0, 4)
     assert b.x.min() >= 70_000 and torch.equal(b.x[:, 1:], b.y[:, :-1])
@@ -297,16 +329,18 @@ def test_fluency_errors(tmp_path, byte):
 
 def byte_corpus(path, n_tokens):
     """A file that the byte tokenizer turns into exactly n_tokens tokens (its bytes, then eot)."""
-    path.write_text("".join(chr(97 + i % 26) + ("\n" if i % 60 == 59 else "") for i in range(n_tokens - 1))[:n_tokens - 1])
+    text = "".join(chr(97 + i % 26) + ("\n" if i % 60 == 59 else "") for i in range(n_tokens - 1))
+    path.write_text(text[:n_tokens - 1])
     return str(path)
 
 
 def test_prepare_val_holds_a_few_blocks(tmp_path, byte, capsys):
-    """val = max(val_fraction * N, min(min_val_tokens, 10% of N)): 0.0005 of a 50k-token corpus is 25 tokens, too few
-    for one window of block_size 1024; the default min_val_tokens (4 windows of 1024 + 1) is taken instead."""
+    """val = max(val_fraction * N, min(min_val_tokens, 10% of N)): 0.0005 of a 50k-token corpus is 25
+    tokens, too few for one window of block_size 1024; the default min_val_tokens (4 windows of 1024 + 1)
+    is taken instead."""
     doc = byte_corpus(tmp_path / "doc.txt", 50_000)
     meta = prepare(doc, str(tmp_path / "out"), byte)
-    assert data.MIN_VAL_TOKENS == 4 * 1025
+    assert MIN_VAL_TOKENS == 4 * 1025
     assert (meta["val_tokens"], meta["train_tokens"]) == (4100, 50_000 - 4100)
     out = capsys.readouterr().out
     assert "val: 4,100 tokens = 4.0 blocks of 1024+1" in out and "warning" not in out
@@ -324,7 +358,8 @@ def test_prepare_val_holds_a_few_blocks(tmp_path, byte, capsys):
     assert "val: 500 tokens = 0.5 blocks of 1024+1" in captured.out
     assert captured.err.count("warning:") == 1 and "--min_val_tokens=4100" in captured.err
     # 0.0005 of 24k tokens was 12 tokens (no window of 1024 fits); now 10% of the corpus, 2.3 windows
-    assert prepare(byte_corpus(tmp_path / "mid.txt", 24_000), str(tmp_path / "mid"), byte)["val_tokens"] == 2400
+    mid = prepare(byte_corpus(tmp_path / "mid.txt", 24_000), str(tmp_path / "mid"), byte)
+    assert mid["val_tokens"] == 2400
     assert "val: 2,400 tokens = 2.3 blocks" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--min_val_tokens=-1"):
         prepare(doc, str(tmp_path / "out"), byte, min_val_tokens=-1)
@@ -344,22 +379,19 @@ def test_short_val_split_is_one_line_naming_the_file_and_the_fix(tmp_path, byte)
 
 @pytest.mark.slow
 def test_prepare_cli_then_train_stops_with_one_line(tmp_path):
-    """The real CLIs: prepare prints the val split (and warns on a small corpus); train.py on a val split shorter
-    than block_size+1 stops before training with one line naming val.bin and the fix."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                                       timeout=300)
-    r = run("data.py", "prepare", f"--input={byte_corpus(tmp_path / 'doc.txt', 50_000)}", f"--out_dir={tmp_path / 'ok'}",
-            "--tokenizer=byte")
+    """The real CLIs: prepare prints the val split (and warns on a small corpus); train.py on a val split
+    shorter than block_size+1 stops before training with one line naming val.bin and the fix."""
+    r = run_script("data.py", "prepare", f"--input={byte_corpus(tmp_path / 'doc.txt', 50_000)}",
+                   f"--out_dir={tmp_path / 'ok'}", "--tokenizer=byte")
     assert r.returncode == 0, r.stderr
     assert "val: 4,100 tokens = 4.0 blocks of 1024+1" in r.stdout and "warning" not in r.stdout + r.stderr
     assert os.path.getsize(tmp_path / "ok" / "val.bin") == 2 * 4100
-    r = run("data.py", "prepare", f"--input={byte_corpus(tmp_path / 'small.txt', 3000)}",
-            f"--out_dir={tmp_path / 'small'}", "--tokenizer=byte")
+    r = run_script("data.py", "prepare", f"--input={byte_corpus(tmp_path / 'small.txt', 3000)}",
+                   f"--out_dir={tmp_path / 'small'}", "--tokenizer=byte")
     assert r.returncode == 0, r.stderr
     assert "val: 300 tokens" in r.stdout and "warning:" in r.stderr
-    r = run("train.py", f"--fluency_data={tmp_path / 'small'}", "--tokenizer=byte", "--device=cpu", "--compile=False",
-            f"--out_dir={tmp_path / 'run'}")
+    r = run_script("train.py", f"--fluency_data={tmp_path / 'small'}", "--tokenizer=byte", "--device=cpu",
+                   "--compile=False", f"--out_dir={tmp_path / 'run'}")
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1, r.stderr
     assert str(tmp_path / "small" / "val.bin") in lines[0] and "--min_val_tokens" in lines[0], lines[0]
@@ -387,7 +419,8 @@ def test_synthetic_answers_and_masks(name, byte, gpt2):
     sizes = {}
     for index in range(5):
         b = rd.get_batch(index, 8)
-        assert b.kind == "reasoning" and b.x.shape == (8, 128) and torch.equal(b.answer_mask, b.answer_id >= 0)
+        assert b.kind == "reasoning" and b.x.shape == (8, 128)
+        assert torch.equal(b.answer_mask, b.answer_id >= 0)
         examples = unpack(b, tok)
         assert len(examples) > 8 * 5  # rows are packed with several examples
         for p, a, _ in examples:
@@ -395,13 +428,15 @@ def test_synthetic_answers_and_masks(name, byte, gpt2):
             assert p == tok.encode(prompt) and answer == solve(prompt)
             family, size = size_of(prompt)
             sizes.setdefault(family, set()).add(size)
-    assert sizes == {"add": {3}, "mul": {2}, "chain": {3}, "sort": {1, 2, 3, 4, 5}}  # fixed size; sort 1..level
+    # fixed size; sort 1..level
+    assert sizes == {"add": {3}, "mul": {2}, "chain": {3}, "sort": {1, 2, 3, 4, 5}}
     # eval: every example once, in order, answer_id = its index; masks decode to the answers
     evals, tags = rd.eval_examples(50), rd.eval_tags(50)
     for (p, a), tag in zip(evals, tags):
         family, level = tag.split(":")
         size = size_of(p)[1]
-        assert solve(p) == a and size_of(p)[0] == family and (size <= int(level) if family == "sort" else size == int(level))
+        assert solve(p) == a and size_of(p)[0] == family
+        assert (size <= int(level) if family == "sort" else size == int(level))
     got = [(tok.decode(p), tok.decode(a), i) for b in rd.eval_batches(4, 50) for p, a, i in unpack(b, tok)]
     assert got == [(p, a, i) for i, (p, a) in enumerate(evals)]
 
@@ -414,13 +449,7 @@ def test_synthetic_split_is_disjoint_and_deterministic(byte):
     assert not evals & set(train)
     add = {p for p in set(train) | evals if re.fullmatch(r"\d+\+\d+=", p)}  # add:2 has ~10^4 prompts
     assert len(add - evals) > 5_000 and len(add & evals) > 300  # both sides of the split are well sampled
-    same = ReasoningData("synthetic", byte, 128, seed=0, tasks=tasks)
-    assert torch.equal(rd.get_batch(3, 4).x, same.get_batch(3, 4).x)  # same seed, same data
-    assert not torch.equal(rd.get_batch(3, 4).x, ReasoningData("synthetic", byte, 128, seed=1, tasks=tasks).get_batch(3, 4).x)
-    assert ReasoningData("synthetic", byte, 64, seed=5, tasks=tasks).eval_examples(100) == rd.eval_examples(100)
-    # each task's eval examples do not depend on the rest of the suite
-    alone = ReasoningData("synthetic", byte, 64, tasks="sort:4").eval_examples(25)
-    assert alone == rd.eval_examples(100)[3::4]
+    check_seeds_and_eval_set(rd, byte, tasks, other_block_size=64, last_task="sort:4")
 
 
 def test_gsm8k_fixture_final_answers(byte, gpt2):
@@ -429,11 +458,13 @@ def test_gsm8k_fixture_final_answers(byte, gpt2):
     examples = read_jsonl(GSM8K)
     assert [a for _, a in examples] == finals
     for (p, _), line in zip(examples, lines):  # the worked solution is on the prompt side
-        assert p.startswith(line["question"] + "\n") and p.endswith("#### ") and line["answer"].split("####")[0] in p
+        assert p.startswith(line["question"] + "\n") and p.endswith("#### ")
+        assert line["answer"].split("####")[0] in p
     assert read_jsonl(GSM8K, "solution") == [(l["question"] + "\n", l["answer"]) for l in lines]
     for tok in (byte, gpt2):
         rd = ReasoningData(GSM8K, tok, 384, eval_source=PROMPT_ANSWER)
-        train = {(tok.decode(p), tok.decode(a)) for i in range(10) for p, a, _ in unpack(rd.get_batch(i, 8), tok)}
+        train = {(tok.decode(p), tok.decode(a)) for i in range(10)
+                 for p, a, _ in unpack(rd.get_batch(i, 8), tok)}
         assert train == set(examples)
         evals = [(tok.decode(p), tok.decode(a)) for b in rd.eval_batches(2, 10) for p, a, _ in unpack(b, tok)]
         assert evals == [tuple(json.loads(l).values()) for l in open(PROMPT_ANSWER, encoding="utf-8")]
@@ -446,14 +477,17 @@ def test_jsonl_held_out_slice(tmp_path, byte):
     path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in pairs) + "\n")
     rd = ReasoningData(str(path), byte, 32)
     evals = rd.eval_examples(1000)
-    train = {(byte.decode(p), byte.decode(a)) for i in range(40) for p, a, _ in unpack(rd.get_batch(i, 8), byte)}
+    train = {(byte.decode(p), byte.decode(a)) for i in range(40)
+             for p, a, _ in unpack(rd.get_batch(i, 8), byte)}
     assert 15 < len(evals) < 50 and not set(evals) & train and set(evals) <= set(pairs)
     assert len(train) > 200 and train <= set(pairs) - set(evals)
 
 
 def test_reasoning_errors(tmp_path, byte, monkeypatch):
     bad = tmp_path / "bad.jsonl"
-    for line in ['{"prompt": "a", "answer": ', '{"prompt": "a"}', '["a", "b"]', '{"question": "q", "answer": "no final"}']:
+    bad_lines = ['{"prompt": "a", "answer": ', '{"prompt": "a"}', '["a", "b"]',
+                 '{"question": "q", "answer": "no final"}']
+    for line in bad_lines:
         bad.write_text('{"prompt": "1+1=", "answer": "2"}\n\n' + line + "\n")
         with pytest.raises(ValueError, match=re.escape(f"{bad}:3:")):
             ReasoningData(str(bad), byte, 64)
@@ -477,13 +511,14 @@ def test_reasoning_errors(tmp_path, byte, monkeypatch):
     for spec in ["add", "add:0", "add:x", "chain:99"]:
         with pytest.raises(ValueError, match="needs a level"):
             ReasoningData("synthetic", byte, 64, tasks=spec)
-    monkeypatch.setattr(data, "is_eval_prompt", lambda prompt: True)  # no prompt left to train on
+    monkeypatch.setattr("tasks.is_eval_prompt", lambda prompt: True)  # no prompt left to train on
     with pytest.raises(ValueError, match="sort:1 has too few prompts"):
         ReasoningData("synthetic", byte, 64, tasks="sort:1")
 
 
 def test_block_size_bound_is_exact(byte):
-    """sort:5 examples have up to 12 + 5 tokens: block_size 18 holds eot + example + eot, 17 is a clear error."""
+    """sort:5 examples have up to 12 + 5 tokens:
+    block_size 18 holds eot + example + eot, 17 is a clear error."""
     with pytest.raises(ValueError, match="block_size >= 18, got block_size=17"):
         ReasoningData("synthetic", byte, 17, tasks="sort:5")
     rd = ReasoningData("synthetic", byte, 18, tasks="sort:5")
@@ -496,11 +531,13 @@ HOP_ITER = "hop:3,hopo:2,iter:1,iter:4"
 
 @pytest.mark.parametrize("name", ["byte", "gpt2"])
 def test_hop_and_iter_answers(name, byte, gpt2):
-    """Answers recomputed from the prompt text (hop: the map parsed back; iter: data.ITER_F as a table); hop's
-    map is a permutation of p..w forming one 8-cycle, its keys shuffled (hop) or in order (hopo); levels exact."""
+    """Answers recomputed from the prompt text (hop: the map parsed back; iter: tasks.ITER_F as a table);
+    hop's map is a permutation of p..w forming one 8-cycle, its keys shuffled (hop) or in order (hopo);
+    levels exact."""
     tok = byte if name == "byte" else gpt2
     rd = ReasoningData("synthetic", tok, 64, seed=2, tasks=HOP_ITER)
-    train = [(tok.decode(p), tok.decode(a), None) for i in range(12) for p, a, _ in unpack(rd.get_batch(i, 8), tok)]
+    train = [(tok.decode(p), tok.decode(a), None) for i in range(12)
+             for p, a, _ in unpack(rd.get_batch(i, 8), tok)]
     evals = [(p, a, tag) for (p, a), tag in zip(rd.eval_examples(80), rd.eval_tags(80))]
     seen, hop_orders = {}, []
     for prompt, answer, tag in train + evals:
@@ -524,12 +561,14 @@ def test_hop_and_iter_answers(name, byte, gpt2):
 
 
 def test_hop_maps_are_fresh_and_answers_uniform(byte):
-    """Every hop example brings its own map: nothing to memorise; the answer is spread over the 7 non-start symbols."""
+    """Every hop example brings its own map: nothing to memorise;
+    the answer is spread over the 7 non-start symbols."""
     rd = ReasoningData("synthetic", byte, 64, seed=0, tasks="hop:2")
     prompts = train_prompts(rd, 2000)
     maps = [tuple(sorted(hop_map(p)[0].items())) for p in prompts]
     assert len(set(maps)) > 1500  # 2000 draws of 5040 single 8-cycles: ~1650 distinct expected
-    assert sum(a == b for a, b in zip(maps, maps[1:])) < 5  # consecutive examples: the same map by chance, ~0.4
+    # consecutive examples: the same map by chance, ~0.4 times
+    assert sum(a == b for a, b in zip(maps, maps[1:])) < 5
     values = {k: {dict(m)[k] for m in maps} for k in "pqrstuvw"}
     assert all(len(v) == 7 and k not in v for k, v in values.items())  # each key maps to every other symbol
     answers = [solve(p) for p in prompts]
@@ -539,8 +578,9 @@ def test_hop_maps_are_fresh_and_answers_uniform(byte):
 
 
 def test_iter_is_one_fixed_10_cycle():
-    """iter's f is one permutation of the digits, a single 10-cycle: f^1..f^9 are distinct and have no fixed point."""
-    f = {d: int(data.ITER_F[d]) for d in range(10)}
+    """iter's f is one permutation of the digits, a single 10-cycle:
+    f^1..f^9 are distinct and have no fixed point."""
+    f = {d: int(ITER_F[d]) for d in range(10)}
     assert sorted(f.values()) == list(range(10))
     powers = [list(range(10))]
     for _ in range(10):
@@ -558,16 +598,13 @@ def test_hop_iter_split_is_disjoint_and_deterministic(byte):
     iter1 = lambda ps: {p for p in ps if p.startswith("f^1(")}  # iter:1 has 10^4 prompts
     assert len(iter1(train)) > 4000 and len(iter1(evals)) > 400  # both sides of the split are well sampled
     assert {p for p in train | evals if ">" in p and hop_map(p)[1] == sorted(hop_map(p)[1])}  # hopo is there
-    same = ReasoningData("synthetic", byte, 64, seed=0, tasks=tasks)
-    assert torch.equal(rd.get_batch(3, 4).x, same.get_batch(3, 4).x)
-    assert not torch.equal(rd.get_batch(3, 4).x, ReasoningData("synthetic", byte, 64, seed=1, tasks=tasks).get_batch(3, 4).x)
-    assert ReasoningData("synthetic", byte, 128, seed=5, tasks=tasks).eval_examples(100) == rd.eval_examples(100)
-    assert ReasoningData("synthetic", byte, 64, tasks="hop:1").eval_examples(25) == rd.eval_examples(100)[3::4]
+    check_seeds_and_eval_set(rd, byte, tasks, other_block_size=128, last_task="hop:1")
 
 
 def test_hopo_and_iter_prompt_spaces_split_about_10_percent(byte):
-    """The whole prompt space of iter:L (10^4) and hopo:L (7! cycles x 8 starts = 40320), enumerated here: ~10% of
-    each level is held out, and the generated prompts lie in it. (hop: x 8! key orders, ~1.6e9 per level.)"""
+    """The whole prompt space of iter:L (10^4) and hopo:L (7! cycles x 8 starts = 40320), enumerated
+    here: ~10% of each level is held out, and the generated prompts lie in it. (hop: x 8! key orders,
+    ~1.6e9 per level.)"""
     def iter_prompts(L):
         return [f"f^{L}({x:04d})=" for x in range(10_000)]
 
@@ -583,7 +620,7 @@ def test_hopo_and_iter_prompt_spaces_split_about_10_percent(byte):
         for L in levels:
             prompts = space(L)
             assert len(set(prompts)) == (10_000 if family == "iter" else 40_320)
-            held = sum(map(data.is_eval_prompt, prompts))
+            held = sum(map(is_eval_prompt, prompts))
             assert 0.09 < held / len(prompts) < 0.11, (family, L, held)  # ~1000 and ~4000 eval prompts
             if L == 2:  # the generator draws from exactly this space
                 rd = ReasoningData("synthetic", byte, 64, tasks=f"{family}:{L}")
@@ -591,13 +628,16 @@ def test_hopo_and_iter_prompt_spaces_split_about_10_percent(byte):
 
 
 def test_hop_iter_level_and_block_size_errors(byte):
-    for spec, levels in [("hop:8", "1..7"), ("hopo:0", "1..7"), ("iter:10", "1..9"), ("iter:x", "1..9"), ("hop", "1..7")]:
+    bad_specs = [("hop:8", "1..7"), ("hopo:0", "1..7"), ("iter:10", "1..9"), ("iter:x", "1..9"),
+                 ("hop", "1..7")]
+    for spec, levels in bad_specs:
         with pytest.raises(ValueError, match=re.escape(f"needs a level {levels}")) as e:
             ReasoningData("synthetic", byte, 64, tasks=f"add:2,{spec}")
         assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="block_size >= 41, got block_size=40"):  # hop examples are 39 + 1 bytes
+    with pytest.raises(ValueError, match="block_size >= 41, got block_size=40"):  # hop examples: 39 + 1 bytes
         ReasoningData("synthetic", byte, 40, tasks="hop:7")
-    lengths = {len(p) + len(a) for p, a, _ in unpack(ReasoningData("synthetic", byte, 41, tasks="hop:7").get_batch(0, 8), byte)}
+    batch = ReasoningData("synthetic", byte, 41, tasks="hop:7").get_batch(0, 8)
+    lengths = {len(p) + len(a) for p, a, _ in unpack(batch, byte)}
     assert lengths == {40}
     with pytest.raises(ValueError, match="block_size >= 15, got block_size=14"):
         ReasoningData("synthetic", byte, 14, tasks="iter:9")
@@ -605,9 +645,7 @@ def test_hop_iter_level_and_block_size_errors(byte):
 
 @pytest.mark.slow
 def test_show_cli_prints_hop_and_iter():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = lambda spec: subprocess.run([sys.executable, "data.py", "show", f"--reasoning_tasks={spec}"], cwd=ROOT, env=env,
-                                      capture_output=True, text=True, timeout=300)
+    run = lambda spec: run_script("data.py", "show", f"--reasoning_tasks={spec}")
     r = run("hop:2,iter:3")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
@@ -617,7 +655,8 @@ def test_show_cli_prints_hop_and_iter():
         prompt, answer = ast.literal_eval(prompt), ast.literal_eval(answer)
         assert solve(prompt) == answer and (">" in prompt) == tag.startswith("hop")
     r = run("hop:9")
-    assert r.returncode != 0 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "needs a level 1..7" in r.stderr
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "needs a level 1..7" in r.stderr
 
 # -----------------------------------------------------------------------------
 # routing and DDP indices
@@ -645,13 +684,15 @@ def test_two_ranks_see_what_one_process_sees(byte):
         one = [micro_batch_index(step, m, 0, 1, G) for m in range(G)]
         ranks = [[micro_batch_index(step, m, r, 2, G) for m in range(G // 2)] for r in range(2)]
         assert sorted(one) == list(range(step * G, (step + 1) * G))  # each index once, never reused
-        assert ranks == [[step * G + r + 2 * m for m in range(G // 2)] for r in range(2)]  # rank r: r, r+W, ...
+        # rank r: r, r+W, ...
+        assert ranks == [[step * G + r + 2 * m for m in range(G // 2)] for r in range(2)]
         assert sorted(ranks[0] + ranks[1]) == sorted(one)
         xs = {i: rd.get_batch(i, 2).x for i in one}
         for i in ranks[0] + ranks[1]:
             assert torch.equal(rd.get_batch(i, 2).x, xs[i])
         assert not torch.equal(rd.get_batch(ranks[0][0], 2).x, rd.get_batch(ranks[1][0], 2).x)
-        assert router.kind(step) == ("reasoning" if step % 2 else "fluency")  # the kind depends on the step only
+        # the kind depends on the step only
+        assert router.kind(step) == ("reasoning" if step % 2 else "fluency")
     with pytest.raises(ValueError, match="divisible"):
         micro_batch_index(0, 0, 0, 3, 4)
 
@@ -659,4 +700,5 @@ def test_two_ranks_see_what_one_process_sees(byte):
 def test_batch_to_keeps_everything(byte):
     b = ReasoningData("synthetic", byte, 32, tasks="add:2").get_batch(0, 2)
     c = b.to("cpu")
-    assert c.kind == b.kind and all(torch.equal(getattr(b, f), getattr(c, f)) for f in ("x", "y", "answer_mask", "answer_id"))
+    assert c.kind == b.kind
+    assert all(torch.equal(getattr(b, f), getattr(c, f)) for f in ("x", "y", "answer_mask", "answer_id"))

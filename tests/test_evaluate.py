@@ -1,5 +1,5 @@
-"""evaluate.py: answer positions only are unembedded, a rank without eval batches under DDP, no float64; the plots
-of one run's metrics.jsonl (`python evaluate.py --plot --out_dir=DIR`)."""
+"""evaluate.py: answer positions only are unembedded, a rank without eval batches under DDP, no float64; the
+plots of one run's metrics.jsonl (`python evaluate.py --plot --out_dir=DIR`)."""
 
 import datetime
 import json
@@ -26,10 +26,12 @@ K = 3
 
 
 def setup():
-    """A small model whose refinement steps differ, and its fluency and reasoning eval batches (deterministic)."""
+    """A small model whose refinement steps differ, and its fluency and reasoning eval batches
+    (deterministic)."""
     tok = data.get_tokenizer("byte")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=48, vocab_size=257, n_layer=1, n_head=2, n_embd=32, n_steps=K, n_latent=16))
+    model = GPT(GPTConfig(block_size=48, vocab_size=257, n_layer=1, n_head=2, n_embd=32, n_steps=K,
+                          n_latent=16))
     with torch.no_grad():
         model.latent_head.w_out.weight.normal_(0, 1.0)
     model.eval()
@@ -76,7 +78,7 @@ def assert_same_reasoning(got, want):
 
 def test_reasoning_unembeds_only_answer_positions():
     model, _, batches = setup()
-    rows = []                                                 # rows of hidden states each lm_head call unembeds
+    rows = []                                        # rows of hidden states each lm_head call unembeds
     hook = model.lm_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[:-1].numel()))
     try:
         got = evaluate_reasoning(model, batches, K)
@@ -111,7 +113,7 @@ def test_reasoning_without_batches_needs_n_examples():
     with pytest.raises(ValueError, match="evaluate_reasoning needs n_examples"):
         evaluate_reasoning(model, [], K)
     with pytest.raises(ValueError, match="evaluate_reasoning needs n_examples"):
-        evaluate_reasoning(model, batches, K, world=2)    # ranks would infer different sizes: refused up front
+        evaluate_reasoning(model, batches, K, world=2)    # ranks would infer different sizes: refused
     empty = evaluate_reasoning(model, [], K, n_examples=18)
     assert empty["per_example_exact"].shape == (18, K) and empty["per_example_exact"].isnan().all()
     assert evaluate_fluency(model, [], K) == [0.0] * K
@@ -127,7 +129,7 @@ def _ddp_worker(rank, port, out_dir):
         mine = (lambda bs: bs) if rank == 0 else (lambda bs: [])   # rank 1 has no eval shard at all
         res = {"fluency": evaluate_fluency(model, mine(fluency), K, world=2),
                "reasoning": evaluate_reasoning(model, mine(reasoning), K, n_examples=18, world=2),
-               "fluency_k1": evaluate_fluency(model, mine(fluency)[1:], 1, world=2)}  # and again: still in step
+               "fluency_k1": evaluate_fluency(model, mine(fluency)[1:], 1, world=2)}  # again: still in step
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -185,11 +187,12 @@ TASKS = ("add:2", "sort:8")
 
 
 def train_record(it, kinds, old=False):
-    """A train record as train.py logs it: old = top-level kind and loss; new = a sub-dict per kind that ran since the
-    last log, plus the mean loss over all those steps."""
-    parts = {kind: {"steps": 5, "loss": 3.0 - it / 100 + (kind == "reasoning"), "ds": 2.5, "rl": 0.3, "imp": 0.01,
-                    "nll_k": [2.6, 2.5, 2.4]} for kind in kinds}
-    base = {"type": "train", "iter": it, "tokens": it * 2048, "n_steps": K, "lr": 1e-3, "tokens_per_s": 9000.0}
+    """A train record as train.py logs it: old = top-level kind and loss; new = a sub-dict per kind that ran
+    since the last log, plus the mean loss over all those steps."""
+    parts = {kind: {"steps": 5, "loss": 3.0 - it / 100 + (kind == "reasoning"), "ds": 2.5, "rl": 0.3,
+                    "imp": 0.01, "nll_k": [2.6, 2.5, 2.4]} for kind in kinds}
+    base = {"type": "train", "iter": it, "tokens": it * 2048, "n_steps": K, "lr": 1e-3,
+            "tokens_per_s": 9000.0}
     if old:
         (kind,) = kinds
         return {**base, "kind": kind, **parts[kind]}
@@ -198,7 +201,8 @@ def train_record(it, kinds, old=False):
 
 def eval_record(it, kind="eval"):
     em = lambda j: [min(1.0, 0.1 * it / 100 + 0.05 * k + j) for k in range(K)]
-    return {"type": kind, "iter": it, "tokens": it * 2048, "fluency_loss": [2.0 - it / 1000 - 0.01 * k for k in range(K)],
+    return {"type": kind, "iter": it, "tokens": it * 2048,
+            "fluency_loss": [2.0 - it / 1000 - 0.01 * k for k in range(K)],
             "answer_exact_match": em(0), "answer_token_acc": em(0.1), "step_K_beats_1": 0.4,
             "task_exact_match": {task: em(0.2 * j) for j, task in enumerate(TASKS)}}
 
@@ -235,8 +239,9 @@ def png_size(path):
 
 
 def run_evaluate(*args, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
 
 
 def test_plot_series_reads_old_and_new_train_records():
@@ -248,7 +253,8 @@ def test_plot_series_reads_old_and_new_train_records():
     assert [s[0] for s in new["fluency_loss"]] == [evals] * K
     assert new["fluency_loss"][2][1] == [eval_record(it)["fluency_loss"][2] for it in evals]
     assert new["answer_exact_match"][0][1] == [eval_record(it)["answer_exact_match"][0] for it in evals]
-    assert new["task_exact_match"]["sort:8"] == (evals, [eval_record(it)["task_exact_match"]["sort:8"][-1] for it in evals])
+    assert new["task_exact_match"]["sort:8"] == \
+        (evals, [eval_record(it)["task_exact_match"]["sort:8"][-1] for it in evals])
     old = plot_series([train_record(it, ("fluency" if it % 20 else "reasoning",), old=True) for it in iters])
     assert old["train_loss"]["fluency"] == (iters[::2], [3.0 - it / 100 for it in iters[::2]])
     assert old["train_loss"]["reasoning"] == (iters[1::2], [3.0 - it / 100 + 1 for it in iters[1::2]])
@@ -257,7 +263,8 @@ def test_plot_series_reads_old_and_new_train_records():
 
 @pytest.mark.slow
 def test_plot_cli_writes_pngs_next_to_metrics(tmp_path):
-    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra (requirements-extra.txt), not installed")
+    pytest.importorskip("matplotlib",
+                        reason="matplotlib is an optional extra (requirements-extra.txt), not installed")
     run = str(tmp_path / "run")
     write_metrics(run, new_format_run())
     with open(os.path.join(run, "metrics.jsonl"), "a") as f:
@@ -271,7 +278,8 @@ def test_plot_cli_writes_pngs_next_to_metrics(tmp_path):
     # a run without reasoning evaluation (old train records): only what it has is plotted
     old = str(tmp_path / "old")
     write_metrics(old, [train_record(10, ("fluency",), old=True), train_record(20, ("fluency",), old=True),
-                        {k: v for k, v in eval_record(20).items() if k in ("type", "iter", "tokens", "fluency_loss")}])
+                        {k: v for k, v in eval_record(20).items()
+                         if k in ("type", "iter", "tokens", "fluency_loss")}])
     r = run_evaluate("--plot", f"--out_dir={old}")
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(old)) == sorted(["metrics.jsonl", PLOTS["train_loss"], PLOTS["fluency_loss"]])

@@ -1,4 +1,5 @@
-"""experiments.py: the ablation report is regenerated from the runs' own metrics, and finished runs are reused."""
+"""experiments.py: the ablation report is regenerated from the runs' own metrics, and finished runs are
+reused."""
 
 import importlib.util
 import json
@@ -14,6 +15,7 @@ import experiments
 from configurator import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 TINY_PRESET = """
 device = "cpu"; dtype = "float32"; compile = False
 tokenizer = "byte"; fluency_data = "pydoc"; reasoning_data = "synthetic"; reasoning_tasks = "add:1,sort:3"
@@ -38,16 +40,17 @@ def table_rows(text, header_start):
 def test_ablation_report_matches_runs(tmp_path):
     preset, out = tmp_path / "tiny.py", tmp_path / "res"
     preset.write_text(TINY_PRESET)
-    cmd = [sys.executable, os.path.join(ROOT, "experiments.py"), "--quick=True", "--iters=3", "--variants=gpt,rlrp",
-           f"--preset={preset}", f"--out={out}"]
-    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [sys.executable, os.path.join(ROOT, "experiments.py"), "--quick=True", "--iters=3",
+           "--variants=gpt,rlrp", f"--preset={preset}", f"--out={out}"]
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=ENV)
     report = (out / "ablation.md").read_text()
     main = table_rows(report, "| variant | what |")
     assert list(main) == ["gpt", "rlrp"]
     for name, cells in main.items():
         run = out / "runs" / f"{name}-s0"
         state = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=False)["model"]
-        tensors = {v.data_ptr(): v for k, v in state.items() if k != "transformer.wpe.weight"}  # tied lm_head once
+        # the tied lm_head once
+        tensors = {v.data_ptr(): v for k, v in state.items() if k != "transformer.wpe.weight"}
         n_params = sum(v.numel() for v in tensors.values())  # nanoGPT's count: position embeddings left out
         last = [json.loads(line) for line in open(run / "metrics.jsonl") if '"eval"' in line][-1]
         assert last["iter"] == 3
@@ -65,25 +68,26 @@ def test_ablation_report_matches_runs(tmp_path):
     # an interrupted or repeated ablation reuses finished runs instead of training them again
     ckpt = out / "runs" / "rlrp-s0" / "ckpt.pt"
     before = os.stat(ckpt).st_mtime_ns
-    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=ENV)
     assert os.stat(ckpt).st_mtime_ns == before
     # ... but only when the configuration is the same: a changed preset trains again
-    args = experiments.run_args(str(out / "runs" / "rlrp-s0"), str(preset), experiments.VARIANTS["rlrp"][1], 0, 3)
-    assert experiments.finished(str(out / "runs" / "rlrp-s0"), args)
+    rlrp_run = str(out / "runs" / "rlrp-s0")
+    args = experiments.run_args(rlrp_run, str(preset), experiments.VARIANTS["rlrp"][1], 0, 3)
+    assert experiments.finished(rlrp_run, args)
     preset.write_text(TINY_PRESET.replace('"add:1,sort:3"', '"add:1,sort:4"'))
-    assert not experiments.finished(str(out / "runs" / "rlrp-s0"), args)
+    assert not experiments.finished(rlrp_run, args)
     preset.write_text(TINY_PRESET)
     # --sweep writes its own report next to the ablation's, sharing (and reusing) the runs
     report = (out / "ablation.md").read_text()
     sweep = [c for c in cmd if c != "--quick=True"] + ["--sweep=True", "--variants=rlrp,rlrp_k2"]
-    subprocess.run(sweep, check=True, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    subprocess.run(sweep, check=True, cwd=tmp_path, capture_output=True, env=ENV)
     assert os.stat(ckpt).st_mtime_ns == before and (out / "ablation.md").read_text() == report
     assert list(table_rows((out / "sweep.md").read_text(), "| variant | what |")) == ["rlrp", "rlrp_k2"]
 
 
 def run_cli(cwd, *args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "experiments.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          capture_output=True, text=True, env=ENV)
 
 
 def one_line_error(r, words):
@@ -91,7 +95,8 @@ def one_line_error(r, words):
 
 
 def test_unknown_variant_is_one_line_error(tmp_path):
-    assert one_line_error(run_cli(tmp_path, "--quick=True", "--variants=gpt,rlrpp"), "unknown variant(s) ['rlrpp']")
+    r = run_cli(tmp_path, "--quick=True", "--variants=gpt,rlrpp")
+    assert one_line_error(r, "unknown variant(s) ['rlrpp']")
 
 
 def test_arguments_are_key_value_like_every_entry_point(tmp_path):

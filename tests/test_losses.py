@@ -1,4 +1,5 @@
-"""losses.py against straightforward re-computations of the loss formulas (README "The method in one screen")."""
+"""losses.py against straightforward re-computations of the loss formulas (README "The method in one
+screen")."""
 
 import pytest
 import torch
@@ -52,8 +53,8 @@ def test_step_weights_unknown_schedule_names_the_valid_ones():
 
 
 def skipped_weights(n_steps, schedule, gamma, skip):
-    """The step weights with skip, written out: the schedule's unnormalised v_k, zero for k <= s' = min(skip, K−1),
-    divided by what is left."""
+    """The step weights with skip, written out: the schedule's unnormalised v_k, zero for
+    k <= s' = min(skip, K−1), divided by what is left."""
     v = {"uniform": lambda k: 1.0, "linear": lambda k: float(k), "exp": lambda k: gamma ** (n_steps - k),
          "last": lambda k: float(k == n_steps)}[schedule]
     s = min(skip, n_steps - 1)
@@ -75,7 +76,7 @@ def test_step_weights_with_skip_match_a_plain_recomputation(schedule):
 
 
 def test_step_weights_skip_examples_and_its_rule_for_too_few_steps():
-    assert torch.allclose(step_weights(4, "linear", skip=1), torch.tensor([0, 2 / 9, 3 / 9, 4 / 9]))  # ∝ k, not k−s
+    assert torch.allclose(step_weights(4, "linear", skip=1), torch.tensor([0, 2 / 9, 3 / 9, 4 / 9]))  # ∝ k
     assert torch.allclose(step_weights(4, "uniform", skip=2), torch.tensor([0, 0, 0.5, 0.5]))
     assert torch.allclose(step_weights(3, "exp", gamma=0.5, skip=1), torch.tensor([0, 1 / 3, 2 / 3]))
     for n_steps, skip in [(1, 1), (2, 2), (2, 5), (3, 3)]:                 # K <= skip: the last step only
@@ -86,8 +87,8 @@ def test_step_weights_skip_examples_and_its_rule_for_too_few_steps():
 
 @pytest.mark.parametrize("schedule", ["uniform", "linear", "exp"])
 def test_skipped_steps_get_no_gradient_and_soft_rl_uses_the_same_weights(schedule):
-    # L_DS and L_RL take the same w in rlrp_loss; L_IMP only reads sg(ℓ_1). So with skip = 1 step 1's ℓ gets no
-    # gradient from the whole loss, and later steps still do
+    # L_DS and L_RL take the same w in rlrp_loss; L_IMP only reads sg(ℓ_1). So with skip = 1 step 1's ℓ gets
+    # no gradient from the whole loss, and later steps still do
     _, y, nll = random_nll(seed=5)
     nll = nll.detach().requires_grad_()
     answer = random_mask(seed=3)
@@ -188,7 +189,8 @@ def test_soft_rl_exponent_q_moves_towards_ce():
     g_small_q, = torch.autograd.grad(soft_rl_loss(nll, w, m, q=1e-6), nll)
     g_ce, = torch.autograd.grad(deep_supervision_loss(nll, w, m), nll)
     assert torch.allclose(g_small_q, g_ce, atol=1e-6)
-    assert torch.allclose(soft_rl_loss(nll, w, m, q=1e-6), deep_supervision_loss(nll, w, m), atol=1e-5)  # value too
+    # the value too
+    assert torch.allclose(soft_rl_loss(nll, w, m, q=1e-6), deep_supervision_loss(nll, w, m), atol=1e-5)
 
 
 def test_improvement_penalty_matches_loop_and_stops_gradient_on_step_1():
@@ -197,11 +199,12 @@ def test_improvement_penalty_matches_loop_and_stops_gradient_on_step_1():
     m = random_mask()
     margin = 0.3
     got = improvement_penalty(nll, m, margin)
-    want = sum(mean_over(torch.clamp(nll[k] - nll[0].detach() + margin, min=0), m) for k in range(1, K)) / (K - 1)
+    excess = [torch.clamp(nll[k] - nll[0].detach() + margin, min=0) for k in range(1, K)]
+    want = sum(mean_over(e, m) for e in excess) / (K - 1)
     assert torch.allclose(got, want)
     g, = torch.autograd.grad(got, nll)
     assert torch.equal(g[0], torch.zeros_like(g[0]))           # sg(ℓ_1): step 1 is never pushed up
-    assert g[1:][(nll[1:] - nll[:1] + margin > 0) & m].gt(0).all()  # later steps are pushed down where they lose
+    assert g[1:][(nll[1:] - nll[:1] + margin > 0) & m].gt(0).all()   # later steps pushed down where they lose
 
 
 def test_improvement_penalty_is_zero_for_one_step():
@@ -224,7 +227,8 @@ def test_empty_mask_gives_zero_not_nan():
     _, _, nll = random_nll()
     empty = torch.zeros(B, T, dtype=torch.bool)
     w = step_weights(K).double()
-    for value in (deep_supervision_loss(nll, w, empty), soft_rl_loss(nll, w, empty), improvement_penalty(nll, empty)):
+    for value in (deep_supervision_loss(nll, w, empty), soft_rl_loss(nll, w, empty),
+                  improvement_penalty(nll, empty)):
         assert value.item() == 0.0
 
 

@@ -1,4 +1,5 @@
-"""model.py and latent_head.py: the invariants I1–I5 (README "The method in one screen"), ℓ, GPT-2 loading, compile, errors."""
+"""model.py and latent_head.py: the invariants I1–I5 (README "The method in one screen"), ℓ, GPT-2 loading,
+compile, errors."""
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ V = 67
 
 
 def tiny_config(**kw):
-    cfg = dict(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=32, n_steps=3, n_latent=24, dropout=0.0)
+    cfg = dict(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=32, n_steps=3, n_latent=24,
+               dropout=0.0)
     cfg.update(kw)
     return GPTConfig(**cfg)
 
@@ -48,7 +50,8 @@ def reference_head(head, h, K):
     zs, outs = [z], []
     for _ in range(K):
         zn = F.layer_norm(z, z.shape[-1:], head.ln_z.weight, head.ln_z.bias)
-        u = F.gelu(torch.cat([zn, hn], -1) @ W1.T + head.fc_h.bias, approximate="tanh") @ head.proj.weight.T + head.proj.bias
+        first = torch.cat([zn, hn], -1) @ W1.T + head.fc_h.bias
+        u = F.gelu(first, approximate="tanh") @ head.proj.weight.T + head.proj.bias
         z = z + beta * (torch.tanh(u) - z)
         zs.append(z)
         outs.append(h + z @ head.w_out.weight.T + head.w_out.bias)
@@ -145,7 +148,8 @@ def test_nll_equals_log_softmax_of_the_logits(K):
     y = tokens(seed=1)
     y[0, :3] = -1
     logits, _ = model(idx, n_steps=K)
-    want = -torch.log_softmax(logits, -1).gather(-1, y.clamp(min=0).expand(logits.shape[:-1])[..., None]).squeeze(-1)
+    y_k = y.clamp(min=0).expand(logits.shape[:-1])                        # (K', B, T)
+    want = -torch.log_softmax(logits, -1).gather(-1, y_k[..., None]).squeeze(-1)
     want = torch.where(y >= 0, want, 0.0)
     none, nll = model(idx, y, n_steps=K)
     assert none is None and nll.shape == (max(K, 1), 2, 12)
@@ -179,8 +183,10 @@ def test_from_pretrained_matches_hugging_face_at_every_step(tmp_path):
     hf_config = transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4)
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
-    with torch.no_grad():   # every tensor non-trivial: HF initialises biases to 0 and norms to 1, which hides a
-        for p in hf.parameters():   # tensor that is not loaded at all
+    # every tensor non-trivial: HF initialises biases to 0 and norms to 1, which hides a tensor that is not
+    # loaded at all
+    with torch.no_grad():
+        for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     hf.save_pretrained(tmp_path)
     model = GPT.from_pretrained(str(tmp_path), n_steps=3, n_latent=16).eval()
@@ -234,7 +240,7 @@ def test_compiled_parts_reuse_the_same_graphs_for_every_k():
         for a, b in zip(g_got, g_want):
             assert torch.allclose(a, b, atol=1e-5)
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs == [4] * 8                                   # the trunk, z_0, one step, one ℓ_k: once, for any K
+    assert graphs == [4] * 8                                   # the trunk, z_0, one step, one ℓ_k: for any K
 
 
 # -----------------------------------------------------------------------------
@@ -275,12 +281,13 @@ def test_flops_per_token_counts_the_head_per_step():
     per_step = 6 * (24 * 96 + 96 * 24 + 24 * 32)   # fc_z, proj, W_out matmuls (D=24, hidden 4D=96, C=32)
     assert f4["head"] - f1["head"] == 3 * per_step
     assert model.flops_per_token(n_steps=0)["head"] == 0
-    # truncated backward, K = 4, grad_steps = 1: z_0 and steps 1..3 forward only (2), their W_out weight gradient
-    # only (4), step 4 and the injection in full (6)
+    # truncated backward, K = 4, grad_steps = 1: z_0 and steps 1..3 forward only (2), their W_out weight
+    # gradient only (4), step 4 and the injection in full (6)
     w_in, fc_h, step, w_out = 32 * 24, 32 * 96, 24 * 96 + 96 * 24, 24 * 32
     want = 2 * w_in + 6 * fc_h + 3 * (2 * step + 4 * w_out) + 6 * (step + w_out)
     assert model.flops_per_token(n_steps=4, grad_steps=1)["head"] == want
-    assert model.flops_per_token(n_steps=4, grad_steps=4) == f4 == model.flops_per_token(n_steps=4, grad_steps=9)
+    assert model.flops_per_token(n_steps=4, grad_steps=4) == f4
+    assert model.flops_per_token(n_steps=4, grad_steps=9) == f4
 
 
 # -----------------------------------------------------------------------------
@@ -351,18 +358,20 @@ def test_attending_heads_keep_I1_I2_I4_I5_and_are_causal_I3(attn):
     with torch.no_grad():
         _, z = model.latent_head(torch.randn(1, 5, 32) * 1e4, 1000, return_latents=True)
     assert z.abs().max() <= 1.0 and torch.isfinite(z).all()
-    # I3 causal: changing tokens from position 7 on changes no step at positions <= 6, and does change later ones
+    # I3 causal: tokens changed from position 7 on change no step at positions <= 6, and do change later ones
     changed = idx.clone()
     changed[:, 7:] = (changed[:, 7:] + 1) % V
     a, _ = model(idx)
     b, _ = model(changed)
-    assert torch.allclose(a[:, :, :7], b[:, :, :7], atol=1e-6) and not torch.allclose(a[:, :, 7:], b[:, :, 7:])
+    assert torch.allclose(a[:, :, :7], b[:, :, :7], atol=1e-6)
+    assert not torch.allclose(a[:, :, 7:], b[:, :, 7:])
     # ... and the head reads other positions: unlike head_attn='none', it is not position-wise
     h = torch.randn(1, 9, 32)
     h2 = h.clone()
     h2[:, 3] += torch.randn(32)                             # (a constant shift would vanish in LN_h)
     o, o2 = model.latent_head(h, 3), model.latent_head(h2, 3)
-    assert torch.allclose(o[:, :, :3], o2[:, :, :3], atol=1e-6) and not torch.allclose(o[:, :, 4:], o2[:, :, 4:])
+    assert torch.allclose(o[:, :, :3], o2[:, :, :3], atol=1e-6)
+    assert not torch.allclose(o[:, :, 4:], o2[:, :, 4:])
     # I4: K is a run-time argument, the first steps are the same whatever K' is
     logits5, _ = model(idx, n_steps=5)
     logits3, _ = model(idx)
@@ -376,18 +385,18 @@ def test_attending_head_generation_equals_the_uncached_model(attn):
     model = tiny_model(head_attn=attn)
     prompt = tokens(B=2, T=5)
     for K in (1, 3, 5):                                          # K' < K, = K, > K
-        got = model.generate(prompt, 14, temperature=0, n_steps=K)   # runs past block_size 16: the window slides
+        got = model.generate(prompt, 14, temperature=0, n_steps=K)   # past block_size 16: the window slides
         want = prompt
         for _ in range(14):
             logits, _ = model(want[:, -16:], n_steps=K)
             want = torch.cat([want, logits[-1, :, -1].argmax(-1)[:, None]], 1)
         assert torch.equal(got, want)
     # adaptive exit and the step trace: each step's logits at the newest token, from the uncached model
-    thr = {"trunk": 3e-4, "latent": 1e-3}[attn]                           # some tokens exit at 2, some run all 3
+    thr = {"trunk": 3e-4, "latent": 1e-3}[attn]                     # some tokens exit at 2, some run all 3
     got, steps = model.generate(prompt, 6, temperature=0, exit_threshold=thr, return_steps=True)
     assert set(steps["used"].flatten().tolist()) == {2, 3}
     for i in range(6):
-        logits, _ = model(got[:, :5 + i])                                  # (K, B, T, V): every step, no cache
+        logits, _ = model(got[:, :5 + i])                            # (K, B, T, V): every step, no cache
         trunk = trunk_logits(model, got[:, :5 + i])
         per_step = torch.cat([trunk[None], logits])[:, :, -1].float()      # (K+1, B, V), k = 0 the trunk
         p = per_step.softmax(-1)
@@ -418,6 +427,6 @@ def test_compiled_attending_step_equals_eager(attn):
     model = tiny_model(head_attn=attn)
     head = model.latent_head
     step = torch.compile(head.update, fullgraph=True)
-    for T in (9, 5, 7):                                  # a new length makes dynamo compile T as a dynamic size
+    for T in (9, 5, 7):                               # a new length makes dynamo compile T as a dynamic size
         z, shared = head.init_state(torch.randn(2, T, 32))
         assert torch.allclose(step(z, *shared), head.update(z, *shared), atol=1e-6)

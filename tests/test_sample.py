@@ -12,14 +12,15 @@ import torch
 import data
 import sample
 from configurator import ConfigError
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, newest_outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BS = 16  # block_size of the tiny models
 
 
 def tiny_model(K=3, vocab_size=257, seed=0, block_size=BS):
-    """A tiny model whose head is as after training (W_out, β non-trivial), so every step changes the logits."""
+    """A tiny model whose head is as after training (W_out, β non-trivial), so every step changes the
+    logits."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32,
                           n_steps=K, n_latent=24))
@@ -52,8 +53,8 @@ def test_newest_outputs_with_the_cache_equal_the_head(attn):
     gives at the newest position what LatentHead.forward gives on the whole sequence, at every step."""
     model = tiny_model(K=3)
     if attn != "none":
-        model = GPT(GPTConfig(block_size=BS, vocab_size=257, n_layer=2, n_head=2, n_embd=32, n_steps=3, n_latent=24,
-                              head_attn=attn)).eval()
+        model = GPT(GPTConfig(block_size=BS, vocab_size=257, n_layer=2, n_head=2, n_embd=32, n_steps=3,
+                              n_latent=24, head_attn=attn)).eval()
         with torch.no_grad():
             for p in model.latent_head.parameters():
                 p.normal_(0, 0.3)
@@ -61,7 +62,7 @@ def test_newest_outputs_with_the_cache_equal_the_head(attn):
     cache = {}
     for t in range(3, 7):
         new = h[:, :t] if t == 3 else h[:, t - 1:t]
-        o = list(model.newest_outputs(new, 5, cache))
+        o = list(newest_outputs(model.latent_head, new, 5, cache))
         assert len(o) == 6 and torch.equal(o[0], h[:, t - 1])                 # o_0 = h_t, the trunk's own
         assert torch.allclose(torch.stack(o[1:]), model.latent_head(h[:, :t], 5)[:, :, -1], atol=1e-5)
     if attn == "latent":
@@ -76,7 +77,8 @@ def test_cached_equals_uncached_greedy(K, tokenizer, request):
     prompts = ["Hello, world! 12+34=", "def f(x): return x"]
     idx = torch.tensor([[tok.eot_token] + tok.encode(p)[:5] for p in prompts])
     new = BS       # one token at a time through the cache, then past block_size: the window slides
-    assert torch.equal(model.generate(idx, new, temperature=0, n_steps=K), uncached_greedy(model, idx, new, K))
+    cached = model.generate(idx, new, temperature=0, n_steps=K)
+    assert torch.equal(cached, uncached_greedy(model, idx, new, K))
 
 
 def test_generation_never_feeds_more_than_block_size():
@@ -114,7 +116,8 @@ def test_steps_view_is_each_steps_argmax():
     logits, _ = model(out[:, :-1], n_steps=4)                         # (4, B, T, V)
     plain = model.lm_head(model.transformer.ln_f(model.trunk(out[:, :-1])))
     per_step = torch.cat([plain[None], logits])[:, :, 4:]            # k = 0..4 at the 6 generating positions
-    assert steps["top1"].shape == (2, 6, 5) and torch.equal(steps["top1"], per_step.argmax(-1).permute(1, 2, 0))
+    assert steps["top1"].shape == (2, 6, 5)
+    assert torch.equal(steps["top1"], per_step.argmax(-1).permute(1, 2, 0))
     assert torch.allclose(steps["prob"], per_step.softmax(-1).amax(-1).permute(1, 2, 0), atol=1e-6)
     assert torch.equal(steps["top1"][:, :, -1], out[:, 5:])          # the token is step K's top-1
 
@@ -164,7 +167,8 @@ def test_decoded_exact_match_equals_teacher_forced():
     model = tiny_model(K=2)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (100, 6), generator=g)
-    eot = int(model.generate(x, 4, temperature=0, n_steps=2)[:, 6:].flatten().mode().values)  # a token it emits often
+    free = model.generate(x, 4, temperature=0, n_steps=2)[:, 6:]
+    eot = int(free.flatten().mode().values)                                   # a token it emits often
     # prompts whose greedy answer at K' = 2 ends with `eot` within 4 tokens: right answers for K' = 2;
     # the same prompts with the first answer token changed: wrong ones
     x[:, 0] = eot
@@ -187,10 +191,11 @@ def test_decoded_exact_match_equals_teacher_forced():
 
 
 def save_checkpoint(out_dir, K=2, tasks="sort:3", block_size=BS):
-    """A checkpoint in train.py's format from a tiny random model (byte tokenizer, built-in reasoning suite)."""
+    """A checkpoint in train.py's format from a tiny random model (byte tokenizer, built-in reasoning
+    suite)."""
     model = tiny_model(K=K, block_size=block_size)
-    model_args = dict(block_size=block_size, vocab_size=257, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True,
-                      n_steps=K, n_latent=24)
+    model_args = dict(block_size=block_size, vocab_size=257, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                      bias=True, n_steps=K, n_latent=24)
     config = dict(tokenizer="byte", tokenizer_file="", reasoning_data="synthetic", reasoning_eval_data="",
                   reasoning_tasks=tasks, block_size=block_size, seed=0, n_steps=K)
     os.makedirs(out_dir, exist_ok=True)
@@ -234,8 +239,10 @@ def test_cli_eval_scaling_curve(ckpt_dir, capsys):
     assert len(curve) == 5 and "trained with K=2" in out                  # K' = 0..2K
     assert "adaptive exit at K'=2" in out and "mean steps per token 1.00 vs 2" in out
     model, _ = sample.load_checkpoint(ckpt_dir, "cpu")
-    batches = data.ReasoningData("synthetic", data.get_tokenizer("byte"), BS, tasks="sort:3").eval_batches(8, 8)
-    assert curve == pytest.approx([evaluate_reasoning(model, batches, k)["answer_exact_match"][-1] for k in range(5)])
+    suite = data.ReasoningData("synthetic", data.get_tokenizer("byte"), BS, tasks="sort:3")
+    batches = suite.eval_batches(8, 8)
+    want = [evaluate_reasoning(model, batches, k)["answer_exact_match"][-1] for k in range(5)]
+    assert curve == pytest.approx(want)
 
 
 def test_cli_plot(ckpt_dir, tmp_path):
@@ -285,7 +292,8 @@ def test_cli_bad_input(ckpt_dir, tmp_path):
 
 @pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                       text=True)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip().count("\n") == 0 and "ckpt.pt not found" in r.stderr
 
@@ -296,7 +304,8 @@ def cats_dir(tmp_path_factory):
     'cats<eot>cats<eot>...': a sample that reaches the end-of-text token and would run on past it."""
     tok = data.get_tokenizer("byte")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=BS, vocab_size=257, n_layer=2, n_head=2, n_embd=32, n_steps=2, n_latent=24))
+    model = GPT(GPTConfig(block_size=BS, vocab_size=257, n_layer=2, n_head=2, n_embd=32, n_steps=2,
+                          n_latent=24))
     seq = torch.tensor(([tok.eot_token] + tok.encode("cats")) * 8)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(150):
@@ -316,9 +325,9 @@ def cats_dir(tmp_path_factory):
 
 
 def run_sample(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
     return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          encoding="utf-8", env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8"),
-                          timeout=120)
+                          encoding="utf-8", env=env, timeout=120)
 
 
 @pytest.mark.slow
@@ -331,16 +340,18 @@ def test_cli_stops_at_end_of_text_and_prints_a_greedy_sample_once(cats_dir):
     assert rest == ["cats", "---------------"]                   # once, and stopped at <|endoftext|>
     r = run_sample(*base, "--stop_at_eot=False", "--num_samples=1")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.splitlines() == ["cats<|endoftext|>cats<|endoftext|>cats", "---------------"]  # all 12 tokens
+    # all 12 tokens
+    assert r.stdout.splitlines() == ["cats<|endoftext|>cats<|endoftext|>cats", "---------------"]
 
 
 def test_sampled_generation_stops_at_eot_too(cats_dir, capsys):
     sample.main([f"--out_dir={cats_dir}", "--start=ca", "--num_samples=2", "--max_new_tokens=12",
                  "--temperature=0.01", "--show_steps=True"])
     out = capsys.readouterr().out.splitlines()
-    assert [line for line in out if not line.startswith(" ")] == ["cats", "---------------"] * 2  # no greedy note
+    # no greedy note
+    assert [line for line in out if not line.startswith(" ")] == ["cats", "---------------"] * 2
     rows = [line.split()[0] for line in out if line.startswith(" ") and "k=0" not in line]
-    assert rows == ["'t'", "'s'", "'<eot>'"] * 2               # the per-step view shows the token that stopped it
+    assert rows == ["'t'", "'s'", "'<eot>'"] * 2           # the per-step view shows the token that stopped it
 
 
 def test_device_default_is_cuda_then_mps_then_cpu(monkeypatch):

@@ -1,0 +1,121 @@
+"""
+The synthetic reasoning suite (reasoning_data='synthetic'): task generators, their train/eval split, specs.
+
+A task is (family, level); its generator(rng, level) returns a (prompt, answer) pair of strings.
+reasoning_tasks names the suite as 'family:level,...' (TASKS holds the families, DEFAULT_TASKS the default).
+The split is by prompt: a stable hash holds out 10% of each task's prompt space and draw() rejects examples
+from the other side, so no eval prompt is ever trained on. data.ReasoningData packs the examples into rows.
+"""
+
+import hashlib
+
+# -----------------------------------------------------------------------------
+# generator(rng, level) -> (prompt, answer). add, mul and chain have a fixed size per level (L digits,
+# L hops), so every operand digit sits at the same distance from the answer digit that needs it: with sizes
+# mixed 1..L the model must first find the size, and a 4-layer model learned none of add/mul/chain in 2000
+# steps (README "Data"). Numbers are written least significant digit first and zero-padded, operands and
+# answer alike: what is left to compute per answer digit is the digit table and the carry.
+
+def _rev(n, width):  # 1171, 4 -> '1711'
+    return str(n).zfill(width)[::-1]
+
+
+def _add(rng, level):  # level 3: '253+918=' -> '1711': 352 + 819 = 1171
+    a, b = (int(v) for v in rng.integers(10**level, size=2))
+    return f"{_rev(a, level)}+{_rev(b, level)}=", _rev(a + b, level + 1)
+
+
+def _mul(rng, level):  # level 3: '253*7=' -> '4642': 352 * 7 = 2464
+    a, b = int(rng.integers(10**level)), int(rng.integers(2, 10))
+    return f"{_rev(a, level)}*{b}=", _rev(a * b, level + 1)
+
+
+def _chain(rng, level):  # level 2: 'q=3;x=q+4;c=x+5;c?' -> '2': each hop adds a digit mod 10
+    names = [chr(97 + i) for i in rng.choice(26, size=level + 1, replace=False)]  # random, so that every
+    v = int(rng.integers(10))  # (value, digit) pair is trained on even though 10% of the prompts are held out
+    prompt = f"{names[0]}={v};"
+    for prev, name in zip(names, names[1:]):
+        d = int(rng.integers(1, 10))
+        v = (v + d) % 10
+        prompt += f"{name}={prev}+{d};"
+    return prompt + f"{names[-1]}?", str(v)
+
+
+def _sort(rng, level):  # 'sort(93712)=' -> '12379': 1..level digits (sorting is content-, not position-based)
+    digits = "".join(map(str, rng.integers(10, size=int(rng.integers(1, level + 1)))))
+    return f"sort({digits})=", "".join(sorted(digits))
+
+
+# hop and iter pose the same question, f applied L times, and differ in where f is. hop: in the prompt, a
+# fresh map per example, so nothing can be memorised and each hop is one lookup in the context. iter:
+# nowhere, one fixed map for the whole dataset, learnable as a table (the control). Both maps are single
+# cycles: the L hops visit L+1 distinct symbols (no fixed point or short cycle to shortcut) and f^L differs
+# for every L < cycle length.
+HOP_SYMBOLS = "pqrstuvw"  # hop's symbols, one token each (no f: f names the map); prompts of 39 bytes,
+                          # block_size >= 41
+ITER_F = "8475692310"     # iter's f: d -> ITER_F[d], the 10-cycle 0>8>1>4>6>2>7>3>5>9>0, for every seed
+ITER_WIDTH = 4            # iter applies f^L to each of 4 digits: 10^4 prompts per level (one digit: only 10)
+
+
+def _hop(rng, level, ordered=False):  # level 2: 'w>t,q>s,v>r,r>p,u>q,p>w,t>u,s>v;f^2(r)=' -> 'w' (r>p>w)
+    cycle = [HOP_SYMBOLS[i] for i in rng.permutation(len(HOP_SYMBOLS))]
+    f = {a: b for a, b in zip(cycle, cycle[1:] + cycle[:1])}  # f(cycle[i]) = cycle[i + 1]: a random 8-cycle
+    keys = sorted(f) if ordered else [cycle[i] for i in rng.permutation(len(cycle))]  # hopo: p..w in order
+    start = int(rng.integers(len(cycle)))
+    prompt = ",".join(f"{k}>{f[k]}" for k in keys) + f";f^{level}({cycle[start]})="
+    return prompt, cycle[(start + level) % len(cycle)]
+
+
+def _iter(rng, level):  # level 2: 'f^2(4071)=' -> '2156': f = ITER_F twice on each digit (4>6>2, 0>8>1, ...)
+    x = "".join(map(str, rng.integers(10, size=ITER_WIDTH)))
+    y = x
+    for _ in range(level):
+        y = "".join(ITER_F[int(d)] for d in y)
+    return f"f^{level}({x})=", y
+
+
+# family: (generator, max level, longest prompt+answer in characters: a bound on tokens for both tokenizers)
+TASKS = {
+    "add": (_add, 18, lambda L: 3 * L + 3),
+    "mul": (_mul, 18, lambda L: 2 * L + 4),
+    "chain": (_chain, 25, lambda L: 6 * L + 7),
+    "sort": (_sort, 60, lambda L: 2 * L + 7),
+    "hop": (_hop, len(HOP_SYMBOLS) - 1, lambda L: 4 * len(HOP_SYMBOLS) + 8),  # keys in random order
+    "hopo": (lambda rng, L: _hop(rng, L, ordered=True), len(HOP_SYMBOLS) - 1,
+             lambda L: 4 * len(HOP_SYMBOLS) + 8),  # keys in order p..w
+    "iter": (_iter, len(ITER_F) - 1, lambda L: 10 + ITER_WIDTH),
+}
+DEFAULT_TASKS = "add:2,mul:2,chain:2,sort:8"  # measured on the CPU preset: README "Data"
+EVAL_STREAM = 1_000_003  # the synthetic eval set's rng key: the same for every seed and every suite
+
+# -----------------------------------------------------------------------------
+# specs and the train/eval split
+
+def parse_tasks(spec: str) -> list:
+    """'add:3,chain:2' -> [('add', 3), ('chain', 2)]"""
+    tasks = []
+    for item in spec.split(","):
+        name, _, level = item.strip().partition(":")
+        if name not in TASKS:
+            raise ValueError(f"reasoning_tasks={spec!r}: unknown task {name!r}; families: {', '.join(TASKS)}")
+        if not level.isdigit() or not 1 <= int(level) <= TASKS[name][1]:
+            raise ValueError(f"reasoning_tasks={spec!r}: {item.strip()!r} needs a level 1..{TASKS[name][1]}, "
+                             f"e.g. '{name}:3'")
+        tasks.append((name, int(level)))
+    return tasks
+
+
+def is_eval_prompt(prompt: str) -> bool:
+    """The held-out 10% of the prompt space, by a stable hash (never Python's salted hash())."""
+    digest = hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 100 < 10
+
+
+def draw(task, rng, eval_side):
+    """One example of task (name, level) from the eval or the train side of the hash split, by rejection."""
+    for _ in range(10_000):
+        prompt, answer = TASKS[task[0]][0](rng, task[1])
+        if is_eval_prompt(prompt) == eval_side:
+            return prompt, answer
+    raise ValueError(f"reasoning_tasks: {task[0]}:{task[1]} has too few prompts for a train/eval split; "
+                     "raise its level")
