@@ -1,9 +1,10 @@
 """
-The depth experiment: does step K beat step 1 where the trunk runs out of layers, and does thinking longer at
-test time (K' > K) help? Trains VARIANTS x 3 seeds and writes results/depth.md + plots (README "Results: Depth").
+The depth experiment: does step K beat step 1 where the trunk runs out of layers, and does thinking longer
+at test time (K' > K) help? Trains every variant x 3 seeds, writes results/depth/depth.md and plots
+(README "Results: Depth").
 
-    python depth.py                 # 9 variants x 3 seeds on config/train_depth.py (see README for the time)
-    python depth.py --quick=True    # 1 seed, a quarter of the steps: checks the pipeline, into results/depth-quick
+    python depth.py                 # 9 variants x 3 seeds on config/train_depth.py (README: the time)
+    python depth.py --quick=True    # 1 seed, a quarter of the steps (results/depth-quick): a pipeline check
 
 Every run sees the same data for the same steps (the preset: in-context lookups hopo:1-3 and the fixed-map
 control iter:2); only the overrides of VARIANTS change. Then every checkpoint is evaluated on EVAL_TASKS, the
@@ -43,7 +44,7 @@ DEFAULTS = dict(
     eval_per_task=400,               # held-out examples per task of EVAL_TASKS
 )
 
-EVAL_TASKS = "hopo:1,hopo:2,hopo:3,hopo:4,iter:1,iter:2,iter:3"  # hopo:4, iter:1 and iter:3 are never trained on
+EVAL_TASKS = "hopo:1,hopo:2,hopo:3,hopo:4,iter:1,iter:2,iter:3"  # hopo:4, iter:1, iter:3: never trained on
 RANDOM_K = "--n_steps_dist=uniform"  # recurrent-depth training: K ~ U{1..2K-1} per optimizer step, mean K
 HEADS = {  # name: (what it is, overrides of the preset); the preset trains a fixed K
     "none": ("position-wise head (the method as written), fixed K", ["--head_attn=none"]),
@@ -57,7 +58,7 @@ GPT_ONLY = ["--n_steps=0", "--lambda_rl=0.0", "--lambda_imp=0.0"]
 
 
 def model_flops(cfg, **changes):
-    """Training FLOPs per token of cfg's model with some config keys changed (built on the meta device: no weights)."""
+    """Training FLOPs per token of cfg's model with some keys changed (built on the meta device)."""
     c = cfg | changes
     with torch.device("meta"):
         model = train.build_model(c, data.get_tokenizer(c["tokenizer"], c["tokenizer_file"]), None)
@@ -69,7 +70,8 @@ def matched_gpts(cfg):
     closest (in ratio) to the costliest head variant's, the target."""
     target = max(model_flops(cfg, head_attn=a) for a in ("none", "trunk", "latent"))
     off = lambda f: abs(np.log(f / target))
-    layers = min(range(cfg["n_layer"] + 1, 4 * cfg["n_layer"] + 1), key=lambda n: off(model_flops(cfg, n_steps=0, n_layer=n)))
+    layers = min(range(cfg["n_layer"] + 1, 4 * cfg["n_layer"] + 1),
+                 key=lambda n: off(model_flops(cfg, n_steps=0, n_layer=n)))
     step = 16 * cfg["n_head"] // np.gcd(16, cfg["n_head"])  # widths divisible by n_head and by 16
     widths = range(cfg["n_embd"] + step, 4 * cfg["n_embd"] + 1, step)
     width = min(widths, key=lambda w: off(model_flops(cfg, n_steps=0, n_embd=w)))
@@ -81,15 +83,17 @@ def variants(cfg):
     match, _ = matched_gpts(cfg)
     return {
         "gpt": ("plain GPT, K = 0", GPT_ONLY),
-        "gpt_deep": (f"GPT, {match['gpt_deep']} layers (FLOP-matched)", [*GPT_ONLY, f"--n_layer={match['gpt_deep']}"]),
-        "gpt_wide": (f"GPT, {match['gpt_wide']} wide (FLOP-matched)", [*GPT_ONLY, f"--n_embd={match['gpt_wide']}"]),
+        "gpt_deep": (f"GPT, {match['gpt_deep']} layers (FLOP-matched)",
+                     [*GPT_ONLY, f"--n_layer={match['gpt_deep']}"]),
+        "gpt_wide": (f"GPT, {match['gpt_wide']} wide (FLOP-matched)",
+                     [*GPT_ONLY, f"--n_embd={match['gpt_wide']}"]),
         **HEADS,
     }
 
 
 def cut_latent(model, how, seed=0):
     """The necessity check: model.refine with the latent state's path to the logits cut at the readout,
-    o_k = h_t + W_out·z̃_k, z̃_k = 0 ('zero') or z_k of a random other position of the same row ('shuffle')."""
+    o_k = h_t + W_out·z̃_k, z̃_k = 0 ('zero') or z_k of a random other position of the row ('shuffle')."""
     head, gen = model.latent_head, torch.Generator().manual_seed(seed)
 
     def refine(h, K, grad_steps=None):
@@ -115,8 +119,8 @@ def evaluate_run(out_dir, n_per_task):
     if K == 0:
         return {"curve": {t: em for t, em in trunk_alone.items()}, "K": 0}
     steps = evaluate_reasoning(model, batches, 3 * K)
-    res = {"K": K, "curve": {t: trunk_alone[t] + em for t, em in per_task(steps["per_example_exact"], tags).items()},
-           "beats": evaluate_reasoning(model, batches, K)["step_K_beats_1"]}
+    curve = {t: trunk_alone[t] + em for t, em in per_task(steps["per_example_exact"], tags).items()}
+    res = {"K": K, "curve": curve, "beats": evaluate_reasoning(model, batches, K)["step_K_beats_1"]}
     for how in ("zero", "shuffle"):
         model.refine = cut_latent(model, how)           # an instance attribute shadows GPT.refine ...
         res[how] = {t: em[-1] for t, em in run(K).items()}
@@ -125,7 +129,7 @@ def evaluate_run(out_dir, n_per_task):
 
 
 def summarize(out_dir, n_per_task):
-    """One run: its evaluation (evaluate_run, cached in depth_eval.json next to the checkpoint), size, speed."""
+    """One run: its evaluation (evaluate_run, cached in depth_eval.json next to the checkpoint) and cost."""
     cache, res = os.path.join(out_dir, "depth_eval.json"), None
     if os.path.exists(cache) and os.path.getmtime(cache) > os.path.getmtime(os.path.join(out_dir, "ckpt.pt")):
         with open(cache) as f:
@@ -136,12 +140,12 @@ def summarize(out_dir, n_per_task):
             json.dump(res, f)
     train_recs, evals = read_metrics(out_dir)
     cfg = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["config"]
-    return res | {"flops": model_flops(cfg), "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train_recs])),
-                  "evals": evals}
+    tokens_per_s = float(np.median([r["tokens_per_s"] for r in train_recs]))
+    return res | {"flops": model_flops(cfg), "tokens_per_s": tokens_per_s, "evals": evals}
 
 
 def seed_table(title, runs_by_name, tasks, value):
-    """Markdown lines: one row per variant, one `mean ± std over seeds` column per task of value(run, task)."""
+    """Markdown lines: one row per variant, one column per task: value(run, task), mean ± std over seeds."""
     lines = [f"\n## {title}\n", "| variant | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
     for name, runs in runs_by_name.items():
         lines.append(f"| {name} | " + " | ".join(fmt([value(r, t) for r in runs]) for t in tasks) + " |")
@@ -153,12 +157,16 @@ def write_report(path, cfg, names, summaries, seeds, wall_s, argv):
     heads = {n: runs for n, runs in summaries.items() if runs[0]["K"] > 0}
     K = next(iter(heads.values()))[0]["K"] if heads else 0
     base = summaries["gpt"][0]["flops"] if "gpt" in summaries else None
-    lines = [f"# RLRP depth experiment\n",
-             f"`python {' '.join(['depth.py', *argv])}` · {cfg['preset']} · {cfg['max_iters']} steps · seeds {seeds} · "
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores · wall time {wall_s / 60:.1f} min · "
-             f"mean ± std over seeds · {summaries[next(iter(summaries))][0]['n_per_task']} held-out examples per task\n",
-             "Exact match (EM), teacher-forced (identical to greedy decoding). `:4` was never trained on.\n",
-             "| variant | what | FLOPs/token | vs gpt | tokens/s (2 jobs) |", "| --- | --- | --- | --- | --- |"]
+    n_per_task = next(iter(summaries.values()))[0]["n_per_task"]
+    lines = ["# RLRP depth experiment\n",
+             f"`python {' '.join(['depth.py', *argv])}` · {cfg['preset']} · {cfg['max_iters']} steps · "
+             f"seeds {seeds} · {platform.processor() or platform.machine()}, {os.cpu_count()} cores · "
+             f"wall time {wall_s / 60:.1f} min · mean ± std over seeds · {n_per_task} held-out examples "
+             "per task\n",
+             "Exact match (EM), teacher-forced (identical to greedy decoding). Never trained on: hopo:4, "
+             "iter:1, iter:3.\n",
+             "| variant | what | FLOPs/token | vs gpt | tokens/s (2 jobs) |",
+             "| --- | --- | --- | --- | --- |"]
     for name, runs in summaries.items():
         ratio = f"{runs[0]['flops'] / base:.2f}×" if base else ""
         lines.append(f"| {name} | {names[name][0]} | {runs[0]['flops'] / 1e6:.2f}M | {ratio} "
@@ -167,8 +175,10 @@ def write_report(path, cfg, names, summaries, seeds, wall_s, argv):
                         lambda r, t: r["curve"][t][r["K"]])
     if heads:
         lines += seed_table("Exact match at step 1", heads, tasks, lambda r, t: r["curve"][t][1])
-        lines += seed_table("Step K minus step 1", heads, tasks, lambda r, t: r["curve"][t][K] - r["curve"][t][1])
-        lines += [f"\n## step_K_beats_1: answer tokens where ℓ_K < ℓ_1\n", "| variant | rate |", "| --- | --- |"]
+        lines += seed_table("Step K minus step 1", heads, tasks,
+                            lambda r, t: r["curve"][t][K] - r["curve"][t][1])
+        lines += ["\n## step_K_beats_1: answer tokens where ℓ_K < ℓ_1\n", "| variant | rate |",
+                  "| --- | --- |"]
         lines += [f"| {n} | {fmt([r['beats'] for r in runs])} |" for n, runs in heads.items()]
         lines += necessity_table(heads, tasks, K)
         lines += curve_table(heads, tasks, K)
@@ -210,6 +220,17 @@ def plot(root, summaries):
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return
+    plot_test_k(plt, root, summaries)
+    plot_training(plt, root, summaries)
+
+
+def style(name, i):
+    """One colour per variant; random-K heads dashed."""
+    return dict(color=f"C{i}", ls="--" if name.endswith("_rk") else "-", label=name)
+
+
+def plot_test_k(plt, root, summaries):
+    """Exact match vs test-time K', one panel per task; the GPTs as dotted levels."""
     tasks = EVAL_TASKS.split(",")
     cols = -(-len(tasks) // 2)
     fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 6.4), sharey=True)
@@ -217,10 +238,9 @@ def plot(root, summaries):
         for i, (name, runs) in enumerate(summaries.items()):
             curve = np.mean([r["curve"][t] for r in runs], axis=0)
             if runs[0]["K"] == 0:   # a GPT: one value, drawn as a level
-                ax.axhline(curve[0], color=f"C{i}", ls=":", label=name)
+                ax.axhline(curve[0], **(style(name, i) | dict(ls=":")))
             else:
-                ax.plot(range(len(curve)), curve, color=f"C{i}", ls="--" if name.endswith("_rk") else "-",
-                        marker=".", label=name)
+                ax.plot(range(len(curve)), curve, marker=".", **style(name, i))
         ax.set(title=t, xlabel="test-time steps K'")
     axes[0, 0].set(ylabel="held-out exact match")
     axes[1, 0].set(ylabel="held-out exact match")
@@ -229,13 +249,17 @@ def plot(root, summaries):
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(os.path.join(root, "depth_vs_test_k.png"), dpi=110)
+
+
+def plot_training(plt, root, summaries):
+    """Exact match at step K over training, one panel per trained task (train.py's periodic evaluations)."""
     trained = list(next(iter(summaries.values()))[0]["evals"][-1]["task_exact_match"])
     fig, axes = plt.subplots(1, len(trained), figsize=(3.2 * len(trained), 3.4), sharey=True)
     for ax, t in zip(np.atleast_1d(axes), trained):
         for i, (name, runs) in enumerate(summaries.items()):
             its = [e["iter"] for e in runs[0]["evals"]]
             em = np.mean([[e["task_exact_match"][t][-1] for e in r["evals"]] for r in runs], axis=0)
-            ax.plot(its, em, color=f"C{i}", ls="--" if name.endswith("_rk") else "-", label=name)
+            ax.plot(its, em, **style(name, i))
         ax.set(title=f"{t} (step K)", xlabel="training step")
     np.atleast_1d(axes)[0].set(ylabel="held-out exact match")
     np.atleast_1d(axes)[-1].legend(fontsize=7)
@@ -264,7 +288,8 @@ def main(argv):
     c["max_iters"] = c["iters"] or (preset["max_iters"] // 4 if c["quick"] else preset["max_iters"])
     seeds = [0] if c["quick"] else [0, 1, 2]
     t0 = time.time()
-    with ThreadPoolExecutor(c["jobs"]) as pool:  # the slowest (attending heads) first, so the pool ends together
+    torch.set_num_threads(1)  # the evaluations run c["jobs"] at a time, like the training runs
+    with ThreadPoolExecutor(c["jobs"]) as pool:  # the slowest (the heads) first: the jobs end together
         jobs = [(n, s) for s in seeds for n in reversed(names)]
         for future in [pool.submit(train_run, run_dir(out, n, s), c["preset"], names[n][1], s, c["max_iters"])
                        for n, s in jobs]:

@@ -18,6 +18,7 @@ n_steps = 4
 n_latent = 32
 block_size = 48
 batch_size = 32
+gradient_accumulation_steps = 1
 dropout = 0.0
 
 learning_rate = 4e-3

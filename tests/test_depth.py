@@ -1,4 +1,4 @@
-"""depth.py: the necessity cuts, the FLOP matching, the one-pass test-time curve, and the report from the runs."""
+"""depth.py: the necessity cuts, the FLOP matching, the one-pass test-time curve, the report from the runs."""
 
 import json
 import os
@@ -23,15 +23,21 @@ device = "cpu"; dtype = "float32"; compile = False
 tokenizer = "byte"; fluency_data = "pydoc"; reasoning_data = "synthetic"; reasoning_tasks = "hopo:1,iter:1"
 reasoning_fraction = 1.0; n_steps_dist = "fixed"
 n_layer = 1; n_head = 2; n_embd = 32; n_steps = 2; n_latent = 16; block_size = 48; batch_size = 4
+gradient_accumulation_steps = 1
 eval_iters = 2; eval_examples = 8; log_interval = 1; warmup_iters = 1; max_iters = 8; lr_decay_iters = 8
 """
+
+
+def small(**changes):
+    """The tiny preset's model shape with some GPTConfig fields changed."""
+    shape = dict(block_size=48, vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=32, n_steps=2, n_latent=16)
+    return GPT(GPTConfig(**(shape | changes)))
 
 
 def trained_head(attn):
     """A small model whose head is not at its zero init (W_out = 0 would hide the readout)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=48, vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=32, n_steps=3, n_latent=16,
-                          head_attn=attn))
+    model = small(n_steps=3, head_attn=attn)
     with torch.no_grad():
         for p in model.latent_head.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -55,7 +61,7 @@ def test_cut_latent_reads_out_zero_or_another_positions_z(attn):
 
 
 def test_one_pass_of_3K_steps_is_the_test_time_curve():
-    """Step k's logits, and so its exact match, from one 3K-step pass equal those of a separate K' = k pass."""
+    """Step k's logits, and so its exact match, from one 3K-step pass equal those of a K' = k pass."""
     model = trained_head("trunk")
     suite = data.ReasoningData("synthetic", data.get_tokenizer("byte"), 48, tasks="hopo:1,iter:2")
     batches = suite.eval_batches(8, 40)
@@ -74,16 +80,13 @@ def test_matched_gpts_are_the_closest_in_flops(tmp_path):
     preset.write_text(TINY_PRESET)
     cfg = train_config([str(preset)])
     match, target = depth.matched_gpts(cfg)
-    heads = [GPT(GPTConfig(block_size=48, vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=32, n_steps=2, n_latent=16,
-                           head_attn=a)).flops_per_token()["total"] for a in ("none", "trunk", "latent")]
+    heads = [small(head_attn=a).flops_per_token()["total"] for a in ("none", "trunk", "latent")]
     assert target == max(heads)
-
-    def gpt_flops(n_layer=1, n_embd=32):
-        return GPT(GPTConfig(block_size=48, vocab_size=VOCAB, n_layer=n_layer, n_head=2, n_embd=n_embd,
-                             n_steps=0)).flops_per_token()["total"]
+    gpt_flops = lambda **changes: small(n_steps=0, **changes).flops_per_token()["total"]
     off = lambda f: abs(np.log(f / target))
     n = match["gpt_deep"]
-    assert n > 1 and off(gpt_flops(n_layer=n)) <= min(off(gpt_flops(n_layer=n - 1)), off(gpt_flops(n_layer=n + 1)))
+    assert n > 1
+    assert off(gpt_flops(n_layer=n)) <= min(off(gpt_flops(n_layer=n - 1)), off(gpt_flops(n_layer=n + 1)))
     w = match["gpt_wide"]
     assert w > 32 and w % 16 == 0
     assert off(gpt_flops(n_embd=w)) <= min(off(gpt_flops(n_embd=w - 16)), off(gpt_flops(n_embd=w + 16)))
@@ -96,7 +99,8 @@ def test_depth_report_matches_runs(tmp_path):
     preset.write_text(TINY_PRESET)
     cmd = [sys.executable, os.path.join(ROOT, "depth.py"), "--quick=True", "--iters=4", f"--preset={preset}",
            "--variants=gpt,gpt_deep,none,latent_rk", "--eval_per_task=6", "--out=out"]
-    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    one_thread = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=one_thread)
     out = tmp_path / "out"
     report = (out / "depth.md").read_text()
     evals = {n: json.loads((out / "runs" / f"{n}-s0" / "depth_eval.json").read_text())
@@ -112,8 +116,8 @@ def test_depth_report_matches_runs(tmp_path):
     assert delta["none"] == [f"{evals['none']['curve'][t][2] - evals['none']['curve'][t][1]:.3f} ± 0.000"
                              for t in tasks]
     necessity = [line for line in report.splitlines() if line.startswith("| none | z shuffled |")]
-    assert necessity == ["| none | z shuffled | " + " | ".join(f"{evals['none']['shuffle'][t]:.3f}" for t in tasks)
-                         + " |"]
+    shuffled = " | ".join(f"{evals['none']['shuffle'][t]:.3f}" for t in tasks)
+    assert necessity == [f"| none | z shuffled | {shuffled} |"]
     deep = table_rows(report, "| variant | what |")["gpt_deep"]
     n_layer = depth.matched_gpts(train_config([str(preset)]))[0]["gpt_deep"]
     assert deep[0] == f"GPT, {n_layer} layers (FLOP-matched)"
@@ -122,7 +126,7 @@ def test_depth_report_matches_runs(tmp_path):
     assert (out / "depth_vs_test_k.png").exists() == (out / "depth_over_training.png").exists()
     # a second run reuses runs and their evaluations
     before = os.stat(out / "runs" / "none-s0" / "depth_eval.json").st_mtime_ns
-    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=one_thread)
     assert os.stat(out / "runs" / "none-s0" / "depth_eval.json").st_mtime_ns == before
 
 
