@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 import data
-import train
+from checkpoint import build_model
 from configurator import ConfigError, configure
-from evaluate import evaluate_reasoning, per_task
-from experiments import fmt, mean_std, read_metrics, run_dir, train_config, train_run
+from evaluate import evaluate_reasoning, exact_match_curve, per_task, pyplot
+from experiments import fmt, mean_std, read_metrics, run_dir, task_table, train_config, train_run
 from sample import load_checkpoint
 
 DEFAULTS = dict(
@@ -61,7 +61,7 @@ def model_flops(cfg, **changes):
     """Training FLOPs per token of cfg's model with some keys changed (built on the meta device)."""
     c = cfg | changes
     with torch.device("meta"):
-        model = train.build_model(c, data.get_tokenizer(c["tokenizer"], c["tokenizer_file"]), None)
+        model = build_model(c, data.get_tokenizer(c["tokenizer"], c["tokenizer_file"]), None)
     return model.flops_per_token(seq_len=c["block_size"])["total"]
 
 
@@ -92,16 +92,16 @@ def variants(cfg):
 
 
 def cut_latent(model, how, seed=0):
-    """The necessity check: model.refine with the latent state's path to the logits cut at the readout,
+    """The necessity check: model.head_outputs with the latent state's path to the logits cut at the readout,
     o_k = h_t + W_out·z̃_k, z̃_k = 0 ('zero') or z_k of a random other position of the row ('shuffle')."""
     head, gen = model.latent_head, torch.Generator().manual_seed(seed)
 
-    def refine(h, K, grad_steps=None):
+    def head_outputs(h, K, grad_steps=None):
         _, z = head(h, K, return_latents=True)                      # z_0..z_K, (K+1, B, T, D)
         z = z[1:]
         z = torch.zeros_like(z) if how == "zero" else z[:, :, torch.randperm(z.size(2), generator=gen)]
-        return head.out(h, z)                                       # o_1..o_K, (K, B, T, C)
-    return refine
+        return head.readout(h, z)                                   # o_1..o_K, (K, B, T, C)
+    return head_outputs
 
 
 @torch.no_grad()
@@ -114,17 +114,15 @@ def evaluate_run(out_dir, n_per_task):
     n = n_per_task * len(suite.tasks)
     batches, tags = suite.eval_batches(cfg["batch_size"], n), suite.eval_tags(n)
     K = model.config.n_steps
-    run = lambda k: per_task(evaluate_reasoning(model, batches, k)["per_example_exact"], tags)
-    trunk_alone = run(0)
+    res = {"K": K, "curve": exact_match_curve(model, batches, 3 * K, tags)[1]}
     if K == 0:
-        return {"curve": {t: em for t, em in trunk_alone.items()}, "K": 0}
-    steps = evaluate_reasoning(model, batches, 3 * K)
-    curve = {t: trunk_alone[t] + em for t, em in per_task(steps["per_example_exact"], tags).items()}
-    res = {"K": K, "curve": curve, "beats": evaluate_reasoning(model, batches, K)["step_K_beats_1"]}
+        return res
+    res["beats"] = evaluate_reasoning(model, batches, K)["step_K_beats_1"]
     for how in ("zero", "shuffle"):
-        model.refine = cut_latent(model, how)           # an instance attribute shadows GPT.refine ...
-        res[how] = {t: em[-1] for t, em in run(K).items()}
-        del model.refine                                # ... until deleted
+        model.head_outputs = cut_latent(model, how)     # an instance attribute shadows GPT.head_outputs ...
+        exact = evaluate_reasoning(model, batches, K)["per_example_exact"]
+        res[how] = {t: em[-1] for t, em in per_task(exact, tags).items()}
+        del model.head_outputs                          # ... until deleted
     return res
 
 
@@ -142,14 +140,6 @@ def summarize(out_dir, n_per_task):
     cfg = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["config"]
     tokens_per_s = float(np.median([r["tokens_per_s"] for r in train_recs]))
     return res | {"flops": model_flops(cfg), "tokens_per_s": tokens_per_s, "evals": evals}
-
-
-def seed_table(title, runs_by_name, tasks, value):
-    """Markdown lines: one row per variant, one column per task: value(run, task), mean ± std over seeds."""
-    lines = [f"\n## {title}\n", "| variant | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
-    for name, runs in runs_by_name.items():
-        lines.append(f"| {name} | " + " | ".join(fmt([value(r, t) for r in runs]) for t in tasks) + " |")
-    return lines
 
 
 def write_report(path, cfg, names, summaries, seeds, wall_s, argv):
@@ -171,11 +161,11 @@ def write_report(path, cfg, names, summaries, seeds, wall_s, argv):
         ratio = f"{runs[0]['flops'] / base:.2f}×" if base else ""
         lines.append(f"| {name} | {names[name][0]} | {runs[0]['flops'] / 1e6:.2f}M | {ratio} "
                      f"| {mean_std([r['tokens_per_s'] for r in runs])[0]:.0f} |")
-    lines += seed_table("Exact match at step K (K' = 0 for the GPTs)", summaries, tasks,
+    lines += task_table("Exact match at step K (K' = 0 for the GPTs)", summaries, tasks,
                         lambda r, t: r["curve"][t][r["K"]])
     if heads:
-        lines += seed_table("Exact match at step 1", heads, tasks, lambda r, t: r["curve"][t][1])
-        lines += seed_table("Step K minus step 1", heads, tasks,
+        lines += task_table("Exact match at step 1", heads, tasks, lambda r, t: r["curve"][t][1])
+        lines += task_table("Step K minus step 1", heads, tasks,
                             lambda r, t: r["curve"][t][K] - r["curve"][t][1])
         lines += ["\n## step_K_beats_1: answer tokens where ℓ_K < ℓ_1\n", "| variant | rate |",
                   "| --- | --- |"]
@@ -213,11 +203,8 @@ def curve_table(heads, tasks, K):
 
 def plot(root, summaries):
     """depth_vs_test_k.png (the main figure) and depth_over_training.png; skipped without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return
     plot_test_k(plt, root, summaries)

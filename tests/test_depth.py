@@ -57,7 +57,7 @@ def test_cut_latent_reads_out_zero_or_another_positions_z(attn):
     for k in range(3):
         for t in range(7):
             torch.testing.assert_close(shuffled[k, :, t], h[:, t] + z[k + 1, :, perm[t]] @ w.T + b)
-    assert not torch.allclose(shuffled, model.refine(h, 3))    # the cut changes what the logits see
+    assert not torch.allclose(shuffled, model.head_outputs(h, 3))    # the cut changes what the logits see
 
 
 def test_one_pass_of_3K_steps_is_the_test_time_curve():
