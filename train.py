@@ -394,6 +394,7 @@ class Run:
         if self.master and message:
             print(message, file=sys.stderr if code else sys.stdout)
         if self.world > 1:
+            dist.barrier()  # every rank done with its collectives before any tears down (a gloo exit race)
             dist.destroy_process_group()
         if code:
             sys.exit(code)

@@ -3,7 +3,7 @@
 out_dir = "out-cpu"
 device = "cpu"
 compile = False
-threads = 1  # tiny matmuls: 2 threads are ~1.6x faster on 2 idle cores, 3-5x slower when another job holds one
+threads = 1  # tiny matmuls: 2 threads are ~1.6x faster on 2 idle cores, 3-5x slower if another job holds one
 tokenizer = "byte"
 fluency_data = "pydoc"
 reasoning_data = "synthetic"
@@ -14,7 +14,7 @@ n_head = 4
 n_embd = 128
 n_steps = 4
 n_latent = 64
-head_attn = "none"  # position-wise: the attending heads gained nothing and cost 11-16% more (README "Depth")
+head_attn = "none"  # position-wise: attending heads gained nothing, cost 11-16% more (README "Depth")
 block_size = 64
 batch_size = 32
 gradient_accumulation_steps = 1

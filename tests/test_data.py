@@ -702,3 +702,11 @@ def test_batch_to_keeps_everything(byte):
     c = b.to("cpu")
     assert c.kind == b.kind
     assert all(torch.equal(getattr(b, f), getattr(c, f)) for f in ("x", "y", "answer_mask", "answer_id"))
+
+
+def test_every_data_subcommand_prints_its_help():
+    """argparse %-formats help texts: a bare % in one (prepare's '10% of the corpus') crashed `prepare -h`."""
+    for sub in ("prepare", "fetch_tokenizer", "show"):
+        r = run_script("data.py", sub, "-h")
+        assert r.returncode == 0 and r.stderr == "" and f"usage: data.py {sub}" in r.stdout, (sub, r.stderr)
+    assert "capped at 10% of the corpus" in " ".join(run_script("data.py", "prepare", "-h").stdout.split())
