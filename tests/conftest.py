@@ -1,13 +1,28 @@
 """Shared test set-up: the repository root on sys.path, and GPT-2's tokenizer file provisioned
 offline-friendly."""
 
+import atexit
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `import data`, `import model` also under plain `pytest`
+# Hugging Face libraries: never the network, never the user's cache (set before anything imports them; the
+# test subprocesses inherit it)
+HF_HOME = tempfile.mkdtemp(prefix="nanorlrp-hf-")
+atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
+os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=HF_HOME)
+
+
+def run_script(*args, cwd=ROOT):
+    """A repository script run as a user runs it (one thread), its output captured."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +37,15 @@ def gpt2_tokenizer_file():
         from prepare import fetch_gpt2_ranks
         fetch_gpt2_ranks(cache)
     return path
+
+
+@pytest.fixture(scope="session")
+def gpt2(gpt2_tokenizer_file):
+    from data import get_tokenizer
+    return get_tokenizer("gpt2", gpt2_tokenizer_file)
+
+
+@pytest.fixture(scope="session")
+def byte():
+    from data import get_tokenizer
+    return get_tokenizer("byte")

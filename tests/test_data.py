@@ -1,6 +1,6 @@
-"""data.py, prepare.py, tasks.py: tokenizers, prepared token files, answer-span masks, synthetic tasks, JSONL,
-routing, errors. Expected values are recomputed here independently (Python int arithmetic, tiktoken's own
-pattern), never taken from the code under test."""
+"""data.py, tasks.py: tokenizers, answer-span masks, synthetic tasks, JSONL, routing, errors (preparing token
+files: test_prepare.py). Expected values are recomputed here independently (Python int arithmetic, tiktoken's
+own pattern), never taken from the code under test."""
 
 import ast
 import functools
@@ -9,9 +9,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
-import tarfile
 
 import numpy as np
 import pytest
@@ -19,8 +16,8 @@ import tiktoken
 import torch
 from tiktoken.load import load_tiktoken_bpe
 
+from conftest import run_script
 from data import FluencyData, ReasoningData, Router, get_tokenizer, micro_batch_index, read_jsonl
-from prepare import MIN_VAL_TOKENS, _text_pieces, fetch_gpt2_ranks, prepare
 from tasks import ITER_F, is_eval_prompt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,24 +30,6 @@ PARAGRAPH = ("GPT-2's tokenizer doesn't treat   runs of spaces, numbers like 123
              "new paragraphs the way you'd guess; unicode like déjà vu, 東京, emoji 🚀 and CamelCaseWords too. "
              "They'll, we're, I've, she'd, you'll: contractions.\t\tTabs\r\nand CRLF. <|endoftext|> is text "
              "here.  ")
-
-
-@pytest.fixture(scope="module")
-def gpt2(gpt2_tokenizer_file):
-    return get_tokenizer("gpt2", gpt2_tokenizer_file)
-
-
-@pytest.fixture(scope="module")
-def byte():
-    return get_tokenizer("byte")
-
-
-class WideTok:
-    """A tokenizer whose ids do not fit uint16: 70000 + each UTF-8 byte."""
-    name, vocab_size, eot_token = "wide", 70_257, 70_256
-
-    def encode(self, text):
-        return [70_000 + b for b in text.encode("utf-8")]
 
 
 def solve(prompt):
@@ -124,12 +103,6 @@ def check_seeds_and_eval_set(rd, byte, tasks, other_block_size, last_task):
     assert alone == rd.eval_examples(100)[3::4]
 
 
-def run_script(*args):
-    """A repository script run as a user runs it (one thread), its output captured."""
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=300)
-
-
 def unpack(batch, tok):
     """Check a reasoning batch's layout and return its examples [(prompt ids, answer ids, answer id)]:
     rows are eot + (prompt + answer + eot)* + padding; the mask is exactly each answer's targets + its eot."""
@@ -198,204 +171,6 @@ def test_gpt2_file_errors(tmp_path, gpt2_tokenizer_file, monkeypatch):
         get_tokenizer("gpt2")
     with pytest.raises(ValueError, match="unknown tokenizer 'bpe'"):
         get_tokenizer("bpe")
-
-
-def test_fetch_gpt2_ranks_extracts_and_verifies(tmp_path, gpt2_tokenizer_file, monkeypatch):
-    """fetch_gpt2_ranks on a stand-in sdist (the real download runs in conftest on a fresh checkout)."""
-    def fake_pip(content):
-        def run(cmd, **kw):
-            assert cmd[1:4] == ["-m", "pip", "download"] and "openai-whisper==20250625" in cmd
-            src = tmp_path / "gpt2.src"
-            src.write_bytes(content)
-            sdist = os.path.join(cmd[cmd.index("-d") + 1], "openai_whisper-20250625.tar.gz")
-            with tarfile.open(sdist, "w:gz") as tf:
-                tf.add(src, arcname="openai_whisper-20250625/whisper/assets/gpt2.tiktoken")
-        return run
-    ranks = open(gpt2_tokenizer_file, "rb").read()
-    monkeypatch.setattr(subprocess, "run", fake_pip(ranks))
-    path = fetch_gpt2_ranks(str(tmp_path / "out"))
-    assert open(path, "rb").read() == ranks and os.listdir(tmp_path / "out") == ["gpt2.tiktoken"]
-    monkeypatch.setattr(subprocess, "run", fake_pip(ranks + b"x"))
-    with pytest.raises(ValueError, match="sha256"):
-        fetch_gpt2_ranks(str(tmp_path / "out2"))
-
-# -----------------------------------------------------------------------------
-# fluency data
-
-def write_corpus(root):
-    texts = {"a.txt": "First document.\n" * 50, "b.txt": "Zweites Dokument — ünïcödé 🙂\n\nline\n",
-             "sub/c.txt": "third " * 300, ".hidden.txt": "never read"}
-    for name, text in texts.items():
-        os.makedirs(os.path.dirname(root / name), exist_ok=True)
-        (root / name).write_text(text, encoding="utf-8")
-    return [texts[k] for k in ("a.txt", "b.txt", "sub/c.txt")]  # sorted order, hidden files skipped
-
-
-def read_back(folder, dtype):
-    splits = [np.fromfile(os.path.join(folder, f"{s}.bin"), dtype) for s in ("train", "val")]
-    return np.concatenate(splits).tolist()
-
-
-def test_prepare_shards_read_back_identically(tmp_path, byte):
-    texts = write_corpus(tmp_path / "corpus")
-    expected = [t for text in texts for t in list(text.encode("utf-8")) + [256]]
-    for input, docs in [(tmp_path / "corpus", texts), (tmp_path / "corpus" / "*.txt", texts[:2])]:
-        out = tmp_path / f"out{len(docs)}"
-        meta = prepare(str(input), str(out), byte, val_fraction=0.1)
-        want = [t for text in docs for t in list(text.encode("utf-8")) + [256]]
-        assert read_back(out, np.uint16) == want
-        assert meta == json.load(open(out / "meta.json"))
-        assert (meta["tokenizer"], meta["dtype"], meta["documents"]) == ("byte", "uint16", len(docs))
-        assert meta["val_tokens"] == math.ceil(0.1 * len(want))
-        assert meta["train_tokens"] + meta["val_tokens"] == len(want)
-        assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]  # no temporary files left
-    assert read_back(tmp_path / "out3", np.uint16) == expected
-
-
-def test_prepare_streams_in_pieces_with_the_same_tokens(tmp_path, gpt2, monkeypatch):
-    """A file read in small pieces tokenizes exactly like the whole file at once (GPT-2 BPE)."""
-    text = "".join(f"Line {i}:  it's   here\n\n  indented {i * 37}\n\t\ttabbed\n\n\n" for i in range(200))
-    text += PARAGRAPH
-    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
-    whole = gpt2.encode(open(tmp_path / "big.txt", encoding="utf-8").read()) + [50256]
-    pieces = functools.partial(_text_pieces, chunk_chars=40)
-    assert len(list(pieces(str(tmp_path / "big.txt")))) > 100  # the file really is cut in many pieces
-    monkeypatch.setattr("prepare._text_pieces", pieces)
-    prepare(str(tmp_path / "big.txt"), str(tmp_path / "out"), gpt2, val_fraction=0.01)
-    assert read_back(tmp_path / "out", np.uint16) == whole
-
-
-def test_fluency_windows_inside_file_and_shifted(tmp_path, byte):
-    (tmp_path / "doc.txt").write_text("".join(chr(65 + i % 26) + str(i % 7) for i in range(60)))
-    prepare(str(tmp_path / "doc.txt"), str(tmp_path / "out"), byte, val_fraction=0.2)
-    T, train = 16, np.fromfile(tmp_path / "out" / "train.bin", np.uint16).tolist()
-    windows = {tuple(train[i:i + T + 1]): i for i in range(len(train) - T)}
-    fd = FluencyData(str(tmp_path / "out"), byte, T, seed=3)
-    starts = set()
-    for index in range(200):
-        b = fd.get_batch("train", index, 4)
-        assert b.x.shape == b.y.shape == (4, T) and b.x.dtype == b.y.dtype == torch.int64
-        assert b.kind == "fluency"
-        assert torch.equal(b.x[:, 1:], b.y[:, :-1]) and not b.answer_mask.any() and (b.answer_id == -1).all()
-        for r in range(4):
-            starts.add(windows[tuple(b.x[r].tolist() + [b.y[r, -1].item()])])  # KeyError = outside the file
-    assert starts == set(range(len(train) - T)), "every window, the last one included, is drawn"
-    val = fd.get_batch("val", 0, 2)
-    v = np.fromfile(tmp_path / "out" / "val.bin", np.uint16).tolist()
-    assert all(tuple(val.x[r].tolist()) in {tuple(v[i:i + T]) for i in range(len(v) - T)} for r in range(2))
-    # a pure function of (seed, split, index)
-    batch7 = lambda seed: FluencyData(str(tmp_path / "out"), byte, T, seed=seed).get_batch("train", 7, 4).x
-    assert torch.equal(fd.get_batch("train", 7, 4).x, batch7(3))
-    assert not torch.equal(fd.get_batch("train", 7, 4).x, fd.get_batch("train", 8, 4).x)
-    assert not torch.equal(fd.get_batch("train", 7, 4).x, batch7(4))
-
-
-def test_large_vocab_is_stored_as_uint32(tmp_path):
-    (tmp_path / "doc.txt").write_text("wide vocabulary " * 20)
-    meta = prepare(str(tmp_path / "doc.txt"), str(tmp_path / "out"), WideTok(), val_fraction=0.1)
-    want = [70_000 + b for b in ("wide vocabulary " * 20).encode()] + [70_256]
-    assert meta["dtype"] == "uint32"
-    assert os.path.getsize(tmp_path / "out" / "train.bin") == 4 * meta["train_tokens"]
-    assert read_back(tmp_path / "out", np.uint32) == want
-    b = FluencyData(str(tmp_path / "out"), WideTok(), 8).get_batch("train", 0, 4)
-    assert b.x.min() >= 70_000 and torch.equal(b.x[:, 1:], b.y[:, :-1])
-
-
-def test_fluency_errors(tmp_path, byte):
-    with pytest.raises(FileNotFoundError, match="missing_dir"):
-        FluencyData(str(tmp_path / "missing_dir"), byte, 8)
-    with pytest.raises(FileNotFoundError, match="--input"):
-        prepare(str(tmp_path / "nothing*.txt"), str(tmp_path / "out"), byte)
-    (tmp_path / "doc.txt").write_text("some text for the tests " * 10)
-    out = tmp_path / "out"
-    prepare(str(tmp_path / "doc.txt"), str(out), byte, val_fraction=0.1)
-    with pytest.raises(ValueError, match="block_size"):  # val holds 25 tokens
-        FluencyData(str(out), byte, 64)
-    with pytest.raises(ValueError, match="'byte'.*tokenizer='wide'"):
-        FluencyData(str(out), WideTok(), 8)
-    meta = json.load(open(out / "meta.json"))
-    json.dump({**meta, "dtype": "uint32"}, open(out / "meta.json", "w"))
-    with pytest.raises(ValueError, match="dtype 'uint32'"):
-        FluencyData(str(out), byte, 8)
-    json.dump(meta, open(out / "meta.json", "w"))
-    with open(out / "train.bin", "ab") as f:
-        f.write(b"\0")  # half a token
-    with pytest.raises(ValueError, match="train.bin"):
-        FluencyData(str(out), byte, 8)
-    os.remove(out / "meta.json")
-    with pytest.raises(FileNotFoundError, match='meta.json missing.*"tokenizer": "byte"'):
-        FluencyData(str(out), byte, 8)
-
-
-def byte_corpus(path, n_tokens):
-    """A file that the byte tokenizer turns into exactly n_tokens tokens (its bytes, then eot)."""
-    text = "".join(chr(97 + i % 26) + ("\n" if i % 60 == 59 else "") for i in range(n_tokens - 1))
-    path.write_text(text[:n_tokens - 1])
-    return str(path)
-
-
-def test_prepare_val_holds_a_few_blocks(tmp_path, byte, capsys):
-    """val = max(val_fraction * N, min(min_val_tokens, 10% of N)): 0.0005 of a 50k-token corpus is 25
-    tokens, too few for one window of block_size 1024; the default min_val_tokens (4 windows of 1024 + 1)
-    is taken instead."""
-    doc = byte_corpus(tmp_path / "doc.txt", 50_000)
-    meta = prepare(doc, str(tmp_path / "out"), byte)
-    assert MIN_VAL_TOKENS == 4 * 1025
-    assert (meta["val_tokens"], meta["train_tokens"]) == (4100, 50_000 - 4100)
-    out = capsys.readouterr().out
-    assert "val: 4,100 tokens = 4.0 blocks of 1024+1" in out and "warning" not in out
-    fd = FluencyData(str(tmp_path / "out"), byte, 1024)
-    assert fd.get_batch("val", 0, 2).x.shape == (2, 1024)
-    # the fraction wins when it asks for more; min_val_tokens=0 leaves the fraction alone
-    assert prepare(doc, str(tmp_path / "out"), byte, val_fraction=0.25)["val_tokens"] == 12_500
-    assert prepare(doc, str(tmp_path / "out"), byte, min_val_tokens=0)["val_tokens"] == 25
-    assert prepare(doc, str(tmp_path / "out"), byte, min_val_tokens=5000)["val_tokens"] == 5000
-    capsys.readouterr()
-    # never more than 10% of the corpus for the minimum: a small corpus gets a warning
-    meta = prepare(byte_corpus(tmp_path / "small.txt", 5000), str(tmp_path / "small"), byte)
-    assert meta["val_tokens"] == 500 and meta["train_tokens"] == 4500
-    captured = capsys.readouterr()
-    assert "val: 500 tokens = 0.5 blocks of 1024+1" in captured.out
-    assert captured.err.count("warning:") == 1 and "--min_val_tokens=4100" in captured.err
-    # 0.0005 of 24k tokens was 12 tokens (no window of 1024 fits); now 10% of the corpus, 2.3 windows
-    mid = prepare(byte_corpus(tmp_path / "mid.txt", 24_000), str(tmp_path / "mid"), byte)
-    assert mid["val_tokens"] == 2400
-    assert "val: 2,400 tokens = 2.3 blocks" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="--min_val_tokens=-1"):
-        prepare(doc, str(tmp_path / "out"), byte, min_val_tokens=-1)
-
-
-def test_short_val_split_is_one_line_naming_the_file_and_the_fix(tmp_path, byte):
-    prepare(byte_corpus(tmp_path / "doc.txt", 3000), str(tmp_path / "out"), byte)
-    val = os.path.join(str(tmp_path / "out"), "val.bin")
-    with pytest.raises(ValueError) as e:
-        FluencyData(str(tmp_path / "out"), byte, 1024)
-    msg = str(e.value)
-    assert "\n" not in msg and val in msg and "300 tokens" in msg and "block_size+1=1025" in msg
-    assert "--min_val_tokens" in msg and "bigger corpus" in msg
-    with pytest.raises(ValueError, match=re.escape(os.path.join(str(tmp_path / "out"), "train.bin"))):
-        FluencyData(str(tmp_path / "out"), byte, 4000)  # train holds 2,700
-
-
-@pytest.mark.slow
-def test_prepare_cli_then_train_stops_with_one_line(tmp_path):
-    """The real CLIs: prepare prints the val split (and warns on a small corpus); train.py on a val split
-    shorter than block_size+1 stops before training with one line naming val.bin and the fix."""
-    r = run_script("data.py", "prepare", f"--input={byte_corpus(tmp_path / 'doc.txt', 50_000)}",
-                   f"--out_dir={tmp_path / 'ok'}", "--tokenizer=byte")
-    assert r.returncode == 0, r.stderr
-    assert "val: 4,100 tokens = 4.0 blocks of 1024+1" in r.stdout and "warning" not in r.stdout + r.stderr
-    assert os.path.getsize(tmp_path / "ok" / "val.bin") == 2 * 4100
-    r = run_script("data.py", "prepare", f"--input={byte_corpus(tmp_path / 'small.txt', 3000)}",
-                   f"--out_dir={tmp_path / 'small'}", "--tokenizer=byte")
-    assert r.returncode == 0, r.stderr
-    assert "val: 300 tokens" in r.stdout and "warning:" in r.stderr
-    r = run_script("train.py", f"--fluency_data={tmp_path / 'small'}", "--tokenizer=byte", "--device=cpu",
-                   "--compile=False", f"--out_dir={tmp_path / 'run'}")
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode != 0 and len(lines) == 1, r.stderr
-    assert str(tmp_path / "small" / "val.bin") in lines[0] and "--min_val_tokens" in lines[0], lines[0]
-    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
 
 
 def test_pydoc_default(byte):
@@ -706,7 +481,7 @@ def test_batch_to_keeps_everything(byte):
 
 def test_every_data_subcommand_prints_its_help():
     """argparse %-formats help texts: a bare % in one (prepare's '10% of the corpus') crashed `prepare -h`."""
-    for sub in ("prepare", "fetch_tokenizer", "show"):
+    for sub in ("prepare", "prepare_reasoning", "fetch_tokenizer", "show"):
         r = run_script("data.py", sub, "-h")
         assert r.returncode == 0 and r.stderr == "" and f"usage: data.py {sub}" in r.stdout, (sub, r.stderr)
     assert "capped at 10% of the corpus" in " ".join(run_script("data.py", "prepare", "-h").stdout.split())
