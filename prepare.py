@@ -152,9 +152,11 @@ class DatasetRows:
 
     def __init__(self, ds, text_field, name):
         if text_field not in ds.column_names:
-            raise ValueError(f"--text_field={text_field!r} is not a column of {name}: it has {ds.column_names}")
+            raise ValueError(f"--text_field={text_field!r} is not a column of {name}: "
+                             f"it has {ds.column_names}")
         if getattr(ds.features[text_field], "dtype", None) not in ("string", "large_string"):
-            raise ValueError(f"--text_field={text_field!r} of {name} holds {ds.features[text_field]}, not text")
+            raise ValueError(f"--text_field={text_field!r} of {name} holds {ds.features[text_field]}, "
+                             "not text")
         self.ds, self.field, self.name = ds.select_columns([text_field]), text_field, name
         self.documents, self.fingerprint = len(ds), ds._fingerprint  # datasets' own: changes with the data
 
@@ -281,7 +283,8 @@ class Shards:
     def append(self, tokens: np.ndarray, units: int, documents: int):
         if self.file is None:
             self.path = os.path.join(self.out_dir, f"tokens_{len(self.done):06d}.bin")
-            self.file, self.tokens, self.new_units, self.new_documents = open(self.path + ".tmp", "wb"), 0, 0, 0
+            self.file = open(self.path + ".tmp", "wb")
+            self.tokens = self.new_units = self.new_documents = 0
         tokens.tofile(self.file)
         self.tokens, self.new_units, self.new_documents = (self.tokens + len(tokens), self.new_units + units,
                                                            self.new_documents + documents)

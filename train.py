@@ -5,7 +5,7 @@ RLRP training on one CPU, one GPU, or many GPUs.
   python train.py --batch_size=8 --compile=False          # the default run on one GPU, with overrides
   torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_owt.py          # one 8-GPU node
   torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 train.py \
-      config/train_gpt2_owt.py --gradient_accumulation_steps=48                        # 16 GPUs: divisible by 16
+      config/train_gpt2_owt.py --gradient_accumulation_steps=48                  # 16 GPUs: divisible by 16
 
 Each optimizer step is a fluency or a reasoning step (data.Router, routing (ii)), the same on every rank.
 Micro-batches are drawn by global index (data.micro_batch_index) and are pure functions of it, K is drawn
