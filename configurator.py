@@ -214,6 +214,10 @@ def setup_system(c):
                           f"by the number of processes ({world})")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = c["device"] or default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available() or \
+            device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device!r}, but torch {torch.__version__} sees no such device here: set "
+                          f"device=cpu, or leave device unset for the best available")
     per_process = os.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     threads = c["threads"] or (per_process if world > 1 else 0)
     if device == "cpu" and threads:

@@ -61,7 +61,5 @@ eval_iters = 200                # 25 per GPU: nanoGPT's 200 x 12 rows of val tex
 eval_examples = 500
 log_interval = 10
 
-device = "cuda"
-dtype = "bfloat16"
-compile = True
+# device, dtype and compile stay unset: on a GPU node that is cuda, bfloat16 and compiled
 gpu_peak_tflops = 989.0         # H100 SXM bf16 dense, for the logged mfu

@@ -70,6 +70,15 @@ def test_config_errors(tmp_path, args, message):
         train.main(TINY + [f"--out_dir={tmp_path}"] + args)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a CUDA GPU")
+def test_a_missing_device_is_one_line():
+    r = subprocess.run([sys.executable, "train.py", "config/train_cpu.py", "--device=cuda"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"train.py: device='cuda', but torch {torch.__version__} sees no such device here: set device=cpu, "
+        "or leave device unset for the best available"], r.stderr
+
+
 def test_batch_must_divide_over_ranks(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "3")   # checked before the process group would start
     with pytest.raises(ConfigError,
