@@ -104,6 +104,27 @@ def test_every_dataset_input_is_tiktoken_joined_by_eot(tmp_path, gpt2, r50k, gpt
         assert leftovers(out) == []
 
 
+@pytest.mark.slow
+def test_workers_started_by_spawn(tmp_path, gpt2_tokenizer_file, r50k):
+    """macOS's and Windows' start method (and forkserver, Python 3.14's Linux default) pickles the tokenizer
+    and the dataset for each worker instead of forking: the same tokens."""
+    datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(tmp_path / "disk"))
+    script = ("import multiprocessing, sys\n"
+              "if __name__ == '__main__':\n"
+              "    multiprocessing.set_start_method('spawn', force=True)\n"
+              "    from data import get_tokenizer\n"
+              "    from prepare import open_source, prepare\n"
+              "    tok = get_tokenizer('gpt2', sys.argv[3])\n"
+              "    prepare(open_source(sys.argv[1]), sys.argv[2], tok, num_proc=2, shard_tokens=300,\n"
+              "            task_chars=500)\n")
+    (tmp_path / "spawned.py").write_text(script)
+    args = [str(tmp_path / "spawned.py"), str(tmp_path / "disk"), str(tmp_path / "out"), gpt2_tokenizer_file]
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr
+    assert stream(tmp_path / "out") == joined(DOCS, r50k.encode_ordinary, 50256)
+
+
 def test_text_files_the_same_in_one_shard_or_many_and_any_process_count(tmp_path, byte):
     texts = write_corpus(tmp_path / "corpus")
     want = joined(texts, lambda t: list(t.encode("utf-8")), 256)
