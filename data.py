@@ -448,10 +448,11 @@ def _cli():
     p.add_argument("--n", type=int, default=3)
     args = ap.parse_args()
     if args.cmd == "prepare":
-        tok = get_tokenizer(args.tokenizer, args.tokenizer_file)
+        prepare.check_arguments(args.val_fraction, args.min_val_tokens, args.num_proc, args.shard_tokens)
+        tok, num_proc = get_tokenizer(args.tokenizer, args.tokenizer_file), args.num_proc or os.cpu_count()
         source = prepare.open_source(args.input, args.hf_dataset, args.hf_config, args.split, args.text_field,
-                                     args.num_proc or os.cpu_count())
-        prepare.prepare(source, args.out_dir, tok, args.val_fraction, args.min_val_tokens, args.num_proc,
+                                     num_proc)
+        prepare.prepare(source, args.out_dir, tok, args.val_fraction, args.min_val_tokens, num_proc,
                         args.shard_tokens)
     elif args.cmd == "prepare_reasoning":
         prepare.prepare_reasoning(args.hf_dataset, args.out_dir, args.hf_config, args.prompt_field,

@@ -375,17 +375,22 @@ def _resume(out_dir, plan):
     return Shards(out_dir, plan, state), done
 
 
-def prepare(source, out_dir: str, tok: Tokenizer, val_fraction: float = 0.0005,
-            min_val_tokens: int = MIN_VAL_TOKENS, num_proc: int = 0, shard_tokens: int = SHARD_TOKENS,
-            task_chars: int = TASK_CHARS) -> dict:
-    """Tokenize source's documents into out_dir's shards + meta.json (module docstring); returns meta.
-    num_proc = worker processes (0 = all cores); memory stays O(num_proc tasks), whatever the corpus' size."""
+def check_arguments(val_fraction, min_val_tokens, num_proc, shard_tokens):
+    """prepare's numbers, checked before anything heavy (the CLI calls this before it downloads a dataset)."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val_fraction={val_fraction} must be in (0, 1)")
     if min_val_tokens < 0:
         raise ValueError(f"--min_val_tokens={min_val_tokens} must be >= 0")
     if num_proc < 0 or shard_tokens < 1:
         raise ValueError(f"--num_proc={num_proc} must be >= 0 and --shard_tokens={shard_tokens} >= 1")
+
+
+def prepare(source, out_dir: str, tok: Tokenizer, val_fraction: float = 0.0005,
+            min_val_tokens: int = MIN_VAL_TOKENS, num_proc: int = 0, shard_tokens: int = SHARD_TOKENS,
+            task_chars: int = TASK_CHARS) -> dict:
+    """Tokenize source's documents into out_dir's shards + meta.json (module docstring); returns meta.
+    num_proc = worker processes (0 = all cores); memory stays O(num_proc tasks), whatever the corpus' size."""
+    check_arguments(val_fraction, min_val_tokens, num_proc, shard_tokens)
     num_proc = num_proc or os.cpu_count()
     dtype = token_dtype(tok.vocab_size)
     plan = dict(source=source.name, fingerprint=source.fingerprint, tokenizer=tok.name,
