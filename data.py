@@ -43,14 +43,16 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import tiktoken
 import torch
 from tiktoken.load import load_tiktoken_bpe
 
-from tasks import DEFAULT_TASKS, EVAL_STREAM, TASKS, draw, is_eval_prompt, parse_tasks
+from tasks import DEFAULT_TASKS, EVAL_STREAM, TASKS, chain_answers, draw, is_eval_prompt, parse_tasks
 
 
 @dataclass
@@ -61,11 +63,17 @@ class Batch:
     answer_mask: torch.Tensor  # (B, T) bool, targets inside an answer span, its closing eot included
     answer_id: torch.Tensor    # (B, T) int64, which answer a masked target belongs to (unique in the batch),
                                # -1 elsewhere
+    # per-step targets and levels (README "Steps that earn their keep"); None: y at every step, no levels
+    step_y: torch.Tensor = None     # (S, B, T) int64: step k's target a_k (k <= S) on answer tokens, else y
+    chain_len: torch.Tensor = None  # (B, T) int64: S of the span's chain (its eot included), 0 elsewhere
+    level: torch.Tensor = None      # (B, T) int64: the span's level L (its eot included), 0 elsewhere/unknown
 
     def to(self, device) -> "Batch":
         cuda = torch.device(device).type == "cuda"  # pinned host memory lets the copy overlap with compute
-        move = lambda t: t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
-        return Batch(move(self.x), move(self.y), self.kind, move(self.answer_mask), move(self.answer_id))
+        move = lambda t: (t if t is None else t.pin_memory().to(device, non_blocking=True) if cuda
+                          else t.to(device))
+        return Batch(move(self.x), move(self.y), self.kind, move(self.answer_mask), move(self.answer_id),
+                     move(self.step_y), move(self.chain_len), move(self.level))
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -271,8 +279,21 @@ def _jsonl_example(ex, gsm8k_answer):
     return f"{ex['question']}\n{solution}#### ", final.strip()
 
 
-def read_jsonl(path: str, gsm8k_answer: str = "final") -> list:
-    """[(prompt, answer)] from a .jsonl file; GSM8K lines are split according to gsm8k_answer."""
+def _jsonl_steps(ex):
+    """(step_answers or None, level) of a JSONL row: "step_answers" [a_1, ..., a_S] (S >= 1 strings) and
+    "level" (an int >= 1), both optional; the level defaults to S, else 0 (unknown)."""
+    steps, level = ex.get("step_answers"), ex.get("level")
+    if steps is not None and not (isinstance(steps, list) and steps
+                                  and all(isinstance(a, str) for a in steps)):
+        raise ValueError(f'"step_answers" must be a non-empty list of strings, got {json.dumps(steps)[:60]}')
+    if level is not None and not (type(level) is int and level >= 1):
+        raise ValueError(f'"level" must be an integer >= 1, got {json.dumps(level)[:60]}')
+    return steps, level or (len(steps) if steps else 0)
+
+
+def read_jsonl_examples(path: str, gsm8k_answer: str = "final") -> list:
+    """[(prompt, answer, step_answers or None, level, line number)] from a .jsonl file (read_jsonl's rows
+    with their per-step answers and level, _jsonl_steps)."""
     if gsm8k_answer not in ("final", "solution"):
         raise ValueError(f"gsm8k_answer={gsm8k_answer!r}: use 'final' or 'solution'")
     if not os.path.isfile(path):
@@ -282,22 +303,43 @@ def read_jsonl(path: str, gsm8k_answer: str = "final") -> list:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    examples.append(_jsonl_example(json.loads(line), gsm8k_answer))
+                    ex = json.loads(line)
+                    examples.append((*_jsonl_example(ex, gsm8k_answer), *_jsonl_steps(ex), lineno))
                 except ValueError as e:  # json's decode error is a ValueError too
                     raise ValueError(f"{path}:{lineno}: {e}") from None
     if not examples:
         raise ValueError(f"{path}: no examples (empty file)")
     return examples
 
+
+def read_jsonl(path: str, gsm8k_answer: str = "final") -> list:
+    """[(prompt, answer)] from a .jsonl file; GSM8K lines are split according to gsm8k_answer."""
+    return [ex[:2] for ex in read_jsonl_examples(path, gsm8k_answer)]
+
 # -----------------------------------------------------------------------------
 # reasoning batches
 
+class Example(NamedTuple):
+    """One encoded reasoning example: token ids of the prompt and the answer, the per-step answers a_1..a_S
+    (each as many tokens as the answer; () = the answer at every step) and the level (0 = unknown)."""
+    prompt: list
+    answer: list
+    steps: tuple = ()
+    level: int = 0
+
+
 class ReasoningData:
-    """(prompt, answer) examples packed into rows with answer-span masks; synthetic suite or JSONL."""
+    """
+    (prompt, answer) examples packed into rows with answer-span masks; synthetic suite or JSONL.
+    chain_length: per-step targets (README "Steps that earn their keep"). None: the final answer at every
+    step. 0: JSONL's step_answers; the synthetic hop/hopo/iter examples' chain f^1(x)..f^L(x) to their own
+    level L (steps past L keep f^L). N > 0: every synthetic chain example gets f^1(x)..f^N(x) whatever its
+    level (no stop: an L-hop question is answered at step L). Other families keep the final answer.
+    """
 
     def __init__(self, source: str, tok: Tokenizer, block_size: int, seed: int = 0, eval_source: str = "",
-                 tasks: str = DEFAULT_TASKS, gsm8k_answer: str = "final"):
-        self.tok, self.block_size, self.seed = tok, block_size, seed
+                 tasks: str = DEFAULT_TASKS, gsm8k_answer: str = "final", chain_length=None):
+        self.tok, self.block_size, self.seed, self.chain_length = tok, block_size, seed, chain_length
         if source == "synthetic":
             self.tasks = parse_tasks(tasks)
             longest = max(TASKS[name][2](level) for name, level in self.tasks)
@@ -306,46 +348,75 @@ class ReasoningData:
                 draw(task, np.random.default_rng(0), eval_side)  # a task too small to split fails now
         else:
             self.tasks = None
-            examples = read_jsonl(source, gsm8k_answer)
+            examples = read_jsonl_examples(source, gsm8k_answer)
             self.evals = read_jsonl(eval_source, gsm8k_answer) if eval_source else \
-                [e for e in examples if is_eval_prompt(e[0])]
+                [e[:2] for e in examples if is_eval_prompt(e[0])]
             held_out = {prompt for prompt, _ in self.evals}  # no eval prompt is ever trained on
-            self.train = [self._encode(p, a) for p, a in examples if p not in held_out]
+            self.train = [self._encode_row(source, *e) for e in examples if e[0] not in held_out]
             if not self.train or not self.evals:
                 raise ValueError(f"reasoning_data {source!r}: {len(self.train)} train and "
                                  f"{len(self.evals)} eval examples after the split; "
                                  "set reasoning_eval_data to a separate .jsonl file")
-            lengths = [len(p) + len(a) for p, a in self.train + [self._encode(p, a) for p, a in self.evals]]
+            encoded = self.train + [self._encode(*e) for e in self.evals]
+            lengths = [len(e.prompt) + len(e.answer) for e in encoded]
             longest, what = max(lengths), f"reasoning_data {source!r}"
         if 1 + longest + 1 > block_size + 1:  # leading eot + example + closing eot
             raise ValueError(f"{what}: an example of up to {longest} tokens needs "
                              f"block_size >= {longest + 1}, got block_size={block_size}")
 
-    def _encode(self, prompt, answer):
-        return self.tok.encode(prompt), self.tok.encode(answer)
+    def _encode(self, prompt, answer, steps=None, level=0):
+        """Example of strings: steps (the per-step answers) only with per-step targets on."""
+        steps = () if steps is None or self.chain_length is None else tuple(map(self.tok.encode, steps))
+        return Example(self.tok.encode(prompt), self.tok.encode(answer), steps, level)
+
+    def _encode_row(self, source, prompt, answer, steps, level, lineno):
+        """A JSONL training row as an Example; a step answer of another length than the answer: one line."""
+        ex = self._encode(prompt, answer, steps, level)
+        for k, a_k in enumerate(ex.steps, 1):
+            if len(a_k) != len(ex.answer):
+                raise ValueError(f"{source}:{lineno}: step_answers[{k - 1}] {steps[k - 1]!r} is {len(a_k)} "
+                                 f"tokens, the answer {answer!r} {len(ex.answer)}: every step answer "
+                                 "needs as many tokens as the answer")
+        if len(ex.answer) > 1 and ex.steps:
+            warnings.warn(f"{source}: per-step targets on multi-token answers are teacher-forced on the "
+                          "final answer's earlier tokens: sound only when the answer's tokens are independent "
+                          "given the prompt (README \"Steps that earn their keep\")", stacklevel=2)
+        return ex
 
     def _batch(self, rows, trim=False) -> Batch:
-        """Rows of examples -> Batch of width block_size, or (trim) of the longest row:
-        trailing padding only."""
+        """Rows of (Example, index) -> Batch of width block_size, or (trim) of the longest row: trailing
+        padding only. step_y, chain_len and level only when an example has them."""
         eot = self.tok.eot_token
         x = np.full((len(rows), self.block_size), eot, np.int64)  # (B, T)
         y, answer_id = np.full_like(x, -1), np.full_like(x, -1)
+        examples = [ex for row in rows for ex, _ in row]
+        S = max(len(ex.steps) for ex in examples)
+        step_y, chain_len, level = np.full((max(S, 1), *x.shape), -1), np.zeros_like(x), np.zeros_like(x)
         width = 0
         for r, row in enumerate(rows):
             buf = [eot]
-            for prompt, answer, i in row:
-                s = len(buf) + len(prompt)  # buf index of the first answer token
-                buf += prompt + answer + [eot]
+            for ex, i in row:
+                s = len(buf) + len(ex.prompt)  # buf index of the first answer token
+                buf += ex.prompt + ex.answer + [eot]
                 # target t is buf[t+1]: the answer tokens and the closing eot
-                answer_id[r, s - 1:s + len(answer)] = i
+                span = slice(s - 1, s + len(ex.answer))
+                answer_id[r, span], chain_len[r, span], level[r, span] = i, len(ex.steps), ex.level
+                for k in range(len(ex.steps)):   # a_k on the answer tokens; past S (k >= S) a_S stays
+                    step_y[k:, r, s - 1:s - 1 + len(ex.answer)] = ex.steps[k]
             x[r, :len(buf) - 1], y[r, :len(buf) - 1] = buf[:-1], buf[1:]
             width = max(width, len(buf) - 1)
-        x, y, answer_id = (torch.from_numpy(a[:, :width] if trim else a) for a in (x, y, answer_id))
-        return Batch(x, y, "reasoning", answer_id >= 0, answer_id)
+        step_y = np.where(step_y >= 0, step_y, y) if S else None      # y outside the answer tokens (eot too)
+        cut = lambda a: torch.from_numpy(np.ascontiguousarray(a[..., :width] if trim else a))
+        return Batch(cut(x), cut(y), "reasoning", cut(answer_id) >= 0, cut(answer_id),
+                     cut(step_y) if S else None, cut(chain_len) if S else None,
+                     cut(level) if level.any() else None)
 
     def _train_example(self, rng):
         if self.tasks:
-            return self._encode(*draw(self.tasks[rng.integers(len(self.tasks))], rng, False))
+            task = self.tasks[rng.integers(len(self.tasks))]
+            prompt, answer = draw(task, rng, False)
+            n = task[1] if self.chain_length == 0 else self.chain_length
+            return self._encode(prompt, answer, chain_answers(task[0], prompt, n) if n else None, task[1])
         return self.train[rng.integers(len(self.train))]
 
     def get_batch(self, index: int, batch_size: int) -> Batch:
@@ -354,14 +425,14 @@ class ReasoningData:
         rng = np.random.default_rng([self.seed, index])
         rows, row, used = [], [], 1  # used: tokens in the row, the leading eot included
         for i in itertools.count():
-            prompt, answer = self._train_example(rng)
-            if used + len(prompt) + len(answer) + 1 > self.block_size + 1:
+            ex = self._train_example(rng)
+            if used + len(ex.prompt) + len(ex.answer) + 1 > self.block_size + 1:
                 rows.append(row)
                 if len(rows) == batch_size:
                     return self._batch(rows)
                 row, used = [], 1
-            row.append((prompt, answer, i))
-            used += len(prompt) + len(answer) + 1
+            row.append((ex, i))
+            used += len(ex.prompt) + len(ex.answer) + 1
 
     def eval_examples(self, n_examples: int) -> list:
         """The fixed eval set, [(prompt, answer)]: synthetic example i is the (i // n_tasks)-th of task
@@ -381,7 +452,7 @@ class ReasoningData:
     def eval_batches(self, batch_size: int, n_examples: int) -> list:
         """eval_examples(n_examples), one per row, so each is scored on exactly the context greedy decoding
         from [eot] + prompt has (no earlier example in the row); answer_id = the example's index there."""
-        rows = [[(*self._encode(p, a), i)] for i, (p, a) in enumerate(self.eval_examples(n_examples))]
+        rows = [[(self._encode(p, a), i)] for i, (p, a) in enumerate(self.eval_examples(n_examples))]
         return [self._batch(rows[i:i + batch_size], trim=True) for i in range(0, len(rows), batch_size)]
 
 # -----------------------------------------------------------------------------

@@ -1,18 +1,21 @@
 """
 The depth experiment: does step K beat step 1 where the trunk runs out of layers, and does thinking longer
-at test time (K' > K) help? Trains every variant x 3 seeds, writes results/depth/depth.md and plots
-(README "Results: Depth").
+at test time (K' > K) help? Trains every variant x 3 seeds, writes results/<suite>/<suite>.md and plots
+(README "Results").
 
     python depth.py                 # 9 variants x 3 seeds on config/train_depth.py (README: the time)
     python depth.py --quick=True    # 1 seed, a quarter of the steps (results/depth-quick): a pipeline check
+    python depth.py --suite=steps   # steps that earn their keep: objective x head on config/train_steps.py
 
-Every run sees the same data for the same steps (the preset: in-context lookups hopo:1-3 and the fixed-map
-control iter:2); only the overrides of VARIANTS change. Then every checkpoint is evaluated on EVAL_TASKS, the
-held-out prompts of the trained tasks and of counts never trained on (hopo:4; iter:1 and iter:3):
+Every run sees the same data for the same steps (the depth preset: in-context lookups hopo:1-3 and the
+fixed-map control iter:2; the steps preset: hopo:1-3); only the overrides of the variants change. Then every
+checkpoint is evaluated on the suite's eval tasks, the held-out prompts of the trained tasks and of counts
+never trained on (depth: hopo:4, iter:1, iter:3; steps: hopo:4..7):
   - exact match at every test-time step K' = 0..3K: step k's logits do not depend on how many steps follow,
     so one pass with 3K steps gives the whole curve, and K' = 0 is the trunk alone;
   - necessity: the same checkpoint with the latent state's path to the logits cut at the readout,
     o_k = h_t + W_out·z̃_k with z̃_k = 0 (zero) or z_k of a random other position of the row (shuffle).
+An answer is read at step K (depth) or at K' = its level L (steps: one step per hop, read_step).
 The two plain GPTs get the extra FLOPs of the costliest head in the trunk: more layers, or a wider trunk,
 whichever count or width matches best (matched_gpts). Runs are reused like experiments.py's.
 """
@@ -35,16 +38,25 @@ from experiments import fmt, mean_std, read_metrics, run_dir, task_table, train_
 from sample import load_checkpoint
 
 DEFAULTS = dict(
-    quick=False,                     # 1 seed, a quarter of the steps, into results/depth-quick
-    out="",                          # '' = results/depth, or results/depth-quick with quick=True
-    preset="config/train_depth.py",  # the config every variant overrides
+    suite="depth",                   # 'depth' (the depth experiment) | 'steps' (SUITES: steps that earn their
+                                     # keep, README "Results: Steps that earn their keep")
+    quick=False,                     # 1 seed, a quarter of the steps, into results/<suite>-quick
+    out="",                          # '' = results/<suite>, or results/<suite>-quick with quick=True
+    preset="",                       # the config every variant overrides; '' = the suite's
     jobs=2,                          # runs in parallel, one thread each
-    variants="",                     # comma-separated names; '' = all of VARIANTS
+    variants="",                     # comma-separated names; '' = all of the suite's variants
+    seeds="0,1,2",                   # comma-separated seeds (quick=True: 0)
+    report="",                       # the report's file name in out; '' = <suite>.md
     iters=0,                         # steps per run; 0 = the preset's max_iters (a quarter with quick=True)
-    eval_per_task=400,               # held-out examples per task of EVAL_TASKS
+    eval_per_task=400,               # held-out examples per task of the suite's eval tasks
 )
 
-EVAL_TASKS = "hopo:1,hopo:2,hopo:3,hopo:4,iter:1,iter:2,iter:3"  # hopo:4, iter:1, iter:3: never trained on
+# suite: (preset, eval tasks); the never-trained tasks: depth hopo:4, iter:1, iter:3; steps hopo:4..7
+SUITES = {
+    "depth": ("config/train_depth.py", "hopo:1,hopo:2,hopo:3,hopo:4,iter:1,iter:2,iter:3"),
+    "steps": ("config/train_steps.py", "hopo:1,hopo:2,hopo:3,hopo:4,hopo:5,hopo:6,hopo:7"),
+}
+EVAL_TASKS = SUITES["depth"][1]
 RANDOM_K = "--n_steps_dist=uniform"  # recurrent-depth training: K ~ U{1..2K-1} per optimizer step, mean K
 HEADS = {  # name: (what it is, overrides of the preset); the preset trains a fixed K
     "none": ("position-wise head (the method as written), fixed K", ["--head_attn=none"]),
@@ -55,6 +67,23 @@ HEADS = {  # name: (what it is, overrides of the preset); the preset trains a fi
     "latent_rk": ("head attends to z_{k-1}, random K", ["--head_attn=latent", RANDOM_K]),
 }
 GPT_ONLY = ["--n_steps=0", "--lambda_rl=0.0", "--lambda_imp=0.0"]
+# the steps suite: objective x head on config/train_steps.py (per-step targets f^1..f^3, no stop, no soft RL)
+PAPER = ["--step_targets=final", "--lambda_rl=0.5", "--lambda_imp=0.1"]   # the paper's recipe
+STEP_ARMS = {
+    "chain_trunk": ("per-step targets f^k, no stop (the preset), head attends to h", ["--head_attn=trunk"]),
+    "chain_latent": ("per-step targets f^k, no stop, head attends to z_{k-1}", ["--head_attn=latent"]),
+    "chain_none": ("per-step targets f^k, no stop, position-wise head", ["--head_attn=none"]),
+    "stop_trunk": ("per-step targets f^1..f^L, then f^L (a stop at the level), attends to h",
+                   ["--head_attn=trunk", "--chain_length=0"]),
+    "paper_trunk": ("the paper's recipe (answer at every step, soft RL, improvement penalty), attends to h",
+                    ["--head_attn=trunk", *PAPER]),
+    "paper_latent": ("the paper's recipe, head attends to z_{k-1}", ["--head_attn=latent", *PAPER]),
+    "paper_none": ("the paper's recipe, position-wise head", ["--head_attn=none", *PAPER]),
+    "final_trunk": ("answer at every step, deep supervision only, attends to h",
+                    ["--head_attn=trunk", "--step_targets=final"]),
+    "level_trunk": ("difficulty-matched: the answer at step L only, attends to h",
+                    ["--head_attn=trunk", "--step_targets=final", "--level_steps=at"]),
+}
 
 
 def model_flops(cfg, **changes):
@@ -78,8 +107,9 @@ def matched_gpts(cfg):
     return {"gpt_deep": layers, "gpt_wide": width}, target
 
 
-def variants(cfg):
-    """{name: (what it is, overrides)}: the plain GPT, the two FLOP-matched GPTs, and HEADS."""
+def variants(cfg, suite="depth"):
+    """{name: (what it is, overrides)}: the plain GPT, the two FLOP-matched GPTs, and HEADS (the depth suite)
+    or STEP_ARMS (the steps suite)."""
     match, _ = matched_gpts(cfg)
     return {
         "gpt": ("plain GPT, K = 0", GPT_ONLY),
@@ -87,7 +117,7 @@ def variants(cfg):
                      [*GPT_ONLY, f"--n_layer={match['gpt_deep']}"]),
         "gpt_wide": (f"GPT, {match['gpt_wide']} wide (FLOP-matched)",
                      [*GPT_ONLY, f"--n_embd={match['gpt_wide']}"]),
-        **HEADS,
+        **(HEADS if suite == "depth" else STEP_ARMS),
     }
 
 
@@ -105,12 +135,12 @@ def cut_latent(model, how, seed=0):
 
 
 @torch.no_grad()
-def evaluate_run(out_dir, n_per_task):
-    """{'curve': {task: exact match at K' = 0..3K}, 'zero'/'shuffle': {task: exact match at K}, 'beats': the
-    step_K_beats_1 rate at K} on EVAL_TASKS' held-out examples."""
+def evaluate_run(out_dir, n_per_task, eval_tasks=EVAL_TASKS):
+    """{'curve': {task: exact match at K' = 0..3K}, 'zero'/'shuffle': {task: exact match at K' = 1..3K with
+    the readout cut}, 'beats': the step_K_beats_1 rate at K} on eval_tasks' held-out examples."""
     model, cfg = load_checkpoint(out_dir, "cpu")
     tok = data.get_tokenizer(cfg["tokenizer"], cfg.get("tokenizer_file", ""))
-    suite = data.ReasoningData("synthetic", tok, cfg["block_size"], tasks=EVAL_TASKS)
+    suite = data.ReasoningData("synthetic", tok, cfg["block_size"], tasks=eval_tasks)
     n = n_per_task * len(suite.tasks)
     batches, tags = suite.eval_batches(cfg["batch_size"], n), suite.eval_tags(n)
     K = model.config.n_steps
@@ -120,20 +150,26 @@ def evaluate_run(out_dir, n_per_task):
     res["beats"] = evaluate_reasoning(model, batches, K)["step_K_beats_1"]
     for how in ("zero", "shuffle"):
         model.head_outputs = cut_latent(model, how)     # an instance attribute shadows GPT.head_outputs ...
-        exact = evaluate_reasoning(model, batches, K)["per_example_exact"]
-        res[how] = {t: em[-1] for t, em in per_task(exact, tags).items()}
+        res[how] = per_task(evaluate_reasoning(model, batches, 3 * K)["per_example_exact"], tags)
         del model.head_outputs                          # ... until deleted
     return res
 
 
-def summarize(out_dir, n_per_task):
+def read_step(suite, task, K):
+    """The test-time step K' an answer is read at: K for the depth suite (and 0 for a GPT); the task's level
+    for the steps suite (one step per hop), at most 3K."""
+    return min(int(task.split(":")[1]), 3 * K) if suite == "steps" and K else K
+
+
+def summarize(out_dir, n_per_task, eval_tasks=EVAL_TASKS):
     """One run: its evaluation (evaluate_run, cached in depth_eval.json next to the checkpoint) and cost."""
     cache, res = os.path.join(out_dir, "depth_eval.json"), None
     if os.path.exists(cache) and os.path.getmtime(cache) > os.path.getmtime(os.path.join(out_dir, "ckpt.pt")):
         with open(cache) as f:
             res = json.load(f)
-    if res is None or res["n_per_task"] != n_per_task:
-        res = evaluate_run(out_dir, n_per_task) | {"n_per_task": n_per_task}
+    if res is None or (res["n_per_task"], res.get("eval_tasks")) != (n_per_task, eval_tasks):
+        res = evaluate_run(out_dir, n_per_task, eval_tasks) | {"n_per_task": n_per_task,
+                                                               "eval_tasks": eval_tasks}
         with open(cache, "w") as f:
             json.dump(res, f)
     train_recs, evals = read_metrics(out_dir)
@@ -143,45 +179,57 @@ def summarize(out_dir, n_per_task):
 
 
 def write_report(path, cfg, names, summaries, seeds, wall_s, argv):
-    tasks = EVAL_TASKS.split(",")
+    suite, tasks = cfg["suite"], SUITES[cfg["suite"]][1].split(",")
     heads = {n: runs for n, runs in summaries.items() if runs[0]["K"] > 0}
     K = next(iter(heads.values()))[0]["K"] if heads else 0
     base = summaries["gpt"][0]["flops"] if "gpt" in summaries else None
     n_per_task = next(iter(summaries.values()))[0]["n_per_task"]
-    lines = ["# RLRP depth experiment\n",
+    trained = train_config([cfg["preset"]])["reasoning_tasks"].split(",")
+    step = lambda r, t: read_step(suite, t, r["K"])                  # the K' an answer is read at
+    title = "RLRP depth experiment" if suite == "depth" else "RLRP: steps that earn their keep"
+    lines = [f"# {title}\n",
              f"`python {' '.join(['depth.py', *argv])}` · {cfg['preset']} · {cfg['max_iters']} steps · "
              f"seeds {seeds} · {platform.processor() or platform.machine()}, {os.cpu_count()} cores · "
              f"wall time {wall_s / 60:.1f} min · mean ± std over seeds · {n_per_task} held-out examples "
              "per task\n",
-             "Exact match (EM), teacher-forced (identical to greedy decoding). Never trained on: hopo:4, "
-             "iter:1, iter:3.\n",
+             "Exact match (EM), teacher-forced (identical to greedy decoding). Never trained on: "
+             f"{', '.join(t for t in tasks if t not in trained)}.\n",
              "| variant | what | FLOPs/token | vs gpt | tokens/s (2 jobs) |",
              "| --- | --- | --- | --- | --- |"]
     for name, runs in summaries.items():
         ratio = f"{runs[0]['flops'] / base:.2f}×" if base else ""
         lines.append(f"| {name} | {names[name][0]} | {runs[0]['flops'] / 1e6:.2f}M | {ratio} "
                      f"| {mean_std([r['tokens_per_s'] for r in runs])[0]:.0f} |")
+    if suite == "steps":
+        lines += task_table("Exact match at the answer step K' = L, the level (K' = 0 for the GPTs)",
+                            summaries, tasks, lambda r, t: r["curve"][t][step(r, t)])
     lines += task_table("Exact match at step K (K' = 0 for the GPTs)", summaries, tasks,
                         lambda r, t: r["curve"][t][r["K"]])
     if heads:
         lines += task_table("Exact match at step 1", heads, tasks, lambda r, t: r["curve"][t][1])
         lines += task_table("Step K minus step 1", heads, tasks,
                             lambda r, t: r["curve"][t][K] - r["curve"][t][1])
+        if suite == "steps":
+            lines += task_table("Best test-time K' = 1..3K (chosen on the held-out set: an upper bound)",
+                                heads, tasks, lambda r, t: max(r["curve"][t][1:]))
         lines += ["\n## step_K_beats_1: answer tokens where ℓ_K < ℓ_1\n", "| variant | rate |",
                   "| --- | --- |"]
         lines += [f"| {n} | {fmt([r['beats'] for r in runs])} |" for n, runs in heads.items()]
-        lines += necessity_table(heads, tasks, K)
+        lines += necessity_table(heads, tasks, step)
         lines += curve_table(heads, tasks, K)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-def necessity_table(heads, tasks, K):
-    """EM at step K as trained, with the latent readout zeroed or shuffled, and K' = 0 (the trunk alone)."""
-    lines = ["\n## Necessity: the same checkpoints at step K, latent readout cut\n",
+def necessity_table(heads, tasks, step):
+    """EM at the read step K' = step(run, task) as trained, with the latent readout zeroed or shuffled, and
+    K' = 0 (the trunk alone)."""
+    lines = ["\n## Necessity: the same checkpoints at the read step, latent readout cut\n",
              "| variant | test | " + " | ".join(tasks) + " |", "| --- | --- |" + " --- |" * len(tasks)]
-    tests = {"as trained": lambda r, t: r["curve"][t][K], "z zeroed": lambda r, t: r["zero"][t],
-             "z shuffled": lambda r, t: r["shuffle"][t], "K' = 0": lambda r, t: r["curve"][t][0]}
+    tests = {"as trained": lambda r, t: r["curve"][t][step(r, t)],
+             "z zeroed": lambda r, t: r["zero"][t][step(r, t) - 1],
+             "z shuffled": lambda r, t: r["shuffle"][t][step(r, t) - 1],
+             "K' = 0": lambda r, t: r["curve"][t][0]}
     for name, runs in heads.items():
         for test, value in tests.items():
             lines.append(f"| {name} | {test} | " + " | ".join(f"{np.mean([value(r, t) for r in runs]):.3f}"
@@ -201,24 +249,25 @@ def curve_table(heads, tasks, K):
     return lines
 
 
-def plot(root, summaries):
-    """depth_vs_test_k.png (the main figure) and depth_over_training.png; skipped without matplotlib."""
+def plot(root, summaries, suite="depth"):
+    """<suite>_vs_test_k.png (the main figure) and <suite>_over_training.png; skipped without matplotlib."""
     plt = pyplot()
     if plt is None:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return
-    plot_test_k(plt, root, summaries)
-    plot_training(plt, root, summaries)
+    plot_test_k(plt, root, summaries, suite)
+    plot_training(plt, root, summaries, suite)
 
 
 def style(name, i):
-    """One colour per variant; random-K heads dashed."""
-    return dict(color=f"C{i}", ls="--" if name.endswith("_rk") else "-", label=name)
+    """One colour per variant; random-K heads and the paper's recipe dashed."""
+    return dict(color=f"C{i % 10}", ls="--" if name.endswith("_rk") or name.startswith("paper") else "-",
+                label=name)
 
 
-def plot_test_k(plt, root, summaries):
+def plot_test_k(plt, root, summaries, suite):
     """Exact match vs test-time K', one panel per task; the GPTs as dotted levels."""
-    tasks = EVAL_TASKS.split(",")
+    tasks = SUITES[suite][1].split(",")
     cols = -(-len(tasks) // 2)
     fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 6.4), sharey=True)
     for ax, t in zip(axes.flat, tasks):
@@ -235,32 +284,42 @@ def plot_test_k(plt, root, summaries):
     for ax in axes.flat[len(tasks):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(os.path.join(root, "depth_vs_test_k.png"), dpi=110)
+    fig.savefig(os.path.join(root, f"{suite}_vs_test_k.png"), dpi=110)
 
 
-def plot_training(plt, root, summaries):
-    """Exact match at step K over training, one panel per trained task (train.py's periodic evaluations)."""
+def plot_training(plt, root, summaries, suite):
+    """Exact match at the read step over training, one panel per trained task (train.py's periodic
+    evaluations: K' <= K)."""
     trained = list(next(iter(summaries.values()))[0]["evals"][-1]["task_exact_match"])
     fig, axes = plt.subplots(1, len(trained), figsize=(3.2 * len(trained), 3.4), sharey=True)
     for ax, t in zip(np.atleast_1d(axes), trained):
         for i, (name, runs) in enumerate(summaries.items()):
             its = [e["iter"] for e in runs[0]["evals"]]
-            em = np.mean([[e["task_exact_match"][t][-1] for e in r["evals"]] for r in runs], axis=0)
+            k = max(read_step(suite, t, runs[0]["K"]), 1) - 1           # the read step's index in the record
+            em = np.mean([[e["task_exact_match"][t][k] for e in r["evals"]] for r in runs], axis=0)
             ax.plot(its, em, **style(name, i))
-        ax.set(title=f"{t} (step K)", xlabel="training step")
+        ax.set(title=f"{t} ({'step K' if suite == 'depth' else 'its answer step'})", xlabel="training step")
     np.atleast_1d(axes)[0].set(ylabel="held-out exact match")
     np.atleast_1d(axes)[-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(root, "depth_over_training.png"), dpi=110)
+    fig.savefig(os.path.join(root, f"{suite}_over_training.png"), dpi=110)
 
 
 def parse_args(argv):
-    """(config, {name: (what, overrides)}) from DEFAULTS and argv (--key=value); bad values: ConfigError."""
+    """(config, {name: (what, overrides)}) from DEFAULTS and argv (--key=value), with the suite's preset
+    when preset=''; bad values: ConfigError."""
     c = configure(DEFAULTS, argv, doc=__file__)
+    if c["suite"] not in SUITES:
+        raise ConfigError(f"suite must be one of {', '.join(SUITES)}, got {c['suite']!r}")
     if c["jobs"] < 1 or c["iters"] < 0 or c["eval_per_task"] < 1:
         raise ConfigError(f"jobs and eval_per_task must be >= 1 and iters >= 0, got jobs={c['jobs']}, "
                           f"iters={c['iters']}, eval_per_task={c['eval_per_task']}")
-    all_variants = variants(train_config([c["preset"]]))
+    try:
+        c["seeds"] = [0] if c["quick"] else [int(s) for s in str(c["seeds"]).split(",")]
+    except ValueError:
+        raise ConfigError(f"seeds must be comma-separated integers, got {c['seeds']!r}") from None
+    c["preset"] = c["preset"] or SUITES[c["suite"]][0]
+    all_variants = variants(train_config([c["preset"]]), c["suite"])
     names = c["variants"].split(",") if c["variants"] else list(all_variants)
     unknown = [n for n in names if n not in all_variants]
     if unknown:
@@ -270,10 +329,10 @@ def parse_args(argv):
 
 def main(argv):
     c, names = parse_args(argv)
-    out = c["out"] or ("results/depth-quick" if c["quick"] else "results/depth")
+    suite, seeds, eval_tasks = c["suite"], c["seeds"], SUITES[c["suite"]][1]
+    out = c["out"] or f"results/{suite}" + ("-quick" if c["quick"] else "")
     preset = train_config([c["preset"]])
     c["max_iters"] = c["iters"] or (preset["max_iters"] // 4 if c["quick"] else preset["max_iters"])
-    seeds = [0] if c["quick"] else [0, 1, 2]
     t0 = time.time()
     torch.set_num_threads(1)  # the evaluations run c["jobs"] at a time, like the training runs
     with ThreadPoolExecutor(c["jobs"]) as pool:  # the slowest (the heads) first: the jobs end together
@@ -282,10 +341,11 @@ def main(argv):
                        for n, s in jobs]:
             future.result()
         summaries = dict(zip(names, pool.map(
-            lambda n: [summarize(run_dir(out, n, s), c["eval_per_task"]) for s in seeds], names)))
-    write_report(os.path.join(out, "depth.md"), c, names, summaries, seeds, time.time() - t0, argv)
-    plot(out, summaries)
-    print(open(os.path.join(out, "depth.md")).read())
+            lambda n: [summarize(run_dir(out, n, s), c["eval_per_task"], eval_tasks) for s in seeds], names)))
+    report = os.path.join(out, c["report"] or f"{suite}.md")
+    write_report(report, c, names, summaries, seeds, time.time() - t0, argv)
+    plot(out, summaries, suite)
+    print(open(report).read())
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ def finished(out_dir, args):
         last_eval = read_metrics(out_dir)[1][-1]["iter"]
     except (FileNotFoundError, IndexError):
         return False
-    return saved == train_config(args) and last_eval == saved["max_iters"]
+    # a key added to train.py after the run was written: the run trained with its default
+    return {**train.DEFAULTS, **saved} == train_config(args) and last_eval == saved["max_iters"]
 
 
 def train_run(out, preset, overrides, seed, max_iters, threads=1):

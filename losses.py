@@ -2,17 +2,22 @@
 RLRP losses: ℓ, the per-step token NLL, and the loss terms L_DS, L_RL, L_IMP built from it.
 README "The method in one screen"; the code below uses the same symbols.
 
-    ℓ ∈ R^{K×B×T},  ℓ[k,b,t] = −log softmax(logits_k)[y_t],  p = exp(−ℓ) the target token's probability
+    ℓ ∈ R^{K×B×T},  ℓ[k,b,t] = −log softmax(logits_k)[Y_k[b,t]],  p = exp(−ℓ) the target token's probability
 
-The loss terms see only ℓ and (B, T) masks, with step weights w (Σ_k w_k = 1):
+What each step is trained on is two (K, B, T) tensors (step_supervision): the targets Y and the step weights
+W, with Σ_k W[k,b,t] = 1 at every position. The paper's recipe is the special case Y_k = y (the next token,
+the same at every step) and W[k,b,t] = w_k, one weight vector (Σ_k w_k = 1); per-step targets (a chain
+a_1..a_S on an answer span) and level-matched supervision change Y and W per token. The loss terms see
+only ℓ, W and (B, T) masks:
 
-    L_DS  = Σ_k w_k · masked_mean(ℓ_k, m_valid)
-    L_RL  = Σ_k w_k · masked_mean((1 − p_k^q) / q, m_RL)        q > 0; q = 1: 1 − p_k
+    L_DS  = Σ_{b,t} a_t · Σ_k W_k ℓ_k / Σ_{b,t} a_t   over m_valid; a_t = ω on answer tokens, 1 elsewhere
+    L_RL  = Σ_k masked_mean(W_k · (1 − p_k^q) / q, m_RL)       q > 0; q = 1: 1 − p_k
     L_IMP = 1/(K−1) · Σ_{k=2..K} masked_mean(relu(ℓ_k − sg(ℓ_1) + margin), m_valid)
     L     = L_DS + λ_rl·L_RL + λ_imp·L_IMP                       λ_rl = 0 on fluency batches
 
-token_nll computes ℓ from the hidden states without ever holding the K full-vocabulary logits tensors: it
-unembeds and takes the cross-entropy tile by tile (the end of this file), and equals plain cross-entropy.
+(ω = answer_weight, 1 by default: every valid token counts the same.) token_nll computes ℓ from the hidden
+states without ever holding the K full-vocabulary logits tensors: it unembeds and takes the cross-entropy
+tile by tile (the end of this file), and equals plain cross-entropy.
 """
 
 import torch
@@ -64,6 +69,18 @@ def check_weights(weights, n_steps):
         raise ValueError(f"step weights must be >= 0 and sum to 1, got sum {weights.sum().item():.6f}")
 
 
+def weight_grid(weights, nll):
+    """W, broadcastable to ℓ (K, B, T): one (K,) vector w (checked, viewed as (K, 1, 1)) or a (K, B, T) grid
+    from step_supervision."""
+    if weights.dim() == 1:
+        check_weights(weights, nll.size(0))
+        return weights.to(nll).view(-1, 1, 1)
+    if weights.shape != nll.shape:
+        raise ValueError(f"per-token step weights must have ℓ's shape {tuple(nll.shape)}, "
+                         f"got {tuple(weights.shape)}")
+    return weights.to(nll)
+
+
 def masked_mean(a, mask, count=None):
     """
     The mean of a (..., B, T) over the positions where mask (B, T) is true, per leading index: (...).
@@ -76,13 +93,80 @@ def masked_mean(a, mask, count=None):
 
 
 # -----------------------------------------------------------------------------
+# what each step is trained on: the targets Y and step weights W, both (K, B, T)
+
+BEYOND_CHAIN = ("stay", "none")       # steps past a chain a_1..a_S: keep a_S, or get no loss
+LEVEL_STEPS = ("all", "at", "from")   # which steps an answer of level L is supervised at
+
+
+def step_targets(y, n_steps, step_y=None):
+    """
+    Y (K', B, T), K' = max(K, 1): Y_k = y, the same next token at every step (the paper's), or with
+    step_y (S, B, T), a batch's per-step targets (data.Batch: equal to y outside chain spans),
+    Y_k = step_y[min(k, S)]: step k ≤ S is trained on a_k, steps past S on a_S. K = 0 (the plain GPT, one
+    step) trains on y, the final answer.
+    """
+    if step_y is None or n_steps == 0:
+        return y.expand(max(n_steps, 1), *y.shape)
+    S = step_y.size(0)
+    return step_y[[min(k, S) - 1 for k in range(1, n_steps + 1)]]
+
+
+def step_supervision(y, n_steps, weights, step_y=None, chain_len=None, level=None, beyond_chain="stay",
+                     level_steps="all"):
+    """
+    (Y (K', B, T), W): the targets of step_targets and the step weights for K = n_steps, K' = max(K, 1) =
+    len(weights) (step_weights). chain_len, level (B, T): an answer span's chain length S and level L, 0
+    elsewhere (data.Batch).
+    W is the schedule's w (K',) itself unless per-token rules apply, then a (K', B, T) grid with
+    Σ_k W[k,b,t] = 1 everywhere:
+      beyond_chain='none'  W_k = 0 for k > S on a chain's answer span (chain_len = S > 0)
+      level_steps='at'     an answer of level L (level > 0) is supervised at step min(L, K) only
+      level_steps='from'   ... at the steps k ≥ min(L, K), w renormalised over them
+    The steps left allowed keep their w_k, renormalised; a token whose allowed steps all have w_k = 0 (e.g.
+    'last' when a chain ends before K, or weight_skip ≥ L) is supervised at its last allowed step. Prompt
+    tokens and fluency rows (chain_len = level = 0) keep w. A row whose level is above a random K is read at
+    step K, the last.
+    """
+    if beyond_chain not in BEYOND_CHAIN:
+        raise ValueError(f"beyond_chain must be one of {', '.join(BEYOND_CHAIN)}, got {beyond_chain!r}")
+    if level_steps not in LEVEL_STEPS:
+        raise ValueError(f"level_steps must be one of {', '.join(LEVEL_STEPS)}, got {level_steps!r}")
+    if beyond_chain == "none" and level_steps != "all":
+        raise ValueError("beyond_chain='none' and level_steps both choose the supervised steps: use one")
+    Y, K = step_targets(y, n_steps, step_y), weights.numel()
+    if n_steps == 0:
+        return Y, weights                                                 # the plain GPT: one step
+    k = torch.arange(1, K + 1).view(K, 1, 1)                              # (K, 1, 1)
+    allowed = torch.ones(K, *y.shape, dtype=torch.bool)
+    if beyond_chain == "none" and chain_len is not None:
+        allowed &= (chain_len == 0) | (k <= chain_len)                    # no loss past a_S
+    if level_steps != "all" and level is not None:
+        L = level.clamp(max=K)                                            # min(L, K)
+        allowed &= (level == 0) | (k == L if level_steps == "at" else k >= L)
+    if allowed.all():
+        return Y, weights                                                 # the schedule's w everywhere
+    W = weights.view(K, 1, 1) * allowed                                   # w_k · 1[step k allowed]
+    last_allowed = (k * allowed).amax(0)                                  # (B, T)
+    W = torch.where((W.sum(0) == 0) & (k == last_allowed), 1.0, W)        # no weight left: the last allowed
+    return Y, W / W.sum(0)                                 # W_k = w_k·1[k ok] / Σ_j w_j·1[j ok]
+
+
+# -----------------------------------------------------------------------------
 # the three loss terms and the objective
 
-def deep_supervision_loss(nll, weights, mask, count=None):
-    """(i) deep supervision: every step is trained to predict the next token. nll: ℓ (K, B, T)."""
-    check_weights(weights, nll.size(0))
-    # L_DS = Σ_k w_k · masked_mean(ℓ_k, m_valid)
-    return (weights.to(nll) * masked_mean(nll, mask, count)).sum()
+def deep_supervision_loss(nll, weights, mask, count=None, token_weight=None):
+    """
+    (i) deep supervision: every step is trained to predict its target. nll: ℓ (K, B, T); weights: w (K,) or
+    W (K, B, T); token_weight: a_t (B, T), None = 1 (count is then Σ a_t·m over the optimizer step).
+    """
+    W = weight_grid(weights, nll)
+    per_token = (W * nll).sum(0)                                       # Σ_k W_k ℓ_k, (B, T)
+    if token_weight is not None:
+        count = (token_weight * mask).sum() if count is None else count
+        per_token = per_token * token_weight
+    # L_DS = Σ_{b,t} a_t · Σ_k W_k ℓ_k / Σ_{b,t} a_t over m_valid; with a = 1: Σ_k w_k · masked_mean(ℓ_k)
+    return masked_mean(per_token, mask, count)
 
 
 def soft_rl_loss(nll, weights, mask, q=1.0, count=None):
@@ -90,22 +174,23 @@ def soft_rl_loss(nll, weights, mask, q=1.0, count=None):
     (iii) soft RL: p_k = exp(−ℓ_k) = p_k(y_t) is the exact expected reward of sampling from softmax(logits_k)
     with reward 1[token = y_t], so at q = 1 L_RL is the expected loss 1 − p, with gradient −∇p = −p·∇log p.
     The exponent q reweights it: ∂L_RL/∂ℓ = p^q per token, CE's gradient weighted by p^q, from CE (q → 0,
-    where (1 − p^q)/q → ℓ too) to the paper's (q = 1).
+    where (1 − p^q)/q → ℓ too) to the paper's (q = 1). With per-step targets, y_t is step k's target.
     """
     if not q > 0:
         raise ValueError(f"rl_q must be > 0 (the soft RL loss divides by it; q → 0 is plain CE), got {q}")
-    check_weights(weights, nll.size(0))
+    W = weight_grid(weights, nll)
     # (1 − p^q)/q differs from −p^q/q (reward maximisation) by the constant 1/q, so the two have the same
     # gradient; the constant makes the logged value ≥ 0 and 0 at p = 1. expm1 keeps 1 − p^q exact as p^q → 1.
     expected_loss = -torch.expm1(-q * nll) / q                         # (1 − p_k^q) / q, (K, B, T)
-    # L_RL = Σ_k w_k · masked_mean((1 − p_k^q) / q, m_RL)
-    return (weights.to(nll) * masked_mean(expected_loss, mask, count)).sum()
+    # L_RL = Σ_k masked_mean(W_k · (1 − p_k^q) / q, m_RL)
+    return masked_mean((W * expected_loss).sum(0), mask, count)
 
 
 def improvement_penalty(nll, mask, margin=0.0, count=None):
     """
     Later steps must not be worse than step 1; 0 when K ≤ 1. sg = stop-gradient: the penalty pushes later
-    steps down, never step 1 up.
+    steps down, never step 1 up. It compares ℓ_k and ℓ_1 of the same label: with per-step targets the labels
+    differ, and train.py requires λ_imp = 0.
     """
     if nll.size(0) <= 1:
         return nll.new_zeros(())
@@ -121,23 +206,36 @@ def loss_masks(targets, answer_mask, rl_answer_only=True):
     return m_valid, (answer_mask & m_valid if rl_answer_only else m_valid)
 
 
+def loss_counts(targets, answer_mask, rl_answer_only=True):
+    """(Σ m_valid, Σ m_RL, Σ answer_mask·m_valid) of one batch, int64: summed over an optimizer step's
+    micro-batches and ranks, they are the exact denominators of rlrp_loss's counts."""
+    m_valid, m_rl = loss_masks(targets, answer_mask, rl_answer_only)
+    return torch.stack([m_valid.sum(), m_rl.sum(), (answer_mask & m_valid).sum()])
+
+
 def rlrp_loss(nll, targets, answer_mask, kind, weights, lambda_rl=0.0, lambda_imp=0.0,
-              rl_answer_only=True, margin=0.0, rl_q=1.0, counts=None):
+              rl_answer_only=True, margin=0.0, rl_q=1.0, answer_weight=1.0, counts=None):
     """
     (ii) data-aware routing: the objective for one batch by its kind.
       fluency:   L = L_DS + λ_imp·L_IMP
       reasoning: L = L_DS + λ_rl·L_RL + λ_imp·L_IMP, L_RL on answer spans if rl_answer_only
-    with L_RL = Σ_k w_k · masked_mean((1 − p_k^q) / q, m_RL), p = exp(−ℓ), q = rl_q > 0 (see soft_rl_loss).
+    with L_RL = Σ_k masked_mean(W_k·(1 − p_k^q) / q, m_RL), p = exp(−ℓ), q = rl_q > 0 (see soft_rl_loss).
     Every term is always computed and switched by its weight, never by a branch on tensor values,
     so every DDP rank builds the same graph. Returns (loss, parts) with parts detached for logging.
-    nll: (K, B, T); targets: (B, T) with −1 = ignored; answer_mask: (B, T) bool; kind: str.
-    counts: optional (Σ m_valid, Σ m_RL) over the whole optimizer step (see masked_mean), else this batch's.
+    nll: (K, B, T); targets: (B, T) with −1 = ignored; answer_mask: (B, T) bool; kind: str; weights: w (K,)
+    or W (K, B, T) (step_supervision); answer_weight: ω, L_DS's weight a_t of answer tokens (others 1).
+    counts: optional loss_counts summed over the whole optimizer step (see masked_mean), else this batch's.
     """
     if kind not in ("fluency", "reasoning"):
         raise ValueError(f"batch kind must be 'fluency' or 'reasoning', got {kind!r}")
+    if not answer_weight > 0:
+        raise ValueError(f"answer_weight must be > 0, got {answer_weight}")
     m_valid, m_rl = loss_masks(targets, answer_mask, rl_answer_only)
-    n_valid, n_rl = counts if counts is not None else (None, None)
-    l_ds = deep_supervision_loss(nll, weights, m_valid, n_valid)
+    n_valid, n_rl, n_answer = counts if counts is not None else loss_counts(targets, answer_mask,
+                                                                            rl_answer_only)
+    token_weight = None if answer_weight == 1 else torch.where(answer_mask, answer_weight, 1.0).to(nll)
+    n_ds = n_valid + (answer_weight - 1) * n_answer                    # Σ a_t over m_valid
+    l_ds = deep_supervision_loss(nll, weights, m_valid, n_ds, token_weight)
     l_rl = soft_rl_loss(nll, weights, m_rl, q=rl_q, count=n_rl)
     l_imp = improvement_penalty(nll, m_valid, margin, n_valid)
     lam_rl = lambda_rl if kind == "reasoning" else 0.0

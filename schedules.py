@@ -60,3 +60,19 @@ def seed_micro_batch(c, index):
     """Dropout's RNG, a function of (seed, global micro-batch index): 1 process and W draw the same masks for
     the same micro-batch, and resume needs no saved RNG state."""
     torch.manual_seed(int(np.random.SeedSequence([c["seed"], index]).generate_state(1)[0]))
+
+
+PROGRESSIVE_STREAM = 2  # the progressive loss's draws: a stream of their own, apart from train_steps'
+
+
+def progressive_steps(it, c, K):
+    """
+    (n, k) of the progressive loss (Bansal et al. 2022) at optimizer step `it`, a function of (seed, it):
+    n ~ U{0..K−1} steps run without gradient, then k ~ U{1..K−n} with gradient. None when it is off
+    (progressive_alpha = 0) or K = 0.
+    """
+    if not c["progressive_alpha"] or K == 0:
+        return None
+    rng = np.random.default_rng([c["seed"], it, PROGRESSIVE_STREAM])
+    n = int(rng.integers(0, K))
+    return n, int(rng.integers(1, K - n + 1))

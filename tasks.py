@@ -4,10 +4,13 @@ The synthetic reasoning suite (reasoning_data='synthetic'): task generators, the
 A task is (family, level); its generator(rng, level) returns a (prompt, answer) pair of strings.
 reasoning_tasks names the suite as 'family:level,...' (TASKS holds the families, DEFAULT_TASKS the default).
 The split is by prompt: a stable hash holds out 10% of each task's prompt space and draw() rejects examples
-from the other side, so no eval prompt is ever trained on. data.ReasoningData packs the examples into rows.
+from the other side, so no eval prompt is ever trained on (the chain families hash it without its level,
+split_key). hop, hopo and iter also give their per-step answers f^1(x)..f^n(x) (chain_answers).
+data.ReasoningData packs the examples into rows.
 """
 
 import hashlib
+import re
 
 # -----------------------------------------------------------------------------
 # generator(rng, level) -> (prompt, answer). add, mul and chain have a fixed size per level (L digits,
@@ -74,6 +77,33 @@ def _iter(rng, level):  # level 2: 'f^2(4071)=' -> '2156': f = ITER_F twice on e
     return f"f^{level}({x})=", y
 
 
+def _hop_chain(prompt, n):  # 'w>t,...;f^2(r)=', 3 -> [f(r), f²(r), f³(r)], read from the prompt's map
+    pairs, query = prompt.split(";")
+    f = dict(pair.split(">") for pair in pairs.split(","))
+    x, chain = query[query.index("(") + 1], []
+    for _ in range(n):
+        x = f[x]
+        chain.append(x)
+    return chain
+
+
+def _iter_chain(prompt, n):  # 'f^2(4071)=', 2 -> ['8143', '2156']: ITER_F on each digit, 1..n times
+    x, chain = prompt[prompt.index("(") + 1:prompt.index(")")], []
+    for _ in range(n):
+        x = "".join(ITER_F[int(d)] for d in x)
+        chain.append(x)
+    return chain
+
+
+# the families whose answer is f^L(x): their per-step answers f^1(x)..f^n(x), read from the prompt
+CHAINS = {"hop": _hop_chain, "hopo": _hop_chain, "iter": _iter_chain}
+
+
+def chain_answers(family, prompt, n):
+    """[f^1(x), ..., f^n(x)] of a hop/hopo/iter prompt (per-step targets); None for other families."""
+    return CHAINS[family](prompt, n) if family in CHAINS else None
+
+
 # family: (generator, max level, longest prompt+answer in characters: a bound on tokens for both tokenizers)
 TASKS = {
     "add": (_add, 18, lambda L: 3 * L + 3),
@@ -111,11 +141,18 @@ def is_eval_prompt(prompt: str) -> bool:
     return int.from_bytes(digest, "little") % 100 < 10
 
 
+def split_key(family, prompt):
+    """What the train/eval split hashes: the prompt, without its level for the chain families ('f^3(r)=' ->
+    'f^(r)='), so a held-out (map, start) is held out at every level: with per-step targets a training
+    example's steps are trained on f^k(x), the answers of the same prompt at the other levels k."""
+    return re.sub(r"f\^\d+\(", "f^(", prompt) if family in CHAINS else prompt
+
+
 def draw(task, rng, eval_side):
     """One example of task (name, level) from the eval or the train side of the hash split, by rejection."""
     for _ in range(10_000):
         prompt, answer = TASKS[task[0]][0](rng, task[1])
-        if is_eval_prompt(prompt) == eval_side:
+        if is_eval_prompt(split_key(task[0], prompt)) == eval_side:
             return prompt, answer
     raise ValueError(f"reasoning_tasks: {task[0]}:{task[1]} has too few prompts for a train/eval split; "
                      "raise its level")

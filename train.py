@@ -33,8 +33,9 @@ from checkpoint import build_model
 from configurator import ConfigError, catch_stop_signals, configure, precision, setup_system
 from evaluate import Records, TrainWindow, all_reduce_sum, eval_metrics, eval_sets, format_eval
 from latent_head import HEAD_ATTN
-from losses import WEIGHT_SCHEDULES, loss_masks, rlrp_loss, step_weights
-from schedules import get_lr, max_train_steps, seed_micro_batch, train_steps
+from losses import (BEYOND_CHAIN, LEVEL_STEPS, WEIGHT_SCHEDULES, loss_counts, rlrp_loss, step_supervision,
+                    step_weights)
+from schedules import get_lr, max_train_steps, progressive_steps, seed_micro_batch, train_steps
 
 DEFAULTS = dict(
     # I/O
@@ -88,6 +89,17 @@ DEFAULTS = dict(
                                # | 'lognormal': Huginn's log-normal Poisson: mean K, a heavy tail, capped
     n_steps_max=0,             # the cap of 'lognormal' draws, >= n_steps (0 = 4K: ~0.1% of draws clipped)
     grad_steps=0,              # backprop through only the last grad_steps refinement steps (0 = all)
+    progressive_alpha=0.0,     # α of the progressive loss (1 − α)·L_K + α·L_{n+k}: a second head pass runs n ~
+                               # U{0..K−1} steps without gradient, then k ~ U{1..K−n}; 0 = off; needs λ_imp = 0
+    # what each step is trained on (losses.step_supervision; README "Steps that earn their keep")
+    step_targets="final",      # 'final': the answer at every step (the paper's) | 'chain': per-step answers
+                               # a_1..a_S (JSONL "step_answers"; hop/hopo/iter: f^k(x)); needs lambda_imp=0
+    chain_length=0,            # synthetic chains: 0 = f^1..f^L to the example's level L (steps past L keep
+                               # f^L) | N = f^1..f^N for every example (no stop: level L is read at step L)
+    beyond_chain="stay",       # steps past a chain's a_S: 'stay' (trained on a_S) | 'none' (no loss there)
+    level_steps="all",         # an answer of level L is supervised at: 'all' steps (w) | 'at' step L only
+                               # | 'from' the steps >= L (w renormalised); K < L: step K
+    answer_weight=1.0,         # ω: answer tokens' weight in L_DS, relative to the other tokens' 1
     # AdamW with warmup + cosine decay
     learning_rate=6e-4,        # peak learning rate, after warmup
     max_iters=50000,           # optimizer steps in all
@@ -148,6 +160,20 @@ CONSTRAINTS = [
      "weight_skip must be < n_steps={n_steps} (steps 1..weight_skip get no weight, so nothing would be "
      "supervised), got {weight_skip}"),
     one_of("gsm8k_answer", ("final", "solution"), "'final' or 'solution'"),
+    one_of("step_targets", ("final", "chain"), "'final' or 'chain'"),
+    *at_least(0, "chain_length"),
+    one_of("beyond_chain", BEYOND_CHAIN, f"one of {', '.join(BEYOND_CHAIN)}"),
+    one_of("level_steps", LEVEL_STEPS, f"one of {', '.join(LEVEL_STEPS)}"),
+    (lambda c: c["answer_weight"] > 0, "answer_weight must be > 0, got {answer_weight}"),
+    (lambda c: c["step_targets"] == "final" or c["lambda_imp"] == 0,
+     "step_targets='chain' needs lambda_imp=0: the improvement penalty compares ℓ_k with ℓ_1 of the same "
+     "label, and per-step labels differ (got lambda_imp={lambda_imp})"),
+    (lambda c: 0 <= c["progressive_alpha"] <= 1, "progressive_alpha must be in [0, 1], got {progressive_alpha}"),
+    (lambda c: c["progressive_alpha"] == 0 or c["lambda_imp"] == 0,
+     "progressive_alpha > 0 needs lambda_imp=0: the improvement penalty would reach the steps run without "
+     "gradient (got lambda_imp={lambda_imp})"),
+    (lambda c: c["beyond_chain"] == "stay" or c["level_steps"] == "all",
+     "beyond_chain='none' and level_steps={level_steps!r} both choose the supervised steps: use one"),
     one_of("dtype", (None, "float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
     one_of("compile", (None, True, False), "True or False"),
     (lambda c: c["reasoning_fraction"] == 0 or c["reasoning_data"],
@@ -187,16 +213,31 @@ def load_data(c):
             if c["fluency_data"] else None
         reasoning = data.ReasoningData(c["reasoning_data"], tok, c["block_size"], c["seed"],
                                        c["reasoning_eval_data"], c["reasoning_tasks"],
-                                       c["gsm8k_answer"]) if c["reasoning_data"] else None
+                                       c["gsm8k_answer"], chain_length(c)) if c["reasoning_data"] else None
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     return tok, fluency, reasoning
 
 
+def chain_length(c):
+    """ReasoningData's chain_length: None for final-answer targets."""
+    return c["chain_length"] if c["step_targets"] == "chain" else None
+
+
 def cat_batches(batches, kind):
-    """Rows of several batches as one (answer ids stay per batch: training does not use them)."""
+    """Rows of several batches as one (answer ids stay per batch: training does not use them). Per-step
+    targets: a batch without them has y at every step; a shorter chain keeps its last step's targets."""
     cat = lambda field: torch.cat([getattr(b, field) for b in batches])
-    return data.Batch(cat("x"), cat("y"), kind, cat("answer_mask"), cat("answer_id"))
+    batch = data.Batch(cat("x"), cat("y"), kind, cat("answer_mask"), cat("answer_id"))
+    zeros = lambda b, t: t if t is not None else torch.zeros_like(b.y)
+    if any(b.level is not None for b in batches):
+        batch.level = torch.cat([zeros(b, b.level) for b in batches])
+    if any(b.step_y is not None for b in batches):
+        steps = [b.step_y if b.step_y is not None else b.y[None] for b in batches]
+        S = max(len(s) for s in steps)
+        batch.step_y = torch.cat([s[[min(k, len(s) - 1) for k in range(S)]] for s in steps], dim=1)
+        batch.chain_len = torch.cat([zeros(b, b.chain_len) for b in batches])
+    return batch
 
 
 def micro_batches(it, kind, c, fluency, reasoning, rank, world):
@@ -214,31 +255,44 @@ def micro_batches(it, kind, c, fluency, reasoning, rank, world):
 
 
 def step_counts(batches, c, device, world):
-    """(Σ m_valid, Σ m_RL) over every micro-batch of this optimizer step on every rank: the denominators that
-    make accumulated micro-batches (and DDP) equal one large batch, token for token."""
-    counts = torch.zeros(2, dtype=torch.int64)   # integers: exact, and every device has them (no float64)
+    """(Σ m_valid, Σ m_RL, Σ answer tokens) over every micro-batch of this optimizer step on every rank: the
+    denominators that make accumulated micro-batches (and DDP) equal one large batch, token for token."""
+    counts = torch.zeros(3, dtype=torch.int64)   # integers: exact, and every device has them (no float64)
     for b in batches:
-        m_valid, m_rl = loss_masks(b.y, b.answer_mask, c["rl_answer_only"])
-        counts += torch.stack([m_valid.sum(), m_rl.sum()])
+        counts += loss_counts(b.y, b.answer_mask, c["rl_answer_only"])
     return all_reduce_sum(counts.to(device), world).float()
 
 
-def train_step(model, micro, kind, K, c, ctx, scaler, world, device):
+def supervision(b, K, weights, c):
+    """(Y, W) of one micro-batch: each step's targets and weights (losses.step_supervision)."""
+    return step_supervision(b.y, K, weights, b.step_y, b.chain_len, b.level, c["beyond_chain"],
+                            c["level_steps"])
+
+
+def train_step(model, micro, kind, K, c, ctx, scaler, world, device, progressive=None):
     """Forward + backward over this rank's micro-batches, (global index, Batch) pairs; returns this rank's
-    share of [loss, ds, rl, imp, ℓ_1..ℓ_K]."""
+    share of [loss, ds, rl, imp, ℓ_1..ℓ_K]. progressive: this step's (n, k) (schedules.progressive_steps)."""
     counts = step_counts([b for _, b in micro], c, device, world)
     weights = step_weights(max(K, 1), c["weight_schedule"], c["weight_gamma"], c["weight_skip"])
+    alpha, K1 = c["progressive_alpha"] if progressive else 0.0, max(K, 1)
     totals = 0
     for i, (index, b) in enumerate(micro):
-        b = b.to(device)
+        targets, step_w = supervision(b, K, weights, c)                   # Y, W: (K', B, T) on the CPU
+        if progressive:                                                   # step n+k's targets for its row
+            targets = torch.cat([targets, targets[sum(progressive) - 1:sum(progressive)]])
+        b, targets, step_w = b.to(device), targets.to(device), step_w.to(device)
         last = i == len(micro) - 1
         seed_micro_batch(c, index)
         with model.no_sync() if world > 1 and not last else nullcontext():  # all-reduce on the last one
             with ctx:
-                _, nll = model(b.x, b.y, n_steps=K, grad_steps=c["grad_steps"] or None)
-            loss, parts = rlrp_loss(nll.float(), b.y, b.answer_mask, kind, weights, c["lambda_rl"],
-                                    c["lambda_imp"], c["rl_answer_only"], c["imp_margin"], c["rl_q"],
-                                    counts=counts)
+                _, nll = model(b.x, targets, n_steps=K, grad_steps=c["grad_steps"] or None,
+                               progressive=progressive)
+            objective = lambda rows, w: rlrp_loss(rows, b.y, b.answer_mask, kind, w, c["lambda_rl"],
+                                                  c["lambda_imp"], c["rl_answer_only"], c["imp_margin"],
+                                                  c["rl_q"], c["answer_weight"], counts=counts)
+            loss, parts = objective(nll[:K1].float(), step_w)
+            if progressive:  # L = (1 − α)·L_K + α·L_{n+k}, L_{n+k} the objective on the second pass's last step
+                loss = (1 - alpha) * loss + alpha * objective(nll[K1:].float(), torch.ones(1))[0]
             # DDP averages gradients over ranks; the loss is already a global mean, so undo the 1/W
             scaler.scale(loss * world).backward()
         logged = torch.stack([loss.detach(), parts["ds"], parts["rl"], parts["imp"]])
@@ -339,7 +393,8 @@ class Run:
         micro = micro_batches(it, kind, c, self.fluency, self.reasoning, self.rank, self.world)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        totals = train_step(self.model, micro, kind, K, c, self.ctx, self.scaler, self.world, self.device)
+        totals = train_step(self.model, micro, kind, K, c, self.ctx, self.scaler, self.world, self.device,
+                            progressive_steps(it, c, K))
         # one all-reduce: the loss parts, and whether any rank was asked to stop (all stop at the same step)
         totals = torch.cat([totals, totals.new_tensor([float(bool(stop))])])
         totals = all_reduce_sum(totals, self.world).tolist()
@@ -354,6 +409,18 @@ class Run:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return kind, K, lr, totals
+
+    def flops_per_token(self, it, K):
+        """Training FLOPs per token of step `it`: the model's at K, plus the progressive loss's second head
+        pass and its one unembedding when it is on."""
+        c = self.c
+        flops = self.raw_model.flops_per_token(K, c["block_size"], c["grad_steps"])["total"]
+        progressive = progressive_steps(it, c, K)
+        if progressive:
+            steps = sum(progressive)                                      # n + k
+            second = self.raw_model.flops_per_token(steps, c["block_size"], progressive[1])
+            flops += second["head"] + second["unembed"] / steps
+        return flops
 
     def train(self):
         c, stop = self.c, catch_stop_signals()
@@ -372,7 +439,7 @@ class Run:
             t_step = perf_counter()
             kind, K, lr, totals = self.step(it, stop)
             pbar.update(1)
-            flops = self.raw_model.flops_per_token(K, c["block_size"], c["grad_steps"])["total"]
+            flops = self.flops_per_token(it, K)
             window.add(kind, K, totals[:-1], flops, perf_counter() - t_step)
             if (it + 1) % c["log_interval"] == 0:
                 rec = window.record(it + 1, lr, self.world, self.peak_tflops)

@@ -116,7 +116,7 @@ def test_depth_report_matches_runs(tmp_path):
     assert delta["none"] == [f"{evals['none']['curve'][t][2] - evals['none']['curve'][t][1]:.3f} ± 0.000"
                              for t in tasks]
     necessity = [line for line in report.splitlines() if line.startswith("| none | z shuffled |")]
-    shuffled = " | ".join(f"{evals['none']['shuffle'][t]:.3f}" for t in tasks)
+    shuffled = " | ".join(f"{evals['none']['shuffle'][t][evals['none']['K'] - 1]:.3f}" for t in tasks)
     assert necessity == [f"| none | z shuffled | {shuffled} |"]
     deep = table_rows(report, "| variant | what |")["gpt_deep"]
     n_layer = depth.matched_gpts(train_config([str(preset)]))[0]["gpt_deep"]
@@ -134,3 +134,28 @@ def test_unknown_variant_is_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "depth.py"), "--variants=gpt,trunkk"], cwd=ROOT,
                        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1 and "['trunkk']" in r.stderr
+
+
+@pytest.mark.slow
+def test_steps_suite_reads_each_level_at_its_own_step(tmp_path):
+    """depth.py --suite=steps on a tiny chain preset: the answer-step table is the curve at K' = the level,
+    the cuts are read there too, and the report is steps.md."""
+    preset = tmp_path / "preset.py"
+    preset.write_text(TINY_PRESET.replace('"hopo:1,iter:1"', '"hopo:1,hopo:2"') +
+                      'step_targets = "chain"; chain_length = 2; lambda_imp = 0.0\n')
+    cmd = [sys.executable, os.path.join(ROOT, "depth.py"), "--suite=steps", "--seeds=0", "--iters=4",
+           f"--preset={preset}", "--variants=gpt,chain_trunk", "--eval_per_task=4", "--out=out"]
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = tmp_path / "out"
+    report = (out / "steps.md").read_text()
+    res = json.loads((out / "runs" / "chain_trunk-s0" / "depth_eval.json").read_text())
+    tasks = depth.SUITES["steps"][1].split(",")
+    assert "Never trained on: hopo:3, hopo:4, hopo:5, hopo:6, hopo:7." in report
+    at_level = table_rows(report, "## Exact match at the answer step")
+    assert at_level["chain_trunk"] == [f"{res['curve'][t][min(int(t[-1]), 6)]:.3f} ± 0.000" for t in tasks]
+    gpt = json.loads((out / "runs" / "gpt-s0" / "depth_eval.json").read_text())
+    assert at_level["gpt"] == [f"{gpt['curve'][t][0]:.3f} ± 0.000" for t in tasks]
+    zeroed = [line for line in report.splitlines() if line.startswith("| chain_trunk | z zeroed |")]
+    assert zeroed == ["| chain_trunk | z zeroed | " + " | ".join(
+        f"{res['zero'][t][min(int(t[-1]), 6) - 1]:.3f}" for t in tasks) + " |"]
+    assert (out / "steps_vs_test_k.png").exists() == (out / "steps_over_training.png").exists()

@@ -1,0 +1,46 @@
+# Steps that earn their keep (README "Results: Steps that earn their keep"; python depth.py --suite=steps):
+# the best recipe found for latent steps that compute something step 1 does not. Per-step targets with no
+# stop: every lookup example, whatever its hop count L, trains step k on f^k(x) for k = 1..3, so one step
+# becomes one hop and an L-hop question is answered at step K' = L (levels above 3 are never trained).
+# Reasoning batches only, the trunk-attending head. Any JSONL with "step_answers" runs with
+#   python train.py config/train_steps.py --reasoning_data=X.jsonl --reasoning_eval_data=Y.jsonl
+out_dir = "out-steps"
+device = "cpu"
+compile = False
+threads = 1
+tokenizer = "byte"
+fluency_data = "pydoc"
+reasoning_data = "synthetic"
+reasoning_tasks = "hopo:1,hopo:2,hopo:3"
+reasoning_fraction = 1.0
+
+n_layer = 2
+n_head = 2
+n_embd = 64
+n_steps = 3                 # K = the highest trained level: a step beyond it would train f^4 as a target
+n_latent = 32
+head_attn = "trunk"
+block_size = 48
+batch_size = 32
+gradient_accumulation_steps = 1
+dropout = 0.0
+
+learning_rate = 4e-3
+max_iters = 16000           # the lookup is learned late and suddenly: 4k steps were too few
+lr_decay_iters = 16000
+warmup_iters = 100
+min_lr = 4e-4
+beta2 = 0.99
+weight_decay = 0.1
+
+eval_interval = 2000
+eval_iters = 1
+eval_examples = 300
+log_interval = 100
+
+step_targets = "chain"      # step k is trained on f^k(x)
+chain_length = 3            # f^1..f^3 for every example: no stop
+weight_schedule = "linear"
+lambda_rl = 0.0
+lambda_imp = 0.0            # required with per-step targets: ℓ_k and ℓ_1 have different labels
+n_steps_dist = "fixed"

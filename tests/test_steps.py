@@ -1,0 +1,283 @@
+"""Per-step targets, level-matched supervision and the answer weight (README "Steps that earn their keep"),
+each against a plain re-computation; the chains and the held-out split of the chain families; bad
+step_answers through the real CLI."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import schedules
+import tasks
+import train
+from conftest import run_script
+from losses import rlrp_loss, step_supervision, step_weights
+from test_train import TINY, tiny_gpt
+
+BYTE = data.get_tokenizer("byte")
+
+
+def batch_with_chains(chain_length=3, tasks_="hopo:1,hopo:2,hopo:3", rows=6):
+    rd = data.ReasoningData("synthetic", BYTE, 48, seed=3, tasks=tasks_, chain_length=chain_length)
+    return rd.get_batch(0, rows)
+
+
+# -----------------------------------------------------------------------------
+# the chains and the batch's per-step targets
+
+@pytest.mark.parametrize("family", ["hop", "hopo", "iter"])
+def test_chain_answers_end_at_the_generators_answer(family):
+    rng = np.random.default_rng(0)
+    for level in (1, 2, 3, 5):
+        prompt, answer = tasks.TASKS[family][0](rng, level)
+        chain = tasks.chain_answers(family, prompt, 7)
+        assert chain[level - 1] == answer and len(chain) == 7
+        assert len(set(chain)) == 7 or family == "iter"          # an 8-cycle: 7 distinct hops
+    assert tasks.chain_answers("add", "12+34=", 3) is None
+
+
+def test_batch_step_targets_are_the_chain_on_answer_tokens_and_y_elsewhere():
+    b = batch_with_chains(chain_length=4)
+    assert b.step_y.shape == (4, *b.y.shape)
+    outside = ~b.answer_mask | (b.y == BYTE.eot_token)          # prompts, padding, the closing eot
+    assert (b.step_y[:, outside] == b.y[outside]).all()
+    for r in range(b.y.size(0)):
+        text = BYTE.decode(b.x[r][b.x[r] != BYTE.eot_token].tolist())
+        prompt = text[:text.index("=") + 1]
+        t = int(torch.nonzero(b.answer_mask[r])[0])               # the answer token's position
+        want = tasks.chain_answers("hopo", prompt, 4)
+        assert [BYTE.decode([int(b.step_y[k, r, t])]) for k in range(4)] == want
+        level = int(prompt[prompt.index("^") + 1])
+        assert b.level[r, t] == level and b.chain_len[r, t] == 4 and b.y[r, t] == ord(want[level - 1])
+
+
+def test_chain_length_zero_stops_at_the_level_and_final_targets_have_none():
+    b = batch_with_chains(chain_length=0)
+    spans = b.answer_mask & (b.y != BYTE.eot_token)
+    assert (b.chain_len[spans] == b.level[spans]).all()
+    Y, _ = step_supervision(b.y, 3, step_weights(3), b.step_y, b.chain_len, b.level)
+    # past its level L a chain keeps a_L = the final answer ("stay")
+    for k in range(3):
+        past = spans & (b.level <= k + 1)
+        assert (Y[k][past] == b.y[past]).all()
+    assert batch_with_chains(chain_length=None).step_y is None
+
+
+def test_held_out_answers_never_appear_as_a_step_target_in_training():
+    """The chain families split on the prompt without its level: no (map, start) of the eval set trains at
+    any level, so no held-out answer f^L(x) is ever a step target."""
+    suite = "hopo:1,hopo:2,hopo:3"
+    rd = data.ReasoningData("synthetic", BYTE, 48, seed=0, tasks=suite, chain_length=3)
+    eval_keys = {tasks.split_key("hopo", p) for p, _ in rd.eval_examples(3000)}
+    trained = set()
+    for i in range(40):
+        b = rd.get_batch(i, 32)
+        for r in range(32):
+            text = BYTE.decode(b.x[r][1:].tolist())
+            trained.add(tasks.split_key("hopo", text[:text.index("=") + 1]))
+    assert len(trained) > 1000 and not trained & eval_keys
+    # the level is what the key drops: the same map and start at every level is one key
+    assert tasks.split_key("hopo", "p>q;f^3(p)=") == tasks.split_key("hopo", "p>q;f^1(p)=")
+
+
+# -----------------------------------------------------------------------------
+# the loss with per-step labels and weights, against plain re-computations
+
+def per_step_nll(logits, Y):
+    """ℓ[k] = cross-entropy of logits[k] against step k's labels, by F.cross_entropy per step."""
+    return torch.stack([F.cross_entropy(logits[k].transpose(1, 2), Y[k].clamp(min=0), reduction="none")
+                        * (Y[k] >= 0) for k in range(len(Y))])
+
+
+def test_per_step_targets_equal_a_plain_recomputation_with_per_step_labels():
+    b = batch_with_chains(chain_length=3)
+    K, V = 3, BYTE.vocab_size
+    logits = torch.randn(K, *b.y.shape, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    w = step_weights(K, "linear")
+    Y, W = step_supervision(b.y, K, w, b.step_y, b.chain_len, b.level)
+    loss, parts = rlrp_loss(per_step_nll(logits, Y), b.y, b.answer_mask, "reasoning", W, lambda_rl=0.5)
+    # written out: Σ_k w_k · mean over valid tokens of CE(step k, a_k), plus λ_rl · Σ_k w_k · mean over the
+    # answer tokens of 1 − p_k(a_k)
+    valid, ds, rl = b.y >= 0, 0.0, 0.0
+    for k in range(K):
+        labels = torch.where(b.answer_mask & (b.y != BYTE.eot_token), b.step_y[k], b.y)
+        ce = F.cross_entropy(logits[k][valid], labels[valid], reduction="none")
+        ds += w[k].item() * ce.mean()
+        p = torch.softmax(logits[k][b.answer_mask], -1).gather(1, labels[b.answer_mask][:, None])
+        rl += w[k].item() * (1 - p).mean()
+    assert torch.allclose(parts["ds"], ds) and torch.allclose(parts["rl"], rl)
+    assert torch.allclose(loss, ds + 0.5 * rl)
+
+
+def test_model_forward_takes_per_step_targets():
+    model = tiny_gpt(2, 3).double()
+    torch.nn.init.normal_(model.latent_head.w_out.weight, std=0.1)   # steps that differ
+    b = batch_with_chains(chain_length=3, rows=2)
+    Y, _ = step_supervision(b.y, 3, step_weights(3), b.step_y)
+    _, nll = model(b.x, Y, n_steps=3)
+    logits, _ = model(b.x, n_steps=3)
+    assert torch.allclose(nll, per_step_nll(logits, Y))
+
+
+@pytest.mark.parametrize("rule", ["at", "from"])
+def test_level_steps_touch_only_the_intended_steps(rule):
+    b = batch_with_chains(chain_length=None, tasks_="hopo:1,hopo:2,hopo:3,hopo:5")
+    K, w = 4, step_weights(4, "linear")
+    _, W = step_supervision(b.y, K, w, level=b.level, level_steps=rule)
+    assert torch.allclose(W.sum(0), torch.ones(()))
+    for r, t in zip(*torch.nonzero(b.answer_mask, as_tuple=True)):
+        L = min(int(b.level[r, t]), K)                            # level 5 > K = 4: its last step
+        want = torch.zeros(K)
+        if rule == "at":
+            want[L - 1] = 1.0
+        else:
+            want[L - 1:] = w[L - 1:] / w[L - 1:].sum()
+        assert torch.allclose(W[:, r, t], want)
+    prompt = ~b.answer_mask
+    assert torch.allclose(W[:, prompt], w[:, None].expand(K, int(prompt.sum())))   # prompt tokens keep w
+
+
+def test_beyond_chain_none_drops_the_steps_past_the_chain():
+    b = batch_with_chains(chain_length=0)                    # S = the level
+    for schedule in ("linear", "last"):
+        w = step_weights(3, schedule)
+        _, W = step_supervision(b.y, 3, w, b.step_y, b.chain_len, b.level, beyond_chain="none")
+        for r, t in zip(*torch.nonzero(b.answer_mask, as_tuple=True)):
+            S = int(b.chain_len[r, t])
+            want = torch.zeros(3)
+            want[:S] = w[:S] / w[:S].sum() if w[:S].sum() > 0 else torch.eye(S)[S - 1]  # 'last': step S
+            assert torch.allclose(W[:, r, t], want), (schedule, S)
+
+
+def test_answer_weight_is_a_weighted_mean_over_tokens():
+    b = batch_with_chains(chain_length=None)
+    nll = torch.rand(2, *b.y.shape, generator=torch.Generator().manual_seed(1)) * (b.y >= 0)
+    w = step_weights(2, "uniform")
+    _, parts = rlrp_loss(nll, b.y, b.answer_mask, "reasoning", w, answer_weight=20.0)
+    a = torch.where(b.answer_mask, 20.0, 1.0)[b.y >= 0]
+    per_token = (0.5 * nll[0] + 0.5 * nll[1])[b.y >= 0]
+    assert torch.allclose(parts["ds"], (a * per_token).sum() / a.sum())
+
+
+def test_mixed_routing_concatenates_per_step_targets_with_fluency_rows():
+    b = batch_with_chains(chain_length=3, rows=2)
+    fl = data.FluencyData("pydoc", BYTE, 48).get_batch("train", 0, 2)
+    mixed = train.cat_batches([fl, b], "reasoning")
+    assert mixed.step_y.shape == (3, 4, 48)
+    assert (mixed.step_y[:, :2] == fl.y).all() and (mixed.step_y[:, 2:] == b.step_y).all()
+    assert (mixed.chain_len[:2] == 0).all() and (mixed.level[2:] == b.level).all()
+
+
+# -----------------------------------------------------------------------------
+# train.py: JSONL step_answers, and bad ones as one-line errors
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def lookup_rows(n):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        prompt, answer = tasks.TASKS["hopo"][0](rng, 1 + i % 2)
+        steps = tasks.chain_answers("hopo", prompt, 2)
+        rows.append({"prompt": prompt, "answer": answer, "step_answers": steps})
+    return rows
+
+
+@pytest.mark.slow
+def test_train_runs_on_jsonl_step_answers(tmp_path):
+    rows = lookup_rows(60)
+    train_file, eval_file = write_jsonl(tmp_path / "t.jsonl", rows[:50]), write_jsonl(tmp_path / "e.jsonl",
+                                                                                      rows[50:])
+    out = tmp_path / "out"
+    r = run_script("train.py", *TINY, f"--reasoning_data={train_file}", f"--reasoning_eval_data={eval_file}",
+                   "--reasoning_fraction=1.0", "--step_targets=chain", "--lambda_imp=0", "--max_iters=3",
+                   "--eval_interval=3", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    assert "EM jsonl" in r.stdout
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"step_answers": "q"}, '"step_answers" must be a non-empty list of strings, got "q"'),
+    ({"step_answers": []}, '"step_answers" must be a non-empty list of strings, got \\[\\]'),
+    ({"step_answers": ["q", 3]}, "must be a non-empty list of strings"),
+    ({"step_answers": ["qq"]}, r"step_answers\[0\] 'qq' is 2 tokens, the answer 'r' 1"),
+    ({"level": 0}, '"level" must be an integer >= 1, got 0'),
+])
+def test_bad_step_answers_are_one_line_errors_naming_the_row(tmp_path, row, message):
+    good = {"prompt": "p>r;f^1(p)=", "answer": "r"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, {**good, **row}, good])
+    r = run_script("train.py", *TINY, f"--reasoning_data={path}", "--step_targets=chain", "--lambda_imp=0",
+                   "--max_iters=1")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "bad.jsonl:2:" in r.stderr
+    assert re.search(message, r.stderr), r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--step_targets=chain"], "step_targets='chain' needs lambda_imp=0"),
+    (["--step_targets=steps"], "step_targets must be 'final' or 'chain', got 'steps'"),
+    (["--level_steps=first"], "level_steps must be one of all, at, from"),
+    (["--beyond_chain=none", "--level_steps=at"], "both choose the supervised steps"),
+    (["--answer_weight=0"], "answer_weight must be > 0"),
+])
+def test_step_options_config_errors(args, message):
+    with pytest.raises(train.ConfigError, match=message):
+        train.load_config(TINY + args)
+
+
+# -----------------------------------------------------------------------------
+# the progressive loss (Bansal et al. 2022)
+
+def test_progressive_draws_cover_every_n_and_k_and_repeat_per_iteration():
+    c = {"seed": 5, "progressive_alpha": 0.5}
+    draws = [schedules.progressive_steps(it, c, 4) for it in range(400)]
+    assert set(draws) == {(n, k) for n in range(4) for k in range(1, 5 - n)}
+    assert draws == [schedules.progressive_steps(it, c, 4) for it in range(400)]
+    assert schedules.progressive_steps(0, c, 0) is None
+    assert schedules.progressive_steps(0, {**c, "progressive_alpha": 0.0}, 4) is None
+
+
+@pytest.mark.parametrize("n, k", [(0, 2), (2, 1), (1, 2)])
+def test_progressive_loss_equals_a_plain_recomputation(n, k):
+    """(1 − α)·L_K + α·L_{n+k}: its gradient, against a second head pass written out by hand."""
+    alpha, K = 0.3, 3
+    c, _ = train.load_config(TINY + [f"--n_steps={K}", f"--progressive_alpha={alpha}", "--lambda_imp=0",
+                                     "--lambda_rl=0.5"])
+    rd = data.ReasoningData("synthetic", BYTE, 48, seed=0)
+    batch = rd.get_batch(0, 4)
+    ctx, scaler = train.precision(c, "cpu")
+    torch.manual_seed(0)
+    model = tiny_gpt(n_layer=1, n_steps=K)
+    with torch.no_grad():
+        model.latent_head.w_out.weight.normal_(0, 0.1)
+    train.train_step(model, [(0, batch)], "reasoning", K, c, ctx, scaler, 1, "cpu", progressive=(n, k))
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    head, w = model.latent_head, step_weights(K, "linear")
+    h = model.trunk(batch.x)
+    nll = torch.stack([model.step_nll(o, batch.y) for o in head(h, K)])
+    main, _ = rlrp_loss(nll, batch.y, batch.answer_mask, "reasoning", w, lambda_rl=0.5)
+    z, (inject, beta, kv) = head.init_state(h)
+    z = z.detach() if n else z                                # Bansal: the first n steps carry no gradient
+    with torch.no_grad():
+        for _ in range(n):
+            z = head.update(z, inject, beta, kv)
+    for _ in range(k):
+        z = head.update(z, inject, beta, kv)
+    nll_p = model.step_nll(head.readout(h, z), batch.y)[None]
+    second, _ = rlrp_loss(nll_p, batch.y, batch.answer_mask, "reasoning", torch.ones(1), lambda_rl=0.5)
+    ((1 - alpha) * main + alpha * second).backward()
+    for (name, p), g in zip(model.named_parameters(), got):
+        assert torch.allclose(p.grad, g, atol=1e-6), name
+
+
+def test_progressive_needs_lambda_imp_zero():
+    with pytest.raises(train.ConfigError, match="progressive_alpha > 0 needs lambda_imp=0"):
+        train.load_config(TINY + ["--progressive_alpha=0.5"])
