@@ -71,6 +71,8 @@ GPT_ONLY = ["--n_steps=0", "--lambda_rl=0.0", "--lambda_imp=0.0"]
 PAPER = ["--step_targets=final", "--lambda_rl=0.5", "--lambda_imp=0.1"]   # the paper's recipe
 STEP_ARMS = {
     "chain_trunk": ("per-step targets f^k, no stop (the preset), head attends to h", ["--head_attn=trunk"]),
+    "chain_trunk_w100": ("per-step targets f^k, no stop, answer weight ω = 100 (the answer ~84% of L_DS), "
+                         "attends to h", ["--head_attn=trunk", "--answer_weight=100.0"]),
     "chain_latent": ("per-step targets f^k, no stop, head attends to z_{k-1}", ["--head_attn=latent"]),
     "chain_none": ("per-step targets f^k, no stop, position-wise head", ["--head_attn=none"]),
     "stop_trunk": ("per-step targets f^1..f^L, then f^L (a stop at the level), attends to h",
