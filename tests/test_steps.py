@@ -281,3 +281,13 @@ def test_progressive_loss_equals_a_plain_recomputation(n, k):
 def test_progressive_needs_lambda_imp_zero():
     with pytest.raises(train.ConfigError, match="progressive_alpha > 0 needs lambda_imp=0"):
         train.load_config(TINY + ["--progressive_alpha=0.5"])
+
+
+def test_steps_preset_never_trains_a_level_above_its_highest():
+    """config/train_steps.py: no chain is longer than the highest trained level and K is at most that level,
+    so the levels above it (the extrapolation test) are never trained, not even as a step's target."""
+    c, _ = train.load_config(["config/train_steps.py"])
+    highest = max(level for _, level in tasks.parse_tasks(c["reasoning_tasks"]))
+    assert c["step_targets"] == "chain" and c["chain_length"] <= highest and c["n_steps"] <= highest
+    b = train.load_data(c)[2].get_batch(0, 8)
+    assert b.step_y.size(0) == c["chain_length"] and (b.chain_len[b.answer_mask] == c["chain_length"]).all()
