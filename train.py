@@ -280,7 +280,9 @@ def train_step(model, micro, kind, K, c, ctx, scaler, world, device, progressive
         targets, step_w = supervision(b, K, weights, c)                   # Y, W: (K', B, T) on the CPU
         if progressive:                                                   # step n+k's targets for its row
             targets = torch.cat([targets, targets[sum(progressive) - 1:sum(progressive)]])
-        b, targets, step_w = b.to(device), targets.to(device), step_w.to(device)
+        b, step_w = b.to(device), step_w.to(device)
+        # the paper's targets are y at every step: a view of the batch's y, not a K-fold copy to move
+        targets = targets.to(device) if b.step_y is not None else b.y.expand(len(targets), *b.y.shape)
         last = i == len(micro) - 1
         seed_micro_batch(c, index)
         with model.no_sync() if world > 1 and not last else nullcontext():  # all-reduce on the last one
