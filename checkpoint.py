@@ -50,11 +50,12 @@ def build_model(c, tok, ckpt):
     return model
 
 
-def state(model, optimizer, scaler, it, best_val, config):
-    """What a checkpoint holds: enough to rebuild the model (model_args) and to continue the run exactly."""
+def state(model, optimizer, scaler, it, best_val, config, curriculum_switches=()):
+    """What a checkpoint holds: enough to rebuild the model (model_args) and to continue the run exactly
+    (curriculum_switches: where a threshold curriculum's levels joined)."""
     return {"model_args": asdict(model.config), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": it,
-            "best_val_loss": best_val, "config": config}
+            "best_val_loss": best_val, "config": config, "curriculum_switches": list(curriculum_switches)}
 
 
 def restore(ckpt, optimizer, scaler):

@@ -52,7 +52,8 @@ import tiktoken
 import torch
 from tiktoken.load import load_tiktoken_bpe
 
-from tasks import DEFAULT_TASKS, EVAL_STREAM, TASKS, chain_answers, draw, is_eval_prompt, parse_tasks
+from tasks import (DEFAULT_TASKS, EVAL_STREAM, SLICE_STREAM, TASKS, chain_answers, draw, is_eval_prompt,
+                   parse_tasks)
 
 
 @dataclass
@@ -363,6 +364,9 @@ class ReasoningData:
         if 1 + longest + 1 > block_size + 1:  # leading eot + example + closing eot
             raise ValueError(f"{what}: an example of up to {longest} tokens needs "
                              f"block_size >= {longest + 1}, got block_size={block_size}")
+        # the training examples' distinct known levels, ascending: what a curriculum steps through
+        self.levels = sorted({t[1] for t in self.tasks} if self.tasks else {ex.level for ex in self.train} - {0})
+        self._pools = {0: self.tasks or self.train}   # max_level -> the tasks or rows a curriculum stage draws
 
     def _encode(self, prompt, answer, steps=None, level=0):
         """Example of strings: steps (the per-step answers) only with per-step targets on."""
@@ -411,21 +415,29 @@ class ReasoningData:
                      cut(step_y) if S else None, cut(chain_len) if S else None,
                      cut(level) if level.any() else None)
 
-    def _train_example(self, rng):
+    def _train_example(self, rng, pool, max_level):
+        """One training example drawn from pool (tasks or encoded JSONL rows); a chain longer than max_level
+        (> 0, a curriculum's current highest level) is cut there."""
         if self.tasks:
-            task = self.tasks[rng.integers(len(self.tasks))]
+            task = pool[rng.integers(len(pool))]
             prompt, answer = draw(task, rng, False)
             n = task[1] if self.chain_length == 0 else self.chain_length
+            n = min(n, max_level) if n and max_level else n
             return self._encode(prompt, answer, chain_answers(task[0], prompt, n) if n else None, task[1])
-        return self.train[rng.integers(len(self.train))]
+        ex = pool[rng.integers(len(pool))]
+        return ex._replace(steps=ex.steps[:max_level]) if max_level else ex
 
-    def get_batch(self, index: int, batch_size: int) -> Batch:
-        """Training batch `index`, a pure function of (seed, index): examples packed greedily, one that does
-        not fit starts the next row."""
+    def get_batch(self, index: int, batch_size: int, max_level: int = 0) -> Batch:
+        """Training batch `index`, a pure function of (seed, index, max_level): examples packed greedily, one
+        that does not fit starts the next row. max_level > 0 (a curriculum's stage): only examples of level
+        <= max_level (JSONL rows of unknown level always), and no step target beyond step max_level."""
         rng = np.random.default_rng([self.seed, index])
+        if max_level not in self._pools:
+            self._pools[max_level] = [e for e in self._pools[0] if (e[1] if self.tasks else e.level) <= max_level]
+        pool = self._pools[max_level]
         rows, row, used = [], [], 1  # used: tokens in the row, the leading eot included
         for i in itertools.count():
-            ex = self._train_example(rng)
+            ex = self._train_example(rng, pool, max_level)
             if used + len(ex.prompt) + len(ex.answer) + 1 > self.block_size + 1:
                 rows.append(row)
                 if len(rows) == batch_size:
@@ -452,7 +464,21 @@ class ReasoningData:
     def eval_batches(self, batch_size: int, n_examples: int) -> list:
         """eval_examples(n_examples), one per row, so each is scored on exactly the context greedy decoding
         from [eot] + prompt has (no earlier example in the row); answer_id = the example's index there."""
-        rows = [[(self._encode(p, a), i)] for i, (p, a) in enumerate(self.eval_examples(n_examples))]
+        return self._one_per_row([self._encode(p, a) for p, a in self.eval_examples(n_examples)], batch_size)
+
+    def slice_batches(self, level: int, batch_size: int, n_examples: int) -> list:
+        """A fixed training-side slice (never the held-out set) of n_examples examples of this level, on their
+        final answers, one per row: what a threshold curriculum checks (JSONL: the first such rows)."""
+        if self.tasks:
+            tasks = [t for t in self.tasks if t[1] == level]
+            examples = [self._encode(*draw(tasks[i % len(tasks)], np.random.default_rng([SLICE_STREAM, i]),
+                                           False)) for i in range(n_examples)]
+        else:
+            examples = [ex._replace(steps=()) for ex in self.train if ex.level == level][:n_examples]
+        return self._one_per_row(examples, batch_size)
+
+    def _one_per_row(self, examples, batch_size):
+        rows = [[(ex, i)] for i, ex in enumerate(examples)]
         return [self._batch(rows[i:i + batch_size], trim=True) for i in range(0, len(rows), batch_size)]
 
 # -----------------------------------------------------------------------------

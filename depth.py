@@ -36,6 +36,7 @@ from configurator import ConfigError, configure
 from evaluate import evaluate_reasoning, exact_match_curve, per_task, pyplot
 from experiments import fmt, mean_std, read_metrics, run_dir, task_table, train_config, train_run
 from sample import load_checkpoint
+from tasks import parse_tasks
 
 DEFAULTS = dict(
     suite="depth",                   # 'depth' (the depth experiment) | 'steps' (SUITES: steps that earn their
@@ -69,6 +70,17 @@ HEADS = {  # name: (what it is, overrides of the preset); the preset trains a fi
 GPT_ONLY = ["--n_steps=0", "--lambda_rl=0.0", "--lambda_imp=0.0"]
 # the steps suite: objective x head on config/train_steps.py (per-step targets f^1..f^3, no stop, no soft RL)
 PAPER = ["--step_targets=final", "--lambda_rl=0.5", "--lambda_imp=0.1"]   # the paper's recipe
+# the curriculum over levels L_1 < ... < L_n: L_1 alone, then L_j joins at (j − 1)·3/16 of the run (hopo:2 at
+# 3,000 and hopo:3 at 6,000 of the steps preset's 16,000 iterations); main fills in curriculum_stages'
+CURRICULUM = "--curriculum_iters={stages}"
+
+
+def curriculum_stages(cfg, max_iters):
+    """CURRICULUM's iterations for cfg's reasoning levels and a budget of max_iters: 'i_1,...,i_{n-1}'."""
+    levels = sorted({level for _, level in parse_tasks(cfg["reasoning_tasks"])})
+    return ",".join(str(3 * j * max_iters // 16) for j in range(1, len(levels)))
+
+
 STEP_ARMS = {
     "chain_trunk": ("per-step targets f^k, no stop (the preset), head attends to h", ["--head_attn=trunk"]),
     "chain_trunk_w100": ("per-step targets f^k, no stop, answer weight ω = 100 (the answer ~84% of L_DS), "
@@ -77,6 +89,16 @@ STEP_ARMS = {
     "chain_none": ("per-step targets f^k, no stop, position-wise head", ["--head_attn=none"]),
     "stop_trunk": ("per-step targets f^1..f^L, then f^L (a stop at the level), attends to h",
                    ["--head_attn=trunk", "--chain_length=0"]),
+    "curric_trunk": ("per-step targets f^k, no stop, the curriculum over levels (chains cut at the stage's "
+                     "highest level), attends to h", ["--head_attn=trunk", CURRICULUM]),
+    "stop_curric_trunk": ("per-step targets f^1..f^L, then f^L (a stop at the level), the curriculum, attends "
+                          "to h", ["--head_attn=trunk", "--chain_length=0", CURRICULUM]),
+    "curric_latent": ("per-step targets f^k, no stop, the curriculum, attends to z_{k-1}",
+                      ["--head_attn=latent", CURRICULUM]),
+    "curric_none": ("per-step targets f^k, no stop, the curriculum, position-wise", ["--head_attn=none", CURRICULUM]),
+    "paper_curric_trunk": ("the paper's recipe with the curriculum, attends to h",
+                           ["--head_attn=trunk", *PAPER, CURRICULUM]),
+    "gpt_curric": ("plain GPT, K = 0, the curriculum", [*GPT_ONLY, CURRICULUM]),
     "paper_trunk": ("the paper's recipe (answer at every step, soft RL, improvement penalty), attends to h",
                     ["--head_attn=trunk", *PAPER]),
     "paper_latent": ("the paper's recipe, head attends to z_{k-1}", ["--head_attn=latent", *PAPER]),
@@ -339,7 +361,9 @@ def main(argv):
     torch.set_num_threads(1)  # the evaluations run c["jobs"] at a time, like the training runs
     with ThreadPoolExecutor(c["jobs"]) as pool:  # the slowest (the heads) first: the jobs end together
         jobs = [(n, s) for s in seeds for n in reversed(names)]
-        for future in [pool.submit(train_run, run_dir(out, n, s), c["preset"], names[n][1], s, c["max_iters"])
+        stages = curriculum_stages(preset, c["max_iters"])
+        for future in [pool.submit(train_run, run_dir(out, n, s), c["preset"],
+                                   [o.format(stages=stages) for o in names[n][1]], s, c["max_iters"])
                        for n, s in jobs]:
             future.result()
         summaries = dict(zip(names, pool.map(

@@ -1,5 +1,6 @@
 """
-The schedules: the learning rate, K and dropout's seed of every optimizer step, from (seed, iteration).
+The schedules: the learning rate, K, dropout's seed and the curriculum's level of every optimizer step, from
+(seed, iteration).
 
 Pure functions of the seed and the iteration: the same on every rank and on resume, so nothing of them is
 saved.
@@ -76,3 +77,15 @@ def progressive_steps(it, c, K):
     rng = np.random.default_rng([c["seed"], it, PROGRESSIVE_STREAM])
     n = int(rng.integers(0, K))
     return n, int(rng.integers(1, K - n + 1))
+
+
+def curriculum_switches(c):
+    """curriculum_iters as ascending ints: the iterations where the next level joins ([] = no curriculum)."""
+    return [int(s) for s in c["curriculum_iters"].split(",")] if c["curriculum_iters"] else []
+
+
+def curriculum_level(it, switches, levels):
+    """A curriculum's highest level at optimizer step `it`. levels: the data's distinct levels L_1 < ... < L_n;
+    switches: the iterations s_1 < ... where the next level joined (curriculum_iters, or those a threshold
+    curriculum found so far): levels <= L_1 before s_1, <= L_2 from s_1, ..."""
+    return levels[sum(it >= s for s in switches)]

@@ -117,6 +117,7 @@ TASKS = {
 }
 DEFAULT_TASKS = "add:2,mul:2,chain:2,sort:8"  # measured on the CPU preset: README "Data"
 EVAL_STREAM = 1_000_003  # the synthetic eval set's rng key: the same for every seed and every suite
+SLICE_STREAM = 1_000_033  # a curriculum's training-side slice: its own rng key, apart from the eval set's
 
 # -----------------------------------------------------------------------------
 # specs and the train/eval split

@@ -17,6 +17,7 @@ the checkpoint left it.
 import importlib.util
 import math
 import os
+import re
 import signal
 import sys
 from contextlib import nullcontext
@@ -31,11 +32,13 @@ import checkpoint
 import data
 from checkpoint import build_model
 from configurator import ConfigError, catch_stop_signals, configure, precision, setup_system
-from evaluate import Records, TrainWindow, all_reduce_sum, eval_metrics, eval_sets, format_eval
+from evaluate import (Records, TrainWindow, all_reduce_sum, eval_metrics, eval_sets, evaluate_reasoning,
+                      format_eval)
 from latent_head import HEAD_ATTN
 from losses import (BEYOND_CHAIN, LEVEL_STEPS, WEIGHT_SCHEDULES, loss_counts, rlrp_loss, step_supervision,
                     step_weights)
-from schedules import get_lr, max_train_steps, progressive_steps, seed_micro_batch, train_steps
+from schedules import (curriculum_level, curriculum_switches, get_lr, max_train_steps, progressive_steps,
+                       seed_micro_batch, train_steps)
 
 DEFAULTS = dict(
     # I/O
@@ -100,6 +103,13 @@ DEFAULTS = dict(
     level_steps="all",         # an answer of level L is supervised at: 'all' steps (w) | 'at' step L only
                                # | 'from' the steps >= L (w renormalised); K < L: step K
     answer_weight=1.0,         # ω: answer tokens' weight in L_DS, relative to the other tokens' 1
+    curriculum_iters="",       # a curriculum over the reasoning levels L_1 < ... < L_n: 'i_1,...,i_{n-1}', the
+                               # iterations where the next level joins (levels <= L_1 first); a step target
+                               # past the stage's highest level is not trained then; '' = off
+    curriculum_threshold=0.0,  # > 0 (instead of curriculum_iters): the next level joins when the exact match
+                               # of the highest level so far, on a fixed training-side slice of it (never the
+                               # held-out set), reaches this; the switch iterations go into the checkpoint
+    curriculum_interval=250,   # ... checked every this many iterations
     # AdamW with warmup + cosine decay
     learning_rate=6e-4,        # peak learning rate, after warmup
     max_iters=50000,           # optimizer steps in all
@@ -133,6 +143,14 @@ def one_of(key, values, words):
     return lambda c: c[key] in values, f"{key} must be {words}, got {{{key}!r}}"
 
 
+def ascending_iters(text):
+    """Whether text is '' or comma-separated ascending iterations >= 1 ('4000,8000')."""
+    if not re.fullmatch(r"(\d+(,\d+)*)?", text):
+        return False
+    iters = [int(i) for i in text.split(",") if i]
+    return iters == sorted(set(iters)) and 0 not in iters
+
+
 CONSTRAINTS = [
     *at_least(0, "n_steps", "n_latent"),
     (lambda c: 0 <= c["reasoning_fraction"] <= 1,
@@ -141,6 +159,7 @@ CONSTRAINTS = [
               "grad_steps", "weight_skip", "n_steps_max"),
     one_of("weight_schedule", WEIGHT_SCHEDULES, f"one of {', '.join(WEIGHT_SCHEDULES)}"),
     *at_least(1, "batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
+              "curriculum_interval",
               "n_layer", "n_head", "n_embd", "eval_iters"),
     *at_least(0, "max_iters", "eval_examples", "checkpoint_interval", "checkpoint_minutes", "threads"),
     (lambda c: c["rl_q"] > 0, "rl_q must be > 0 (1 = the paper's soft RL, small = close to CE), got {rl_q}"),
@@ -165,6 +184,15 @@ CONSTRAINTS = [
     one_of("beyond_chain", BEYOND_CHAIN, f"one of {', '.join(BEYOND_CHAIN)}"),
     one_of("level_steps", LEVEL_STEPS, f"one of {', '.join(LEVEL_STEPS)}"),
     (lambda c: c["answer_weight"] > 0, "answer_weight must be > 0, got {answer_weight}"),
+    (lambda c: ascending_iters(c["curriculum_iters"]),
+     "curriculum_iters must be ascending iterations >= 1, comma-separated (e.g. '4000,8000'), got "
+     "{curriculum_iters!r}"),
+    (lambda c: 0 <= c["curriculum_threshold"] <= 1, "curriculum_threshold must be in [0, 1], got "
+     "{curriculum_threshold}"),
+    (lambda c: not (c["curriculum_iters"] and c["curriculum_threshold"]),
+     "curriculum_iters and curriculum_threshold both set when the next level joins: use one"),
+    (lambda c: not (c["curriculum_iters"] or c["curriculum_threshold"]) or c["reasoning_fraction"] > 0,
+     "a curriculum needs reasoning steps (reasoning_fraction > 0)"),
     (lambda c: c["step_targets"] == "final" or c["lambda_imp"] == 0,
      "step_targets='chain' needs lambda_imp=0: the improvement penalty compares ℓ_k with ℓ_1 of the same "
      "label, and per-step labels differ (got lambda_imp={lambda_imp})"),
@@ -216,12 +244,29 @@ def load_data(c):
                                        c["gsm8k_answer"], chain_length(c)) if c["reasoning_data"] else None
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
+    switches = curriculum_switches(c)
+    if switches and len(switches) != len(reasoning.levels) - 1:
+        raise ConfigError(f"curriculum_iters={c['curriculum_iters']!r} has {len(switches)} iterations; the "
+                          f"reasoning data's levels {reasoning.levels} need {len(reasoning.levels) - 1}")
+    if c["curriculum_threshold"] and len(reasoning.levels) < 2:
+        raise ConfigError(f"curriculum_threshold needs reasoning data of two levels or more, got levels "
+                          f"{reasoning.levels}")
     return tok, fluency, reasoning
 
 
 def chain_length(c):
     """ReasoningData's chain_length: None for final-answer targets."""
     return c["chain_length"] if c["step_targets"] == "chain" else None
+
+
+CURRICULUM_EXAMPLES = 200  # the training-side slice a threshold curriculum scores, per check
+
+
+def answer_step(c, level):
+    """The step an answer of this level is read at: its level with per-step targets or level-matched
+    supervision (capped at K), else step K (1 for the plain GPT's one readout)."""
+    K = max(c["n_steps"], 1)
+    return min(level, K) if c["step_targets"] == "chain" or c["level_steps"] != "all" else K
 
 
 def cat_batches(batches, kind):
@@ -240,17 +285,18 @@ def cat_batches(batches, kind):
     return batch
 
 
-def micro_batches(it, kind, c, fluency, reasoning, rank, world):
-    """This rank's micro-batches of optimizer step `it` as (global micro-batch index, Batch) pairs."""
+def micro_batches(it, kind, c, fluency, reasoning, rank, world, level=0):
+    """This rank's micro-batches of optimizer step `it` as (global micro-batch index, Batch) pairs; level > 0:
+    a curriculum's highest level now."""
     B, G = c["batch_size"], c["gradient_accumulation_steps"]
     indices = [data.micro_batch_index(it, m, rank, world, G) for m in range(G // world)]
     if c["routing"] == "mixed":
         r = min(B - 1, max(1, round(B * c["reasoning_fraction"])))   # reasoning rows per micro-batch
-        mixed = lambda i: cat_batches([fluency.get_batch("train", i, B - r), reasoning.get_batch(i, r)],
+        mixed = lambda i: cat_batches([fluency.get_batch("train", i, B - r), reasoning.get_batch(i, r, level)],
                                       "reasoning")
         return [(i, mixed(i)) for i in indices]
     if kind == "reasoning":
-        return [(i, reasoning.get_batch(i, B)) for i in indices]
+        return [(i, reasoning.get_batch(i, B, level)) for i in indices]
     return [(i, fluency.get_batch("train", i, B)) for i in indices]
 
 
@@ -322,6 +368,8 @@ class Run:
         self.optimizer = self.raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"],
                                                              (c["beta1"], c["beta2"]), device_type)
         self.start_iter, self.best_val = checkpoint.restore(ckpt, self.optimizer, self.scaler)
+        # the iterations where the curriculum's next level joined: given, or found by the threshold and saved
+        self.switches = curriculum_switches(c) or (ckpt or {}).get("curriculum_switches", [])
         del ckpt  # free the memory
         if c["compile"] if c["compile"] is not None else device_type == "cuda":
             self.raw_model.compile_parts()   # the trunk and one refinement step: any K reuses the same graphs
@@ -371,7 +419,8 @@ class Run:
 
     def save(self, it):
         if self.master:   # rank 0 alone writes, so its own clock may decide when: no collective
-            state = checkpoint.state(self.raw_model, self.optimizer, self.scaler, it, self.best_val, self.c)
+            state = checkpoint.state(self.raw_model, self.optimizer, self.scaler, it, self.best_val, self.c,
+                                     self.switches)
             checkpoint.save(self.ckpt_path, state)
         self.saved_at = perf_counter()
 
@@ -392,7 +441,8 @@ class Run:
         c = self.c
         kind = "reasoning" if c["routing"] == "mixed" else self.router.kind(it)
         K, lr = train_steps(it, c), get_lr(it, c)
-        micro = micro_batches(it, kind, c, self.fluency, self.reasoning, self.rank, self.world)
+        micro = micro_batches(it, kind, c, self.fluency, self.reasoning, self.rank, self.world,
+                              self.curriculum_level(it))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         totals = train_step(self.model, micro, kind, K, c, self.ctx, self.scaler, self.world, self.device,
@@ -411,6 +461,31 @@ class Run:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return kind, K, lr, totals
+
+    def curriculum_level(self, it):
+        """The highest reasoning level trained at step `it`; 0 = every level (no curriculum)."""
+        on = self.c["curriculum_iters"] or self.c["curriculum_threshold"]
+        return curriculum_level(it, self.switches, self.reasoning.levels) if on else 0
+
+    def check_curriculum(self, it):
+        """The threshold curriculum, after iteration `it`: the next level joins from `it` on when the exact
+        match of the highest level so far on its training-side slice, read at its answer step, reaches
+        curriculum_threshold. Every rank scores its share and all-reduce: all decide alike."""
+        c, levels, level = self.c, self.reasoning.levels, self.curriculum_level(it)
+        if level == levels[-1]:
+            return
+        batches = self.reasoning.slice_batches(level, c["batch_size"], CURRICULUM_EXAMPLES)
+        self.raw_model.eval()
+        with self.ctx:
+            em = evaluate_reasoning(self.raw_model, [b.to(self.device) for b in batches[self.rank::self.world]],
+                                    c["n_steps"], CURRICULUM_EXAMPLES, self.world)["answer_exact_match"]
+        self.raw_model.train()
+        step = answer_step(c, level)
+        if em[step - 1] >= c["curriculum_threshold"]:
+            self.switches.append(it)
+            if self.master:
+                tqdm.write(f"curriculum: level {levels[levels.index(level) + 1]} joins at iter {it} (level "
+                           f"{level}: exact match {em[step - 1]:.2f} at step {step} on its training slice)")
 
     def flops_per_token(self, it, K):
         """Training FLOPs per token of step `it`: the model's at K, plus the progressive loss's second head
@@ -445,9 +520,13 @@ class Run:
             window.add(kind, K, totals[:-1], flops, perf_counter() - t_step)
             if (it + 1) % c["log_interval"] == 0:
                 rec = window.record(it + 1, lr, self.world, self.peak_tflops)
+                if self.curriculum_level(it):   # a curriculum: the highest level this step trained
+                    rec["curriculum_level"] = self.curriculum_level(it)
                 self.record(rec)
                 window = TrainWindow(self.tokens_per_iter)
                 pbar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+            if c["curriculum_threshold"] and (it + 1) % c["curriculum_interval"] == 0:
+                self.check_curriculum(it + 1)
             if totals[-1] > 0:  # SIGINT / SIGTERM: this step is done; save it and leave
                 self.save(it + 1)
                 pbar.close()

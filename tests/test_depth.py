@@ -143,8 +143,8 @@ def test_steps_suite_reads_each_level_at_its_own_step(tmp_path):
     preset = tmp_path / "preset.py"
     preset.write_text(TINY_PRESET.replace('"hopo:1,iter:1"', '"hopo:1,hopo:2"') +
                       'step_targets = "chain"; chain_length = 2; lambda_imp = 0.0\n')
-    cmd = [sys.executable, os.path.join(ROOT, "depth.py"), "--suite=steps", "--seeds=0", "--iters=4",
-           f"--preset={preset}", "--variants=gpt,chain_trunk", "--eval_per_task=4", "--out=out"]
+    cmd = [sys.executable, os.path.join(ROOT, "depth.py"), "--suite=steps", "--seeds=0", "--iters=16",
+           f"--preset={preset}", "--variants=gpt,chain_trunk,curric_trunk", "--eval_per_task=4", "--out=out"]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     out = tmp_path / "out"
     report = (out / "steps.md").read_text()
@@ -159,3 +159,6 @@ def test_steps_suite_reads_each_level_at_its_own_step(tmp_path):
     assert zeroed == ["| chain_trunk | z zeroed | " + " | ".join(
         f"{res['zero'][t][min(int(t[-1]), 6) - 1]:.3f}" for t in tasks) + " |"]
     assert (out / "steps_vs_test_k.png").exists() == (out / "steps_over_training.png").exists()
+    # the curriculum arm: hopo:2 joins at 3/16 of the budget
+    curric = [json.loads(line) for line in open(out / "runs" / "curric_trunk-s0" / "metrics.jsonl")]
+    assert [r["curriculum_level"] for r in curric if r["type"] == "train"] == [1] * 3 + [2] * 13
