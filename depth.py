@@ -8,7 +8,8 @@ at test time (K' > K) help? Trains every variant x 3 seeds, writes results/<suit
     python depth.py --suite=steps   # steps that earn their keep: objective x head on config/train_steps.py
 
 Every run sees the same data for the same steps (the depth preset: in-context lookups hopo:1-3 and the
-fixed-map control iter:2; the steps preset: hopo:1-3); only the overrides of the variants change. Then every
+fixed-map control iter:2; the steps preset: hopo:1-3); only the overrides of the variants change (the
+curriculum arms draw the same examples of fewer levels early on: CURRICULUM). Then every
 checkpoint is evaluated on the suite's eval tasks, the held-out prompts of the trained tasks and of counts
 never trained on (depth: hopo:4, iter:1, iter:3; steps: hopo:4..7):
   - exact match at every test-time step K' = 0..3K: step k's logits do not depend on how many steps follow,

@@ -104,8 +104,8 @@ DEFAULTS = dict(
                                # | 'from' the steps >= L (w renormalised); K < L: step K
     answer_weight=1.0,         # ω: answer tokens' weight in L_DS, relative to the other tokens' 1
     curriculum_iters="",       # a curriculum over the reasoning levels L_1 < ... < L_n: 'i_1,...,i_{n-1}', the
-                               # iterations where the next level joins (levels <= L_1 first); a step target
-                               # past the stage's highest level is not trained then; '' = off
+                               # iterations where the next level joins (levels <= L_1 first); per-step chains
+                               # are cut at the stage's highest level; '' = off
     curriculum_threshold=0.0,  # > 0 (instead of curriculum_iters): the next level joins when the exact match
                                # of the highest level so far, on a fixed training-side slice of it (never the
                                # held-out set), reaches this; the switch iterations go into the checkpoint

@@ -3,7 +3,10 @@ each against a plain re-computation; the chains and the held-out split of the ch
 step_answers through the real CLI."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,7 +19,7 @@ import tasks
 import train
 from conftest import run_script
 from losses import rlrp_loss, step_supervision, step_weights
-from test_train import TINY, records, tiny_gpt
+from test_train import ROOT, TINY, records, tiny_gpt
 
 BYTE = data.get_tokenizer("byte")
 
@@ -420,3 +423,22 @@ def test_bad_threshold_curricula_are_one_line_errors(args, message):
     r = run_script("train.py", *TINY, *args, "--max_iters=1")
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert re.search(message, r.stderr), r.stderr
+
+
+@pytest.mark.slow
+def test_threshold_curriculum_under_ddp_switches_where_one_process_does(tmp_path):
+    args = [*TINY, *easy_levels(tmp_path), "--reasoning_fraction=1.0", "--curriculum_threshold=0.9",
+            "--curriculum_interval=2", "--learning_rate=1e-2", "--lr_decay_iters=16", "--eval_interval=16",
+            "--max_iters=16"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = run_script("train.py", *args, f"--out_dir={one}")
+    assert r.returncode == 0, r.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *args, f"--out_dir={two}"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = records(one, "train"), records(two, "train")
+    assert [r["curriculum_level"] for r in a] == [r["curriculum_level"] for r in b]
+    assert 2 in [r["curriculum_level"] for r in a]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)
