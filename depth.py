@@ -94,6 +94,9 @@ STEP_ARMS = {
                      "highest level), attends to h", ["--head_attn=trunk", CURRICULUM]),
     "stop_curric_trunk": ("per-step targets f^1..f^L, then f^L (a stop at the level), the curriculum, attends "
                           "to h", ["--head_attn=trunk", "--chain_length=0", CURRICULUM]),
+    "curric_sg_trunk": ("per-step targets f^k, no stop, the curriculum, steps 2..K's losses kept out of the trunk "
+                        "at the readout (readout_grad=first), attends to h",
+                        ["--head_attn=trunk", CURRICULUM, "--readout_grad=first"]),
     "curric_latent": ("per-step targets f^k, no stop, the curriculum, attends to z_{k-1}",
                       ["--head_attn=latent", CURRICULUM]),
     "curric_none": ("per-step targets f^k, no stop, the curriculum, position-wise", ["--head_attn=none", CURRICULUM]),

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+READOUT_GRAD = ("all", "first")  # which steps' losses reach h_t through the readout's residual (forward)
 HEAD_ATTN = ("none", "trunk", "latent")
 
 
@@ -147,17 +148,19 @@ class LatentHead(nn.Module):
                 z = self.update(z, inject, beta, kv, step_cache)   # z_k
             yield z
 
-    def forward(self, h, n_steps, return_latents=False, grad_steps=None):
+    def forward(self, h, n_steps, return_latents=False, grad_steps=None, readout_grad="all"):
         """
         h: (B, T, C) trunk output. Returns o: (K, B, T, C), o[k-1] = o_k, and with return_latents=True
         also z: (K+1, B, T, D), z[k] = z_k. grad_steps: see latents; the o_k of the steps run without
-        autograd still pass gradient to h and W_out through the loss on step k.
+        autograd still pass gradient to h and W_out through the loss on step k. readout_grad='first': the
+        readout's residual h_t passes gradient from step 1's loss only, o_k = sg(h_t) + W_out·z_k for k ≥ 2
+        (the same values; the steps' reads of h still pass gradient).
         """
         latents = self.latents(h, n_steps, grad_steps)
         zs, outs = [next(latents)], []                             # z_0
-        for z in latents:                                          # z_1..z_K
+        for k, z in enumerate(latents, 1):                         # z_1..z_K
             zs.append(z)
             # o_k as each step ends: another order would change the float sums of h's gradient
-            outs.append(self.readout(h, z))
+            outs.append(self.readout(h if k == 1 or readout_grad == "all" else h.detach(), z))
         o = torch.stack(outs)                                      # (K, B, T, C)
         return (o, torch.stack(zs)) if return_latents else o

@@ -183,9 +183,10 @@ class GPT(nn.Module):
             x = block(x, None if cache is None else cache[i])
         return x
 
-    def head_outputs(self, h, K, grad_steps=None):
+    def head_outputs(self, h, K, grad_steps=None, readout_grad="all"):
         """h (B, T, C) -> o (max(K,1), B, T, C): o_1..o_K from the latent head, or h itself for K = 0."""
-        return self.latent_head(h, K, grad_steps=grad_steps) if K > 0 else h.unsqueeze(0)
+        return self.latent_head(h, K, grad_steps=grad_steps, readout_grad=readout_grad) if K > 0 \
+            else h.unsqueeze(0)
 
     def unembed(self, o):
         """o_k (..., C) -> logits_k (..., V)."""
@@ -196,7 +197,7 @@ class GPT(nn.Module):
         # ℓ_k = −log softmax(lm_head(LN_f(o_k)))[y], without holding logits_k
         return token_nll(self.transformer.ln_f(o), self.lm_head.weight, targets)
 
-    def forward(self, idx, targets=None, n_steps=None, grad_steps=None, progressive=None):
+    def forward(self, idx, targets=None, n_steps=None, grad_steps=None, progressive=None, readout_grad="all"):
         """
         idx: (B, T) token ids. Returns (logits, nll):
           targets None:  logits (K', B, T, V), one row per step, K' = max(K, 1); nll None
@@ -204,14 +205,15 @@ class GPT(nn.Module):
         targets: y (B, T), the same at every step, or Y (K', B, T), step k's own (losses.step_targets).
         progressive: (n, k) appends one more row: o_{n+k} of a second head pass from the same h that runs n
         steps without gradient and then k with it (Bansal et al. 2022's progressive loss; train.py).
+        readout_grad: 'first' cuts the readout's residual h_t out of the gradient of steps 2..K (LatentHead).
         """
         K = self.resolve_steps(n_steps)
         self.check_inputs(idx, targets)
         h = self.trunk(idx)
-        o = self.head_outputs(h, K, grad_steps)                                      # o_k, (K', B, T, C)
+        o = self.head_outputs(h, K, grad_steps, readout_grad)                        # o_k, (K', B, T, C)
         if progressive is not None:
             n, k = progressive
-            o = torch.cat([o, self.latent_head(h, n + k, grad_steps=k)[-1:]])   # (K' + 1, B, T, C)
+            o = torch.cat([o, self.latent_head(h, n + k, grad_steps=k, readout_grad=readout_grad)[-1:]])
         if targets is None:
             return self.unembed(o), None
         if targets.dim() == 2:

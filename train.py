@@ -34,7 +34,7 @@ from checkpoint import build_model
 from configurator import ConfigError, catch_stop_signals, configure, precision, setup_system
 from evaluate import (Records, TrainWindow, all_reduce_sum, eval_metrics, eval_sets, evaluate_reasoning,
                       format_eval)
-from latent_head import HEAD_ATTN
+from latent_head import HEAD_ATTN, READOUT_GRAD
 from losses import (BEYOND_CHAIN, LEVEL_STEPS, WEIGHT_SCHEDULES, loss_counts, rlrp_loss, step_supervision,
                     step_weights)
 from schedules import (curriculum_level, curriculum_switches, get_lr, max_train_steps, progressive_steps,
@@ -103,6 +103,8 @@ DEFAULTS = dict(
     level_steps="all",         # an answer of level L is supervised at: 'all' steps (w) | 'at' step L only
                                # | 'from' the steps >= L (w renormalised); K < L: step K
     answer_weight=1.0,         # ω: answer tokens' weight in L_DS, relative to the other tokens' 1
+    readout_grad="all",        # which steps' losses reach the trunk through the readout's residual h_t: 'all'
+                               # (the method) | 'first' (step 1's: o_k = sg(h_t) + W_out·z_k for k >= 2)
     curriculum_iters="",       # a curriculum over the reasoning levels L_1 < ... < L_n: 'i_1,...,i_{n-1}', the
                                # iterations where the next level joins (levels <= L_1 first); per-step chains
                                # are cut at the stage's highest level; '' = off
@@ -169,6 +171,7 @@ CONSTRAINTS = [
     (lambda c: c["n_embd"] % c["n_head"] == 0, "n_embd ({n_embd}) must be divisible by n_head ({n_head})"),
     one_of("tokenizer", ("gpt2", "byte"), "'gpt2' or 'byte'"),
     one_of("head_attn", HEAD_ATTN, f"one of {', '.join(HEAD_ATTN)}"),
+    one_of("readout_grad", READOUT_GRAD, f"one of {', '.join(READOUT_GRAD)}"),
     one_of("routing", ("step", "mixed"), "'step' or 'mixed'"),
     (lambda c: c["routing"] == "step" or (0 < c["reasoning_fraction"] < 1 and c["batch_size"] >= 2),
      "routing='mixed' needs 0 < reasoning_fraction < 1 and batch_size >= 2"),
@@ -334,7 +337,7 @@ def train_step(model, micro, kind, K, c, ctx, scaler, world, device, progressive
         with model.no_sync() if world > 1 and not last else nullcontext():  # all-reduce on the last one
             with ctx:
                 _, nll = model(b.x, targets, n_steps=K, grad_steps=c["grad_steps"] or None,
-                               progressive=progressive)
+                               progressive=progressive, readout_grad=c["readout_grad"])
             objective = lambda rows, w: rlrp_loss(rows, b.y, b.answer_mask, kind, w, c["lambda_rl"],
                                                   c["lambda_imp"], c["rl_answer_only"], c["imp_margin"],
                                                   c["rl_q"], c["answer_weight"], counts=counts)

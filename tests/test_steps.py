@@ -19,6 +19,7 @@ import tasks
 import train
 from conftest import run_script
 from losses import rlrp_loss, step_supervision, step_weights
+from model import GPT, GPTConfig
 from test_train import ROOT, TINY, records, tiny_gpt
 
 BYTE = data.get_tokenizer("byte")
@@ -442,3 +443,42 @@ def test_threshold_curriculum_under_ddp_switches_where_one_process_does(tmp_path
     assert [r["curriculum_level"] for r in a] == [r["curriculum_level"] for r in b]
     assert 2 in [r["curriculum_level"] for r in a]
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# readout_grad: which steps' losses reach the trunk through the readout's residual h_t
+
+@pytest.mark.parametrize("attn", ["none", "trunk"])
+def test_readout_grad_first_equals_a_recomputation_with_h_detached_in_later_readouts(attn):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=48, vocab_size=257, n_layer=1, n_head=2, n_embd=32, n_steps=3,
+                          n_latent=16, head_attn=attn))
+    with torch.no_grad():
+        model.latent_head.w_out.weight.normal_(0, 0.1)
+    b = batch_with_chains(chain_length=3, rows=4)
+    w = step_weights(3, "linear")
+
+    def grads(nll):
+        model.zero_grad()
+        ((nll * w[:, None, None]).sum() / (b.y >= 0).sum()).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    nll_all = model(b.x, b.step_y, n_steps=3)[1]
+    g_all = grads(nll_all)
+    nll_first = model(b.x, b.step_y, n_steps=3, readout_grad="first")[1]
+    g_first = grads(nll_first)
+    h = model.trunk(b.x)
+    _, z = model.latent_head(h, 3, return_latents=True)
+    o = [model.latent_head.readout(h if k == 1 else h.detach(), z[k]) for k in (1, 2, 3)]
+    want = grads(torch.stack([model.step_nll(o_k, y_k) for o_k, y_k in zip(o, b.step_y)]))
+    assert torch.equal(nll_all, nll_first)                        # the same values: only gradients differ
+    assert g_first.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(g_first[name], want[name], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(g_first["transformer.wte.weight"], g_all["transformer.wte.weight"])
+    assert torch.equal(g_first["latent_head.w_out.weight"], g_all["latent_head.w_out.weight"])
+
+
+def test_readout_grad_is_checked():
+    with pytest.raises(train.ConfigError, match="readout_grad must be one of all, first, got 'last'"):
+        train.load_config(TINY + ["--readout_grad=last"])
