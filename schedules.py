@@ -3,7 +3,7 @@ The schedules: the learning rate, K, dropout's seed and the curriculum's level o
 (seed, iteration).
 
 Pure functions of the seed and the iteration: the same on every rank and on resume, so nothing of them is
-saved.
+saved. The one exception is a threshold curriculum's switches, found while training: the checkpoint holds them.
 """
 
 import math
