@@ -5,6 +5,7 @@ step_answers through the real CLI."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -435,9 +436,15 @@ def test_threshold_curriculum_under_ddp_switches_where_one_process_does(tmp_path
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = run_script("train.py", *args, f"--out_dir={one}")
     assert r.returncode == 0, r.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train.py", *args, f"--out_dir={two}"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                *args, f"--out_dir={two}"]
+    ddp = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if ddp.returncode and "terminate called without an active exception" in ddp.stderr:
+        # seen once in CI on loaded cores, not reproduced in 17 local runs: rank 1 ended by std::terminate after
+        # rank 0 had run all 16 steps; gloo's teardown race (see Run.exit) is the suspect. One fresh try for
+        # exactly this message; any other failure fails
+        shutil.rmtree(two)
+        ddp = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = records(one, "train"), records(two, "train")
     assert [r["curriculum_level"] for r in a] == [r["curriculum_level"] for r in b]
