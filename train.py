@@ -373,6 +373,7 @@ class Run:
         self.start_iter, self.best_val = checkpoint.restore(ckpt, self.optimizer, self.scaler)
         # the iterations where the curriculum's next level joined: given, or found by the threshold and saved
         self.switches = curriculum_switches(c) or (ckpt or {}).get("curriculum_switches", [])
+        self.slices = {}   # level -> this rank's share of its training-side slice (check_curriculum)
         del ckpt  # free the memory
         if c["compile"] if c["compile"] is not None else device_type == "cuda":
             self.raw_model.compile_parts()   # the trunk and one refinement step: any K reuses the same graphs
@@ -477,11 +478,13 @@ class Run:
         c, levels, level = self.c, self.reasoning.levels, self.curriculum_level(it)
         if level == levels[-1]:
             return
-        batches = self.reasoning.slice_batches(level, c["batch_size"], CURRICULUM_EXAMPLES)
+        if level not in self.slices:   # built once per level: the same examples at every check
+            batches = self.reasoning.slice_batches(level, c["batch_size"], CURRICULUM_EXAMPLES)
+            self.slices[level] = [b.to(self.device) for b in batches[self.rank::self.world]]
         self.raw_model.eval()
         with self.ctx:
-            em = evaluate_reasoning(self.raw_model, [b.to(self.device) for b in batches[self.rank::self.world]],
-                                    c["n_steps"], CURRICULUM_EXAMPLES, self.world)["answer_exact_match"]
+            em = evaluate_reasoning(self.raw_model, self.slices[level], c["n_steps"], CURRICULUM_EXAMPLES,
+                                    self.world)["answer_exact_match"]
         self.raw_model.train()
         step = answer_step(c, level)
         if em[step - 1] >= c["curriculum_threshold"]:
