@@ -11,7 +11,9 @@ import tempfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # `import data`, `import model` also under plain `pytest`
+# `import data`, `import model` also under plain `pytest`; and the scripts kept apart from the method:
+# data/prepare.py, bench/*.py, experiments/*.py (a subfolder's script puts the root on sys.path itself)
+sys.path[:0] = [ROOT] + [os.path.join(ROOT, d) for d in ("data", "bench", "experiments")]
 # Hugging Face libraries: never the network, never the user's cache (set before anything imports them; the
 # test subprocesses inherit it)
 HF_HOME = tempfile.mkdtemp(prefix="nanorlrp-hf-")
