@@ -50,23 +50,23 @@ def build_model(c, tok, ckpt):
     return model
 
 
-def state(model, optimizer, scaler, it, best_val, config, curriculum_switches=()):
+def state(model, optimizer, scaler, it, config, curriculum_switches=()):
     """What a checkpoint holds: enough to rebuild the model (model_args) and to continue the run exactly
     (curriculum_switches: where a threshold curriculum's levels joined)."""
     return {"model_args": asdict(model.config), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": it,
-            "best_val_loss": best_val, "config": config, "curriculum_switches": list(curriculum_switches)}
+            "config": config, "curriculum_switches": list(curriculum_switches)}
 
 
 def restore(ckpt, optimizer, scaler):
-    """A resumed run's optimizer and loss-scaler state from ckpt -> (its iteration, best val loss); a new run
-    (ckpt None) starts at (0, inf)."""
+    """A resumed run's optimizer and loss-scaler state from ckpt -> its iteration; a new run (ckpt None)
+    starts at 0."""
     if ckpt is None:
-        return 0, float("inf")
+        return 0
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):                            # fp16's loss scale ({} when the scaler is off)
         scaler.load_state_dict(ckpt["scaler"])
-    return ckpt["iter_num"], ckpt["best_val_loss"]
+    return ckpt["iter_num"]
 
 
 def previous(path):

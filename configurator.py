@@ -153,7 +153,8 @@ def help_text(defaults, path=None):
         meaning, section = _describe(source, next(iter(defaults), None))
     except (OSError, TypeError, SyntaxError, ValueError, tokenize.TokenError):
         pass  # no readable source: the keys and their defaults alone
-    name = os.path.basename(path) if path else "script.py"
+    name = os.path.relpath(path, os.path.dirname(os.path.abspath(__file__))) if path else "script.py"
+    name = os.path.basename(path) if name.startswith("..") else name   # bench/bench.py; outside: its name
     lines = [_usage(doc), ""] if doc else []
     lines += [f"usage: python {name} [PRESET.py ...] [--key=value ...]",
               "  applied in order: PRESET.py is a Python file of assignments (config/*.py); a --key=value "

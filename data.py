@@ -68,13 +68,14 @@ class Batch:
     step_y: torch.Tensor = None     # (S, B, T) int64: step k's target a_k (k <= S) on answer tokens, else y
     chain_len: torch.Tensor = None  # (B, T) int64: S of the span's chain (its eot included), 0 elsewhere
     level: torch.Tensor = None      # (B, T) int64: the span's level L (its eot included), 0 elsewhere/unknown
+    rl_rows: torch.Tensor = None    # (B,) bool: a mixed batch's reasoning rows, soft RL's; None = every row
 
     def to(self, device) -> "Batch":
         cuda = torch.device(device).type == "cuda"  # pinned host memory lets the copy overlap with compute
         move = lambda t: (t if t is None else t.pin_memory().to(device, non_blocking=True) if cuda
                           else t.to(device))
         return Batch(move(self.x), move(self.y), self.kind, move(self.answer_mask), move(self.answer_id),
-                     move(self.step_y), move(self.chain_len), move(self.level))
+                     move(self.step_y), move(self.chain_len), move(self.level), move(self.rl_rows))
 
 # -----------------------------------------------------------------------------
 # tokenizers

@@ -168,11 +168,11 @@ class TrainWindow:
 
     def __init__(self, tokens_per_iter):
         self.tokens_per_iter = tokens_per_iter
-        self.parts = {"fluency": [], "reasoning": []}   # [loss, ds, rl, imp, ℓ_1..ℓ_K] of each step, per kind
+        self.logged = {"fluency": [], "reasoning": []}   # what each step logged (loss, ds, rl, imp, nll_k)
         self.n_steps, self.tokens, self.flops, self.seconds = [], 0, 0, 0.0
 
-    def add(self, kind, K, parts, flops_per_token, seconds):
-        self.parts[kind].append(parts)
+    def add(self, kind, K, logged, flops_per_token, seconds):
+        self.logged[kind].append(logged)
         self.n_steps.append(K)
         self.tokens += self.tokens_per_iter
         self.flops += flops_per_token * self.tokens_per_iter
@@ -181,11 +181,11 @@ class TrainWindow:
     def record(self, it, lr, world, gpu_peak_tflops=None):
         """The train record at iteration `it`: means over the window's steps, each kind's apart (kind_means),
         and throughput; MFU given the GPU's peak TFLOP/s."""
-        steps = self.parts["fluency"] + self.parts["reasoning"]
+        steps = self.logged["fluency"] + self.logged["reasoning"]
         tflops = self.flops / self.seconds / world / 1e12       # per process, FLOPs actually run
         rec = {"type": "train", "iter": it, "tokens": it * self.tokens_per_iter, "lr": lr,
-               "loss": sum(s[0] for s in steps) / len(steps), "n_steps": self.n_steps,
-               **{kind: kind_means(parts) for kind, parts in self.parts.items() if parts},
+               "loss": sum(s["loss"] for s in steps) / len(steps), "n_steps": self.n_steps,
+               **{kind: kind_means(logged) for kind, logged in self.logged.items() if logged},
                "tokens_per_s": self.tokens / self.seconds, "tflops": tflops}
         if gpu_peak_tflops:
             rec["mfu"] = tflops / gpu_peak_tflops
@@ -193,12 +193,11 @@ class TrainWindow:
 
 
 def kind_means(steps):
-    """The mean of each logged part over the steps of one kind; ℓ_k over the steps that ran step k (K varies
-    with random K). steps: [loss, ds, rl, imp, ℓ_1..ℓ_K] lists."""
-    names = ("loss", "ds", "rl", "imp")
-    rec = {"steps": len(steps), **{name: fmean(s[i] for s in steps) for i, name in enumerate(names)}}
-    K = max(len(s) for s in steps) - 4
-    rec["nll_k"] = [fmean(s[4 + k] for s in steps if len(s) > 4 + k) for k in range(K)]
+    """The mean of each logged value over the steps of one kind; ℓ_k over the steps that ran step k (K varies
+    with random K). steps: what each logged, {"loss", "ds", "rl", "imp": float, "nll_k": [ℓ_1..ℓ_K]}."""
+    rec = {"steps": len(steps), **{k: fmean(s[k] for s in steps) for k in ("loss", "ds", "rl", "imp")}}
+    K = max(len(s["nll_k"]) for s in steps)
+    rec["nll_k"] = [fmean(s["nll_k"][k] for s in steps if len(s["nll_k"]) > k) for k in range(K)]
     return rec
 
 

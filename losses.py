@@ -36,7 +36,7 @@ def step_weights(n_steps, schedule="linear", gamma=0.5, skip=0):
     skip = s puts no weight on the first steps: w_k = 0 for k ≤ s, and the schedule's own weights of steps
     s+1..K renormalised to sum to 1 (linear stays ∝ k, not ∝ k − s). With random K a step may draw K ≤ s;
     then s is taken as K − 1: only step K, the last, is supervised, as it is whenever exactly one step is
-    left. (train.check_config requires s < n_steps, so the configured K always keeps K − s steps.)
+    left. (train.py's CONSTRAINTS require s < n_steps, so the configured K always keeps K − s steps.)
     """
     if schedule not in WEIGHT_SCHEDULES:
         raise ValueError(f"weight_schedule must be one of {', '.join(WEIGHT_SCHEDULES)}, got {schedule!r}")
@@ -199,22 +199,23 @@ def improvement_penalty(nll, mask, margin=0.0, count=None):
     return masked_mean(excess, mask, count).mean()
 
 
-def loss_masks(targets, answer_mask, rl_answer_only=True):
+def loss_masks(targets, answer_mask, rl_answer_only=True, rl_rows=None):
     """(m_valid, m_RL), both (B, T) bool: m_valid = (y ≠ −1); m_RL = the answer mask if rl_answer_only,
-    else m_valid."""
+    else m_valid; rl_rows (B,) bool: soft RL only on these rows (a mixed batch's reasoning rows)."""
     m_valid = targets >= 0
-    return m_valid, (answer_mask & m_valid if rl_answer_only else m_valid)
+    m_rl = answer_mask & m_valid if rl_answer_only else m_valid
+    return m_valid, (m_rl if rl_rows is None else m_rl & rl_rows[:, None])
 
 
-def loss_counts(targets, answer_mask, rl_answer_only=True):
+def loss_counts(targets, answer_mask, rl_answer_only=True, rl_rows=None):
     """(Σ m_valid, Σ m_RL, Σ answer_mask·m_valid) of one batch, int64: summed over an optimizer step's
     micro-batches and ranks, they are the exact denominators of rlrp_loss's counts."""
-    m_valid, m_rl = loss_masks(targets, answer_mask, rl_answer_only)
+    m_valid, m_rl = loss_masks(targets, answer_mask, rl_answer_only, rl_rows)
     return torch.stack([m_valid.sum(), m_rl.sum(), (answer_mask & m_valid).sum()])
 
 
 def rlrp_loss(nll, targets, answer_mask, kind, weights, lambda_rl=0.0, lambda_imp=0.0,
-              rl_answer_only=True, margin=0.0, rl_q=1.0, answer_weight=1.0, counts=None):
+              rl_answer_only=True, margin=0.0, rl_q=1.0, answer_weight=1.0, counts=None, rl_rows=None):
     """
     (ii) data-aware routing: the objective for one batch by its kind.
       fluency:   L = L_DS + λ_imp·L_IMP
@@ -225,14 +226,15 @@ def rlrp_loss(nll, targets, answer_mask, kind, weights, lambda_rl=0.0, lambda_im
     nll: (K, B, T); targets: (B, T) with −1 = ignored; answer_mask: (B, T) bool; kind: str; weights: w (K,)
     or W (K, B, T) (step_supervision); answer_weight: ω, L_DS's weight a_t of answer tokens (others 1).
     counts: optional loss_counts summed over the whole optimizer step (see masked_mean), else this batch's.
+    rl_rows: (B,) bool, the rows soft RL applies to (a mixed batch's reasoning rows; None = every row).
     """
     if kind not in ("fluency", "reasoning"):
         raise ValueError(f"batch kind must be 'fluency' or 'reasoning', got {kind!r}")
     if not answer_weight > 0:
         raise ValueError(f"answer_weight must be > 0, got {answer_weight}")
-    m_valid, m_rl = loss_masks(targets, answer_mask, rl_answer_only)
+    m_valid, m_rl = loss_masks(targets, answer_mask, rl_answer_only, rl_rows)
     n_valid, n_rl, n_answer = counts if counts is not None else loss_counts(targets, answer_mask,
-                                                                            rl_answer_only)
+                                                                            rl_answer_only, rl_rows)
     token_weight = None if answer_weight == 1 else torch.where(answer_mask, answer_weight, 1.0).to(nll)
     n_ds = n_valid + (answer_weight - 1) * n_answer                    # Σ a_t over m_valid
     l_ds = deep_supervision_loss(nll, weights, m_valid, n_ds, token_weight)

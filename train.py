@@ -32,13 +32,12 @@ import checkpoint
 import data
 from checkpoint import build_model
 from configurator import ConfigError, catch_stop_signals, configure, precision, setup_system
-from evaluate import (Records, TrainWindow, all_reduce_sum, eval_metrics, eval_sets, evaluate_reasoning,
-                      format_eval)
+from evaluate import Records, TrainWindow, all_reduce_sum, eval_metrics, eval_sets, format_eval
 from latent_head import HEAD_ATTN, READOUT_GRAD
 from losses import (BEYOND_CHAIN, LEVEL_STEPS, WEIGHT_SCHEDULES, loss_counts, rlrp_loss, step_supervision,
                     step_weights)
-from schedules import (curriculum_level, curriculum_switches, get_lr, max_train_steps, progressive_steps,
-                       seed_micro_batch, train_steps)
+from schedules import (Curriculum, get_lr, max_n_steps, micro_batches, n_steps_at, progressive_steps,
+                       seed_micro_batch)
 
 DEFAULTS = dict(
     # I/O
@@ -92,8 +91,9 @@ DEFAULTS = dict(
                                # | 'lognormal': Huginn's log-normal Poisson: mean K, a heavy tail, capped
     n_steps_max=0,             # the cap of 'lognormal' draws, >= n_steps (0 = 4K: ~0.1% of draws clipped)
     grad_steps=0,              # backprop through only the last grad_steps refinement steps (0 = all)
-    progressive_alpha=0.0,     # α of the progressive loss (1 − α)·L_K + α·L_{n+k}: a second head pass runs n ~
-                               # U{0..K−1} steps without gradient, then k ~ U{1..K−n}; 0 = off; needs λ_imp = 0
+    progressive_alpha=0.0,     # α of the progressive loss (1 − α)·L_K + α·L_{n+k}: a second head pass runs
+                               # n ~ U{0..K−1} steps without gradient, then k ~ U{1..K−n}; 0 = off; needs
+                               # λ_imp = 0
     # what each step is trained on (losses.step_supervision; README "Steps that earn their keep")
     step_targets="final",      # 'final': the answer at every step (the paper's) | 'chain': per-step answers
                                # a_1..a_S (JSONL "step_answers"; hop/hopo/iter: f^k(x)); needs lambda_imp=0
@@ -105,9 +105,9 @@ DEFAULTS = dict(
     answer_weight=1.0,         # ω: answer tokens' weight in L_DS, relative to the other tokens' 1
     readout_grad="all",        # which steps' losses reach the trunk through the readout's residual h_t: 'all'
                                # (the method) | 'first' (step 1's: o_k = sg(h_t) + W_out·z_k for k >= 2)
-    curriculum_iters="",       # a curriculum over the reasoning levels L_1 < ... < L_n: 'i_1,...,i_{n-1}', the
-                               # iterations where the next level joins (levels <= L_1 first); per-step chains
-                               # are cut at the stage's highest level; '' = off
+    curriculum_iters="",       # a curriculum over the reasoning levels L_1 < ... < L_n: 'i_1,...,i_{n-1}',
+                               # the iterations where the next level joins (levels <= L_1 first); per-step
+                               # chains are cut at the stage's highest level; '' = off
     curriculum_threshold=0.0,  # > 0 (instead of curriculum_iters): the next level joins when the exact match
                                # of the highest level so far, on a fixed training-side slice of it (never the
                                # held-out set), reaches this; the switch iterations go into the checkpoint
@@ -166,6 +166,7 @@ CONSTRAINTS = [
     *at_least(0, "max_iters", "eval_examples", "checkpoint_interval", "checkpoint_minutes", "threads"),
     (lambda c: c["rl_q"] > 0, "rl_q must be > 0 (1 = the paper's soft RL, small = close to CE), got {rl_q}"),
     (lambda c: c["weight_gamma"] > 0, "weight_gamma must be > 0, got {weight_gamma}"),
+    (lambda c: c["learning_rate"] > 0, "learning_rate must be > 0, got {learning_rate}"),
     (lambda c: 0 <= c["min_lr"] <= c["learning_rate"],
      "min_lr must be in [0, learning_rate={learning_rate}], got {min_lr}"),
     (lambda c: c["n_embd"] % c["n_head"] == 0, "n_embd ({n_embd}) must be divisible by n_head ({n_head})"),
@@ -199,7 +200,8 @@ CONSTRAINTS = [
     (lambda c: c["step_targets"] == "final" or c["lambda_imp"] == 0,
      "step_targets='chain' needs lambda_imp=0: the improvement penalty compares ℓ_k with ℓ_1 of the same "
      "label, and per-step labels differ (got lambda_imp={lambda_imp})"),
-    (lambda c: 0 <= c["progressive_alpha"] <= 1, "progressive_alpha must be in [0, 1], got {progressive_alpha}"),
+    (lambda c: 0 <= c["progressive_alpha"] <= 1,
+     "progressive_alpha must be in [0, 1], got {progressive_alpha}"),
     (lambda c: c["progressive_alpha"] == 0 or c["lambda_imp"] == 0,
      "progressive_alpha > 0 needs lambda_imp=0: the improvement penalty would reach the steps run without "
      "gradient (got lambda_imp={lambda_imp})"),
@@ -233,7 +235,7 @@ def load_config(argv):
     return c, ckpt
 
 # -----------------------------------------------------------------------------
-# the training step
+# the data, and one micro-batch's forward and objective
 
 
 def load_data(c):
@@ -247,13 +249,6 @@ def load_data(c):
                                        c["gsm8k_answer"], chain_length(c)) if c["reasoning_data"] else None
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
-    switches = curriculum_switches(c)
-    if switches and len(switches) != len(reasoning.levels) - 1:
-        raise ConfigError(f"curriculum_iters={c['curriculum_iters']!r} has {len(switches)} iterations; the "
-                          f"reasoning data's levels {reasoning.levels} need {len(reasoning.levels) - 1}")
-    if c["curriculum_threshold"] and len(reasoning.levels) < 2:
-        raise ConfigError(f"curriculum_threshold needs reasoning data of two levels or more, got levels "
-                          f"{reasoning.levels}")
     return tok, fluency, reasoning
 
 
@@ -262,93 +257,48 @@ def chain_length(c):
     return c["chain_length"] if c["step_targets"] == "chain" else None
 
 
-CURRICULUM_EXAMPLES = 200  # the training-side slice a threshold curriculum scores, per check
-
-
-def answer_step(c, level):
-    """The step an answer of this level is read at: its level with per-step targets or level-matched
-    supervision (capped at K), else step K (1 for the plain GPT's one readout)."""
-    K = max(c["n_steps"], 1)
-    return min(level, K) if c["step_targets"] == "chain" or c["level_steps"] != "all" else K
-
-
-def cat_batches(batches, kind):
-    """Rows of several batches as one (answer ids stay per batch: training does not use them). Per-step
-    targets: a batch without them has y at every step; a shorter chain keeps its last step's targets."""
-    cat = lambda field: torch.cat([getattr(b, field) for b in batches])
-    batch = data.Batch(cat("x"), cat("y"), kind, cat("answer_mask"), cat("answer_id"))
-    zeros = lambda b, t: t if t is not None else torch.zeros_like(b.y)
-    if any(b.level is not None for b in batches):
-        batch.level = torch.cat([zeros(b, b.level) for b in batches])
-    if any(b.step_y is not None for b in batches):
-        steps = [b.step_y if b.step_y is not None else b.y[None] for b in batches]
-        S = max(len(s) for s in steps)
-        batch.step_y = torch.cat([s[[min(k, len(s) - 1) for k in range(S)]] for s in steps], dim=1)
-        batch.chain_len = torch.cat([zeros(b, b.chain_len) for b in batches])
-    return batch
-
-
-def micro_batches(it, kind, c, fluency, reasoning, rank, world, level=0):
-    """This rank's micro-batches of optimizer step `it` as (global micro-batch index, Batch) pairs; level > 0:
-    a curriculum's highest level now."""
-    B, G = c["batch_size"], c["gradient_accumulation_steps"]
-    indices = [data.micro_batch_index(it, m, rank, world, G) for m in range(G // world)]
-    if c["routing"] == "mixed":
-        r = min(B - 1, max(1, round(B * c["reasoning_fraction"])))   # reasoning rows per micro-batch
-        mixed = lambda i: cat_batches([fluency.get_batch("train", i, B - r), reasoning.get_batch(i, r, level)],
-                                      "reasoning")
-        return [(i, mixed(i)) for i in indices]
-    if kind == "reasoning":
-        return [(i, reasoning.get_batch(i, B, level)) for i in indices]
-    return [(i, fluency.get_batch("train", i, B)) for i in indices]
-
-
 def step_counts(batches, c, device, world):
     """(Σ m_valid, Σ m_RL, Σ answer tokens) over every micro-batch of this optimizer step on every rank: the
     denominators that make accumulated micro-batches (and DDP) equal one large batch, token for token."""
     counts = torch.zeros(3, dtype=torch.int64)   # integers: exact, and every device has them (no float64)
     for b in batches:
-        counts += loss_counts(b.y, b.answer_mask, c["rl_answer_only"])
+        counts += loss_counts(b.y, b.answer_mask, c["rl_answer_only"], b.rl_rows)
     return all_reduce_sum(counts.to(device), world).float()
 
 
-def supervision(b, K, weights, c):
-    """(Y, W) of one micro-batch: each step's targets and weights (losses.step_supervision)."""
-    return step_supervision(b.y, K, weights, b.step_y, b.chain_len, b.level, c["beyond_chain"],
-                            c["level_steps"])
+def micro_step_loss(model, b, kind, K, weights, counts, progressive, c, device):
+    """Forward and the RLRP objective of one micro-batch -> (loss, logged): the loss is this micro-batch's
+    share of the optimizer step's global mean (counts: step_counts); logged holds the detached loss, ds, rl,
+    imp and nll_k (ℓ_1..ℓ_K). progressive: this step's (n, k) (schedules.progressive_steps) or None."""
+    targets, step_w = step_supervision(b.y, K, weights, b.step_y, b.chain_len, b.level, c["beyond_chain"],
+                                       c["level_steps"])         # Y, W: (K', B, T) on the CPU
+    if progressive:                                              # step n+k's targets for its second pass
+        targets = torch.cat([targets, targets[sum(progressive) - 1:sum(progressive)]])
+    b, step_w = b.to(device), step_w.to(device)
+    # the paper's targets are y at every step: a view of the batch's y, not a K-fold copy to move
+    targets = targets.to(device) if b.step_y is not None else b.y.expand(len(targets), *b.y.shape)
+    _, nll = model(b.x, targets, n_steps=K, grad_steps=c["grad_steps"] or None, progressive=progressive,
+                   readout_grad=c["readout_grad"])
+    objective = lambda rows, w: rlrp_loss(rows, b.y, b.answer_mask, kind, w, c["lambda_rl"], c["lambda_imp"],
+                                          c["rl_answer_only"], c["imp_margin"], c["rl_q"], c["answer_weight"],
+                                          counts=counts, rl_rows=b.rl_rows)
+    K1, alpha = max(K, 1), c["progressive_alpha"]
+    loss, parts = objective(nll[:K1].float(), step_w)
+    if progressive:  # L = (1 − α)·L_K + α·L_{n+k}, L_{n+k} the objective on the second pass's last step
+        loss = (1 - alpha) * loss + alpha * objective(nll[K1:].float(), torch.ones(1))[0]
+    return loss, {"loss": loss.detach(), **parts}
 
 
-def train_step(model, micro, kind, K, c, ctx, scaler, world, device, progressive=None):
-    """Forward + backward over this rank's micro-batches, (global index, Batch) pairs; returns this rank's
-    share of [loss, ds, rl, imp, ℓ_1..ℓ_K]. progressive: this step's (n, k) (schedules.progressive_steps)."""
-    counts = step_counts([b for _, b in micro], c, device, world)
-    weights = step_weights(max(K, 1), c["weight_schedule"], c["weight_gamma"], c["weight_skip"])
-    alpha, K1 = c["progressive_alpha"] if progressive else 0.0, max(K, 1)
-    totals = 0
-    for i, (index, b) in enumerate(micro):
-        targets, step_w = supervision(b, K, weights, c)                   # Y, W: (K', B, T) on the CPU
-        if progressive:                                                   # step n+k's targets for its row
-            targets = torch.cat([targets, targets[sum(progressive) - 1:sum(progressive)]])
-        b, step_w = b.to(device), step_w.to(device)
-        # the paper's targets are y at every step: a view of the batch's y, not a K-fold copy to move
-        targets = targets.to(device) if b.step_y is not None else b.y.expand(len(targets), *b.y.shape)
-        last = i == len(micro) - 1
-        seed_micro_batch(c, index)
-        with model.no_sync() if world > 1 and not last else nullcontext():  # all-reduce on the last one
-            with ctx:
-                _, nll = model(b.x, targets, n_steps=K, grad_steps=c["grad_steps"] or None,
-                               progressive=progressive, readout_grad=c["readout_grad"])
-            objective = lambda rows, w: rlrp_loss(rows, b.y, b.answer_mask, kind, w, c["lambda_rl"],
-                                                  c["lambda_imp"], c["rl_answer_only"], c["imp_margin"],
-                                                  c["rl_q"], c["answer_weight"], counts=counts)
-            loss, parts = objective(nll[:K1].float(), step_w)
-            if progressive:  # L = (1 − α)·L_K + α·L_{n+k}, L_{n+k} the objective on the second pass's last step
-                loss = (1 - alpha) * loss + alpha * objective(nll[K1:].float(), torch.ones(1))[0]
-            # DDP averages gradients over ranks; the loss is already a global mean, so undo the 1/W
-            scaler.scale(loss * world).backward()
-        logged = torch.stack([loss.detach(), parts["ds"], parts["rl"], parts["imp"]])
-        totals = totals + torch.cat([logged, parts["nll_k"]])
-    return totals
+LOGGED = ("loss", "ds", "rl", "imp")   # what every step logs besides nll_k, the per-step ℓ_1..ℓ_K
+
+
+def all_reduce_logged(logged, stop, world):
+    """(logged, ranks asked to stop): an optimizer step's logged sums over every rank, as floats (nll_k a
+    list), and how many ranks got a stop signal, in one all-reduce: all ranks stop at the same step."""
+    flat = torch.cat([torch.stack([logged[k] for k in LOGGED]), logged["nll_k"],
+                      logged["loss"].new_tensor([float(bool(stop))])])
+    values = all_reduce_sum(flat, world).tolist()
+    return {**dict(zip(LOGGED, values)), "nll_k": values[len(LOGGED):-1]}, values[-1]
 
 # -----------------------------------------------------------------------------
 # the run
@@ -366,14 +316,13 @@ class Run:
         self.ctx, self.scaler = precision(c, device_type)
         torch.manual_seed(c["seed"])
         tok, self.fluency, self.reasoning = load_data(c)
+        self.curriculum = Curriculum(c, self.reasoning and self.reasoning.levels, (ckpt or {}).get(
+            "curriculum_switches", ()))
         self.router = data.Router(c["reasoning_fraction"])
         self.raw_model = build_model(c, tok, ckpt).to(self.device)
         self.optimizer = self.raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"],
                                                              (c["beta1"], c["beta2"]), device_type)
-        self.start_iter, self.best_val = checkpoint.restore(ckpt, self.optimizer, self.scaler)
-        # the iterations where the curriculum's next level joined: given, or found by the threshold and saved
-        self.switches = curriculum_switches(c) or (ckpt or {}).get("curriculum_switches", [])
-        self.slices = {}   # level -> this rank's share of its training-side slice (check_curriculum)
+        self.start_iter = checkpoint.restore(ckpt, self.optimizer, self.scaler)
         del ckpt  # free the memory
         if c["compile"] if c["compile"] is not None else device_type == "cuda":
             self.raw_model.compile_parts()   # the trunk and one refinement step: any K reuses the same graphs
@@ -381,7 +330,7 @@ class Run:
         if self.world > 1:
             # truncated backward: when K > grad_steps, z_0 is detached and W_in gets no gradient in that step
             self.model = DDP(self.raw_model, device_ids=[local_rank] if device_type == "cuda" else None,
-                             find_unused_parameters=0 < c["grad_steps"] < max_train_steps(c))
+                             find_unused_parameters=0 < c["grad_steps"] < max_n_steps(c))
         self.eval_sets = eval_sets(self.fluency, self.reasoning, c, self.rank, self.world, self.device)
         self.tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
         self.peak_tflops = c["gpu_peak_tflops"] if device_type == "cuda" else None   # for MFU
@@ -423,8 +372,8 @@ class Run:
 
     def save(self, it):
         if self.master:   # rank 0 alone writes, so its own clock may decide when: no collective
-            state = checkpoint.state(self.raw_model, self.optimizer, self.scaler, it, self.best_val, self.c,
-                                     self.switches)
+            state = checkpoint.state(self.raw_model, self.optimizer, self.scaler, it, self.c,
+                                     self.curriculum.switches)
             checkpoint.save(self.ckpt_path, state)
         self.saved_at = perf_counter()
 
@@ -439,59 +388,15 @@ class Run:
         by_time = c["checkpoint_minutes"] and perf_counter() - self.saved_at > 60 * c["checkpoint_minutes"]
         return not self.eval_due(it) and (by_steps or by_time)
 
-    def step(self, it, stop):
-        """Optimizer step `it`, whose kind, K and micro-batches are functions of (seed, it) -> (kind, K, lr,
-        totals): [loss, ds, rl, imp, ℓ_1..ℓ_K] summed over ranks, then how many ranks were asked to stop."""
-        c = self.c
-        kind = "reasoning" if c["routing"] == "mixed" else self.router.kind(it)
-        K, lr = train_steps(it, c), get_lr(it, c)
-        micro = micro_batches(it, kind, c, self.fluency, self.reasoning, self.rank, self.world,
-                              self.curriculum_level(it))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        totals = train_step(self.model, micro, kind, K, c, self.ctx, self.scaler, self.world, self.device,
-                            progressive_steps(it, c, K))
-        # one all-reduce: the loss parts, and whether any rank was asked to stop (all stop at the same step)
-        totals = torch.cat([totals, totals.new_tensor([float(bool(stop))])])
-        totals = all_reduce_sum(totals, self.world).tolist()
-        if not math.isfinite(totals[0]):
-            raise FloatingPointError(f"non-finite loss at iter {it} ({kind} step); parameters not updated, "
-                                     f"the last good checkpoint is {self.ckpt_path}; lower learning_rate or "
-                                     "check the data")
-        if c["grad_clip"] > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c["grad_clip"])
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return kind, K, lr, totals
-
-    def curriculum_level(self, it):
-        """The highest reasoning level trained at step `it`; 0 = every level (no curriculum)."""
-        on = self.c["curriculum_iters"] or self.c["curriculum_threshold"]
-        return curriculum_level(it, self.switches, self.reasoning.levels) if on else 0
-
     def check_curriculum(self, it):
-        """The threshold curriculum, after iteration `it`: the next level joins from `it` on when the exact
-        match of the highest level so far on its training-side slice, read at its answer step, reaches
-        curriculum_threshold. Every rank scores its share and all-reduce: all decide alike."""
-        c, levels, level = self.c, self.reasoning.levels, self.curriculum_level(it)
-        if level == levels[-1]:
-            return
-        if level not in self.slices:   # built once per level: the same examples at every check
-            batches = self.reasoning.slice_batches(level, c["batch_size"], CURRICULUM_EXAMPLES)
-            self.slices[level] = [b.to(self.device) for b in batches[self.rank::self.world]]
+        """The threshold curriculum after iteration `it` (schedules.Curriculum.check), in eval mode."""
         self.raw_model.eval()
         with self.ctx:
-            em = evaluate_reasoning(self.raw_model, self.slices[level], c["n_steps"], CURRICULUM_EXAMPLES,
-                                    self.world)["answer_exact_match"]
+            joined = self.curriculum.check(it, self.raw_model, self.reasoning, self.rank, self.world,
+                                           self.device)
         self.raw_model.train()
-        step = answer_step(c, level)
-        if em[step - 1] >= c["curriculum_threshold"]:
-            self.switches.append(it)
-            if self.master:
-                tqdm.write(f"curriculum: level {levels[levels.index(level) + 1]} joins at iter {it} (level "
-                           f"{level}: exact match {em[step - 1]:.2f} at step {step} on its training slice)")
+        if joined and self.master:
+            tqdm.write(joined)
 
     def flops_per_token(self, it, K):
         """Training FLOPs per token of step `it`: the model's at K, plus the progressive loss's second head
@@ -506,34 +411,66 @@ class Run:
         return flops
 
     def train(self):
+        """The training loop. Per optimizer step: evaluate and save when due; the step's kind, K, learning
+        rate and micro-batches, functions of (seed, it); forward + backward per micro-batch; clip and step;
+        log; the threshold curriculum; a stop signal or a checkpoint when due."""
         c, stop = self.c, catch_stop_signals()
         pbar = tqdm(total=c["max_iters"], initial=self.start_iter, disable=not self.master,
                     dynamic_ncols=True)
         window = TrainWindow(self.tokens_per_iter)
         for it in range(self.start_iter, c["max_iters"] + 1):
             if self.eval_due(it) and not (self.resumed and it == self.start_iter):
-                rec = self.evaluate(it)
-                self.record(rec)
-                self.best_val = min(self.best_val, rec.get("fluency_loss", [float("inf")])[-1])
+                self.record(self.evaluate(it))
                 if it > self.start_iter:
                     self.save(it)
             if it == c["max_iters"]:
                 break
             t_step = perf_counter()
-            kind, K, lr, totals = self.step(it, stop)
+            # what step `it` trains on: the same on every rank, and on resume
+            kind = "reasoning" if c["routing"] == "mixed" else self.router.kind(it)   # mixed: rl_rows decide
+            K, lr = n_steps_at(it, c), get_lr(it, c)
+            progressive = progressive_steps(it, c, K)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            micro = micro_batches(it, kind, c, self.fluency, self.reasoning, self.rank, self.world,
+                                  self.curriculum.level(it))
+            counts = step_counts([b for _, b in micro], c, self.device, self.world)
+            weights = step_weights(max(K, 1), c["weight_schedule"], c["weight_gamma"], c["weight_skip"])
+            logged = {}
+            for m, (index, b) in enumerate(micro):
+                seed_micro_batch(c, index)                            # dropout's masks: (seed, index)
+                last = m == len(micro) - 1
+                # DDP all-reduces the gradients once, after the last micro-batch
+                with self.model.no_sync() if self.world > 1 and not last else nullcontext():
+                    with self.ctx:
+                        loss, parts = micro_step_loss(self.model, b, kind, K, weights, counts, progressive, c,
+                                                      self.device)
+                    # DDP averages gradients over ranks; the loss is already a global mean, so undo the 1/W
+                    self.scaler.scale(loss * self.world).backward()
+                logged = {k: logged.get(k, 0) + v for k, v in parts.items()}
+            logged, stopping = all_reduce_logged(logged, stop, self.world)
+            if not math.isfinite(logged["loss"]):
+                raise FloatingPointError(f"non-finite loss at iter {it} ({kind} step); parameters not "
+                                         f"updated, the last good checkpoint is {self.ckpt_path}; lower "
+                                         "learning_rate or check the data")
+            if c["grad_clip"] > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c["grad_clip"])
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
             pbar.update(1)
-            flops = self.flops_per_token(it, K)
-            window.add(kind, K, totals[:-1], flops, perf_counter() - t_step)
+            window.add(kind, K, logged, self.flops_per_token(it, K), perf_counter() - t_step)
             if (it + 1) % c["log_interval"] == 0:
                 rec = window.record(it + 1, lr, self.world, self.peak_tflops)
-                if self.curriculum_level(it):   # a curriculum: the highest level this step trained
-                    rec["curriculum_level"] = self.curriculum_level(it)
+                if self.curriculum.level(it):   # a curriculum: the highest level this step trained
+                    rec["curriculum_level"] = self.curriculum.level(it)
                 self.record(rec)
                 window = TrainWindow(self.tokens_per_iter)
                 pbar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
             if c["curriculum_threshold"] and (it + 1) % c["curriculum_interval"] == 0:
                 self.check_curriculum(it + 1)
-            if totals[-1] > 0:  # SIGINT / SIGTERM: this step is done; save it and leave
+            if stopping:  # SIGINT / SIGTERM: this step is done; save it and leave
                 self.save(it + 1)
                 pbar.close()
                 self.exit(f"train.py: stopped by a signal after iter {it + 1}; checkpoint written to "

@@ -1,4 +1,4 @@
-# Steps that earn their keep (README "Results: Steps that earn their keep"; python depth.py --suite=steps):
+# Steps that earn their keep (README "Steps that earn their keep"; python experiments/depth.py --suite=steps):
 # the candidate recipe for latent steps that compute something step 1 does not, and the base every arm of that
 # experiment overrides. Per-step targets with no stop: every lookup example, whatever its hop count L, trains
 # step k on f^k(x) for k = 1..3, so that one step can become one hop and an L-hop question is answered at step

@@ -1,4 +1,4 @@
-"""bench.py and the fast paths it measures: tiled ℓ equals plain cross-entropy; bench runs end to end; FLOPs
+"""bench/bench.py and the fast paths it measures: tiled ℓ equals plain cross-entropy; bench runs end to end; FLOPs
 match a hand count. Nothing here is timed (a benchmark is a script, never a timed test)."""
 
 import json
@@ -99,7 +99,7 @@ def test_default_tile_is_cache_sized_on_cpu_and_whole_rows_elsewhere():
 
 
 # -----------------------------------------------------------------------------
-# bench.py end to end on a tiny config
+# bench/bench.py end to end on a tiny config
 
 def test_parse_args_literals_strings_and_unknown_keys():
     cfg = bench.parse_args(["--n_steps=2", "--vocab=gpt2", "--compile=False"])
@@ -110,15 +110,15 @@ def test_parse_args_literals_strings_and_unknown_keys():
 
 
 def test_cli_prints_one_json_object_per_row_with_the_promised_keys():
-    out = subprocess.run([sys.executable, "bench.py", *TINY, "--n_steps=2", "--json=True"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "bench/bench.py", *TINY, "--n_steps=2", "--json=True"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     (r,) = [json.loads(line) for line in out.splitlines()]
     assert r["n_steps"] == 2 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 and r["flops_per_token"] > 0
 
 
 def test_sweep_cli_end_to_end():
-    """The README's sweep, for real: each K's memory comes from a child bench.py process."""
-    out = subprocess.run([sys.executable, "bench.py", *TINY, "--sweep=True", "--json=True"],
+    """The README's sweep, for real: each K's memory comes from a child bench/bench.py process."""
+    out = subprocess.run([sys.executable, "bench/bench.py", *TINY, "--sweep=True", "--json=True"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]

@@ -18,8 +18,8 @@ KNOWN = {
     "train.py": ("routing", "'step': each optimizer step is all fluency or all reasoning (routing (ii)); "
                             "'mixed': every micro-batch holds a ρ share"),
     "sample.py": ("temperature", "0 = greedy"),
-    "bench.py": ("vocab", "byte (256) | gpt2 (50257)"),
-    "experiments.py": ("quick", "1 seed, a quarter of the steps"),
+    "bench/bench.py": ("vocab", "byte (256) | gpt2 (50257)"),
+    "experiments/ablation.py": ("quick", "1 seed, a quarter of the steps"),
 }
 
 
@@ -35,11 +35,11 @@ def key_lines(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py", "experiments.py"])
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "bench/bench.py", "experiments/ablation.py"])
 def test_help_lists_every_key_with_its_default_and_meaning(script):
     r = run(script, "--help")
     assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
-    module = importlib.import_module(script[:-3])
+    module = importlib.import_module(os.path.basename(script)[:-3])
     doc_first_line = module.__doc__.strip().splitlines()[0]
     assert r.stdout.startswith(doc_first_line)     # the usage header: the docstring's first paragraph
     assert f"usage: python {script} " in r.stdout
@@ -100,7 +100,7 @@ def test_help_without_a_readable_source_still_lists_the_defaults(tmp_path):
 def test_configure_prints_help_and_exits_0(argv, capsys):
     defaults = dict(alpha=3)   # a key the source does not describe: printed with its default alone
     with pytest.raises(SystemExit) as e:
-        configurator.configure(defaults, argv, doc=os.path.join(ROOT, "bench.py"))
+        configurator.configure(defaults, argv, doc=os.path.join(ROOT, "bench", "bench.py"))
     assert e.value.code == 0 and "  --alpha=3" in capsys.readouterr().out
 
 
@@ -113,7 +113,7 @@ def test_bare_boolean_flag_names_the_form_to_write():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, flag", [("bench.py", "--sweep"), ("train.py", "--eval_only")])
+@pytest.mark.parametrize("script, flag", [("bench/bench.py", "--sweep"), ("train.py", "--eval_only")])
 def test_bare_boolean_flag_is_a_one_line_error_on_every_entry_point(script, flag):
     r = run(script, flag)
     assert r.returncode == 1 and r.stdout == ""

@@ -91,7 +91,7 @@ def test_resume_continues_exactly_with_lognormal_k(tmp_path):
     extra = ["--dropout=0.1", "--n_steps_dist=lognormal", "--grad_steps=1", "--eval_interval=3"]
     full, half, a, b = run_and_resume(tmp_path, extra)
     c, _ = train.load_config(TINY + extra)
-    drawn = [[schedules.train_steps(it, c)] for it in range(6)]
+    drawn = [[schedules.n_steps_at(it, c)] for it in range(6)]
     assert [r["n_steps"] for r in a] == [r["n_steps"] for r in b] == drawn
     assert max(r["n_steps"][0] for r in a) > 2
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
@@ -100,17 +100,18 @@ def test_resume_continues_exactly_with_lognormal_k(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real_step = train.train_step
+    real_batches, real_loss, steps = train.micro_batches, train.micro_step_loss, []
 
-    def poisoned(model, batches, *args):
-        totals = real_step(model, batches, *args)
-        return totals * float("nan") if poisoned.calls == 4 else totals
-    poisoned.calls = 0
+    def counting(*args):                               # one call per optimizer step
+        steps.append(1)
+        return real_batches(*args)
 
-    def counting(*args):
-        poisoned.calls += 1
-        return poisoned(*args)
-    monkeypatch.setattr(train, "train_step", counting)
+    def poisoned(*args):                               # iter 3's micro-batches give a NaN loss
+        loss, logged = real_loss(*args)
+        nan = float("nan") if len(steps) == 4 else 1.0
+        return loss * nan, dict(logged, loss=logged["loss"] * nan)
+    monkeypatch.setattr(train, "micro_batches", counting)
+    monkeypatch.setattr(train, "micro_step_loss", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite loss at iter 3"):
         train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=8", "--eval_interval=2"])
     ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=False)
@@ -154,21 +155,21 @@ def test_fp16_resume_is_exact_with_the_loss_scaler_state(tmp_path):
 
 
 def test_resume_after_a_crash_drops_metric_records_past_the_checkpoint(tmp_path, monkeypatch):
-    real_step = train.train_step
+    real_batches = train.micro_batches
     calls = []
 
-    def crash_at_iter_3(*args):
+    def crash_at_iter_3(*args):                        # micro_batches: one call per optimizer step
         calls.append(1)
         if len(calls) == 4:
             raise FloatingPointError("simulated crash at iter 3")
-        return real_step(*args)
-    monkeypatch.setattr(train, "train_step", crash_at_iter_3)
+        return real_batches(*args)
+    monkeypatch.setattr(train, "micro_batches", crash_at_iter_3)
     with pytest.raises(FloatingPointError):
         train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=6", "--eval_interval=2"])
     assert [r["iter"] for r in records(tmp_path, "train")] == [1, 2, 3]  # iter 3 is past the checkpoint (2)
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"type": "train", "iter": 4, "lo')                          # a line cut short by the crash
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(train, "micro_batches", real_batches)
     train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=6", "--eval_interval=2", "--init_from=resume"])
     assert [r["iter"] for r in records(tmp_path, "train")] == [1, 2, 3, 4, 5, 6]
     assert [r["iter"] for r in records(tmp_path, "eval")] == [0, 2, 4, 6]

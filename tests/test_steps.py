@@ -21,7 +21,7 @@ import train
 from conftest import run_script
 from losses import rlrp_loss, step_supervision, step_weights
 from model import GPT, GPTConfig
-from test_train import ROOT, TINY, records, tiny_gpt
+from test_train import ROOT, TINY, forward_backward, records, tiny_gpt
 
 BYTE = data.get_tokenizer("byte")
 
@@ -171,7 +171,7 @@ def test_answer_weight_is_a_weighted_mean_over_tokens():
 def test_mixed_routing_concatenates_per_step_targets_with_fluency_rows():
     b = batch_with_chains(chain_length=3, rows=2)
     fl = data.FluencyData("pydoc", BYTE, 48).get_batch("train", 0, 2)
-    mixed = train.cat_batches([fl, b], "reasoning")
+    mixed = schedules.cat_batches([fl, b], "reasoning")
     assert mixed.step_y.shape == (3, 4, 48)
     assert (mixed.step_y[:, :2] == fl.y).all() and (mixed.step_y[:, 2:] == b.step_y).all()
     assert (mixed.chain_len[:2] == 0).all() and (mixed.level[2:] == b.level).all()
@@ -257,12 +257,11 @@ def test_progressive_loss_equals_a_plain_recomputation(n, k):
                                      "--lambda_rl=0.5"])
     rd = data.ReasoningData("synthetic", BYTE, 48, seed=0)
     batch = rd.get_batch(0, 4)
-    ctx, scaler = train.precision(c, "cpu")
     torch.manual_seed(0)
     model = tiny_gpt(n_layer=1, n_steps=K)
     with torch.no_grad():
         model.latent_head.w_out.weight.normal_(0, 0.1)
-    train.train_step(model, [(0, batch)], "reasoning", K, c, ctx, scaler, 1, "cpu", progressive=(n, k))
+    forward_backward(model, [(0, batch)], K, c, progressive=(n, k))
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     head, w = model.latent_head, step_weights(K, "linear")

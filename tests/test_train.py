@@ -15,6 +15,7 @@ import schedules
 import train
 from evaluate import evaluate_reasoning
 from configurator import ConfigError
+from losses import step_weights
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +30,20 @@ def tiny_gpt(n_layer, n_steps):
     """A model of TINY's shape (byte vocabulary, block 48, 2 heads, C = 32, D = 16)."""
     return GPT(GPTConfig(block_size=48, vocab_size=257, n_layer=n_layer, n_head=2, n_embd=32, n_steps=n_steps,
                          n_latent=16))
+
+
+def forward_backward(model, micro, K, c, progressive=None):
+    """One optimizer step's micro-steps as train.py's loop runs them on one process (forward, objective,
+    backward per (index, Batch)) -> the logged sums, each a tensor (nll_k: (K,))."""
+    counts = train.step_counts([b for _, b in micro], c, "cpu", 1)
+    weights = step_weights(max(K, 1), c["weight_schedule"], c["weight_gamma"], c["weight_skip"])
+    logged = {}
+    for index, b in micro:
+        schedules.seed_micro_batch(c, index)
+        loss, parts = train.micro_step_loss(model, b, "reasoning", K, weights, counts, progressive, c, "cpu")
+        loss.backward()
+        logged = {k: logged.get(k, 0) + v for k, v in parts.items()}
+    return logged
 
 
 def records(out_dir, kind):
@@ -47,6 +62,7 @@ def final_params(out_dir):
     (["--n_stepz=3"], "unknown config key 'n_stepz'"),
     (["--n_steps=two"], "n_steps must be int, got 'two'"),
     (["--learning_rate=fast"], "learning_rate must be float"),
+    (["--learning_rate=-1"], "learning_rate must be > 0, got -1"),   # named, not as a min_lr problem
     (["--n_steps=-1"], "n_steps must be >= 0, got -1"),
     (["--reasoning_fraction=1.5"], r"reasoning_fraction must be in \[0, 1\], got 1.5"),
     (["--lambda_rl=-0.1"], "lambda_rl must be >= 0, got -0.1"),
@@ -178,35 +194,57 @@ def test_ddp_finds_unused_parameters_whenever_a_drawn_k_can_exceed_grad_steps(tm
 # the training step
 
 def test_train_step_weights_skip_the_first_steps_also_when_k_is_drawn_small():
-    # totals = [loss, ds, rl, imp, ℓ_1..ℓ_K] and L_DS = Σ_k w_k ℓ_k, so ds shows the weights train_step used
+    # L_DS = Σ_k w_k ℓ_k, so the logged ds shows the weights the training step used
     c, _ = train.load_config(TINY + ["--n_steps=3", "--weight_skip=1", "--weight_schedule=linear"])
     _, _, reasoning = train.load_data(c)
     micro = [(i, reasoning.get_batch(i, 4)) for i in range(2)]
-    ctx, scaler = train.precision(c, "cpu")
     torch.manual_seed(0)
     model = tiny_gpt(n_layer=1, n_steps=3)
     for K, w in [(3, [0, 2 / 5, 3 / 5]), (2, [0, 1]), (1, [1])]:      # K = 1 <= weight_skip: its only step
-        totals = train.train_step(model, micro, "reasoning", K, c, ctx, scaler, 1, "cpu")
-        assert totals[1] == pytest.approx(sum(wk * nk for wk, nk in zip(w, totals[4:].tolist())), rel=1e-5), K
+        logged = forward_backward(model, micro, K, c)
+        assert logged["ds"] == pytest.approx(sum(wk * nk for wk, nk in zip(w, logged["nll_k"].tolist())),
+                                             rel=1e-5), K
+
+
+def test_mixed_routing_keeps_soft_rl_on_the_reasoning_rows():
+    """routing='mixed' with rl_answer_only=False: L_RL over the reasoning rows' valid tokens only (the method
+    puts soft RL on reasoning data), against a plain recomputation; over every row it would differ."""
+    c, _ = train.load_config(TINY + ["--routing=mixed", "--rl_answer_only=False", "--lambda_rl=1.0",
+                                     "--batch_size=4", "--n_steps=2", "--weight_schedule=uniform"])
+    _, fluency, reasoning = train.load_data(c)
+    index, b = train.micro_batches(3, "reasoning", c, fluency, reasoning, 0, 1)[0]
+    torch.manual_seed(0)
+    model = tiny_gpt(n_layer=1, n_steps=2)
+    with torch.no_grad():   # confident predictions: p far from uniform, so the rows' soft RL terms differ
+        model.transformer.wte.weight.normal_(0, 2.0)
+    counts = train.step_counts([b], c, "cpu", 1)
+    _, logged = train.micro_step_loss(model, b, "reasoning", 2, torch.full((2,), 0.5), counts, None, c, "cpu")
+    with torch.no_grad():
+        _, nll = model(b.x, b.y.expand(2, *b.y.shape), n_steps=2)              # (K, B, T)
+    valid = b.y >= 0
+    reasoning_rows = torch.arange(4)[:, None] >= 2          # cat_batches: 2 fluency rows, then 2 reasoning rows
+    rl_of = lambda m: sum(0.5 * ((1 - torch.exp(-nll[k])) * m).sum() / m.sum() for k in range(2))
+    assert logged["rl"] == pytest.approx(rl_of(valid & reasoning_rows).item(), rel=1e-5)
+    assert abs(rl_of(valid & reasoning_rows) - rl_of(valid)) > 0.01          # the test can tell them apart
 
 
 def test_accumulating_micro_batches_equals_one_large_batch():
     tok = data.get_tokenizer("byte")
     rd = data.ReasoningData("synthetic", tok, 48, seed=0)
     micro = [rd.get_batch(i, 3) for i in range(4)]            # different padding in every micro-batch
-    big = train.cat_batches(micro, "reasoning")
+    big = schedules.cat_batches(micro, "reasoning")
     c, _ = train.load_config(TINY + ["--lambda_rl=0.5", "--lambda_imp=0.3"])
-    ctx, scaler = train.precision(c, "cpu")
     results = []
     for batches in ([big], micro):
         torch.manual_seed(0)
         model = tiny_gpt(n_layer=2, n_steps=2)
         with torch.no_grad():
             model.latent_head.w_out.weight.normal_(0, 0.1)    # so the head's gradients are not trivially zero
-        totals = train.train_step(model, list(enumerate(batches)), "reasoning", 2, c, ctx, scaler, 1, "cpu")
-        results.append((totals, [p.grad.clone() for p in model.parameters()]))
+        logged = forward_backward(model, list(enumerate(batches)), 2, c)
+        results.append((logged, [p.grad.clone() for p in model.parameters()]))
     (t_big, g_big), (t_acc, g_acc) = results
-    assert torch.allclose(t_big, t_acc, atol=1e-6)           # loss and its parts
+    for k in t_big:                                          # loss and its parts
+        assert torch.allclose(t_big[k], t_acc[k], atol=1e-6), k
     for a, b in zip(g_big, g_acc):                           # the gradient the optimizer step will use
         assert torch.allclose(a, b, atol=1e-6)
 
@@ -307,7 +345,7 @@ def test_throughput_counts_only_training_time_and_the_flops_actually_run(tmp_pat
     for r in logs:                                 # evals at 3 and 6 fall inside windows and must not count
         assert r["tokens_per_s"] == tokens_per_iter / 0.5
         its = range(r["iter"] - 2, r["iter"])
-        flops = sum(model.flops_per_token(schedules.train_steps(it, c), 48, grad_steps=1)["total"]
+        flops = sum(model.flops_per_token(schedules.n_steps_at(it, c), 48, grad_steps=1)["total"]
                     for it in its)
         assert r["tflops"] == pytest.approx(flops * tokens_per_iter / (0.5 * len(its)) / 1e12)
 
@@ -348,9 +386,8 @@ def test_training_step_makes_no_float64_tensors():
     _, _, reasoning = train.load_data(c)
     micro = [(i, reasoning.get_batch(i, 4)) for i in range(2)]
     model = tiny_gpt(n_layer=1, n_steps=2)
-    ctx, scaler = train.precision(c, "cpu")
     with DtypeLog():
-        train.train_step(model, micro, "reasoning", 2, c, ctx, scaler, 1, "cpu")
+        forward_backward(model, micro, 2, c)
     assert made_float64 == []
 
 

@@ -1,4 +1,4 @@
-"""experiments.py: the ablation report is regenerated from the runs' own metrics, and finished runs are
+"""experiments/ablation.py: the ablation report is regenerated from the runs' own metrics, and finished runs are
 reused."""
 
 import importlib.util
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-import experiments
+import ablation
 from configurator import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def table_rows(text, header_start):
 def test_ablation_report_matches_runs(tmp_path):
     preset, out = tmp_path / "tiny.py", tmp_path / "res"
     preset.write_text(TINY_PRESET)
-    cmd = [sys.executable, os.path.join(ROOT, "experiments.py"), "--quick=True", "--iters=3",
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "ablation.py"), "--quick=True", "--iters=3",
            "--variants=gpt,rlrp", f"--preset={preset}", f"--out={out}"]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=ENV)
     report = (out / "ablation.md").read_text()
@@ -72,10 +72,10 @@ def test_ablation_report_matches_runs(tmp_path):
     assert os.stat(ckpt).st_mtime_ns == before
     # ... but only when the configuration is the same: a changed preset trains again
     rlrp_run = str(out / "runs" / "rlrp-s0")
-    args = experiments.run_args(rlrp_run, str(preset), experiments.VARIANTS["rlrp"][1], 0, 3)
-    assert experiments.finished(rlrp_run, args)
+    args = ablation.run_args(rlrp_run, str(preset), ablation.VARIANTS["rlrp"][1], 0, 3)
+    assert ablation.finished(rlrp_run, args)
     preset.write_text(TINY_PRESET.replace('"add:1,sort:3"', '"add:1,sort:4"'))
-    assert not experiments.finished(rlrp_run, args)
+    assert not ablation.finished(rlrp_run, args)
     preset.write_text(TINY_PRESET)
     # --sweep writes its own report next to the ablation's, sharing (and reusing) the runs
     report = (out / "ablation.md").read_text()
@@ -86,7 +86,7 @@ def test_ablation_report_matches_runs(tmp_path):
 
 
 def run_cli(cwd, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "experiments.py"), *args], cwd=cwd,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "ablation.py"), *args], cwd=cwd,
                           capture_output=True, text=True, env=ENV)
 
 
@@ -100,13 +100,13 @@ def test_unknown_variant_is_one_line_error(tmp_path):
 
 
 def test_arguments_are_key_value_like_every_entry_point(tmp_path):
-    c, names = experiments.parse_args(["--sweep=True", "--jobs=1"])
-    assert c["sweep"] is True and c["quick"] is False and c["jobs"] == 1 and names == experiments.SWEEP
-    c, names = experiments.parse_args(["--quick=True", "--variants=gpt,rlrp", "--variants=rlrp"])  # in order
+    c, names = ablation.parse_args(["--sweep=True", "--jobs=1"])
+    assert c["sweep"] is True and c["quick"] is False and c["jobs"] == 1 and names == ablation.SWEEP
+    c, names = ablation.parse_args(["--quick=True", "--variants=gpt,rlrp", "--variants=rlrp"])  # in order
     assert c["quick"] is True and names == ["rlrp"] and c["preset"] == "config/train_cpu.py"
-    assert experiments.parse_args([])[1] == experiments.ABLATION
+    assert ablation.parse_args([])[1] == ablation.ABLATION
     with pytest.raises(ConfigError, match="jobs must be >= 1"):
-        experiments.parse_args(["--jobs=0"])
+        ablation.parse_args(["--jobs=0"])
     # the old argparse flags are one-line errors naming the form to write; nothing starts training
     assert one_line_error(run_cli(tmp_path, "--sweep", "--variants=nope"), "write --sweep=True")
     assert one_line_error(run_cli(tmp_path, "--preset=missing.py"), "config file 'missing.py' not found")

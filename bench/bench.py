@@ -4,11 +4,11 @@ Forward + backward + AdamW on the real loss, on random tokens: ms/iter, tokens/s
 per token split trunk / head / unembed, and MFU on a GPU. Every ratio is measured side by side in one
 process, repetitions interleaved, medians.
 
-    python bench.py                                      # one row for the config below
-    python bench.py --sweep=True --vocab=gpt2            # K in {0,1,2,4,8}: time and FLOP ratios to K=0
-    python bench.py --reference=True                     # our K=0 trunk vs a plain nanoGPT-style GPT
-    python bench.py --compare_compile=True               # compile time and graphs: whole vs compile_parts
-    python bench.py --device=cuda --compile=True --vocab=gpt2 --n_layer=12 --n_head=12 --n_embd=768 \\
+    python bench/bench.py                                      # one row for the config below
+    python bench/bench.py --sweep=True --vocab=gpt2            # K in {0,1,2,4,8}: time and FLOP ratios to K=0
+    python bench/bench.py --reference=True                     # our K=0 trunk vs a plain nanoGPT-style GPT
+    python bench/bench.py --compare_compile=True               # compile time and graphs: whole vs compile_parts
+    python bench/bench.py --device=cuda --compile=True --vocab=gpt2 --n_layer=12 --n_head=12 --n_embd=768 \\
         --block_size=1024 --batch_size=12 --n_steps=4   # GPT-2 small shape, bf16: MFU
 
 MF columns: analytic MFLOPs per token, 6 per multiply-add (model.flops_per_token). Not counted: where the
@@ -34,6 +34,9 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the project root: train.py, model.py, ... import from here
 
 from configurator import ConfigError, configure
 from losses import rlrp_loss, step_weights
@@ -75,7 +78,7 @@ def parse_args(argv):
     try:
         return configure(DEFAULTS, argv, doc=__file__)
     except ConfigError as e:
-        sys.exit(f"bench.py: {e}")
+        sys.exit(f"bench/bench.py: {e}")
 
 
 def vocab_size(cfg):

@@ -1,9 +1,9 @@
 """
 Does latent thinking help? Trains the ablation of README "Results" and writes results/ablation.md + plots.
 
-    python experiments.py                # 7 variants x 3 seeds on config/train_cpu.py (83 min, 2 CPU cores)
-    python experiments.py --quick=True   # 1 seed, a quarter of the steps (~8 min), into results/quick
-    python experiments.py --sweep=True   # the preset with one default changed, 1 seed: sweep.md (18 min)
+    python experiments/ablation.py                # 7 variants x 3 seeds on config/train_cpu.py (83 min, 2 CPU cores)
+    python experiments/ablation.py --quick=True   # 1 seed, a quarter of the steps (~8 min), into results/quick
+    python experiments/ablation.py --sweep=True   # the preset with one default changed, 1 seed: sweep.md (18 min)
 
 All variants share the trunk, the data mixture, the tokens seen, the seeds and the evaluation (the fixed
 held-out synthetic eval set, never trained on: data.is_eval_prompt); only the overrides below change.
@@ -11,7 +11,6 @@ Runs go to <out>/runs/<variant>-s<seed>/; a finished run with the same configura
 interrupted ablation resumes.
 """
 
-import json
 import os
 import platform
 import subprocess
@@ -22,9 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-import train
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the project root: train.py, model.py, ... import from here
+
+import train  # noqa: E402 (after the root is on sys.path)
 from configurator import ConfigError, configure
-from evaluate import exact_match_curve, pyplot
+from evaluate import exact_match_curve, pyplot, read_metrics
 from sample import load_checkpoint
 
 DEFAULTS = dict(
@@ -39,7 +41,7 @@ DEFAULTS = dict(
     iters=0,                       # steps per run; 0 = the preset's max_iters (a quarter with quick=True)
 )
 
-TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+TRAIN = os.path.join(ROOT, "train.py")
 FIXED_K = "--n_steps_dist=fixed"  # the preset trains with random K (README "Results"); the ablation does not
 VARIANTS = {  # name: (what it is, overrides of the preset)
     "gpt": ("GPT baseline: K=0, plain CE, same mixture", [FIXED_K, "--n_steps=0", "--lambda_rl=0.0"]),
@@ -66,9 +68,9 @@ def run_dir(root, name, seed):
     return os.path.join(root, "runs", f"{name}-s{seed}")
 
 
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        recs = [json.loads(line) for line in f]
+def run_records(out_dir):
+    """(train records, eval records) of a run's metrics.jsonl."""
+    recs = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     return [r for r in recs if r["type"] == "train"], [r for r in recs if r["type"] == "eval"]
 
 
@@ -87,7 +89,7 @@ def finished(out_dir, args):
     """A run is reused only when it completed with exactly the configuration asked for now."""
     try:
         saved = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["config"]
-        last_eval = read_metrics(out_dir)[1][-1]["iter"]
+        last_eval = run_records(out_dir)[1][-1]["iter"]
     except (FileNotFoundError, IndexError):
         return False
     # a key added to train.py after the run was written: the run trained with its default
@@ -109,7 +111,7 @@ def train_run(out, preset, overrides, seed, max_iters, threads=1):
 def summarize_run(out_dir):
     """One run's figures for the report, and its test-time curve: teacher-forced exact match (= greedy
     decoding's) for every K' = 0..2K on the run's own held-out eval set."""
-    train_recs, evals = read_metrics(out_dir)
+    train_recs, evals = run_records(out_dir)
     model, cfg = load_checkpoint(out_dir, "cpu")
     batches = train.load_data(cfg)[2].eval_batches(cfg["batch_size"], cfg["eval_examples"])
     last = evals[-1]
@@ -160,7 +162,7 @@ def write_report(path, preset, summaries, seeds, wall_s, max_iters, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     tasks = list(next(iter(summaries.values()))[0]["task_em"])
     lines = [f"# RLRP {os.path.splitext(os.path.basename(path))[0]}\n",
-             f"`python {' '.join(['experiments.py', *argv])}` · {preset} · {max_iters} steps · "
+             f"`python {' '.join(['experiments/ablation.py', *argv])}` · {preset} · {max_iters} steps · "
              f"seeds {seeds} · {platform.processor() or platform.machine()}, {os.cpu_count()} cores · "
              f"wall time {wall_s / 60:.1f} min · mean ± std over seeds\n",
              "Exact match (EM) is on the held-out synthetic eval set, teacher-forced (identical to greedy "
@@ -268,4 +270,4 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except ConfigError as e:
-        sys.exit(f"experiments.py: {e}")
+        sys.exit(f"experiments/ablation.py: {e}")

@@ -3,9 +3,9 @@ The depth experiment: does step K beat step 1 where the trunk runs out of layers
 at test time (K' > K) help? Trains every variant x 3 seeds, writes results/<suite>/<suite>.md and plots
 (README "Results").
 
-    python depth.py                 # 9 variants x 3 seeds on config/train_depth.py (README: the time)
-    python depth.py --quick=True    # 1 seed, a quarter of the steps (results/depth-quick): a pipeline check
-    python depth.py --suite=steps   # steps that earn their keep: objective x head on config/train_steps.py
+    python experiments/depth.py                 # 9 variants x 3 seeds on config/train_depth.py (README: the time)
+    python experiments/depth.py --quick=True    # 1 seed, a quarter of the steps (results/depth-quick): a pipeline check
+    python experiments/depth.py --suite=steps   # steps that earn their keep: objective x head on config/train_steps.py
 
 Every run sees the same data for the same steps (the depth preset: in-context lookups hopo:1-3 and the
 fixed-map control iter:2; the steps preset: hopo:1-3); only the overrides of the variants change (the
@@ -18,7 +18,7 @@ never trained on (depth: hopo:4, iter:1, iter:3; steps: hopo:4..7):
     o_k = h_t + W_out·z̃_k with z̃_k = 0 (zero) or z_k of a random other position of the row (shuffle).
 An answer is read at step K (depth) or at K' = its level L (steps: one step per hop, read_step).
 The two plain GPTs get the extra FLOPs of the costliest head in the trunk: more layers, or a wider trunk,
-whichever count or width matches best (matched_gpts). Runs are reused like experiments.py's.
+whichever count or width matches best (matched_gpts). Runs are reused like ablation.py's.
 """
 
 import json
@@ -31,17 +31,20 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-import data
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the project root: train.py, model.py, ... import from here
+
+import data  # noqa: E402 (after the root is on sys.path)
 from checkpoint import build_model
 from configurator import ConfigError, configure
 from evaluate import evaluate_reasoning, exact_match_curve, per_task, pyplot
-from experiments import fmt, mean_std, read_metrics, run_dir, task_table, train_config, train_run
+from ablation import fmt, mean_std, run_dir, run_records, task_table, train_config, train_run
 from sample import load_checkpoint
 from tasks import parse_tasks
 
 DEFAULTS = dict(
     suite="depth",                   # 'depth' (the depth experiment) | 'steps' (SUITES: steps that earn their
-                                     # keep, README "Results: Steps that earn their keep")
+                                     # keep, README "Steps that earn their keep")
     quick=False,                     # 1 seed, a quarter of the steps, into results/<suite>-quick
     out="",                          # '' = results/<suite>, or results/<suite>-quick with quick=True
     preset="",                       # the config every variant overrides; '' = the suite's
@@ -200,7 +203,7 @@ def summarize(out_dir, n_per_task, eval_tasks=EVAL_TASKS):
                                                                "eval_tasks": eval_tasks}
         with open(cache, "w") as f:
             json.dump(res, f)
-    train_recs, evals = read_metrics(out_dir)
+    train_recs, evals = run_records(out_dir)
     cfg = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["config"]
     tokens_per_s = float(np.median([r["tokens_per_s"] for r in train_recs]))
     return res | {"flops": model_flops(cfg), "tokens_per_s": tokens_per_s, "evals": evals}
@@ -216,7 +219,7 @@ def write_report(path, cfg, names, summaries, seeds, wall_s, argv):
     step = lambda r, t: read_step(suite, t, r["K"])                  # the K' an answer is read at
     title = "RLRP depth experiment" if suite == "depth" else "RLRP: steps that earn their keep"
     lines = [f"# {title}\n",
-             f"`python {' '.join(['depth.py', *argv])}` · {cfg['preset']} · {cfg['max_iters']} steps · "
+             f"`python {' '.join(['experiments/depth.py', *argv])}` · {cfg['preset']} · {cfg['max_iters']} steps · "
              f"seeds {seeds} · {platform.processor() or platform.machine()}, {os.cpu_count()} cores · "
              f"wall time {wall_s / 60:.1f} min · mean ± std over seeds · {n_per_task} held-out examples "
              "per task\n",
@@ -382,4 +385,4 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except ConfigError as e:
-        sys.exit(f"depth.py: {e}")
+        sys.exit(f"experiments/depth.py: {e}")
