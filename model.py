@@ -6,7 +6,7 @@ The RLRP model: a GPT trunk (nanoGPT-style, GPT-2 compatible) that owns a Latent
     logits_k = lm_head(LN_f(o_k))       the trunk's own final norm and tied unembedding
 
 With targets the model returns ℓ (K, B, T), the per-step token NLL, instead of logits: the K
-full-vocabulary logits tensors are never alive at once (losses.token_nll). A model built with
+full-vocabulary logits tensors are never alive at once (linear_ce.token_nll). A model built with
 n_steps = 0 has no head and is exactly a GPT (I5); n_steps is also a run-time argument (I4).
 
 Generation (GPT.generate, its helpers after the class) caches the trunk's keys and values, and what an
@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from latent_head import LatentHead
-from losses import token_nll
+from linear_ce import token_nll
 
 
 @dataclass
@@ -193,7 +193,7 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(o))          # logits_k = lm_head(LN_f(o_k))
 
     def step_nll(self, o, targets):
-        """ℓ_k (B, T) of one step's o_k (B, T, C): unembed fused with the cross-entropy (losses.token_nll)."""
+        """ℓ_k (B, T) of one step's o_k (B, T, C): unembed fused with the cross-entropy (linear_ce)."""
         # ℓ_k = −log softmax(lm_head(LN_f(o_k)))[y], without holding logits_k
         return token_nll(self.transformer.ln_f(o), self.lm_head.weight, targets)
 
