@@ -39,7 +39,7 @@ class LatentHead(nn.Module):
         if attn not in HEAD_ATTN:
             raise ValueError(f"head_attn must be one of {', '.join(HEAD_ATTN)}, got {attn!r}")
         hidden = mlp_ratio * n_latent
-        self.attn = attn
+        self.attn, self.n_latent = attn, n_latent
         self.n_head = n_latent // 64 if n_latent % 64 == 0 and n_latent >= 128 else 1
         self.head_size = n_latent // self.n_head
         self.ln_h = nn.LayerNorm(n_embd, bias=bias)           # LN_h
@@ -164,3 +164,23 @@ class LatentHead(nn.Module):
             outs.append(self.readout(h if k == 1 or readout_grad == "all" else h.detach(), z))
         o = torch.stack(outs)                                      # (K, B, T, C)
         return (o, torch.stack(zs)) if return_latents else o
+
+    def flops_per_token(self, n_steps, seq_len, grad_steps=None):
+        """
+        Training FLOPs per token of n_steps = K steps over seq_len = T positions: 6 per multiply-add of a
+        weight (forward 2, backward 4: PaLM appendix B). grad_steps (truncated backward, latents): the steps
+        before the last grad_steps run forward only (2), z_0 too, and their W_out needs only its weight
+        gradient (4). Every Linear of the head is counted: the ones below run once per token or per readout,
+        all the others are a step's.
+        """
+        K, T = n_steps, seq_len
+        size = lambda layers: sum(lin.weight.numel() for lin in layers)
+        once = [self.fc_h] + ([self.w_kv] if self.attn == "trunk" else [])  # the injection, trunk keys/values
+        not_a_step = (self.w_in, self.w_out, *once)
+        steps = [m for m in self.modules() if isinstance(m, nn.Linear) and m not in not_a_step]
+        # per step: its matmuls, and for an attending head the scores q·k and att·v over T positions
+        step = size(steps) + (2 * self.n_latent * T if self.attn != "none" else 0)
+        n_grad = K if not grad_steps else min(K, grad_steps)                 # steps with a full backward
+        w_in, w_out = self.w_in.weight.numel(), self.w_out.weight.numel()
+        return (6 * size(once) + (6 if n_grad == K else 2) * w_in
+                + n_grad * 6 * (step + w_out) + (K - n_grad) * (2 * step + 4 * w_out))

@@ -350,27 +350,14 @@ class GPT(nn.Module):
     def flops_per_token(self, n_steps=None, seq_len=None, grad_steps=None):
         """
         Training FLOPs per token (forward + backward = 6 per multiply-add per parameter, PaLM appendix B),
-        split into trunk (blocks + attention scores), head (latent head) and unembed (lm_head, once per step).
-        grad_steps (truncated backward, LatentHead.latents): the steps before the last grad_steps run forward
-        only (2 per multiply-add), z_0 too, and their W_out needs only its weight gradient (4).
+        split into trunk (blocks + attention scores), head (LatentHead.flops_per_token, with grad_steps) and
+        unembed (lm_head, once per step).
         """
         cfg, K = self.config, self.resolve_steps(n_steps)
         T = seq_len or cfg.block_size
         blocks = sum(p.numel() for p in self.transformer.h.parameters() if p.dim() >= 2)
         trunk = 6 * blocks + 12 * cfg.n_layer * cfg.n_embd * T
-        head = 0
-        if K > 0:
-            hd, D = self.latent_head, cfg.n_latent
-
-            def n(*names):  # weights of these matmuls (those the variant has)
-                return sum(getattr(hd, name).weight.numel() for name in names if hasattr(hd, name))
-            n_grad = K if not grad_steps else min(K, grad_steps)          # steps with a full backward
-            once = n("fc_h", "w_kv")                                       # the injection, trunk keys/values
-            # per step: its matmuls, and for an attending head the scores q·k and att·v over T positions
-            step = n("fc_z", "proj", "w_q", "w_qkv", "fc_a") + (2 * D * T if hd.attn != "none" else 0)
-            w_in, w_out = n("w_in"), n("w_out")
-            head = (6 * once + (6 if n_grad == K else 2) * w_in
-                    + n_grad * 6 * (step + w_out) + (K - n_grad) * (2 * step + 4 * w_out))
+        head = self.latent_head.flops_per_token(K, T, grad_steps) if K > 0 else 0
         unembed = 6 * cfg.n_embd * cfg.vocab_size * max(K, 1)
         return {"trunk": trunk, "head": head, "unembed": unembed, "total": trunk + head + unembed}
 
