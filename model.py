@@ -380,29 +380,29 @@ def newest_outputs(head, h, K, cache):
         yield head.readout(h[:, -1], z[:, -1])                               # o_k, (B, C)
 
 
-def exit_logits(outs, K, unembed, exit_threshold=None, trace=False):
+def exit_logits(outs, K, unembed, exit_threshold=None, return_steps=False):
     """
     outs: o_0 = h, o_1..o_K (each (B, C)) at the newest position (newest_outputs); unembed: o_k -> logits_k.
     Returns (logits (B, V) of the step each row ends at, steps used (B,), top1, prob).
     Adaptive exit: a row stops at the first k >= 1 with KL(p_k || p_{k-1}) < exit_threshold, p_0 being the
     trunk's own distribution, and takes logits_k; KL >= 0, so a threshold of 0 (or None) runs all K steps.
-    trace: top1, prob (B, K+1) = each step's argmax and its probability (k = 0 the trunk; -1/nan where a
-    row had exited), else None.
+    return_steps: top1, prob (B, K+1) = each step's argmax and its probability (k = 0 the trunk; -1/nan where
+    a row had exited), else None.
     """
     outs = iter(outs)
     h = next(outs)                                                 # o_0, the trunk's own
     B, adaptive = h.size(0), bool(exit_threshold)
     used = torch.full((B,), K, dtype=torch.long, device=h.device)
     done = torch.zeros(B, dtype=torch.bool, device=h.device)
-    top1 = torch.full((B, K + 1), -1, dtype=torch.long, device=h.device) if trace else None
-    prob = torch.full((B, K + 1), float("nan"), device=h.device) if trace else None
+    top1 = torch.full((B, K + 1), -1, dtype=torch.long, device=h.device) if return_steps else None
+    prob = torch.full((B, K + 1), float("nan"), device=h.device) if return_steps else None
     out = logp_prev = None
     for k, o in enumerate(itertools.chain([h], outs)):            # lazily: an early exit stops computing
-        if k < K and not (adaptive or trace):
+        if k < K and not (adaptive or return_steps):
             continue  # fixed K: only logits_K is needed
         logits = unembed(o)                                        # logits_k, (B, V)
         logp = F.log_softmax(logits.float(), dim=-1)
-        if trace:
+        if return_steps:
             p, i = logp.max(-1)
             top1[:, k], prob[:, k] = i.masked_fill(done, -1), p.exp().masked_fill(done, float("nan"))
         out = logits if out is None else torch.where(done[:, None], out, logits)  # exited rows keep theirs
