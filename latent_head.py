@@ -27,9 +27,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from generation import LayerKV
+
 
 READOUT_GRAD = ("all", "first")  # which steps' losses reach h_t through the readout's residual (forward)
 HEAD_ATTN = ("none", "trunk", "latent")
+
+
+class HeadCache:
+    """
+    Generation's cache of what an attending head's steps read at earlier positions (LatentHead.new_cache),
+    extended by latents:
+      head_attn='trunk'   kv: the keys and values of LN_h(h), one set for every step (2·D numbers per token)
+      head_attn='latent'  steps[k−1]: step k's keys and values of LN_z(z_{k−1}) (2·D·K per token): all K steps
+                          must run for every token, since later tokens read them
+    """
+
+    def __init__(self, attn, n_steps):
+        self.kv = LayerKV() if attn == "trunk" else None
+        self.steps = [LayerKV() for _ in range(n_steps)] if attn == "latent" else None
 
 
 class LatentHead(nn.Module):
@@ -84,8 +100,8 @@ class LatentHead(nn.Module):
         return z, (self.fc_h(hn), torch.sigmoid(self.b), kv)   # (injection, β = sigmoid(b), keys/values)
 
     def update(self, z, inject, beta, kv, cache=None):
-        """One refinement step k: z_{k-1} (B, T, D) -> z_k (B, T, D). cache: generation's dict of this step's
-        keys/values at earlier positions (head_attn='latent'), extended here; see latents."""
+        """One refinement step k: z_{k-1} (B, T, D) -> z_k (B, T, D). cache: generation's LayerKV of this
+        step's keys/values at earlier positions (head_attn='latent'), extended here; see latents."""
         zn = self.ln_z(z)                                          # LN_z(z_{k-1})
         first = self.fc_z(zn) + inject                             # 1st layer on [LN_z(z_{k-1}) ; LN_h(h_t)]
         if self.attn != "none":
@@ -108,9 +124,7 @@ class LatentHead(nn.Module):
         else:
             q, k, v = self.heads(self.w_qkv(zn)).chunk(3, dim=1)
             if cache is not None:                                        # generation: earlier positions' too
-                if cache:
-                    k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-                cache["k"], cache["v"] = k, v
+                k, v = cache.extend(k, v)                                # (B, nh, T_all, hs)
         # a whole sequence attends causally; one new token (generation, T = 1) to every cached position
         causal = True if T > 1 else False          # a plain bool, also when a compiled graph has a dynamic T
         a = F.scaled_dot_product_attention(q, k, v, is_causal=causal)                  # (B, nh, T, hs)
@@ -126,24 +140,19 @@ class LatentHead(nn.Module):
         generation may stop after any step (adaptive exit).
         grad_steps: backpropagate through only the last `grad_steps` steps (None = all). Earlier steps run
         without autograd, so they cost no activation memory.
-        cache: generation's dict of what an attending head's steps read of earlier positions, extended here
-        (h then holds the positions this call adds: the whole window on a (re)fill, else the newest token):
-          head_attn='trunk'   cache['kv']: the keys and values of LN_h(h), one set for every step
-                              (2·D numbers per token)
-          head_attn='latent'  cache[k−1]: step k's keys and values of LN_z(z_{k−1}) (2·D·K per token): all K
-                              steps must run for every token, since later tokens read them
+        cache: generation's HeadCache of what an attending head's steps read of earlier positions, extended
+        here (h then holds the positions this call adds: the whole window on a (re)fill, else the newest
+        token).
         """
         first_grad_step = 1 if grad_steps is None else max(1, n_steps - grad_steps + 1)
         z, (inject, beta, kv) = self.init_state(h)                 # z_0 (B, T, D)
         if cache is not None and self.attn == "trunk":
-            if "kv" in cache:                                      # earlier positions' keys come first
-                kv = tuple(torch.cat(pair, 2) for pair in zip(cache["kv"], kv))    # (B, nh, T_all, hs)
-            cache["kv"] = kv
+            kv = cache.kv.extend(*kv)                  # earlier positions' first, (B, nh, T_all, hs)
         if first_grad_step > 1:
             z = z.detach()
         yield z
         for k in range(1, n_steps + 1):
-            step_cache = cache.setdefault(k - 1, {}) if cache is not None and self.attn == "latent" else None
+            step_cache = cache.steps[k - 1] if cache is not None and self.attn == "latent" else None
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= first_grad_step):
                 z = self.update(z, inject, beta, kv, step_cache)   # z_k
             yield z
@@ -164,6 +173,11 @@ class LatentHead(nn.Module):
             outs.append(self.readout(h if k == 1 or readout_grad == "all" else h.detach(), z))
         o = torch.stack(outs)                                      # (K, B, T, C)
         return (o, torch.stack(zs)) if return_latents else o
+
+    def new_cache(self, n_steps):
+        """An empty HeadCache for generation with n_steps steps; None for head_attn='none', whose steps read
+        h_t only."""
+        return None if self.attn == "none" else HeadCache(self.attn, n_steps)
 
     def flops_per_token(self, n_steps, seq_len, grad_steps=None):
         """

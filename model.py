@@ -9,14 +9,13 @@ With targets the model returns ℓ (K, B, T), the per-step token NLL, instead of
 full-vocabulary logits tensors are never alive at once (linear_ce.token_nll). A model built with
 n_steps = 0 has no head and is exactly a GPT (I5); n_steps is also a run-time argument (I4).
 
-Generation (GPT.generate, its helpers after the class) caches the trunk's keys and values, and what an
+Generation (GPT.generate, its parts in generation.py) caches the trunk's keys and values, and what an
 attending head's steps read: each new token costs one trunk pass and K head steps on one position until the
 context fills block_size; then the window slides and each new token re-runs the last block_size tokens
 (positions are absolute, so cached keys cannot be shifted).
 """
 
 import inspect
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from generation import KVCache, exit_logits, newest_outputs, next_token
 from latent_head import LatentHead
 from linear_ce import token_nll
 
@@ -61,17 +61,14 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x, kv=None):
-        """x (B, T, C). kv: generation's cache of this layer, a dict {'k', 'v'} of (B, nh, T_cached, hs) that
-        this call's keys and values are appended to; None in training (the graph is then the plain one)."""
+        """x (B, T, C). kv: generation's cache of this layer (generation.LayerKV), extended with this call's
+        keys and values; None in training (the graph is then the plain one)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))    # (B, nh, T, hs)
-        causal = True
+        causal = kv is None or len(kv) == 0   # training, prefill; decode: one new token reads all cached
         if kv is not None:
-            if kv:  # one new token attends to all cached ones (more would need a mask offset by T_cached)
-                assert T == 1, "the KV cache takes one token at a time after the prompt"
-                k, v, causal = torch.cat([kv["k"], k], 2), torch.cat([kv["v"], v], 2), False
-            kv["k"], kv["v"] = k, v
+            k, v = kv.extend(k, v)                                                  # (B, nh, T_all, hs)
         # flash / memory-efficient attention kernels where the device has them
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)   # (B, nh, T, hs)
@@ -173,14 +170,14 @@ class GPT(nn.Module):
     def trunk(self, idx, cache=None):
         """
         idx (B, T) -> h (B, T, C): the hidden state after the last block, before LN_f.
-        cache: generation's KV cache, one dict per layer (see CausalSelfAttention); idx then continues the
-        cached tokens, so its positions start after them.
+        cache: generation's KVCache, whose layers this call extends; idx then continues the cached tokens, so
+        its positions start after them.
         """
-        t0 = cache[0]["k"].size(2) if cache and cache[0] else 0
+        t0 = 0 if cache is None else len(cache)
         pos = torch.arange(t0, t0 + idx.size(1), dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if cache is None else cache[i])
+            x = block(x, None if cache is None else cache.layers[i])
         return x
 
     def head_outputs(self, h, K, grad_steps=None, readout_grad="all"):
@@ -237,7 +234,7 @@ class GPT(nn.Module):
         return self
 
     # -------------------------------------------------------------------------
-    # generation (its helpers, newest_outputs, exit_logits and next_token, follow the class)
+    # generation (its cache and per-token helpers are in generation.py)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_steps=None, exit_threshold=None,
@@ -259,11 +256,12 @@ class GPT(nn.Module):
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache, steps = None, []
         for _ in range(max_new_tokens):
-            if cache is None or cache[0]["k"].size(2) == bs:      # (re)fill from the last block_size tokens
-                cache, new = [{} for _ in self.transformer.h] + [{}], idx[:, -bs:]
+            if cache is None or len(cache) == bs:                  # (re)fill from the last block_size tokens
+                head_cache = self.latent_head.new_cache(K) if K else None
+                cache, new = KVCache(self.config.n_layer, head_cache), idx[:, -bs:]
             else:
                 new = idx[:, -1:]                                   # the newest token only
-            outs = newest_outputs(self.latent_head, self.trunk(new, cache), K, cache[-1])
+            outs = newest_outputs(self.latent_head, self.trunk(new, cache), K, cache.head)
             if K and self.config.head_attn == "latent":
                 # every step runs, exit or not: step k at a later token reads step k−1 here, as uncached
                 outs = list(outs)
@@ -360,68 +358,3 @@ class GPT(nn.Module):
         head = self.latent_head.flops_per_token(K, T, grad_steps) if K > 0 else 0
         unembed = 6 * cfg.n_embd * cfg.vocab_size * max(K, 1)
         return {"trunk": trunk, "head": head, "unembed": unembed, "total": trunk + head + unembed}
-
-
-# -----------------------------------------------------------------------------
-# generation helpers: the head's outputs at the newest position, adaptive exit, the next token
-
-def newest_outputs(head, h, K, cache):
-    """
-    Yields o_0 = h_t (the trunk's own), then o_1..o_K at the newest position t, each (B, C), one at a time so
-    that adaptive exit can stop after any step. h (B, T, C): the positions this call adds; head: the model's
-    LatentHead (None when K = 0), cache its generation cache (LatentHead.latents), extended here.
-    """
-    yield h[:, -1]
-    if K == 0:
-        return
-    if head.attn == "none":
-        h = h[:, -1:]                                # position-wise: the newest position is all it needs
-    for z in itertools.islice(head.latents(h, K, cache=cache), 1, None):     # z_1..z_K, (B, T, D)
-        yield head.readout(h[:, -1], z[:, -1])                               # o_k, (B, C)
-
-
-def exit_logits(outs, K, unembed, exit_threshold=None, return_steps=False):
-    """
-    outs: o_0 = h, o_1..o_K (each (B, C)) at the newest position (newest_outputs); unembed: o_k -> logits_k.
-    Returns (logits (B, V) of the step each row ends at, steps used (B,), top1, prob).
-    Adaptive exit: a row stops at the first k >= 1 with KL(p_k || p_{k-1}) < exit_threshold, p_0 being the
-    trunk's own distribution, and takes logits_k; KL >= 0, so a threshold of 0 (or None) runs all K steps.
-    return_steps: top1, prob (B, K+1) = each step's argmax and its probability (k = 0 the trunk; -1/nan where
-    a row had exited), else None.
-    """
-    outs = iter(outs)
-    h = next(outs)                                                 # o_0, the trunk's own
-    B, adaptive = h.size(0), bool(exit_threshold)
-    used = torch.full((B,), K, dtype=torch.long, device=h.device)
-    done = torch.zeros(B, dtype=torch.bool, device=h.device)
-    top1 = torch.full((B, K + 1), -1, dtype=torch.long, device=h.device) if return_steps else None
-    prob = torch.full((B, K + 1), float("nan"), device=h.device) if return_steps else None
-    out = logp_prev = None
-    for k, o in enumerate(itertools.chain([h], outs)):            # lazily: an early exit stops computing
-        if k < K and not (adaptive or return_steps):
-            continue  # fixed K: only logits_K is needed
-        logits = unembed(o)                                        # logits_k, (B, V)
-        logp = F.log_softmax(logits.float(), dim=-1)
-        if return_steps:
-            p, i = logp.max(-1)
-            top1[:, k], prob[:, k] = i.masked_fill(done, -1), p.exp().masked_fill(done, float("nan"))
-        out = logits if out is None else torch.where(done[:, None], out, logits)  # exited rows keep theirs
-        if adaptive and k > 0:
-            kl = (logp.exp() * (logp - logp_prev)).sum(-1).clamp(min=0)      # KL(p_k || p_{k-1}), (B,)
-            exit_now = ~done & (kl < exit_threshold)
-            used, done = torch.where(exit_now, k, used), done | exit_now
-            if done.all():
-                break
-        logp_prev = logp
-    return out, used, top1, prob
-
-
-def next_token(logits, temperature, top_k):
-    """logits (B, V) -> next token ids (B,): greedy at temperature 0, else sampled from the top_k."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float("inf")
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(-1)

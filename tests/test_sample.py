@@ -12,7 +12,8 @@ import torch
 import data
 import sample
 from configurator import ConfigError
-from model import GPT, GPTConfig, newest_outputs
+from generation import newest_outputs
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BS = 16  # block_size of the tiny models
@@ -59,14 +60,16 @@ def test_newest_outputs_with_the_cache_equal_the_head(attn):
             for p in model.latent_head.parameters():
                 p.normal_(0, 0.3)
     h = torch.randn(2, 6, 32)
-    cache = {}
+    cache = model.latent_head.new_cache(5)
     for t in range(3, 7):
         new = h[:, :t] if t == 3 else h[:, t - 1:t]
         o = list(newest_outputs(model.latent_head, new, 5, cache))
         assert len(o) == 6 and torch.equal(o[0], h[:, t - 1])                 # o_0 = h_t, the trunk's own
         assert torch.allclose(torch.stack(o[1:]), model.latent_head(h[:, :t], 5)[:, :, -1], atol=1e-5)
     if attn == "latent":
-        assert [cache[k]["k"].size(2) for k in range(5)] == [6] * 5            # every step, every position
+        assert [len(step) for step in cache.steps] == [6] * 5                  # every step, every position
+    if attn == "trunk":
+        assert len(cache.kv) == 6                                              # one set for every step
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
@@ -86,7 +89,7 @@ def test_generation_never_feeds_more_than_block_size():
     fed, cached = [], []
     model.transformer.wpe.register_forward_hook(lambda m, args, out: fed.append(args[0].tolist()))
     for block in model.transformer.h:
-        block.attn.register_forward_hook(lambda m, args, out: cached.append(args[1]["k"].size(2)))
+        block.attn.register_forward_hook(lambda m, args, out: cached.append(len(args[1])))
     prompt = torch.randint(0, 257, (1, 10))
     model.generate(prompt, 20, temperature=1.0, top_k=5)
     assert max(max(p) for p in fed) == BS - 1 and max(cached) == BS
