@@ -12,6 +12,7 @@ import torch
 import data
 import sample
 from configurator import ConfigError
+from conftest import run_script
 from generation import newest_outputs
 from model import GPT, GPTConfig
 
@@ -299,6 +300,18 @@ def test_cli_errors_are_one_line(tmp_path):
                        text=True)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip().count("\n") == 0 and "ckpt.pt not found" in r.stderr
+
+
+def test_cli_corrupt_checkpoint_is_one_line(tmp_path):
+    """A damaged ckpt.pt (random bytes, as a bad copy leaves it) is one line naming the file, as train.py's
+    resume gives it (checkpoint.load), never an unpickling traceback."""
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8).numpy().tobytes())
+    r = run_script("sample.py", f"--out_dir={tmp_path}", "--device=cpu")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert str(path) in r.stderr and "corrupt" in r.stderr
 
 
 @pytest.fixture(scope="module")
