@@ -104,9 +104,13 @@ class LatentHead(nn.Module):
         step's keys/values at earlier positions (head_attn='latent'), extended here; see latents."""
         zn = self.ln_z(z)                                          # LN_z(z_{k-1})
         first = self.fc_z(zn) + inject                             # 1st layer on [LN_z(z_{k-1}) ; LN_h(h_t)]
+        # I3: step k at position t reads positions <= t only: every op here is per position, and the one that
+        # mixes positions, an attending head's read, is causal
         if self.attn != "none":
             first = first + self.fc_a(self.read(zn, kv, cache))    # a_k joins the MLP input: [... ; a_k]
         u = self.proj(F.gelu(first, approximate="tanh"))           # u_k = MLP([LN_z(z_{k-1}) ; LN_h(h_t)])
+        # I1: z_k ∈ [−1,1]^D however many steps run: with β ∈ (0,1) z_k is a convex combination of z_{k-1} and
+        # tanh(u_k), both in the box (z_0 = tanh(...) starts there)
         return z + beta * (torch.tanh(u) - z)                      # z_k = z_{k-1} + β ⊙ (tanh(u_k) − z_{k-1})
 
     def heads(self, x):
@@ -125,7 +129,7 @@ class LatentHead(nn.Module):
             q, k, v = self.heads(self.w_qkv(zn)).chunk(3, dim=1)
             if cache is not None:                                        # generation: earlier positions' too
                 k, v = cache.extend(k, v)                                # (B, nh, T_all, hs)
-        # a whole sequence attends causally; one new token (generation, T = 1) to every cached position
+        # a whole sequence attends causally (I3); one new token (generation, T = 1) to every cached position
         causal = True if T > 1 else False          # a plain bool, also when a compiled graph has a dynamic T
         a = F.scaled_dot_product_attention(q, k, v, is_causal=causal)                  # (B, nh, T, hs)
         return a.transpose(1, 2).reshape(B, T, D)
@@ -144,6 +148,8 @@ class LatentHead(nn.Module):
         here (h then holds the positions this call adds: the whole window on a (re)fill, else the newest
         token).
         """
+        # I4: K is a run-time argument: one set of weights for every step, so any n_steps >= 0 runs, and z_k
+        # does not depend on how many steps follow it
         first_grad_step = 1 if grad_steps is None else max(1, n_steps - grad_steps + 1)
         z, (inject, beta, kv) = self.init_state(h)                 # z_0 (B, T, D)
         if cache is not None and self.attn == "trunk":

@@ -117,7 +117,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        # I5: K = 0 builds no head at all, so the baseline is a plain GPT on the same code path
+        # I5: a model built with K = 0 has no head at all: a plain GPT, the baseline, on the same code path
         self.latent_head = (LatentHead(config.n_embd, config.n_latent, config.bias, attn=config.head_attn)
                             if config.n_steps > 0 else None)
         self.apply(self._init_weights)
@@ -125,7 +125,7 @@ class GPT(nn.Module):
             if pn.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if self.latent_head is not None:
-            self.latent_head.reset_parameters()  # its own init, W_out = 0 (I2)
+            self.latent_head.reset_parameters()  # its own init: W_out = 0, so o_k = h_t at first (I2)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -144,7 +144,8 @@ class GPT(nn.Module):
     # forward
 
     def resolve_steps(self, n_steps):
-        """The K this call runs: the built K by default, any K' >= 0 on request (I4)."""
+        """The K this call runs: the built K by default, any K' >= 0 on request. I4: K is a run-time argument,
+        not part of the weights; steps 1..k give the same o_k whatever K' is (LatentHead.latents)."""
         K = self.config.n_steps if n_steps is None else n_steps
         if K < 0:
             raise ValueError(f"n_steps must be >= 0, got {K}")
