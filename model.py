@@ -244,8 +244,8 @@ class GPT(nn.Module):
         Continue idx (B, T) by max_new_tokens tokens -> (B, T + N), the model in eval mode. Each new token:
         K' head steps on its position, logits_K' -> next token (temperature 0 = greedy; top_k keeps the k most
         likely). The context is the last block_size tokens, exactly what the uncached model would see.
-        exit_threshold: adaptive exit, see exit_logits. stop_token: a row that emits it is padded with it from
-        then on, and generation ends early once every row has (N < max_new_tokens).
+        exit_threshold: adaptive exit (generation.exit_logits). stop_token: a row that emits it is padded
+        with it from then on, and generation ends early once every row has (N < max_new_tokens).
         return_steps: also return a dict of (B, N) `used`, the steps each token ran (-1 = padding after
         stop_token), and (B, N, K'+1) `top1`, `prob`: what each step k would have predicted (exit_logits).
         """

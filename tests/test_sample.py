@@ -13,7 +13,7 @@ import data
 import sample
 from configurator import ConfigError
 from conftest import run_script
-from generation import newest_outputs
+from generation import KVCache, newest_outputs
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +71,19 @@ def test_newest_outputs_with_the_cache_equal_the_head(attn):
         assert [len(step) for step in cache.steps] == [6] * 5                  # every step, every position
     if attn == "trunk":
         assert len(cache.kv) == 6                                              # one set for every step
+
+
+@torch.no_grad()
+def test_kv_cache_prefill_then_decode_equals_the_uncached_trunk():
+    model = tiny_model(K=2)
+    idx = torch.randint(0, 257, (2, 8), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(model.config.n_layer)
+    h = [model.trunk(idx[:, :5], cache)]                                 # prefill: an empty cache, 5 tokens
+    h += [model.trunk(idx[:, t:t + 1], cache) for t in range(5, 8)]      # decode: one token at a time
+    assert len(cache) == 8 and [len(layer) for layer in cache.layers] == [8, 8]
+    assert torch.allclose(torch.cat(h, 1), model.trunk(idx), atol=1e-5)
+    with pytest.raises(AssertionError, match="one token at a time"):
+        model.trunk(idx[:, :2], cache)
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
