@@ -24,12 +24,19 @@ SAFE_ON_RESUME = ("out_dir", "init_from", "eval_interval", "log_interval", "eval
 ARCH_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "bias", "n_steps", "n_latent", "head_attn")
 
 
+def saved_model(ckpt, dropout=None):
+    """The model a loaded checkpoint holds, with this run's dropout (None: the checkpoint's)."""
+    args = ckpt["model_args"] if dropout is None else {**ckpt["model_args"], "dropout": dropout}
+    model = GPT(GPTConfig(**args))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
 def build_model(c, tok, ckpt):
     """The model for c's init_from (ckpt: the loaded checkpoint when resuming); its block_size must cover the
     run's, and its vocabulary the tokenizer's."""
     if c["init_from"] == "resume":
-        model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": c["dropout"]}))
-        model.load_state_dict(ckpt["model"])
+        model = saved_model(ckpt, c["dropout"])
     elif c["init_from"] == "scratch":
         V = tok.vocab_size if tok.vocab_size < 1024 else -(-tok.vocab_size // 64) * 64  # big ones: pad to ×64
         model = GPT(GPTConfig(vocab_size=V, dropout=c["dropout"], **{k: c[k] for k in ARCH_KEYS}))

@@ -74,10 +74,9 @@ def evaluate_reasoning(model, batches, n_steps, n_examples=None, world=1):
     for b in batches:
         m = b.answer_mask
         ids, y = b.answer_id[m], b.y[m]                   # (n,): each answer token's example, and target
-        o = model.transformer.ln_f(model.head_outputs(model.trunk(b.x), n_steps))   # (K', B, T, C)
-        o = o[:, m]                                       # (K', n, C): answer positions only
+        o = model.head_outputs(model.trunk(b.x), n_steps)[:, m]   # o_k, (K', n, C): answer positions only
         for k in range(K):
-            logits = model.lm_head(o[k]).float()                              # (n, V): one step at a time
+            logits = model.unembed(o[k]).float()                              # (n, V): one step at a time
             wrong[:, k].index_add_(0, ids, (logits.argmax(-1) != y).float())
             if k in (0, K - 1):                                               # ℓ_1 and ℓ_K on answer tokens
                 nll = F.cross_entropy(logits, y, reduction="none")

@@ -27,9 +27,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from generation import LayerKV
+
 
 READOUT_GRAD = ("all", "first")  # which steps' losses reach h_t through the readout's residual (forward)
 HEAD_ATTN = ("none", "trunk", "latent")
+
+
+class HeadCache:
+    """
+    Generation's cache of what an attending head's steps read at earlier positions (LatentHead.new_cache),
+    extended by latents:
+      head_attn='trunk'   kv: the keys and values of LN_h(h), one set for every step (2·D numbers per token)
+      head_attn='latent'  steps[k−1]: step k's keys and values of LN_z(z_{k−1}) (2·D·K per token): all K steps
+                          must run for every token, since later tokens read them
+    """
+
+    def __init__(self, attn, n_steps):
+        self.kv = LayerKV() if attn == "trunk" else None
+        self.steps = [LayerKV() for _ in range(n_steps)] if attn == "latent" else None
 
 
 class LatentHead(nn.Module):
@@ -39,7 +55,7 @@ class LatentHead(nn.Module):
         if attn not in HEAD_ATTN:
             raise ValueError(f"head_attn must be one of {', '.join(HEAD_ATTN)}, got {attn!r}")
         hidden = mlp_ratio * n_latent
-        self.attn = attn
+        self.attn, self.n_latent = attn, n_latent
         self.n_head = n_latent // 64 if n_latent % 64 == 0 and n_latent >= 128 else 1
         self.head_size = n_latent // self.n_head
         self.ln_h = nn.LayerNorm(n_embd, bias=bias)           # LN_h
@@ -84,13 +100,17 @@ class LatentHead(nn.Module):
         return z, (self.fc_h(hn), torch.sigmoid(self.b), kv)   # (injection, β = sigmoid(b), keys/values)
 
     def update(self, z, inject, beta, kv, cache=None):
-        """One refinement step k: z_{k-1} (B, T, D) -> z_k (B, T, D). cache: generation's dict of this step's
-        keys/values at earlier positions (head_attn='latent'), extended here; see latents."""
+        """One refinement step k: z_{k-1} (B, T, D) -> z_k (B, T, D). cache: generation's LayerKV of this
+        step's keys/values at earlier positions (head_attn='latent'), extended here; see latents."""
         zn = self.ln_z(z)                                          # LN_z(z_{k-1})
         first = self.fc_z(zn) + inject                             # 1st layer on [LN_z(z_{k-1}) ; LN_h(h_t)]
+        # I3: step k at position t reads positions <= t only: every op here is per position, and the one that
+        # mixes positions, an attending head's read, is causal
         if self.attn != "none":
             first = first + self.fc_a(self.read(zn, kv, cache))    # a_k joins the MLP input: [... ; a_k]
         u = self.proj(F.gelu(first, approximate="tanh"))           # u_k = MLP([LN_z(z_{k-1}) ; LN_h(h_t)])
+        # I1: z_k ∈ [−1,1]^D however many steps run: with β ∈ (0,1) z_k is a convex combination of z_{k-1} and
+        # tanh(u_k), both in the box (z_0 = tanh(...) starts there)
         return z + beta * (torch.tanh(u) - z)                      # z_k = z_{k-1} + β ⊙ (tanh(u_k) − z_{k-1})
 
     def heads(self, x):
@@ -108,10 +128,8 @@ class LatentHead(nn.Module):
         else:
             q, k, v = self.heads(self.w_qkv(zn)).chunk(3, dim=1)
             if cache is not None:                                        # generation: earlier positions' too
-                if cache:
-                    k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-                cache["k"], cache["v"] = k, v
-        # a whole sequence attends causally; one new token (generation, T = 1) to every cached position
+                k, v = cache.extend(k, v)                                # (B, nh, T_all, hs)
+        # a whole sequence attends causally (I3); one new token (generation, T = 1) to every cached position
         causal = True if T > 1 else False          # a plain bool, also when a compiled graph has a dynamic T
         a = F.scaled_dot_product_attention(q, k, v, is_causal=causal)                  # (B, nh, T, hs)
         return a.transpose(1, 2).reshape(B, T, D)
@@ -126,24 +144,21 @@ class LatentHead(nn.Module):
         generation may stop after any step (adaptive exit).
         grad_steps: backpropagate through only the last `grad_steps` steps (None = all). Earlier steps run
         without autograd, so they cost no activation memory.
-        cache: generation's dict of what an attending head's steps read of earlier positions, extended here
-        (h then holds the positions this call adds: the whole window on a (re)fill, else the newest token):
-          head_attn='trunk'   cache['kv']: the keys and values of LN_h(h), one set for every step
-                              (2·D numbers per token)
-          head_attn='latent'  cache[k−1]: step k's keys and values of LN_z(z_{k−1}) (2·D·K per token): all K
-                              steps must run for every token, since later tokens read them
+        cache: generation's HeadCache of what an attending head's steps read of earlier positions, extended
+        here (h then holds the positions this call adds: the whole window on a (re)fill, else the newest
+        token).
         """
+        # I4: K is a run-time argument: one set of weights for every step, so any n_steps >= 0 runs, and z_k
+        # does not depend on how many steps follow it
         first_grad_step = 1 if grad_steps is None else max(1, n_steps - grad_steps + 1)
         z, (inject, beta, kv) = self.init_state(h)                 # z_0 (B, T, D)
         if cache is not None and self.attn == "trunk":
-            if "kv" in cache:                                      # earlier positions' keys come first
-                kv = tuple(torch.cat(pair, 2) for pair in zip(cache["kv"], kv))    # (B, nh, T_all, hs)
-            cache["kv"] = kv
+            kv = cache.kv.extend(*kv)                  # earlier positions' first, (B, nh, T_all, hs)
         if first_grad_step > 1:
             z = z.detach()
         yield z
         for k in range(1, n_steps + 1):
-            step_cache = cache.setdefault(k - 1, {}) if cache is not None and self.attn == "latent" else None
+            step_cache = cache.steps[k - 1] if cache is not None and self.attn == "latent" else None
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= first_grad_step):
                 z = self.update(z, inject, beta, kv, step_cache)   # z_k
             yield z
@@ -164,3 +179,28 @@ class LatentHead(nn.Module):
             outs.append(self.readout(h if k == 1 or readout_grad == "all" else h.detach(), z))
         o = torch.stack(outs)                                      # (K, B, T, C)
         return (o, torch.stack(zs)) if return_latents else o
+
+    def new_cache(self, n_steps):
+        """An empty HeadCache for generation with n_steps steps; None for head_attn='none', whose steps read
+        h_t only."""
+        return None if self.attn == "none" else HeadCache(self.attn, n_steps)
+
+    def flops_per_token(self, n_steps, seq_len, grad_steps=None):
+        """
+        Training FLOPs per token of n_steps = K steps over seq_len = T positions: 6 per multiply-add of a
+        weight (forward 2, backward 4: PaLM appendix B). grad_steps (truncated backward, latents): the steps
+        before the last grad_steps run forward only (2), z_0 too, and their W_out needs only its weight
+        gradient (4). Every Linear of the head is counted: the ones below run once per token or per readout,
+        all the others are a step's.
+        """
+        K, T = n_steps, seq_len
+        size = lambda layers: sum(lin.weight.numel() for lin in layers)
+        once = [self.fc_h] + ([self.w_kv] if self.attn == "trunk" else [])  # the injection, trunk keys/values
+        not_a_step = (self.w_in, self.w_out, *once)
+        steps = [m for m in self.modules() if isinstance(m, nn.Linear) and m not in not_a_step]
+        # per step: its matmuls, and for an attending head the scores q·k and att·v over T positions
+        step = size(steps) + (2 * self.n_latent * T if self.attn != "none" else 0)
+        n_grad = K if not grad_steps else min(K, grad_steps)                 # steps with a full backward
+        w_in, w_out = self.w_in.weight.numel(), self.w_out.weight.numel()
+        return (6 * size(once) + (6 if n_grad == K else 2) * w_in
+                + n_grad * 6 * (step + w_out) + (K - n_grad) * (2 * step + 4 * w_out))

@@ -6,17 +6,16 @@ The RLRP model: a GPT trunk (nanoGPT-style, GPT-2 compatible) that owns a Latent
     logits_k = lm_head(LN_f(o_k))       the trunk's own final norm and tied unembedding
 
 With targets the model returns ℓ (K, B, T), the per-step token NLL, instead of logits: the K
-full-vocabulary logits tensors are never alive at once (losses.token_nll). A model built with
+full-vocabulary logits tensors are never alive at once (linear_ce.token_nll). A model built with
 n_steps = 0 has no head and is exactly a GPT (I5); n_steps is also a run-time argument (I4).
 
-Generation (GPT.generate, its helpers after the class) caches the trunk's keys and values, and what an
+Generation (GPT.generate, its parts in generation.py) caches the trunk's keys and values, and what an
 attending head's steps read: each new token costs one trunk pass and K head steps on one position until the
 context fills block_size; then the window slides and each new token re-runs the last block_size tokens
 (positions are absolute, so cached keys cannot be shifted).
 """
 
 import inspect
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -24,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from generation import KVCache, exit_logits, newest_outputs, next_token
 from latent_head import LatentHead
-from losses import token_nll
+from linear_ce import token_nll
 
 
 @dataclass
@@ -61,17 +61,14 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x, kv=None):
-        """x (B, T, C). kv: generation's cache of this layer, a dict {'k', 'v'} of (B, nh, T_cached, hs) that
-        this call's keys and values are appended to; None in training (the graph is then the plain one)."""
+        """x (B, T, C). kv: generation's cache of this layer (generation.LayerKV), extended with this call's
+        keys and values; None in training (the graph is then the plain one)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))    # (B, nh, T, hs)
-        causal = True
+        causal = kv is None or len(kv) == 0   # training, prefill; decode: one new token reads all cached
         if kv is not None:
-            if kv:  # one new token attends to all cached ones (more would need a mask offset by T_cached)
-                assert T == 1, "the KV cache takes one token at a time after the prompt"
-                k, v, causal = torch.cat([kv["k"], k], 2), torch.cat([kv["v"], v], 2), False
-            kv["k"], kv["v"] = k, v
+            k, v = kv.extend(k, v)                                                  # (B, nh, T_all, hs)
         # flash / memory-efficient attention kernels where the device has them
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)   # (B, nh, T, hs)
@@ -120,7 +117,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        # I5: K = 0 builds no head at all, so the baseline is a plain GPT on the same code path
+        # I5: a model built with K = 0 has no head at all: a plain GPT, the baseline, on the same code path
         self.latent_head = (LatentHead(config.n_embd, config.n_latent, config.bias, attn=config.head_attn)
                             if config.n_steps > 0 else None)
         self.apply(self._init_weights)
@@ -128,7 +125,7 @@ class GPT(nn.Module):
             if pn.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if self.latent_head is not None:
-            self.latent_head.reset_parameters()  # its own init, W_out = 0 (I2)
+            self.latent_head.reset_parameters()  # its own init: W_out = 0, so o_k = h_t at first (I2)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -147,7 +144,8 @@ class GPT(nn.Module):
     # forward
 
     def resolve_steps(self, n_steps):
-        """The K this call runs: the built K by default, any K' >= 0 on request (I4)."""
+        """The K this call runs: the built K by default, any K' >= 0 on request. I4: K is a run-time argument,
+        not part of the weights; steps 1..k give the same o_k whatever K' is (LatentHead.latents)."""
         K = self.config.n_steps if n_steps is None else n_steps
         if K < 0:
             raise ValueError(f"n_steps must be >= 0, got {K}")
@@ -173,14 +171,14 @@ class GPT(nn.Module):
     def trunk(self, idx, cache=None):
         """
         idx (B, T) -> h (B, T, C): the hidden state after the last block, before LN_f.
-        cache: generation's KV cache, one dict per layer (see CausalSelfAttention); idx then continues the
-        cached tokens, so its positions start after them.
+        cache: generation's KVCache, whose layers this call extends; idx then continues the cached tokens, so
+        its positions start after them.
         """
-        t0 = cache[0]["k"].size(2) if cache and cache[0] else 0
+        t0 = 0 if cache is None else len(cache)
         pos = torch.arange(t0, t0 + idx.size(1), dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if cache is None else cache[i])
+            x = block(x, None if cache is None else cache.layers[i])
         return x
 
     def head_outputs(self, h, K, grad_steps=None, readout_grad="all"):
@@ -193,7 +191,7 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(o))          # logits_k = lm_head(LN_f(o_k))
 
     def step_nll(self, o, targets):
-        """ℓ_k (B, T) of one step's o_k (B, T, C): unembed fused with the cross-entropy (losses.token_nll)."""
+        """ℓ_k (B, T) of one step's o_k (B, T, C): unembed fused with the cross-entropy (linear_ce)."""
         # ℓ_k = −log softmax(lm_head(LN_f(o_k)))[y], without holding logits_k
         return token_nll(self.transformer.ln_f(o), self.lm_head.weight, targets)
 
@@ -237,7 +235,7 @@ class GPT(nn.Module):
         return self
 
     # -------------------------------------------------------------------------
-    # generation (its helpers, newest_outputs, exit_logits and next_token, follow the class)
+    # generation (its cache and per-token helpers are in generation.py)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_steps=None, exit_threshold=None,
@@ -246,8 +244,8 @@ class GPT(nn.Module):
         Continue idx (B, T) by max_new_tokens tokens -> (B, T + N), the model in eval mode. Each new token:
         K' head steps on its position, logits_K' -> next token (temperature 0 = greedy; top_k keeps the k most
         likely). The context is the last block_size tokens, exactly what the uncached model would see.
-        exit_threshold: adaptive exit, see exit_logits. stop_token: a row that emits it is padded with it from
-        then on, and generation ends early once every row has (N < max_new_tokens).
+        exit_threshold: adaptive exit (generation.exit_logits). stop_token: a row that emits it is padded
+        with it from then on, and generation ends early once every row has (N < max_new_tokens).
         return_steps: also return a dict of (B, N) `used`, the steps each token ran (-1 = padding after
         stop_token), and (B, N, K'+1) `top1`, `prob`: what each step k would have predicted (exit_logits).
         """
@@ -259,11 +257,12 @@ class GPT(nn.Module):
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache, steps = None, []
         for _ in range(max_new_tokens):
-            if cache is None or cache[0]["k"].size(2) == bs:      # (re)fill from the last block_size tokens
-                cache, new = [{} for _ in self.transformer.h] + [{}], idx[:, -bs:]
+            if cache is None or len(cache) == bs:                  # (re)fill from the last block_size tokens
+                head_cache = self.latent_head.new_cache(K) if K else None
+                cache, new = KVCache(self.config.n_layer, head_cache), idx[:, -bs:]
             else:
                 new = idx[:, -1:]                                   # the newest token only
-            outs = newest_outputs(self.latent_head, self.trunk(new, cache), K, cache[-1])
+            outs = newest_outputs(self.latent_head, self.trunk(new, cache), K, cache.head)
             if K and self.config.head_attn == "latent":
                 # every step runs, exit or not: step k at a later token reads step k−1 here, as uncached
                 outs = list(outs)
@@ -350,91 +349,13 @@ class GPT(nn.Module):
     def flops_per_token(self, n_steps=None, seq_len=None, grad_steps=None):
         """
         Training FLOPs per token (forward + backward = 6 per multiply-add per parameter, PaLM appendix B),
-        split into trunk (blocks + attention scores), head (latent head) and unembed (lm_head, once per step).
-        grad_steps (truncated backward, LatentHead.latents): the steps before the last grad_steps run forward
-        only (2 per multiply-add), z_0 too, and their W_out needs only its weight gradient (4).
+        split into trunk (blocks + attention scores), head (LatentHead.flops_per_token, with grad_steps) and
+        unembed (lm_head, once per step).
         """
         cfg, K = self.config, self.resolve_steps(n_steps)
         T = seq_len or cfg.block_size
         blocks = sum(p.numel() for p in self.transformer.h.parameters() if p.dim() >= 2)
         trunk = 6 * blocks + 12 * cfg.n_layer * cfg.n_embd * T
-        head = 0
-        if K > 0:
-            hd, D = self.latent_head, cfg.n_latent
-
-            def n(*names):  # weights of these matmuls (those the variant has)
-                return sum(getattr(hd, name).weight.numel() for name in names if hasattr(hd, name))
-            n_grad = K if not grad_steps else min(K, grad_steps)          # steps with a full backward
-            once = n("fc_h", "w_kv")                                       # the injection, trunk keys/values
-            # per step: its matmuls, and for an attending head the scores q·k and att·v over T positions
-            step = n("fc_z", "proj", "w_q", "w_qkv", "fc_a") + (2 * D * T if hd.attn != "none" else 0)
-            w_in, w_out = n("w_in"), n("w_out")
-            head = (6 * once + (6 if n_grad == K else 2) * w_in
-                    + n_grad * 6 * (step + w_out) + (K - n_grad) * (2 * step + 4 * w_out))
+        head = self.latent_head.flops_per_token(K, T, grad_steps) if K > 0 else 0
         unembed = 6 * cfg.n_embd * cfg.vocab_size * max(K, 1)
         return {"trunk": trunk, "head": head, "unembed": unembed, "total": trunk + head + unembed}
-
-
-# -----------------------------------------------------------------------------
-# generation helpers: the head's outputs at the newest position, adaptive exit, the next token
-
-def newest_outputs(head, h, K, cache):
-    """
-    Yields o_0 = h_t (the trunk's own), then o_1..o_K at the newest position t, each (B, C), one at a time so
-    that adaptive exit can stop after any step. h (B, T, C): the positions this call adds; head: the model's
-    LatentHead (None when K = 0), cache its generation cache (LatentHead.latents), extended here.
-    """
-    yield h[:, -1]
-    if K == 0:
-        return
-    if head.attn == "none":
-        h = h[:, -1:]                                # position-wise: the newest position is all it needs
-    for z in itertools.islice(head.latents(h, K, cache=cache), 1, None):     # z_1..z_K, (B, T, D)
-        yield head.readout(h[:, -1], z[:, -1])                               # o_k, (B, C)
-
-
-def exit_logits(outs, K, unembed, exit_threshold=None, trace=False):
-    """
-    outs: o_0 = h, o_1..o_K (each (B, C)) at the newest position (newest_outputs); unembed: o_k -> logits_k.
-    Returns (logits (B, V) of the step each row ends at, steps used (B,), top1, prob).
-    Adaptive exit: a row stops at the first k >= 1 with KL(p_k || p_{k-1}) < exit_threshold, p_0 being the
-    trunk's own distribution, and takes logits_k; KL >= 0, so a threshold of 0 (or None) runs all K steps.
-    trace: top1, prob (B, K+1) = each step's argmax and its probability (k = 0 the trunk; -1/nan where a
-    row had exited), else None.
-    """
-    outs = iter(outs)
-    h = next(outs)                                                 # o_0, the trunk's own
-    B, adaptive = h.size(0), bool(exit_threshold)
-    used = torch.full((B,), K, dtype=torch.long, device=h.device)
-    done = torch.zeros(B, dtype=torch.bool, device=h.device)
-    top1 = torch.full((B, K + 1), -1, dtype=torch.long, device=h.device) if trace else None
-    prob = torch.full((B, K + 1), float("nan"), device=h.device) if trace else None
-    out = logp_prev = None
-    for k, o in enumerate(itertools.chain([h], outs)):            # lazily: an early exit stops computing
-        if k < K and not (adaptive or trace):
-            continue  # fixed K: only logits_K is needed
-        logits = unembed(o)                                        # logits_k, (B, V)
-        logp = F.log_softmax(logits.float(), dim=-1)
-        if trace:
-            p, i = logp.max(-1)
-            top1[:, k], prob[:, k] = i.masked_fill(done, -1), p.exp().masked_fill(done, float("nan"))
-        out = logits if out is None else torch.where(done[:, None], out, logits)  # exited rows keep theirs
-        if adaptive and k > 0:
-            kl = (logp.exp() * (logp - logp_prev)).sum(-1).clamp(min=0)      # KL(p_k || p_{k-1}), (B,)
-            exit_now = ~done & (kl < exit_threshold)
-            used, done = torch.where(exit_now, k, used), done | exit_now
-            if done.all():
-                break
-        logp_prev = logp
-    return out, used, top1, prob
-
-
-def next_token(logits, temperature, top_k):
-    """logits (B, V) -> next token ids (B,): greedy at temperature 0, else sampled from the top_k."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float("inf")
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(-1)

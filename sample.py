@@ -25,10 +25,11 @@ from contextlib import nullcontext
 
 import torch
 
+import checkpoint
 import data
 from configurator import ConfigError, autocast, configure, default_device, default_dtype
 from evaluate import exact_match_curve, pyplot
-from model import GPT, GPTConfig
+from model import GPT
 
 DEFAULTS = dict(
     init_from="resume",     # 'resume' = out_dir/ckpt.pt (train.py writes it); GPT-2: 'gpt2', ... or a local
@@ -93,15 +94,14 @@ def check_config(c):
 
 
 def load_checkpoint(out_dir, device):
-    """out_dir/ckpt.pt as train.py writes it -> (model in eval mode on device, the training config dict)."""
+    """out_dir/ckpt.pt as train.py writes it -> (model in eval mode on device, the training config dict). A
+    damaged file is a ConfigError naming it (checkpoint.load)."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found: train.py writes it (python train.py "
                                 f"--out_dir={out_dir}), or sample pretrained GPT-2 with --init_from=gpt2")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it also holds RNG states
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval().to(device), ckpt["config"]
+    ckpt = checkpoint.load(path)
+    return checkpoint.saved_model(ckpt).eval().to(device), ckpt["config"]
 
 
 def load_model(c):

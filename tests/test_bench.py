@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bench
-from losses import CPU_TILE, default_chunk_rows, default_tile, token_nll
+from linear_ce import CPU_TILE, default_chunk_rows, default_tile, token_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2", "--vocab=97",
@@ -30,7 +30,7 @@ def nll_and_grads(fn, x, weight, y, upstream):
 
 
 # -----------------------------------------------------------------------------
-# the tiled fused ℓ (losses.token_nll) equals the plain one
+# the tiled fused ℓ (linear_ce.token_nll) equals the plain one
 
 # (600, None, None): the default CPU tile splits both rows (600 > 512) and vocabulary (1100 > 512)
 @pytest.mark.parametrize("N, rows, cols", [(600, None, None), (30, 1, 2000), (30, 5, 7), (200, 64, 100),

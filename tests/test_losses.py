@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from linear_ce import default_chunk_rows, token_nll
 from losses import (check_weights, deep_supervision_loss, improvement_penalty, rlrp_loss, soft_rl_loss,
-                    step_weights, token_nll)
+                    step_weights)
 
 K, B, T, V, C = 3, 2, 5, 11, 6
 
@@ -261,7 +262,7 @@ def test_rlrp_loss_by_kind():
 
 
 # -----------------------------------------------------------------------------
-# ℓ: the chunked fused unembedding + cross-entropy
+# ℓ: the chunked fused unembedding + cross-entropy (linear_ce.py)
 
 def reference_nll(x, weight, y):
     logits = x @ weight.T
@@ -305,7 +306,6 @@ def test_token_nll_under_bf16_autocast_is_close_to_float32():
 
 
 def test_default_chunk_never_holds_more_than_its_budget():
-    from losses import default_chunk_rows
     assert default_chunk_rows(50257) * 50257 <= 2**24
     assert default_chunk_rows(2**30) == 1
 

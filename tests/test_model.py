@@ -421,6 +421,28 @@ def test_attending_head_flops_per_token_by_hand(attn):
     assert model.flops_per_token(n_steps=3, seq_len=T)["head"] == want
 
 
+@pytest.mark.parametrize("attn", ("none",) + ATTN)
+@pytest.mark.parametrize("grad_steps", [None, 1, 2, 5])
+def test_head_counts_its_own_flops_pass_by_pass(attn, grad_steps):
+    """LatentHead.flops_per_token against its matmuls listed by hand, counted pass by pass: 2 FLOPs per
+    multiply-add forward, 2 for the input gradient, 2 for the weight gradient (for the attention scores: of
+    the second operand). GPT.flops_per_token's head share is the head's count."""
+    C, D, H, T, K = 32, 24, 96, 16, 3
+    model = tiny_model(n_steps=K, head_attn=attn)            # n_embd C, n_latent D, hidden 4D = H
+    step_w = D * H + H * D + {"none": 0, "trunk": D * D + D * H, "latent": 3 * D * D + D * H}[attn]
+    scores = 0 if attn == "none" else 2 * D * T                  # q·k and att·v over T positions
+    once = C * H + (C * 2 * D if attn == "trunk" else 0)         # fc_h, and W_kv of the trunk's h
+    w_in, w_out = C * D, D * C
+    g = K if grad_steps is None else min(K, grad_steps)          # the last g steps have a backward
+    z0 = w_in if g == K else 0                                   # z_0 is detached unless every step has one
+    forward = w_in + once + K * (step_w + scores + w_out)
+    input_grad = z0 + once + g * (step_w + scores + w_out)
+    weight_grad = z0 + once + g * (step_w + scores) + K * w_out     # every o_k's loss reaches W_out
+    want = 2 * (forward + input_grad + weight_grad)
+    assert model.latent_head.flops_per_token(K, T, grad_steps) == want
+    assert model.flops_per_token(K, T, grad_steps)["head"] == want
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("attn", ATTN)
 def test_compiled_attending_step_equals_eager(attn):

@@ -12,7 +12,9 @@ import torch
 import data
 import sample
 from configurator import ConfigError
-from model import GPT, GPTConfig, newest_outputs
+from conftest import run_script
+from generation import KVCache, newest_outputs
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BS = 16  # block_size of the tiny models
@@ -59,14 +61,29 @@ def test_newest_outputs_with_the_cache_equal_the_head(attn):
             for p in model.latent_head.parameters():
                 p.normal_(0, 0.3)
     h = torch.randn(2, 6, 32)
-    cache = {}
+    cache = model.latent_head.new_cache(5)
     for t in range(3, 7):
         new = h[:, :t] if t == 3 else h[:, t - 1:t]
         o = list(newest_outputs(model.latent_head, new, 5, cache))
         assert len(o) == 6 and torch.equal(o[0], h[:, t - 1])                 # o_0 = h_t, the trunk's own
         assert torch.allclose(torch.stack(o[1:]), model.latent_head(h[:, :t], 5)[:, :, -1], atol=1e-5)
     if attn == "latent":
-        assert [cache[k]["k"].size(2) for k in range(5)] == [6] * 5            # every step, every position
+        assert [len(step) for step in cache.steps] == [6] * 5                  # every step, every position
+    if attn == "trunk":
+        assert len(cache.kv) == 6                                              # one set for every step
+
+
+@torch.no_grad()
+def test_kv_cache_prefill_then_decode_equals_the_uncached_trunk():
+    model = tiny_model(K=2)
+    idx = torch.randint(0, 257, (2, 8), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(model.config.n_layer)
+    h = [model.trunk(idx[:, :5], cache)]                                 # prefill: an empty cache, 5 tokens
+    h += [model.trunk(idx[:, t:t + 1], cache) for t in range(5, 8)]      # decode: one token at a time
+    assert len(cache) == 8 and [len(layer) for layer in cache.layers] == [8, 8]
+    assert torch.allclose(torch.cat(h, 1), model.trunk(idx), atol=1e-5)
+    with pytest.raises(AssertionError, match="one token at a time"):
+        model.trunk(idx[:, :2], cache)
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
@@ -86,7 +103,7 @@ def test_generation_never_feeds_more_than_block_size():
     fed, cached = [], []
     model.transformer.wpe.register_forward_hook(lambda m, args, out: fed.append(args[0].tolist()))
     for block in model.transformer.h:
-        block.attn.register_forward_hook(lambda m, args, out: cached.append(args[1]["k"].size(2)))
+        block.attn.register_forward_hook(lambda m, args, out: cached.append(len(args[1])))
     prompt = torch.randint(0, 257, (1, 10))
     model.generate(prompt, 20, temperature=1.0, top_k=5)
     assert max(max(p) for p in fed) == BS - 1 and max(cached) == BS
@@ -296,6 +313,18 @@ def test_cli_errors_are_one_line(tmp_path):
                        text=True)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip().count("\n") == 0 and "ckpt.pt not found" in r.stderr
+
+
+def test_cli_corrupt_checkpoint_is_one_line(tmp_path):
+    """A damaged ckpt.pt (random bytes, as a bad copy leaves it) is one line naming the file, as train.py's
+    resume gives it (checkpoint.load), never an unpickling traceback."""
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8).numpy().tobytes())
+    r = run_script("sample.py", f"--out_dir={tmp_path}", "--device=cpu")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert str(path) in r.stderr and "corrupt" in r.stderr
 
 
 @pytest.fixture(scope="module")
