@@ -200,18 +200,26 @@ def _pick_split(ds, split, name):
     return ds
 
 
+def _is_saved_dataset(path):
+    """A folder that datasets' save_to_disk wrote (a Dataset or a DatasetDict)."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f))
+                                       for f in ("state.json", "dataset_dict.json"))
+
+
 def open_source(input="", hf_dataset="", hf_config="", split="train", text_field="text", num_proc=1):
     """The documents of --input (text files, parquet/arrow/JSONL files, a save_to_disk folder) or of
     --hf_dataset (a hub name, or a local copy of a hub repository)."""
     if bool(input) == bool(hf_dataset):
         raise ValueError("give exactly one of --input=FILE|DIR|GLOB and --hf_dataset=NAME")
+    if _is_saved_dataset(hf_dataset):  # load_dataset cannot read one: load_from_disk can, --input's way
+        raise ValueError(f"--hf_dataset={hf_dataset} is a datasets save_to_disk folder: pass it as "
+                         f"--input={hf_dataset}")
     if hf_dataset:
         name = f"{hf_dataset}" + (f" ({hf_config})" if hf_config else "") + f" [{split}]"
         ds = _load_hub_dataset(hf_dataset, hf_config, split=split,
                                num_proc=num_proc if num_proc > 1 else None)
         return DatasetRows(ds, text_field, name)
-    if os.path.isdir(input) and any(os.path.isfile(os.path.join(input, f))
-                                    for f in ("state.json", "dataset_dict.json")):
+    if _is_saved_dataset(input):
         ds = _pick_split(_import_datasets().load_from_disk(input), split, input)
         return DatasetRows(ds, text_field, input)
     files = _input_files(input)

@@ -407,7 +407,10 @@ def test_prepare_errors_are_one_line(tmp_path):
              (["--hf_dataset=nobody/nothing", out, "--tokenizer=byte"],  # the tests run with HF_HUB_OFFLINE=1
               "reach 'nobody/nothing' on the Hub.*without internet, copy the repository.*--hf_dataset=DIR"),
              ([f"--input={tmp_path / 'disk'}", "--text_field=body", out, "--tokenizer=byte", "--num_proc=-1"],
-              "--num_proc=-1")]
+              "--num_proc=-1"),
+             ([f"--hf_dataset={tmp_path / 'disk'}", out, "--tokenizer=byte"],  # datasets' own error: use
+              f"--hf_dataset={re.escape(str(tmp_path / 'disk'))} is a datasets save_to_disk folder: "  # load_from_disk
+              f"pass it as --input={re.escape(str(tmp_path / 'disk'))}")]
     for args, match in cases:
         r = run_script("data.py", "prepare", *args)
         assert r.returncode == 1 and re.search(match, r.stderr) and len(r.stderr.strip().splitlines()) == 1, \
