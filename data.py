@@ -175,6 +175,23 @@ class TokenStream:
         return np.concatenate(parts)
 
 
+def _read_meta_json(meta_path, folder):
+    """meta.json as a dict whose shard list (if any) _open_token_files can read; else one line naming it."""
+    try:
+        with open(meta_path, "rb") as f:
+            meta = json.load(f)
+    except ValueError as e:  # not JSON (or not UTF-8)
+        raise ValueError(f"{meta_path}: not valid JSON ({e}): re-prepare {folder!r}") from None
+    shards = meta.get("shards") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or shards and not (
+            isinstance(meta.get("train_tokens"), int) and isinstance(shards, list)
+            and all(isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("tokens"), int)
+                    for s in shards)):
+        raise ValueError(f'{meta_path}: expected a JSON object, with "train_tokens" and "shards": '
+                         f'[{{"file", "tokens"}}, ...] if it lists shards: re-prepare {folder!r}')
+    return meta
+
+
 def _read_meta(folder, tok):
     """meta.json of a prepared folder, checked against the run's tokenizer."""
     if not os.path.isdir(folder):
@@ -187,8 +204,7 @@ def _read_meta(folder, tok):
                                 f"interrupted one resumes), or for nanoGPT's train.bin/val.bin write "
                                 f'{{"tokenizer": "{tok.name}", "vocab_size": {tok.vocab_size}, '
                                 f'"dtype": "{dtype}"}} there')
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = _read_meta_json(meta_path, folder)
     if (meta.get("tokenizer"), meta.get("vocab_size")) != (tok.name, tok.vocab_size):
         raise ValueError(f"{meta_path}: tokenized with {meta.get('tokenizer')!r} "
                          f"(vocab {meta.get('vocab_size')}) but this run has tokenizer={tok.name!r} "
@@ -300,14 +316,15 @@ def read_jsonl_examples(path: str, gsm8k_answer: str = "final") -> list:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reasoning data file {path!r} not found")
     examples = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes, decoded line by line: a line that is not UTF-8 is named
         for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
+            try:
+                line = line.decode("utf-8")
+                if line.strip():
                     ex = json.loads(line)
                     examples.append((*_jsonl_example(ex, gsm8k_answer), *_jsonl_steps(ex), lineno))
-                except ValueError as e:  # json's decode error is a ValueError too
-                    raise ValueError(f"{path}:{lineno}: {e}") from None
+            except ValueError as e:  # json's and UTF-8's decode errors are ValueErrors too
+                raise ValueError(f"{path}:{lineno}: {e}") from None
     if not examples:
         raise ValueError(f"{path}: no examples (empty file)")
     return examples

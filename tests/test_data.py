@@ -291,6 +291,35 @@ def test_reasoning_errors(tmp_path, byte, monkeypatch):
         ReasoningData("synthetic", byte, 64, tasks="sort:1")
 
 
+def train_error(tmp_path, *args):
+    """train.py's stderr line on bad data given by args (a tiny CPU run, stopped before any model exists)."""
+    r = run_script("train.py", "--device=cpu", "--compile=False", "--tokenizer=byte", "--max_iters=0",
+                   "--block_size=64", f"--out_dir={tmp_path / 'run'}", *args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_train_names_a_jsonl_file_that_is_not_utf8(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "1+1=", "answer": "2"}\n\xff\xfe{"prompt": "2+2=", "answer": "4"}\n')
+    line = train_error(tmp_path, "--fluency_data=pydoc", f"--reasoning_data={bad}")
+    assert f"{bad}:2:" in line and "utf-8" in line, line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("meta", ['{"tokenizer": "byte",', '["byte", 257]',
+                                  '{"tokenizer": "byte", "vocab_size": 257, "dtype": "uint16", '
+                                  '"shards": [{"tokens": 100}], "train_tokens": 90}'])
+def test_train_names_a_malformed_meta_json(tmp_path, meta):
+    """Invalid JSON, not an object, a shard without its file: one line naming meta.json, not a traceback."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "meta.json").write_text(meta)
+    line = train_error(tmp_path, f"--fluency_data={tmp_path / 'folder'}")
+    assert str(tmp_path / "folder" / "meta.json") in line and "re-prepare" in line, line
+
+
 def test_block_size_bound_is_exact(byte):
     """sort:5 examples have up to 12 + 5 tokens:
     block_size 18 holds eot + example + eot, 17 is a clear error."""
