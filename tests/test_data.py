@@ -167,7 +167,8 @@ def test_gpt2_file_errors(tmp_path, gpt2_tokenizer_file, monkeypatch):
     monkeypatch.delenv("NANORLRP_TOKENIZER_FILE")
     offline = lambda name: (_ for _ in ()).throw(ConnectionError("offline"))
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(FileNotFoundError, match=r"tokenizer_file=.*NANORLRP_TOKENIZER_FILE.*fetch_tokenizer"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"tokenizer_file=.*NANORLRP_TOKENIZER_FILE.*data/prepare.py tokenizer"):
         get_tokenizer("gpt2")
     with pytest.raises(ValueError, match="unknown tokenizer 'bpe'"):
         get_tokenizer("bpe")
@@ -449,7 +450,7 @@ def test_hop_iter_level_and_block_size_errors(byte):
 
 @pytest.mark.slow
 def test_show_cli_prints_hop_and_iter():
-    run = lambda spec: run_script("data.py", "show", f"--reasoning_tasks={spec}")
+    run = lambda spec: run_script("data/prepare.py", "show", f"--reasoning_tasks={spec}")
     r = run("hop:2,iter:3")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
@@ -508,9 +509,11 @@ def test_batch_to_keeps_everything(byte):
     assert all(torch.equal(getattr(b, f), getattr(c, f)) for f in ("x", "y", "answer_mask", "answer_id"))
 
 
-def test_every_data_subcommand_prints_its_help():
-    """argparse %-formats help texts: a bare % in one (prepare's '10% of the corpus') crashed `prepare -h`."""
-    for sub in ("prepare", "prepare_reasoning", "fetch_tokenizer", "show"):
-        r = run_script("data.py", sub, "-h")
-        assert r.returncode == 0 and r.stderr == "" and f"usage: data.py {sub}" in r.stdout, (sub, r.stderr)
-    assert "capped at 10% of the corpus" in " ".join(run_script("data.py", "prepare", "-h").stdout.split())
+def test_every_data_subcommand_prints_its_help(tmp_path):
+    """argparse %-formats help texts: a bare % in one (prepare's '10% of the corpus') crashed `fluency -h`.
+    From another folder too: data/prepare.py puts the project root on sys.path itself."""
+    for sub in ("fluency", "reasoning", "tokenizer", "show"):
+        r = run_script(os.path.join(ROOT, "data", "prepare.py"), sub, "-h", cwd=tmp_path)
+        assert r.returncode == 0 and r.stderr == "" and f"usage: prepare.py {sub}" in r.stdout, (sub, r.stderr)
+    help = run_script("data/prepare.py", "fluency", "-h").stdout
+    assert "capped at 10% of the corpus" in " ".join(help.split())
