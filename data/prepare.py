@@ -14,7 +14,7 @@ finished shard is recorded in progress.json: a rerun with the same arguments res
 rerun with other arguments starts over, and a rerun of a finished folder only rewrites meta.json.
 
 prepare_reasoning writes a dataset's (question, answer) rows as JSONL, one file per split, checked by the
-reader training uses (data.read_jsonl).
+reader training uses (tasks.read_jsonl).
 
 The `datasets` package (an optional extra) is imported only for Hugging Face and parquet/arrow/JSONL input.
 
@@ -46,9 +46,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from data import (MAX_VAL_SHARE, ReasoningData, Tokenizer, check_gpt2_ranks, get_tokenizer, jsonl_example,
-                  token_dtype)
-from tasks import DEFAULT_TASKS
+from data import MAX_VAL_SHARE, ReasoningData, Tokenizer, check_gpt2_ranks, get_tokenizer, token_dtype
+from tasks import DEFAULT_TASKS, jsonl_example
 
 # its sdist ships whisper/assets/gpt2.tiktoken, identical to tiktoken's r50k_base.tiktoken
 WHISPER_SDIST = "openai-whisper==20250625"
