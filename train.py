@@ -56,7 +56,7 @@ DEFAULTS = dict(
     # data (data.py)
     tokenizer="gpt2",          # 'gpt2' | 'byte'
     tokenizer_file="",         # a local gpt2.tiktoken, offline (or env NANORLRP_TOKENIZER_FILE)
-    fluency_data="data/openwebtext",  # a folder from `python data.py prepare`, 'pydoc' (embedded), '' = none
+    fluency_data="data/openwebtext",  # a folder from `data/prepare.py fluency`, 'pydoc' (embedded), '' = none
     reasoning_data="synthetic",       # 'synthetic' (built-in suite) or a .jsonl file; '' = none
     reasoning_eval_data="",    # a .jsonl file; '' = the held-out hash slice of reasoning_data
     reasoning_tasks=data.DEFAULT_TASKS,  # the synthetic suite: family:level, comma-separated (README "Data")

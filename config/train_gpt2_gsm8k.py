@@ -1,7 +1,7 @@
 # Augment pretrained GPT-2 (124M) with a latent head and continue training on GSM8K + fluency text.
-# Before (README "Data"): `python data.py prepare_reasoning --hf_dataset=openai/gsm8k --hf_config=main
+# Before (README "Data"): `python data/prepare.py reasoning --hf_dataset=openai/gsm8k --hf_config=main
 # --out_dir=data/gsm8k` (train.jsonl, test.jsonl) and fluency text in data/openwebtext:
-# `python data.py prepare --hf_dataset=Skylion007/openwebtext --out_dir=data/openwebtext`, or
+# `python data/prepare.py fluency --hf_dataset=Skylion007/openwebtext --out_dir=data/openwebtext`, or
 # --fluency_data=pydoc to try it without.
 # By I2 the augmented model starts exactly at GPT-2's logits.
 out_dir = "out-gpt2-gsm8k"

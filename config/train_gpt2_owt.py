@@ -1,7 +1,7 @@
 # Pretrain GPT-2 small (124M) + the latent head (8.3M; K = 4, D = n_embd) from scratch on OpenWebText:
 #   torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_owt.py
-# Before: `python data.py prepare --hf_dataset=Skylion007/openwebtext --out_dir=data/openwebtext` (~9B GPT-2
-# tokens in shards; README "Data"). Half the optimizer steps are reasoning steps on the built-in synthetic
+# Before: `python data/prepare.py fluency --hf_dataset=Skylion007/openwebtext --out_dir=data/openwebtext`
+# (~9B GPT-2 tokens in shards; README "Data"). Half the optimizer steps are reasoning steps on the built-in synthetic
 # suite.
 #
 # Figures: analytic, from GPT.flops_per_token on the meta device (tests/test_configs.py recomputes them).

@@ -6,7 +6,7 @@ Does latent thinking help? Trains the ablation of README "Results" and writes re
     python experiments/ablation.py --sweep=True   # the preset with one default changed, 1 seed: sweep.md (18 min)
 
 All variants share the trunk, the data mixture, the tokens seen, the seeds and the evaluation (the fixed
-held-out synthetic eval set, never trained on: data.is_eval_prompt); only the overrides below change.
+held-out synthetic eval set, never trained on: tasks.is_eval_prompt); only the overrides below change.
 Runs go to <out>/runs/<variant>-s<seed>/; a finished run with the same configuration is reused, so an
 interrupted ablation resumes.
 """

@@ -116,7 +116,7 @@ def test_owt_preset_sets_the_run_explicitly(owt):
     assert (owt["n_layer"], owt["n_head"], owt["n_embd"], owt["n_steps"]) == (12, 12, 768, 4)
     assert owt["lr_decay_iters"] == owt["max_iters"]
     assert owt["eval_iters"] % GPUS == 0    # no rank idles through the fluency eval
-    assert "python data.py prepare --hf_dataset=Skylion007/openwebtext --out_dir=data/openwebtext" \
+    assert "python data/prepare.py fluency --hf_dataset=Skylion007/openwebtext --out_dir=data/openwebtext" \
         in open(OWT).read()
 
 

@@ -167,7 +167,8 @@ def test_gpt2_file_errors(tmp_path, gpt2_tokenizer_file, monkeypatch):
     monkeypatch.delenv("NANORLRP_TOKENIZER_FILE")
     offline = lambda name: (_ for _ in ()).throw(ConnectionError("offline"))
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(FileNotFoundError, match=r"tokenizer_file=.*NANORLRP_TOKENIZER_FILE.*fetch_tokenizer"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"tokenizer_file=.*NANORLRP_TOKENIZER_FILE.*data/prepare.py tokenizer"):
         get_tokenizer("gpt2")
     with pytest.raises(ValueError, match="unknown tokenizer 'bpe'"):
         get_tokenizer("bpe")
@@ -289,6 +290,35 @@ def test_reasoning_errors(tmp_path, byte, monkeypatch):
     monkeypatch.setattr("tasks.is_eval_prompt", lambda prompt: True)  # no prompt left to train on
     with pytest.raises(ValueError, match="sort:1 has too few prompts"):
         ReasoningData("synthetic", byte, 64, tasks="sort:1")
+
+
+def train_error(tmp_path, *args):
+    """train.py's stderr line on bad data given by args (a tiny CPU run, stopped before any model exists)."""
+    r = run_script("train.py", "--device=cpu", "--compile=False", "--tokenizer=byte", "--max_iters=0",
+                   "--block_size=64", f"--out_dir={tmp_path / 'run'}", *args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_train_names_a_jsonl_file_that_is_not_utf8(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "1+1=", "answer": "2"}\n\xff\xfe{"prompt": "2+2=", "answer": "4"}\n')
+    line = train_error(tmp_path, "--fluency_data=pydoc", f"--reasoning_data={bad}")
+    assert f"{bad}:2:" in line and "utf-8" in line, line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("meta", ['{"tokenizer": "byte",', '["byte", 257]',
+                                  '{"tokenizer": "byte", "vocab_size": 257, "dtype": "uint16", '
+                                  '"shards": [{"tokens": 100}], "train_tokens": 90}'])
+def test_train_names_a_malformed_meta_json(tmp_path, meta):
+    """Invalid JSON, not an object, a shard without its file: one line naming meta.json, not a traceback."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "meta.json").write_text(meta)
+    line = train_error(tmp_path, f"--fluency_data={tmp_path / 'folder'}")
+    assert str(tmp_path / "folder" / "meta.json") in line and "re-prepare" in line, line
 
 
 def test_block_size_bound_is_exact(byte):
@@ -420,7 +450,7 @@ def test_hop_iter_level_and_block_size_errors(byte):
 
 @pytest.mark.slow
 def test_show_cli_prints_hop_and_iter():
-    run = lambda spec: run_script("data.py", "show", f"--reasoning_tasks={spec}")
+    run = lambda spec: run_script("data/prepare.py", "show", f"--reasoning_tasks={spec}")
     r = run("hop:2,iter:3")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
@@ -479,9 +509,11 @@ def test_batch_to_keeps_everything(byte):
     assert all(torch.equal(getattr(b, f), getattr(c, f)) for f in ("x", "y", "answer_mask", "answer_id"))
 
 
-def test_every_data_subcommand_prints_its_help():
-    """argparse %-formats help texts: a bare % in one (prepare's '10% of the corpus') crashed `prepare -h`."""
-    for sub in ("prepare", "prepare_reasoning", "fetch_tokenizer", "show"):
-        r = run_script("data.py", sub, "-h")
-        assert r.returncode == 0 and r.stderr == "" and f"usage: data.py {sub}" in r.stdout, (sub, r.stderr)
-    assert "capped at 10% of the corpus" in " ".join(run_script("data.py", "prepare", "-h").stdout.split())
+def test_every_data_subcommand_prints_its_help(tmp_path):
+    """argparse %-formats help texts: a bare % in one (prepare's '10% of the corpus') crashed `fluency -h`.
+    From another folder too: data/prepare.py puts the project root on sys.path itself."""
+    for sub in ("fluency", "reasoning", "tokenizer", "show"):
+        r = run_script(os.path.join(ROOT, "data", "prepare.py"), sub, "-h", cwd=tmp_path)
+        assert r.returncode == 0 and r.stderr == "" and f"usage: prepare.py {sub}" in r.stdout, (sub, r.stderr)
+    help = run_script("data/prepare.py", "fluency", "-h").stdout
+    assert "capped at 10% of the corpus" in " ".join(help.split())

