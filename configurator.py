@@ -63,13 +63,14 @@ def _parse_value(text):
         return text  # a bare word like --device=cuda is a string
 
 
-def configure(defaults, argv, doc=None):
+def configure(defaults, argv, doc=None, keys_doc=None):
     """A copy of `defaults` with the presets and --key=value overrides in argv applied in order. With --help
-    or -h anywhere in argv: print help_text(defaults, doc) and exit 0. doc: the script's file (__file__);
-    None = the running script's."""
+    or -h anywhere in argv: print help_text(defaults, doc, keys_doc) and exit 0. doc: the script's file
+    (__file__; None = the running script's); keys_doc: the file of the DEFAULTS dict, if not doc."""
     if any(arg in ("--help", "-h") for arg in argv):
         try:
-            print(help_text(defaults, doc or getattr(sys.modules["__main__"], "__file__", None)), flush=True)
+            doc = doc or getattr(sys.modules["__main__"], "__file__", None)
+            print(help_text(defaults, doc, keys_doc), flush=True)
         except BrokenPipeError:  # `--help | head`: the reader left; no traceback
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
@@ -143,14 +144,18 @@ def _shown(value):
     return repr(value)
 
 
-def help_text(defaults, path=None):
-    """Usage (from the script's docstring) and one line per key: --key=default, then its meaning."""
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def help_text(defaults, path=None, keys_path=None):
+    """Usage (from the script's docstring) and one line per key: --key=default, then its meaning (from the
+    comments of the DEFAULTS dict in keys_path, or in the script when None)."""
     meaning, section, doc = {}, {}, ""
     try:
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
-        doc = ast.get_docstring(ast.parse(source)) or ""
-        meaning, section = _describe(source, next(iter(defaults), None))
+        doc = ast.get_docstring(ast.parse(_read(path))) or ""
+        meaning, section = _describe(_read(keys_path or path), next(iter(defaults), None))
     except (OSError, TypeError, SyntaxError, ValueError, tokenize.TokenError):
         pass  # no readable source: the keys and their defaults alone
     name = os.path.relpath(path, os.path.dirname(os.path.abspath(__file__))) if path else "script.py"
