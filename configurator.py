@@ -21,6 +21,9 @@ import tokenize
 from ast import literal_eval
 from contextlib import nullcontext
 
+import torch
+import torch.distributed as dist
+
 
 class ConfigError(ValueError):
     pass
@@ -176,18 +179,16 @@ def help_text(defaults, path=None, keys_path=None):
     return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
-# the process: device, precision, DDP ranks, stop signals (torch is imported here only, so --help stays fast)
+# the process: device, precision, DDP ranks, stop signals
 
 
 def default_device():
     """The best available device: cuda, then mps, then cpu."""
-    import torch
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def default_dtype(device):
     """The best autocast dtype `device` supports: bfloat16, else float16 on CUDA; float32 on CPU and MPS."""
-    import torch
     if device.split(":")[0] != "cuda":
         return "float32"
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -195,7 +196,6 @@ def default_dtype(device):
 
 def autocast(device, dtype):
     """torch.autocast to dtype on device's type; none for float32."""
-    import torch
     if dtype == "float32":
         return nullcontext()
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
@@ -204,7 +204,6 @@ def autocast(device, dtype):
 def precision(c, device_type):
     """(autocast context, GradScaler) for c's dtype (None = default_dtype): bf16 where supported, fp16 + loss
     scaling otherwise, float32 (no autocast) on CPU and MPS."""
-    import torch
     dtype = c["dtype"] or default_dtype(device_type)
     return autocast(device_type, dtype), torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 
@@ -212,8 +211,6 @@ def precision(c, device_type):
 def setup_system(c):
     """Starts DDP under torchrun, for a config with device, threads and gradient_accumulation_steps; returns
     (rank, local_rank, world_size, device)."""
-    import torch
-    import torch.distributed as dist
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if c["gradient_accumulation_steps"] % world:
         raise ConfigError(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be divisible "
