@@ -10,6 +10,7 @@ process, repetitions interleaved, medians.
     python bench/bench.py --compare_compile=True               # compile time and graphs: whole vs compile_parts
     python bench/bench.py --device=cuda --compile=True --vocab=gpt2 --n_layer=12 --n_head=12 --n_embd=768 \\
         --block_size=1024 --batch_size=12 --n_steps=4   # GPT-2 small shape, bf16: MFU
+    python bench/bench.py --gpu_check=True --device=cuda --tokenizer_file=gpt2.tiktoken   # the GPU check
 
 MF columns: analytic MFLOPs per token, 6 per multiply-add (model.flops_per_token). Not counted: where the
 logits exceed one tile, the fused NLL recomputes them in backward, running 8·C·V per step where 6·C·V are
@@ -17,9 +18,13 @@ counted. CPU peak memory is the process's peak RSS, a high-water mark that never
 measures each K's memory in a fresh subprocess. train_mem_mb = peak minus the mark before the first training
 step. compile_s is the first compiled step at K, k2_compile_s the first at a second K (K - 1): compiling
 forward whole unrolls the K-step loop, so each new K compiles again; GPT.compile_parts compiles the trunk and
-one step, which every K reuses. graphs counts the graphs dynamo compiled. TORCHINDUCTOR_FORCE_DISABLE_CACHES=1
-makes compiles cold. On cores shared with other jobs use --threads=1: a 2-thread op stalls whenever one of its
-cores is taken.
+one step, which every K reuses (with --compile=True a row's compile_s is its first step). graphs counts the
+graphs dynamo compiled. TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 makes compiles cold. On cores shared with other
+jobs use --threads=1: a 2-thread op stalls whenever one of its cores is taken.
+
+--gpu_check=True runs bench/gpu_check.py (its docstring says what it prints): one command that checks a GPU
+machine in <= 8 minutes (speed, MFU, memory, compile, 20 steps of train.py, bf16 vs fp32), each result printed
+as it is measured; with --device=cpu the same sections at a tiny shape (tests/test_bench.py runs it).
 """
 
 import json as json_lib
@@ -68,6 +73,10 @@ DEFAULTS = dict(
     reference=False,          # our K=0 trunk vs a plain nanoGPT-style GPT (exact and tanh GELU)
     compare_compile=False,    # compile time, graphs and speed: forward compiled whole vs compile_parts vs
                               # eager
+    gpu_check=False,          # bench/gpu_check.py: a GPU machine's check in one command (GPT-2 small on cuda,
+                              # a tiny shape on cpu); the shape keys given on the command line still apply
+    tokenizer_file="",        # gpu_check's train.py run: GPT-2's gpt2.tiktoken (or env
+                              # NANORLRP_TOKENIZER_FILE); none: the byte tokenizer
     json=False,               # one JSON object per row instead of the table
 )
 VOCABS = {"byte": 256, "gpt2": 50257, "char": 65}
@@ -123,36 +132,53 @@ def optimizer(model, device):
     return torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=device == "cuda")
 
 
+def build_model(cfg, K, plain=None):
+    """Our GPT at K refinement steps, or (plain: its GELU) PlainGPT, at cfg's shape, on cfg's device."""
+    torch.manual_seed(cfg["seed"])
+    V, T, dev = vocab_size(cfg), cfg["block_size"], cfg["device"]
+    if plain is not None:
+        return PlainGPT(V, T, cfg["n_layer"], cfg["n_head"], cfg["n_embd"], gelu=plain).to(dev)
+    return GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
+                         n_embd=cfg["n_embd"], n_steps=K, n_latent=cfg["n_latent"],
+                         head_attn=cfg["head_attn"], dropout=0.0)).to(dev)
+
+
+def random_batch(cfg):
+    """(x, y, answer mask) of random tokens: speed and memory do not depend on what the tokens are."""
+    V, B, T, dev = vocab_size(cfg), cfg["batch_size"], cfg["block_size"], cfg["device"]
+    x, y = (torch.randint(V, (B, T), device=dev) for _ in range(2))
+    return x, y, torch.rand(B, T, device=dev) < 0.5
+
+
+def train_loss(run, batch, k, plain=None):
+    """The loss one training step backpropagates: PlainGPT's cross-entropy, or ours with every term on, as a
+    reasoning batch."""
+    x, y, answer = batch
+    if plain is not None:
+        return run(x, y)
+    _, nll = run(x, y, n_steps=k)
+    weights = step_weights(max(k, 1)).to(y.device)
+    return rlrp_loss(nll, y, answer, "reasoning", weights, lambda_rl=1.0, lambda_imp=0.1)[0]
+
+
 def make_step(cfg, K=None, plain=None, compile=None):
     """A closure step(k=K) running one training step (real loss, backward, AdamW) with k refinement steps, and
     the model it trains. plain: None for our GPT, else PlainGPT with that GELU. compile: False, True
     (GPT.compile_parts; PlainGPT whole) or 'whole' (our forward compiled whole, one graph per K, for
     comparison)."""
-    torch.manual_seed(cfg["seed"])
     K = cfg["n_steps"] if K is None else K
-    V, B, T, dev = vocab_size(cfg), cfg["batch_size"], cfg["block_size"], cfg["device"]
-    if plain is not None:
-        model = PlainGPT(V, T, cfg["n_layer"], cfg["n_head"], cfg["n_embd"], gelu=plain).to(dev)
-    else:
-        model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
-                              n_embd=cfg["n_embd"], n_steps=K, n_latent=cfg["n_latent"],
-                              head_attn=cfg["head_attn"], dropout=0.0)).to(dev)
+    dev = cfg["device"]
+    model = build_model(cfg, K, plain)
     opt = optimizer(model, dev)
     mode = cfg["compile"] if compile is None else compile
     run = (model.compile_parts() if mode is True and plain is None else
            torch.compile(model, fullgraph=True) if mode else model)
-    x, y = (torch.randint(V, (B, T), device=dev) for _ in range(2))
-    answer = torch.rand(B, T, device=dev) < 0.5
+    batch = random_batch(cfg)
     ctx = torch.autocast(dev, dtype=getattr(torch, cfg["dtype"])) if dev == "cuda" else nullcontext()
 
     def step(k=K):
         with ctx:
-            if plain is not None:
-                loss = run(x, y)
-            else:  # the training loss: every term on, as a reasoning batch
-                _, nll = run(x, y, n_steps=k)
-                weights = step_weights(max(k, 1)).to(dev)
-                loss, _ = rlrp_loss(nll, y, answer, "reasoning", weights, lambda_rl=1.0, lambda_imp=0.1)
+            loss = train_loss(run, batch, k, plain)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -204,9 +230,11 @@ def run_one(cfg):
     """One K in this process: its own peak memory is honest here."""
     step, model = make_step(cfg)
     base = peak_mem_mb(cfg["device"]) if cfg["device"] != "cuda" else torch.cuda.memory_allocated() / 2**20
+    compiled = {"compile_s": first_step_s(step)} if cfg["compile"] else {}  # its first step compiles
     dt = time_interleaved({"run": step}, cfg["warmup"], cfg["iters"])["run"]
     peak = peak_mem_mb(cfg["device"])
-    return [row(cfg, cfg["n_steps"], model, dt, {"peak_mem_mb": peak, "train_mem_mb": peak - base})]
+    mem = {"peak_mem_mb": peak, "train_mem_mb": peak - base}
+    return [row(cfg, cfg["n_steps"], model, dt, {**mem, **compiled})]
 
 
 def memory_in_subprocess(cfg, K):
@@ -297,6 +325,9 @@ def main(argv):
     cfg = parse_args(argv)
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
+    if cfg["gpu_check"]:
+        import gpu_check  # here, not at the top: it imports this module
+        sys.exit(gpu_check.run(cfg, given={a[2:].split("=")[0] for a in argv if a.startswith("--")}))
     mode = run_sweep if cfg["sweep"] else run_reference if cfg["reference"] else \
         run_compile if cfg["compare_compile"] else run_one
     rows = mode(cfg)
@@ -308,4 +339,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    sys.modules["bench"] = sys.modules["__main__"]  # gpu_check's `import bench` is this module, not a copy
     main(sys.argv[1:])

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import bench
+import gpu_check
+from conftest import run_script
 from linear_ce import CPU_TILE, default_chunk_rows, default_tile, token_nll
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +136,36 @@ def test_reference_mode_compares_against_both_gelus(capsys):
     bench.main([*TINY, "--reference=True"])
     header = capsys.readouterr().out.splitlines()[1]
     assert "vs ref" in header and "vs ref(tanh)" in header
+
+
+def test_gpu_check_runs_end_to_end_on_cpu():
+    """`--gpu_check=True` for real at its tiny CPU shape, so it cannot rot before it meets a GPU: every
+    section prints its result line, and train.py's 20 steps their losses. The tokenizer falls back to bytes
+    unless NANORLRP_TOKENIZER_FILE is set (then GPT-2's, as on a GPU machine)."""
+    r = run_script("bench/bench.py", "--gpu_check=True", "--device=cpu", "--threads=1")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert not [l for l in lines if "FAILED" in l]
+    said = lambda section, *words: [l for l in lines if f"[{section}]" in l and all(w in l for w in words)]
+    assert len(said("1 speed", "K=0:", "tok/s", "MB")) == len(said("1 speed", "K=4:", "tok/s", "MB")) == 1
+    assert said("2 compile", "first step at K=4", "graphs") and said("2 compile", "random K", "no recompiles")
+    assert said("3 sampled", "not implemented yet")
+    assert said("4 train", "prepare.prepare wrote")   # the folder from the project's own prepare
+    losses = [l.split("] iter")[1].split()[:3] for l in said("4 train", "] iter ", " loss ")]
+    assert [int(it) for it, _, _ in losses] == list(range(1, 21))
+    assert all(word == "loss" and 0 < float(loss) < 20 for _, word, loss in losses)
+    assert said("4 train", "20 train records of 20 iters", "wall", "exit 0")
+    assert said("5 bf16", "K=4 loss: bfloat16", "float32", "difference")
+    assert said("gpu check", "done: 0 section(s) failed")
+
+
+def test_a_failing_gpu_check_section_says_so_in_one_line_and_the_check_goes_on(capsys):
+    assert gpu_check.section("9 demo", lambda: 1 / 0) == 1
+    assert gpu_check.section("9 demo", gpu_check.check_sampled, {}) == 0
+    out = capsys.readouterr()
+    (failed, slot) = out.out.splitlines()
+    assert failed.endswith("[9 demo] FAILED: ZeroDivisionError: division by zero") and "Traceback" in out.err
+    assert slot.endswith("[3 sampled] sampled_supervision vs full deep supervision: not implemented yet")
 
 
 # -----------------------------------------------------------------------------
