@@ -1,5 +1,5 @@
 """
-The GPU check (issue 23): one command, sized for <= 8 minutes on one H100/H200 with cold compiles, that says
+The GPU check: one command, sized for <= 8 minutes on one H100/H200 with cold compiles, that says
 whether a GPU machine runs nanoRLRP as it should. Each result is printed (and flushed) as soon as it is
 measured, each line stamped with the seconds since the start; a section that fails prints one line
 `[n name] FAILED: ...` (its traceback goes to stderr) and the next one runs, so a run cut short has printed
@@ -17,16 +17,16 @@ everything up to where it stopped. The exit status is the number of sections tha
                compiled, counted as --compare_compile counts them. compile_parts compiles one step for every
                K, so the count should not grow with new K
   [3 sampled]  sampled against full deep supervision: not implemented yet (there is no sampled_supervision)
-  [4 train]    20 steps of train.py in a subprocess, from a fluency folder this check prepares in a temp dir:
+  [4 bf16]     the RLRP loss of one batch, same model, same batch, under bf16 autocast and in fp32; difference
+  [5 train]    20 steps of train.py in a subprocess, from a fluency folder this check prepares in a temp dir:
                pydoc's text through GPT-2's tokenizer read from tokenizer_file or $NANORLRP_TOKENIZER_FILE
                (never the network: a GPU machine may have none; with neither, the byte tokenizer), written by
                the project's prepare.prepare (else train.py's embedded fluency_data=pydoc). Every train loss
                as train.py logs it to metrics.jsonl, then its wall time
-  [5 bf16]     the RLRP loss of one batch, same model, same batch, under bf16 autocast and in fp32; difference
 
 On cpu the shape is 2 layers x 64, block 64, byte vocabulary, batch 4: [1] runs eager in fp32 (as bench's CPU
 rows do), [2] traces with dynamo's eager backend (graphs counted as on a GPU, without inductor's ~1 minute of
-CPU codegen), train.py runs uncompiled in fp32; [5] uses CPU bf16 autocast. Shape keys given on the command
+CPU codegen), train.py runs uncompiled in fp32; [4] uses CPU bf16 autocast. Shape keys given on the command
 line (--batch_size=8, --compile=False, ...) override the check's own.
 """
 
@@ -132,7 +132,7 @@ def check_sampled(cfg):
     say("3 sampled", "sampled_supervision vs full deep supervision: not implemented yet")
 
 # -----------------------------------------------------------------------------
-# [4] 20 steps of train.py
+# [5] 20 steps of train.py
 
 
 def tokenizer(cfg):
@@ -187,7 +187,7 @@ def show_train_records(path, shown):
     for r in records[shown:]:
         kinds = "+".join(kind for kind in ("fluency", "reasoning") if kind in r)   # the window's step kinds
         ks = ",".join(map(str, r["n_steps"])) if isinstance(r["n_steps"], list) else r["n_steps"]
-        say("4 train", f"iter {r['iter']:>3} loss {r['loss']:.4f} ({kinds}, K={ks}, "
+        say("5 train", f"iter {r['iter']:>3} loss {r['loss']:.4f} ({kinds}, K={ks}, "
                        f"{r['tokens_per_s']:,.0f} tok/s)")
     return max(shown, len(records))
 
@@ -218,14 +218,14 @@ def check_train(cfg):
     """20 steps of train.py from a fluency folder prepared here, in a temp dir."""
     with tempfile.TemporaryDirectory(prefix="nanorlrp-gpu-check-") as tmp:
         tok, tok_file, what = tokenizer(cfg)
-        say("4 train", f"tokenizer {what}")
+        say("5 train", f"tokenizer {what}")
         fluency, done = prepare_fluency(tok, tmp)
-        say("4 train", done)
+        say("5 train", done)
         out_dir, limit = os.path.join(tmp, "out"), TRAIN_TIMEOUT_S[cfg["device"]]
         log_path = os.path.join(tmp, "train.log")
         args = train_args(cfg, tok, tok_file, fluency, out_dir)
         rc, wall, shown = run_train(args, out_dir, log_path, limit)
-        say("4 train", f"train.py: {shown} train records of {TRAIN_ITERS} iters, wall {wall:.1f} s, "
+        say("5 train", f"train.py: {shown} train records of {TRAIN_ITERS} iters, wall {wall:.1f} s, "
                        f"exit {rc}")
         if rc != 0:
             with open(log_path) as f:
@@ -235,7 +235,7 @@ def check_train(cfg):
             raise RuntimeError(f"train.py {why}: {tail[-1] if tail else 'no output'}")
 
 # -----------------------------------------------------------------------------
-# [5] bf16 against fp32, and the check
+# [4] bf16 against fp32, and the check
 
 
 def check_precision(cfg):
@@ -246,7 +246,7 @@ def check_precision(cfg):
         with torch.autocast(dev, dtype=getattr(torch, dtype)):
             low = train_loss(model, batch, K).item()
         full = train_loss(model, batch, K).item()
-    say("5 bf16", f"K={K} loss: {dtype} {low:.6f}, float32 {full:.6f}, difference {low - full:+.2e} "
+    say("4 bf16", f"K={K} loss: {dtype} {low:.6f}, float32 {full:.6f}, difference {low - full:+.2e} "
                   f"({abs(low - full) / abs(full):.1e} relative)")
 
 
@@ -265,8 +265,8 @@ def run(cfg, given=()):
                      f"{cfg['dtype'] + ' autocast' if dev == 'cuda' else 'float32'}")
     failed = sum(section(*s) for s in [
         ("1 speed", check_speed, cfg, 0), ("1 speed", check_speed, cfg, cfg["n_steps"]),
-        ("2 compile", check_compile, cfg), ("3 sampled", check_sampled, cfg), ("4 train", check_train, cfg),
-        ("5 bf16", check_precision, cfg)])
+        ("2 compile", check_compile, cfg), ("3 sampled", check_sampled, cfg), ("4 bf16", check_precision, cfg),
+        ("5 train", check_train, cfg)])   # the quick bf16 check before the slowest section
     say("gpu check", f"done: {failed} section(s) failed")
     return failed
 

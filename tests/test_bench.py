@@ -150,12 +150,12 @@ def test_gpu_check_runs_end_to_end_on_cpu():
     assert len(said("1 speed", "K=0:", "tok/s", "MB")) == len(said("1 speed", "K=4:", "tok/s", "MB")) == 1
     assert said("2 compile", "first step at K=4", "graphs") and said("2 compile", "random K", "no recompiles")
     assert said("3 sampled", "not implemented yet")
-    assert said("4 train", "prepare.prepare wrote")   # the folder from the project's own prepare
-    losses = [l.split("] iter")[1].split()[:3] for l in said("4 train", "] iter ", " loss ")]
+    assert said("5 train", "prepare.prepare wrote")   # the folder from the project's own prepare
+    losses = [l.split("] iter")[1].split()[:3] for l in said("5 train", "] iter ", " loss ")]
     assert [int(it) for it, _, _ in losses] == list(range(1, 21))
     assert all(word == "loss" and 0 < float(loss) < 20 for _, word, loss in losses)
-    assert said("4 train", "20 train records of 20 iters", "wall", "exit 0")
-    assert said("5 bf16", "K=4 loss: bfloat16", "float32", "difference")
+    assert said("5 train", "20 train records of 20 iters", "wall", "exit 0")
+    assert said("4 bf16", "K=4 loss: bfloat16", "float32", "difference")
     assert said("gpu check", "done: 0 section(s) failed")
 
 
