@@ -21,12 +21,15 @@ SAFE_ON_RESUME = ("out_dir", "init_from", "eval_interval", "log_interval", "eval
                   "eval_only", "checkpoint_interval", "checkpoint_minutes", "wandb_log", "wandb_project",
                   "wandb_run_name", "max_iters", "lr_decay_iters", "min_lr", "device", "dtype", "compile",
                   "threads", "gpu_peak_tflops", "tokenizer_file")
-ARCH_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "bias", "n_steps", "n_latent", "head_attn")
+ARCH_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "bias", "n_steps", "n_latent", "head_attn", "gelu")
+# What a checkpoint written before an architecture key existed ran: its value when model_args and config lack
+# the key (gelu: every model was GPT-2's tanh GELU until the key came)
+BEFORE_THE_KEY = {"gelu": "tanh"}
 
 
 def saved_model(ckpt, dropout=None):
     """The model a loaded checkpoint holds, with this run's dropout (None: the checkpoint's)."""
-    args = ckpt["model_args"] if dropout is None else {**ckpt["model_args"], "dropout": dropout}
+    args = {**BEFORE_THE_KEY, **ckpt["model_args"], **({} if dropout is None else {"dropout": dropout})}
     model = GPT(GPTConfig(**args))
     model.load_state_dict(ckpt["model"])
     return model
@@ -108,7 +111,9 @@ def load(path):
 
 def resume_config(defaults, saved, argv):
     """The resumed run's config: the checkpoint's, then argv (presets and --key=value) applied over it. A key
-    outside SAFE_ON_RESUME whose value differs from the checkpoint's is an error naming the key."""
+    outside SAFE_ON_RESUME whose value differs from the checkpoint's is an error naming the key. A key the
+    checkpoint's config lacks takes its BEFORE_THE_KEY value (what the checkpoint ran), else the default."""
+    saved = {**BEFORE_THE_KEY, **saved}
     base = {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
     c = configure(base, argv)
     for key in defaults:

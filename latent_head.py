@@ -32,6 +32,15 @@ from generation import LayerKV
 
 READOUT_GRAD = ("all", "first")  # which steps' losses reach h_t through the readout's residual (forward)
 HEAD_ATTN = ("none", "trunk", "latent")
+# the GELU of the trunk's MLP and the head's update (GPTConfig.gelu): F.gelu's `approximate` for each
+GELU = {"exact": "none", "tanh": "tanh"}   # exact: nanoGPT's nn.GELU(), fast; tanh: GPT-2's approximation
+
+
+def gelu_approximate(gelu):
+    """F.gelu's `approximate` for a gelu value ('exact' | 'tanh'); a ValueError for any other."""
+    if gelu not in GELU:
+        raise ValueError(f"gelu must be one of {', '.join(GELU)}, got {gelu!r}")
+    return GELU[gelu]
 
 
 class HeadCache:
@@ -50,10 +59,12 @@ class HeadCache:
 
 class LatentHead(nn.Module):
 
-    def __init__(self, n_embd, n_latent, bias=True, mlp_ratio=4, attn="none"):
+    def __init__(self, n_embd, n_latent, bias=True, mlp_ratio=4, attn="none", gelu="exact"):
+        """gelu: the update MLP's GELU, 'exact' | 'tanh'; GPT passes its config's, the trunk's own."""
         super().__init__()
         if attn not in HEAD_ATTN:
             raise ValueError(f"head_attn must be one of {', '.join(HEAD_ATTN)}, got {attn!r}")
+        self.approximate = gelu_approximate(gelu)
         hidden = mlp_ratio * n_latent
         self.attn, self.n_latent = attn, n_latent
         self.n_head = n_latent // 64 if n_latent % 64 == 0 and n_latent >= 128 else 1
@@ -108,7 +119,7 @@ class LatentHead(nn.Module):
         # mixes positions, an attending head's read, is causal
         if self.attn != "none":
             first = first + self.fc_a(self.read(zn, kv, cache))    # a_k joins the MLP input: [... ; a_k]
-        u = self.proj(F.gelu(first, approximate="tanh"))           # u_k = MLP([LN_z(z_{k-1}) ; LN_h(h_t)])
+        u = self.proj(F.gelu(first, approximate=self.approximate))  # u_k = MLP([LN_z(z_{k-1}) ; LN_h(h_t)])
         # I1: z_k ∈ [−1,1]^D however many steps run: with β ∈ (0,1) z_k is a convex combination of z_{k-1} and
         # tanh(u_k), both in the box (z_0 = tanh(...) starts there)
         return z + beta * (torch.tanh(u) - z)                      # z_k = z_{k-1} + β ⊙ (tanh(u_k) − z_{k-1})

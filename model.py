@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from generation import KVCache, exit_logits, newest_outputs, next_token
-from latent_head import LatentHead
+from latent_head import LatentHead, gelu_approximate
 from linear_ce import token_nll
 
 
@@ -40,6 +40,7 @@ class GPTConfig:
     n_steps: int = 4         # K, refinement steps of the latent head; 0 = no head, a plain GPT
     n_latent: int = 0        # D, latent width; 0 = n_embd
     head_attn: str = "none"  # what a step may read besides h_t: none | trunk | latent (latent_head.py)
+    gelu: str = "exact"      # the GELU of every MLP, trunk and head: exact (nanoGPT's) | tanh (GPT-2's)
 
     def __post_init__(self):
         if self.n_steps < 0:
@@ -48,6 +49,7 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_latent == 0:
             self.n_latent = self.n_embd
+        gelu_approximate(self.gelu)  # a ValueError for a value that is not a GELU here
 
 
 class CausalSelfAttention(nn.Module):
@@ -83,10 +85,12 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        # config.gelu: exact (nanoGPT's; PyTorch's exact GELU is several times faster than its tanh form on a
+        # CPU) or tanh (GPT-2's: its pretrained weights reproduce their logits only with it)
+        self.approximate = gelu_approximate(config.gelu)
 
     def forward(self, x):
-        # GPT-2's tanh-approximated GELU, so pretrained weights reproduce their logits exactly
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -118,8 +122,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         # I5: a model built with K = 0 has no head at all: a plain GPT, the baseline, on the same code path
-        self.latent_head = (LatentHead(config.n_embd, config.n_latent, config.bias, attn=config.head_attn)
-                            if config.n_steps > 0 else None)
+        self.latent_head = (LatentHead(config.n_embd, config.n_latent, config.bias, attn=config.head_attn,
+                                       gelu=config.gelu) if config.n_steps > 0 else None)
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections
@@ -297,6 +301,8 @@ class GPT(nn.Module):
         """
         GPT-2 weights from the Hugging Face hub ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or a local
         directory written by `save_pretrained`, plus a fresh latent head (which, by I2, changes nothing yet).
+        The architecture is GPT-2's, its tanh GELU included (gelu='tanh', the head's too): with it the trunk
+        reproduces GPT-2's logits.
         """
         try:
             from transformers import GPT2LMHeadModel
@@ -319,7 +325,7 @@ class GPT(nn.Module):
             raise ValueError(f"{name_or_dir}: activation {c.activation_function!r} is not GPT-2's tanh GELU")
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
                            n_head=c.n_head, n_embd=c.n_embd, dropout=dropout, bias=True, n_steps=n_steps,
-                           n_latent=n_latent, head_attn=head_attn)
+                           n_latent=n_latent, head_attn=head_attn, gelu="tanh")
         model = cls(config)
         sd, sd_hf = model.state_dict(), hf.state_dict()
         # HF stores these as Conv1D (in, out); ours are Linear (out, in)

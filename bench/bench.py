@@ -6,7 +6,8 @@ process, repetitions interleaved, medians.
 
     python bench/bench.py                                      # one row for the config below
     python bench/bench.py --sweep=True --vocab=gpt2            # K in {0,1,2,4,8}: time and FLOP ratios to K=0
-    python bench/bench.py --reference=True                     # our K=0 trunk vs a plain nanoGPT-style GPT
+    python bench/bench.py --reference=True                     # our K=0 trunk vs a plain nanoGPT-style GPT,
+                                                               # each GELU (exact, tanh) side by side
     python bench/bench.py --compare_compile=True               # compile time and graphs: whole vs compile_parts
     python bench/bench.py --device=cuda --compile=True --vocab=gpt2 --n_layer=12 --n_head=12 --n_embd=768 \\
         --block_size=1024 --batch_size=12 --n_steps=4   # GPT-2 small shape, bf16: MFU
@@ -58,6 +59,8 @@ DEFAULTS = dict(
     n_embd=128,
     n_latent=0,               # D, latent width (0 = n_embd)
     head_attn="none",         # what a refinement step may read besides h_t: none | trunk | latent
+    gelu="exact",             # the MLPs' GELU: exact (nanoGPT's, train.py's default) | tanh (GPT-2's);
+                              # --reference=True runs both
     # system
     device="cpu",             # cpu | cuda: named, not guessed, so a result says what it measured
     compile=False,            # True: GPT.compile_parts (the trunk and one head step, reused by every K)
@@ -70,7 +73,7 @@ DEFAULTS = dict(
     seed=1337,
     # what to run (none: one row for the config above)
     sweep=False,              # K in {0,1,2,4,8}: time and FLOP ratios to K=0, memory from a subprocess per K
-    reference=False,          # our K=0 trunk vs a plain nanoGPT-style GPT (exact and tanh GELU)
+    reference=False,          # our K=0 trunk vs a plain nanoGPT-style GPT, with each GELU (exact, tanh)
     compare_compile=False,    # compile time, graphs and speed: forward compiled whole vs compile_parts vs
                               # eager
     gpu_check=False,          # bench/gpu_check.py: a GPU machine's check in one command (GPT-2 small on cuda,
@@ -85,9 +88,12 @@ SWEEP_STEPS = (0, 1, 2, 4, 8)
 
 def parse_args(argv):
     try:
-        return configure(DEFAULTS, argv, doc=__file__)
+        cfg = configure(DEFAULTS, argv, doc=__file__)
     except ConfigError as e:
         sys.exit(f"bench/bench.py: {e}")
+    if cfg["gelu"] not in ("exact", "tanh"):
+        sys.exit(f"bench/bench.py: gelu must be exact or tanh, got {cfg['gelu']!r}")
+    return cfg
 
 
 def vocab_size(cfg):
@@ -96,12 +102,12 @@ def vocab_size(cfg):
 
 class PlainGPT(nn.Module):
     """A plain nanoGPT-style GPT, independent of model.py: full logits and F.cross_entropy, the reference.
-    gelu="none" is nanoGPT's exact GELU; "tanh" is GPT-2's approximation, which model.py must use."""
+    gelu="exact" is nanoGPT's nn.GELU(); "tanh" is GPT-2's approximation."""
 
-    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, gelu="none"):
+    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, gelu="exact"):
         super().__init__()
         C = n_embd
-        self.n_head, self.gelu = n_head, gelu
+        self.n_head, self.approximate = n_head, {"exact": "none", "tanh": "tanh"}[gelu]
         self.wte, self.wpe = nn.Embedding(vocab_size, C), nn.Embedding(block_size, C)
         self.h = nn.ModuleList(nn.ModuleDict(dict(
             ln_1=nn.LayerNorm(C), c_attn=nn.Linear(C, 3 * C), c_proj=nn.Linear(C, C),
@@ -119,7 +125,7 @@ class PlainGPT(nn.Module):
             q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in qkv)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
             x = x + b.c_proj(y)
-            x = x + b.mlp_proj(F.gelu(b.c_fc(b.ln_2(x)), approximate=self.gelu))
+            x = x + b.mlp_proj(F.gelu(b.c_fc(b.ln_2(x)), approximate=self.approximate))
         logits = self.lm_head(self.ln_f(x))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
@@ -132,15 +138,16 @@ def optimizer(model, device):
     return torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=device == "cuda")
 
 
-def build_model(cfg, K, plain=None):
-    """Our GPT at K refinement steps, or (plain: its GELU) PlainGPT, at cfg's shape, on cfg's device."""
+def build_model(cfg, K, plain=None, gelu=None):
+    """Our GPT at K refinement steps with its GELU (None: cfg's), or (plain: its GELU) PlainGPT, at cfg's
+    shape, on cfg's device."""
     torch.manual_seed(cfg["seed"])
     V, T, dev = vocab_size(cfg), cfg["block_size"], cfg["device"]
     if plain is not None:
         return PlainGPT(V, T, cfg["n_layer"], cfg["n_head"], cfg["n_embd"], gelu=plain).to(dev)
     return GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
                          n_embd=cfg["n_embd"], n_steps=K, n_latent=cfg["n_latent"],
-                         head_attn=cfg["head_attn"], dropout=0.0)).to(dev)
+                         head_attn=cfg["head_attn"], gelu=gelu or cfg["gelu"], dropout=0.0)).to(dev)
 
 
 def random_batch(cfg):
@@ -161,14 +168,14 @@ def train_loss(run, batch, k, plain=None):
     return rlrp_loss(nll, y, answer, "reasoning", weights, lambda_rl=1.0, lambda_imp=0.1)[0]
 
 
-def make_step(cfg, K=None, plain=None, compile=None):
+def make_step(cfg, K=None, plain=None, compile=None, gelu=None):
     """A closure step(k=K) running one training step (real loss, backward, AdamW) with k refinement steps, and
     the model it trains. plain: None for our GPT, else PlainGPT with that GELU. compile: False, True
     (GPT.compile_parts; PlainGPT whole) or 'whole' (our forward compiled whole, one graph per K, for
-    comparison)."""
+    comparison). gelu: our GPT's GELU (None: cfg's)."""
     K = cfg["n_steps"] if K is None else K
     dev = cfg["device"]
-    model = build_model(cfg, K, plain)
+    model = build_model(cfg, K, plain, gelu)
     opt = optimizer(model, dev)
     mode = cfg["compile"] if compile is None else compile
     run = (model.compile_parts() if mode is True and plain is None else
@@ -216,7 +223,8 @@ def peak_mem_mb(device):
 def row(cfg, K, model, dt, mem=None):
     B, T = cfg["batch_size"], cfg["block_size"]
     f = model.flops_per_token(K, T)
-    r = dict(n_steps=K, vocab_size=vocab_size(cfg), ms_per_iter=1e3 * dt, tokens_per_s=B * T / dt,
+    r = dict(n_steps=K, gelu=model.config.gelu, vocab_size=vocab_size(cfg), ms_per_iter=1e3 * dt,
+             tokens_per_s=B * T / dt,
              flops_per_token=f["total"], trunk_flops=f["trunk"], head_flops=f["head"],
              unembed_flops=f["unembed"])
     if mem:
@@ -259,15 +267,23 @@ def run_sweep(cfg):
 
 
 def run_reference(cfg):
-    """Our K=0 model on its training loss vs PlainGPT on plain cross-entropy, same shape, interleaved;
-    against nanoGPT as it is (exact GELU) and with GPT-2's tanh GELU, the activation model.py runs."""
-    ours, model = make_step(cfg, K=0)
-    steps = {"ours": ours, "none": make_step(cfg, plain="none")[0], "tanh": make_step(cfg, plain="tanh")[0]}
+    """Our K=0 model on its training loss vs PlainGPT on plain cross-entropy, same shape, interleaved: a row per
+    GELU of ours (exact, tanh), each against nanoGPT as it is (exact GELU, 'vs ref') and with GPT-2's tanh
+    GELU ('vs ref(tanh)'), and its speed relative to ours with the exact GELU ('vs exact'). Like with like:
+    the exact row's 'vs ref', the tanh row's 'vs ref(tanh)'."""
+    ours = {g: make_step(cfg, K=0, gelu=g) for g in ("exact", "tanh")}
+    steps = {**{("ours", g): s for g, (s, _) in ours.items()},
+             **{("ref", g): make_step(cfg, plain=g)[0] for g in ("exact", "tanh")}}
     dts = time_interleaved(steps, cfg["warmup"], cfg["iters"])
-    r = row(cfg, 0, model, dts["ours"])
-    r.update(reference_tokens_per_s=r["tokens_per_s"] * dts["ours"] / dts["none"],
-             speed_vs_reference=dts["none"] / dts["ours"], speed_vs_reference_tanh=dts["tanh"] / dts["ours"])
-    return [r]
+    rows = []
+    for g, (_, model) in ours.items():
+        dt = dts[("ours", g)]
+        r = row(cfg, 0, model, dt)
+        r.update(reference_tokens_per_s=r["tokens_per_s"] * dt / dts[("ref", "exact")],
+                 speed_vs_reference=dts[("ref", "exact")] / dt,
+                 speed_vs_reference_tanh=dts[("ref", "tanh")] / dt, speed_vs_exact=dts[("ours", "exact")] / dt)
+        rows.append(r)
+    return rows
 
 
 def first_step_s(step, *k):
@@ -298,13 +314,14 @@ def run_compile(cfg):
 
 
 COLUMNS = [  # (key, header, width, format); MF = MFLOPs per token
-    ("compile", "compile", 8, "s"), ("n_steps", "K", 3, "d"), ("ms_per_iter", "ms/iter", 9, ".1f"),
+    ("compile", "compile", 8, "s"), ("n_steps", "K", 3, "d"), ("gelu", "gelu", 5, "s"),
+    ("ms_per_iter", "ms/iter", 9, ".1f"),
     ("tokens_per_s", "tok/s", 8, ".0f"), ("trunk_flops", "trunk MF", 9, ".2f"),
     ("head_flops", "head MF", 8, ".2f"), ("unembed_flops", "unemb MF", 9, ".2f"),
     ("time_ratio", "t/t0", 6, ".2f"), ("flop_ratio", "F/F0", 6, ".2f"), ("quotient", "quot", 6, ".2f"),
     ("peak_mem_mb", "peak MB", 8, ".0f"), ("train_mem_mb", "train MB", 9, ".0f"), ("mfu", "MFU", 6, ".1%"),
     ("reference_tokens_per_s", "ref tok/s", 10, ".0f"), ("speed_vs_reference", "vs ref", 7, ".2f"),
-    ("speed_vs_reference_tanh", "vs ref(tanh)", 13, ".2f"),
+    ("speed_vs_reference_tanh", "vs ref(tanh)", 13, ".2f"), ("speed_vs_exact", "vs exact", 9, ".2f"),
     ("eager_tokens_per_s", "eager tok/s", 12, ".0f"), ("speedup_vs_eager", "speedup", 8, ".2f"),
     ("compile_s", "compile s", 10, ".1f"), ("k2_compile_s", "2nd K s", 8, ".1f"),
     ("graphs", "graphs", 7, "d"),

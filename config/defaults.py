@@ -7,7 +7,7 @@ A preset (config/train_*.py) or --key=value overrides DEFAULTS; a resumed run st
 import os
 import re
 
-from latent_head import HEAD_ATTN, READOUT_GRAD
+from latent_head import GELU, HEAD_ATTN, READOUT_GRAD
 from losses import BEYOND_CHAIN, LEVEL_STEPS, WEIGHT_SCHEDULES
 from tasks import DEFAULT_TASKS
 
@@ -51,6 +51,8 @@ DEFAULTS = dict(
     n_steps=4,                 # K, refinement steps of the latent head (0 = plain GPT baseline)
     n_latent=0,                # D, latent width (0 = n_embd)
     head_attn="none",          # what a step reads besides h_t: none | trunk | latent (latent_head.py)
+    gelu="exact",              # the MLPs' GELU, trunk and head: 'exact' (nanoGPT's, faster) | 'tanh' (GPT-2's);
+                               # init_from=gpt2 or a HF dir: GPT-2's tanh, like its n_layer, n_embd, bias
     # the RLRP objective (losses.py)
     weight_schedule="linear",  # step weights w: uniform | linear | exp | last
     weight_gamma=0.5,          # γ of the exp schedule
@@ -146,6 +148,7 @@ CONSTRAINTS = [
     (lambda c: c["n_embd"] % c["n_head"] == 0, "n_embd ({n_embd}) must be divisible by n_head ({n_head})"),
     one_of("tokenizer", ("gpt2", "byte"), "'gpt2' or 'byte'"),
     one_of("head_attn", HEAD_ATTN, f"one of {', '.join(HEAD_ATTN)}"),
+    one_of("gelu", GELU, f"one of {', '.join(GELU)}"),
     one_of("readout_grad", READOUT_GRAD, f"one of {', '.join(READOUT_GRAD)}"),
     one_of("routing", ("step", "mixed"), "'step' or 'mixed'"),
     (lambda c: c["routing"] == "step" or (0 < c["reasoning_fraction"] < 1 and c["batch_size"] >= 2),

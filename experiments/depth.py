@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project root: train.py, model.py, ... import from here
 
 import data  # noqa: E402 (after the root is on sys.path)
-from checkpoint import build_model
+from checkpoint import BEFORE_THE_KEY, build_model
 from configurator import ConfigError, configure
 from evaluate import evaluate_reasoning, exact_match_curve, per_task, pyplot
 from ablation import fmt, mean_std, run_dir, run_records, task_table, train_config, train_run
@@ -204,7 +204,8 @@ def summarize(out_dir, n_per_task, eval_tasks=EVAL_TASKS):
         with open(cache, "w") as f:
             json.dump(res, f)
     train_recs, evals = run_records(out_dir)
-    cfg = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["config"]
+    cfg = {**BEFORE_THE_KEY,   # a run from before a key: what it ran (gelu='tanh')
+           **torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["config"]}
     tokens_per_s = float(np.median([r["tokens_per_s"] for r in train_recs]))
     return res | {"flops": model_flops(cfg), "tokens_per_s": tokens_per_s, "evals": evals}
 

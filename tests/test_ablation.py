@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -74,6 +75,14 @@ def test_ablation_report_matches_runs(tmp_path):
     rlrp_run = str(out / "runs" / "rlrp-s0")
     args = ablation.run_args(rlrp_run, str(preset), ablation.VARIANTS["rlrp"][1], 0, 3)
     assert ablation.finished(rlrp_run, args)
+    # a run from before the gelu key ran GPT-2's tanh GELU: not the exact-GELU run asked for now
+    old_run = tmp_path / "old-rlrp-s0"
+    shutil.copytree(rlrp_run, old_run)
+    old = torch.load(old_run / "ckpt.pt", weights_only=False)
+    assert old["config"]["gelu"] == "exact"
+    del old["config"]["gelu"], old["model_args"]["gelu"]
+    torch.save(old, old_run / "ckpt.pt")
+    assert not ablation.finished(str(old_run), args)
     preset.write_text(TINY_PRESET.replace('"add:1,sort:3"', '"add:1,sort:4"'))
     assert not ablation.finished(rlrp_run, args)
     preset.write_text(TINY_PRESET)

@@ -132,10 +132,28 @@ def test_sweep_cli_end_to_end():
         assert r["flop_ratio"] == pytest.approx(r["flops_per_token"] / rows[0]["flops_per_token"])
 
 
-def test_reference_mode_compares_against_both_gelus(capsys):
+def test_reference_mode_compares_each_gelu_of_ours_against_both_references(capsys):
     bench.main([*TINY, "--reference=True"])
     header = capsys.readouterr().out.splitlines()[1]
-    assert "vs ref" in header and "vs ref(tanh)" in header
+    assert all(h in header for h in ("gelu", "vs ref", "vs ref(tanh)", "vs exact"))
+    exact, tanh = bench.run_reference(bench.parse_args([*TINY, "--iters=2"]))
+    assert (exact["gelu"], tanh["gelu"], exact["speed_vs_exact"]) == ("exact", "tanh", 1.0)
+    for r in (exact, tanh):
+        # the nanoGPT reference's tokens/s, from the same timings as 'vs ref'
+        assert r["reference_tokens_per_s"] == pytest.approx(r["tokens_per_s"] / r["speed_vs_reference"])
+    assert tanh["speed_vs_exact"] == pytest.approx(tanh["tokens_per_s"] / exact["tokens_per_s"])
+
+
+def test_the_benchmarked_model_takes_gelu_with_train_pys_default():
+    import train
+    assert bench.DEFAULTS["gelu"] == train.DEFAULTS["gelu"] == "exact"
+    cfg = bench.parse_args([*TINY, "--gelu=tanh"])
+    assert bench.make_step(cfg)[1].config.gelu == "tanh"
+    assert bench.make_step(cfg, gelu="exact")[1].config.gelu == "exact"
+    assert bench.make_step(cfg, plain="tanh")[1].approximate == "tanh"
+    assert bench.make_step(cfg, plain="exact")[1].approximate == "none"       # nanoGPT's nn.GELU()
+    with pytest.raises(SystemExit, match="gelu must be exact or tanh, got 'relu'"):
+        bench.parse_args([*TINY, "--gelu=relu"])
 
 
 def test_gpu_check_runs_end_to_end_on_cpu():

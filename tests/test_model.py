@@ -1,10 +1,15 @@
 """model.py and latent_head.py: the invariants I1–I5 (README "The method in one screen"), ℓ, GPT-2 loading,
 compile, errors."""
 
+import math
+from dataclasses import replace
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from checkpoint import build_model
 from latent_head import LatentHead
 from model import GPT, GPTConfig
 
@@ -38,10 +43,58 @@ def trunk_logits(model, idx):
     return model.lm_head(model.transformer.ln_f(model.trunk(idx)))
 
 
+def gelu_formula(x, gelu):
+    """GELU written out: exact x·Φ(x) with the error function; tanh, GPT-2's approximation."""
+    if gelu == "exact":
+        return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+OTHER_GELU = {"exact": "tanh", "tanh": "exact"}
+
+# -----------------------------------------------------------------------------
+# the GELU (config.gelu): the trunk's MLPs and the head's update run the configured one
+
+@pytest.mark.parametrize("gelu", ["exact", "tanh"])
+def test_trunk_mlps_run_the_configured_gelu(gelu):
+    model = tiny_model(gelu=gelu, n_steps=0).double()
+    x = torch.randn(2, 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for block in model.transformer.h:
+        mlp = block.mlp
+        with torch.no_grad():
+            mlp.c_fc.weight.normal_(0, 0.3)            # pre-activations of order 1: the two GELUs differ there
+            mlp.c_proj.weight.normal_(0, 0.3)
+        a = mlp.c_fc(x)
+        got = mlp(x)
+        assert torch.equal(got, mlp.c_proj(F.gelu(a) if gelu == "exact" else F.gelu(a, approximate="tanh")))
+        assert torch.allclose(got, mlp.c_proj(gelu_formula(a, gelu)), atol=1e-12, rtol=0)
+        assert (got - mlp.c_proj(gelu_formula(a, OTHER_GELU[gelu]))).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("gelu", ["exact", "tanh"])
+def test_head_update_runs_the_gpt_configs_gelu(gelu):
+    model = tiny_model(gelu=gelu).double()
+    head = model.latent_head
+    with torch.no_grad():
+        for p in head.parameters():                    # every tensor non-trivial: pre-activations of order 1
+            p.normal_(0, 0.3)
+    h = torch.randn(2, 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    o = head(h, 3)
+    assert torch.allclose(o, reference_head(head, h, 3, gelu)[0], atol=1e-12, rtol=0)
+    assert (o - reference_head(head, h, 3, OTHER_GELU[gelu])[0]).abs().max() > 1e-4
+
+
+def test_gelu_defaults_to_exact_and_rejects_other_values():
+    assert GPTConfig().gelu == "exact" and LatentHead(32, 24).approximate == "none"
+    with pytest.raises(ValueError, match="gelu must be one of exact, tanh, got 'relu'"):
+        GPTConfig(gelu="relu")
+    with pytest.raises(ValueError, match="gelu must be one of exact, tanh, got 'none'"):
+        LatentHead(32, 24, gelu="none")
+
 # -----------------------------------------------------------------------------
 # the latent head is exactly the documented update
 
-def reference_head(head, h, K):
+def reference_head(head, h, K, gelu="exact"):
     """The head's equations written out literally: one Linear on the concatenation [LN_z(z); LN_h(h)]."""
     hn = F.layer_norm(h, h.shape[-1:], head.ln_h.weight, head.ln_h.bias)
     W1 = torch.cat([head.fc_z.weight, head.fc_h.weight], dim=1)            # (H, D + C)
@@ -51,7 +104,7 @@ def reference_head(head, h, K):
     for _ in range(K):
         zn = F.layer_norm(z, z.shape[-1:], head.ln_z.weight, head.ln_z.bias)
         first = torch.cat([zn, hn], -1) @ W1.T + head.fc_h.bias
-        u = F.gelu(first, approximate="tanh") @ head.proj.weight.T + head.proj.bias
+        u = gelu_formula(first, gelu) @ head.proj.weight.T + head.proj.bias
         z = z + beta * (torch.tanh(u) - z)
         zs.append(z)
         outs.append(h + z @ head.w_out.weight.T + head.w_out.bias)
@@ -196,9 +249,27 @@ def test_from_pretrained_matches_hugging_face_at_every_step(tmp_path):
         logits, _ = model(idx)
         plain, _ = model(idx, n_steps=0)
     assert logits.shape == (3, 2, 20, V)
-    assert torch.allclose(plain[0], want, atol=1e-4)           # K' = 0: the plain GPT-2
+    assert torch.allclose(plain[0], want, atol=1e-5)           # K' = 0: the plain GPT-2 (off by ~5e-7)
     for k in range(3):
-        assert torch.allclose(logits[k], want, atol=1e-4)      # every step at init (I2)
+        assert torch.allclose(logits[k], want, atol=1e-5)      # every step at init (I2)
+    # GPT-2's tanh GELU, the head's too; the exact one, on the same weights, fails the check above
+    assert model.config.gelu == "tanh" and model.latent_head.approximate == "tanh"
+    exact = GPT(replace(model.config, gelu="exact")).eval()
+    exact.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(exact(idx, n_steps=0)[0][0], want, atol=1e-4)    # off by ~7e-4
+    # train.py's init_from=DIR: GPT-2's tanh, whatever the run's gelu says (like n_layer, bias)
+    c = dict(init_from=str(tmp_path), n_steps=2, n_latent=0, dropout=0.0, head_attn="none", gelu="exact",
+             block_size=32)
+    built = build_model(c, SimpleNamespace(vocab_size=V, name="tiny"), None).eval()
+    assert built.config.gelu == "tanh"
+    with torch.no_grad():
+        assert torch.allclose(built(idx, n_steps=0)[0][0], want, atol=1e-5)
+    # a Hugging Face GPT-2 with another activation is not GPT-2: refused, as before
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**hf_config.to_dict(), "activation_function": "gelu"})
+                                 ).save_pretrained(tmp_path / "exact")
+    with pytest.raises(ValueError, match="activation 'gelu' is not GPT-2's tanh GELU"):
+        GPT.from_pretrained(str(tmp_path / "exact"))
 
 
 # -----------------------------------------------------------------------------
@@ -296,7 +367,7 @@ def test_flops_per_token_counts_the_head_per_step():
 ATTN = ("trunk", "latent")
 
 
-def reference_attending_head(head, h, K):
+def reference_attending_head(head, h, K, gelu):
     """The attending head written out with a plain loop over positions: step k at t reads s <= t only."""
     B, T, C = h.shape
     ln = lambda x, m: F.layer_norm(x, x.shape[-1:], m.weight, m.bias)
@@ -318,22 +389,23 @@ def reference_attending_head(head, h, K):
                 att = torch.softmax(torch.einsum("bd,bsd->bs", q[:, t, d], k[:, :t + 1, d]) / hs ** 0.5, -1)
                 a[:, t, d] = torch.einsum("bs,bsd->bd", att, v[:, :t + 1, d])          # over s <= t
         first = zn @ head.fc_z.weight.T + hn @ head.fc_h.weight.T + head.fc_h.bias + a @ head.fc_a.weight.T
-        u = F.gelu(first, approximate="tanh") @ head.proj.weight.T + head.proj.bias
+        u = gelu_formula(first, gelu) @ head.proj.weight.T + head.proj.bias
         z = z + beta * (torch.tanh(u) - z)
         outs.append(h + z @ head.w_out.weight.T + head.w_out.bias)
     return torch.stack(outs)
 
 
-@pytest.mark.parametrize("attn, D", [("trunk", 24), ("latent", 24), ("trunk", 128), ("latent", 128)])
-def test_attending_head_matches_a_plain_loop_values_and_gradients(attn, D):
+@pytest.mark.parametrize("attn, D, gelu", [("trunk", 24, "exact"), ("latent", 24, "tanh"),
+                                           ("trunk", 128, "tanh"), ("latent", 128, "exact")])
+def test_attending_head_matches_a_plain_loop_values_and_gradients(attn, D, gelu):
     torch.manual_seed(0)
-    head = LatentHead(32, D, attn=attn).double()          # fp64: the two computations agree to rounding
+    head = LatentHead(32, D, attn=attn, gelu=gelu).double()          # fp64: the two computations agree to rounding
     with torch.no_grad():
         for p in head.parameters():                       # every tensor non-trivial, W_out included
             p.normal_(0, 0.3)
     assert head.n_head == (2 if D == 128 else 1)
     h = torch.randn(2, 7, 32, dtype=torch.float64)
-    got, want = head(h, 3), reference_attending_head(head, h, 3)
+    got, want = head(h, 3), reference_attending_head(head, h, 3, gelu)
     assert torch.allclose(got, want, atol=1e-10)
     up = torch.randn_like(got)
     g_got = torch.autograd.grad((got * up).sum(), list(head.parameters()))

@@ -9,12 +9,16 @@ import subprocess
 import sys
 import time
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+import checkpoint
 import schedules
 import train
 from configurator import ConfigError
+from model import GPT
 from test_train import ROOT, TINY, final_params, records
 
 # -----------------------------------------------------------------------------
@@ -25,14 +29,47 @@ def test_resume_takes_the_checkpoints_config_and_refuses_changes_that_make_anoth
     for arg, message in [("--n_layer=3", "n_layer=3 differs from the checkpoint's 2"),
                          ("--block_size=64", "block_size=64 differs from the checkpoint's 48"),
                          ("--reasoning_tasks=add:1", "reasoning_tasks='add:1' differs from the checkpoint's"),
-                         ("--lambda_rl=0.9", "lambda_rl=0.9 differs from the checkpoint's 0.5")]:
-        with pytest.raises(ConfigError, match=message):
+                         ("--lambda_rl=0.9", "lambda_rl=0.9 differs from the checkpoint's 0.5"),
+                         ("--gelu=tanh", "gelu='tanh' differs from the checkpoint's 'exact'")]:
+        with pytest.raises(ConfigError, match=message) as e:
             train.main(TINY + [f"--out_dir={tmp_path}", "--init_from=resume", arg])
+        assert "\n" not in str(e.value)
     # no preset, no TINY: everything (byte tokenizer, pydoc, the tiny shape) comes from the checkpoint;
     # max_iters and eval_interval are safe to change
     train.main([f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=4", "--eval_interval=4"])
     assert [r["iter"] for r in records(tmp_path, "train")] == [1, 2, 3, 4]
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]["n_layer"] == 2
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["config"]["n_layer"] == 2
+    assert ckpt["config"]["gelu"] == ckpt["model_args"]["gelu"] == "exact"      # from scratch: nanoGPT's
+
+
+def test_a_checkpoint_from_before_the_gelu_key_loads_generates_and_resumes_as_tanh(tmp_path):
+    """Every model ran GPT-2's tanh GELU before the key came: a checkpoint without it is still that model."""
+    train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=2", "--eval_interval=2", "--gelu=tanh"])
+    path = tmp_path / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["model_args"]["gelu"] == ckpt["config"]["gelu"] == "tanh"
+    idx = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    before = checkpoint.saved_model(ckpt).eval()
+    with torch.no_grad():
+        want_logits, want = before(idx)[0], before.generate(idx, 10, temperature=0)
+    del ckpt["model_args"]["gelu"], ckpt["config"]["gelu"]                # as written before the key existed
+    torch.save(ckpt, path)
+    old = checkpoint.saved_model(torch.load(path, weights_only=False)).eval()
+    assert old.config.gelu == "tanh"
+    with torch.no_grad():
+        assert torch.equal(old(idx)[0], want_logits)                      # bit for bit
+        assert torch.equal(old.generate(idx, 10, temperature=0), want)
+        exact = GPT(replace(old.config, gelu="exact")).eval()             # the same weights, the other GELU:
+        exact.load_state_dict(old.state_dict())                           # another model
+        assert not torch.allclose(exact(idx)[0], want_logits)
+    # resumed: still tanh, which a resume may not change
+    with pytest.raises(ConfigError, match="gelu='exact' differs from the checkpoint's 'tanh'") as e:
+        train.main([f"--out_dir={tmp_path}", "--init_from=resume", "--gelu=exact"])
+    assert "\n" not in str(e.value)
+    train.main([f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=3", "--eval_interval=3"])
+    resumed = torch.load(path, weights_only=False)
+    assert resumed["iter_num"] == 3 and resumed["model_args"]["gelu"] == resumed["config"]["gelu"] == "tanh"
 
 
 def test_unreadable_checkpoint_is_one_line_naming_the_file_and_the_previous_one(tmp_path):
