@@ -2,25 +2,23 @@
 Data loading for nanoRLRP (README "Data"): tokenizers, fluency token files, reasoning rows with answer masks.
 
 Making the data is data/prepare.py's (fluency token files, GPT-2's tokenizer file) and tasks.py's (the
-synthetic suite, JSONL rows); this file turns them into Batches and routes each optimizer step to one kind.
-Offline.
+synthetic suite, JSONL rows); this file turns them into Batches, offline (schedules.py routes the steps).
 
 Config keys (train.py exposes and documents them): tokenizer ('byte': UTF-8 bytes + eot 256 | 'gpt2'),
 tokenizer_file, fluency_data (a prepared folder | 'pydoc'), reasoning_data ('synthetic' | a .jsonl file),
-reasoning_eval_data, reasoning_tasks, reasoning_fraction (rho: Router), gsm8k_answer.
+reasoning_eval_data, reasoning_tasks, gsm8k_answer.
 
 Packing: a reasoning row holds block_size+1 tokens: eot, then whole examples `prompt + answer + eot`, then
 padding (y = -1). The leading eot gives every prompt the same left context. answer_mask marks the targets
 that are answer tokens or the answer's closing eot, so greedy decoding stops at eot and an exact match is
 "every answer token and the eot are the argmax given the gold prefix". Prompt tokens are trained with CE too.
-Batches are pure functions of (seed, index): resume is exact, and with micro_batch_index the data does not
-depend on how many DDP ranks share a global batch.
+Batches are pure functions of (seed, index): resume is exact, and with schedules.micro_batch_index the data
+does not depend on how many DDP ranks share a global batch.
 """
 
 import hashlib
 import itertools
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -216,12 +214,6 @@ def _open_token_files(folder, tok):
     return {"train": TokenStream(arrays, 0, n_train), "val": TokenStream(arrays, n_train, total)}
 
 
-def _pydoc_tokens(tok):
-    from pydoc_data.topics import topics  # ~465k characters of Python docs, shipped with every CPython
-    ids = [t for key in sorted(topics) for t in tok.encode(topics[key]) + [tok.eot_token]]
-    return np.array(ids, np.int64)
-
-
 class FluencyData:
     """Random windows of block_size+1 tokens;
     batch `index` of a split is a pure function of (seed, split, index)."""
@@ -229,7 +221,9 @@ class FluencyData:
     def __init__(self, source: str, tok: Tokenizer, block_size: int, seed: int = 0):
         self.block_size, self.seed = block_size, seed
         if source == "pydoc":
-            ids = _pydoc_tokens(tok)
+            from pydoc_data.topics import topics  # ~465k characters of Python docs, in every CPython
+            ids = np.array([t for key in sorted(topics) for t in tok.encode(topics[key]) + [tok.eot_token]],
+                           np.int64)
             n_val = len(ids) // 10
             self.data = {"train": ids[:-n_val], "val": ids[-n_val:]}
         else:
@@ -268,13 +262,11 @@ class Example(NamedTuple):
 
 
 class ReasoningData:
-    """
-    (prompt, answer) examples packed into rows with answer-span masks; synthetic suite or JSONL.
+    """(prompt, answer) examples packed into rows with answer-span masks; synthetic suite or JSONL.
     chain_length: per-step targets (README "Steps that earn their keep"). None: the final answer at every
     step. 0: JSONL's step_answers; the synthetic hop/hopo/iter examples' chain f^1(x)..f^L(x) to their own
     level L (steps past L keep f^L). N > 0: every synthetic chain example gets f^1(x)..f^N(x) whatever its
-    level (no stop: an L-hop question is answered at step L). Other families keep the final answer.
-    """
+    level (no stop: an L-hop question is answered at step L). Other families keep the final answer."""
 
     def __init__(self, source: str, tok: Tokenizer, block_size: int, seed: int = 0, eval_source: str = "",
                  tasks: str = DEFAULT_TASKS, gsm8k_answer: str = "final", chain_length=None):
@@ -405,27 +397,3 @@ class ReasoningData:
     def _one_per_row(self, examples, batch_size):
         rows = [[(ex, i)] for i, ex in enumerate(examples)]
         return [self._batch(rows[i:i + batch_size], trim=True) for i in range(0, len(rows), batch_size)]
-
-# -----------------------------------------------------------------------------
-# routing (ii) and the global micro-batch index
-
-class Router:
-    """Step s is a reasoning step iff floor((s+1) rho) > floor(s rho):
-    rho spread evenly, the same on every rank."""
-
-    def __init__(self, reasoning_fraction: float):
-        if not 0 <= reasoning_fraction <= 1:
-            raise ValueError(f"reasoning_fraction={reasoning_fraction} must be in [0, 1]")
-        self.rho = reasoning_fraction
-
-    def kind(self, step: int) -> str:
-        return "reasoning" if math.floor((step + 1) * self.rho) > math.floor(step * self.rho) else "fluency"
-
-
-def micro_batch_index(step: int, micro_step: int, rank: int, world_size: int, grad_accum: int) -> int:
-    """Global index of a micro-batch; grad_accum = micro-batches per optimizer step over all ranks.
-    Rank r of W takes r, r+W, ... within the step, so the examples do not depend on W."""
-    if grad_accum % world_size:
-        raise ValueError(f"gradient_accumulation_steps={grad_accum} must be divisible by the world size "
-                         f"{world_size}")
-    return step * grad_accum + micro_step * world_size + rank

@@ -1,6 +1,6 @@
 """
-What optimizer step `it` trains on: its learning rate, K, the progressive loss's draw, dropout's seed, the
-curriculum's level, and this rank's micro-batches.
+What optimizer step `it` trains on: its kind (routing (ii)), its learning rate, K, the progressive loss's
+draw, dropout's seed, the curriculum's level, and this rank's micro-batches.
 
 Pure functions of the seed and the iteration: the same on every rank and on resume, so nothing of them is
 saved. The one exception is a threshold curriculum's switches, found while training: the checkpoint holds
@@ -15,6 +15,19 @@ import torch
 import data
 from configurator import ConfigError
 from evaluate import evaluate_reasoning
+
+
+class Router:
+    """Step s is a reasoning step iff floor((s+1) rho) > floor(s rho):
+    rho spread evenly, the same on every rank."""
+
+    def __init__(self, reasoning_fraction: float):
+        if not 0 <= reasoning_fraction <= 1:
+            raise ValueError(f"reasoning_fraction={reasoning_fraction} must be in [0, 1]")
+        self.rho = reasoning_fraction
+
+    def kind(self, step: int) -> str:
+        return "reasoning" if math.floor((step + 1) * self.rho) > math.floor(step * self.rho) else "fluency"
 
 
 def get_lr(it, c):
@@ -149,6 +162,15 @@ class Curriculum:
 # -----------------------------------------------------------------------------
 # the micro-batches
 
+def micro_batch_index(step: int, micro_step: int, rank: int, world_size: int, grad_accum: int) -> int:
+    """Global index of a micro-batch; grad_accum = micro-batches per optimizer step over all ranks.
+    Rank r of W takes r, r+W, ... within the step, so the examples do not depend on W."""
+    if grad_accum % world_size:
+        raise ValueError(f"gradient_accumulation_steps={grad_accum} must be divisible by the world size "
+                         f"{world_size}")
+    return step * grad_accum + micro_step * world_size + rank
+
+
 def cat_batches(batches, kind):
     """Rows of several batches as one (answer ids stay per batch: training does not use them). Batches of
     both kinds: rl_rows marks the reasoning rows, so soft RL stays on reasoning data (routing='mixed').
@@ -172,7 +194,7 @@ def micro_batches(it, kind, c, fluency, reasoning, rank, world, level=0):
     """This rank's micro-batches of optimizer step `it` as (global micro-batch index, Batch) pairs; level > 0:
     a curriculum's highest level now."""
     B, G = c["batch_size"], c["gradient_accumulation_steps"]
-    indices = [data.micro_batch_index(it, m, rank, world, G) for m in range(G // world)]
+    indices = [micro_batch_index(it, m, rank, world, G) for m in range(G // world)]
     if c["routing"] == "mixed":
         r = min(B - 1, max(1, round(B * c["reasoning_fraction"])))   # reasoning rows per micro-batch
         mixed = lambda i: cat_batches([fluency.get_batch("train", i, B - r),

@@ -7,11 +7,12 @@ RLRP training on one CPU, one GPU, or many GPUs.
   torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 train.py \\
       config/train_gpt2_owt.py --gradient_accumulation_steps=48                  # 16 GPUs: divisible by 16
 
-Each optimizer step is a fluency or a reasoning step (data.Router, routing (ii)), the same on every rank.
-Micro-batches are drawn by global index (data.micro_batch_index) and are pure functions of it, K is drawn
-from (seed, iter) and dropout's RNG reseeded from (seed, global micro-batch index): the same config trains
-on the same examples with the same masks on 1 process or on W, and a resumed run continues exactly where
-the checkpoint left it. Every key, its default and its checks: config/defaults.py (`--help` lists them).
+Each optimizer step is a fluency or a reasoning step (schedules.Router, routing (ii)), the same on every
+rank. Micro-batches are drawn by global index (schedules.micro_batch_index) and are pure functions of it, K
+is drawn from (seed, iter) and dropout's RNG reseeded from (seed, global micro-batch index): the same config
+trains on the same examples with the same masks on 1 process or on W, and a resumed run continues exactly
+where the checkpoint left it. Every key, its default and its checks:
+config/defaults.py (`--help` lists them).
 """
 
 import importlib.util
@@ -34,8 +35,8 @@ from config.defaults import CONSTRAINTS, DEFAULTS, DEFAULTS_FILE
 from configurator import ConfigError, catch_stop_signals, configure, precision, setup_system
 from evaluate import Records, TrainWindow, all_reduce_sum, eval_metrics, eval_sets, format_eval
 from losses import loss_counts, rlrp_loss, step_supervision, step_weights
-from schedules import (Curriculum, get_lr, max_n_steps, micro_batches, n_steps_at, progressive_steps,
-                       seed_micro_batch)
+from schedules import (Curriculum, Router, get_lr, max_n_steps, micro_batches, n_steps_at,
+                       progressive_steps, seed_micro_batch)
 
 # -----------------------------------------------------------------------------
 # the config: config/defaults.py's keys, presets and --key=value overrides, or a checkpoint's when resuming
@@ -139,7 +140,7 @@ class Run:
         tok, self.fluency, self.reasoning = load_data(c)
         self.curriculum = Curriculum(c, self.reasoning and self.reasoning.levels, (ckpt or {}).get(
             "curriculum_switches", ()))
-        self.router = data.Router(c["reasoning_fraction"])
+        self.router = Router(c["reasoning_fraction"])
         self.raw_model = build_model(c, tok, ckpt).to(self.device)
         self.optimizer = self.raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"],
                                                              (c["beta1"], c["beta2"]), device_type)

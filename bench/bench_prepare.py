@@ -13,7 +13,7 @@ Targets: prepare with 1 process >= 0.9x the plain loop, and n processes within 1
 import os
 import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "data")]  # the project root (data.py) and data/ (prepare.py)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "data")]  # the root (data.py) and data/ (prepare.py, sources.py)
 
 import argparse
 import collections
@@ -26,7 +26,8 @@ import time
 from contextlib import redirect_stderr, redirect_stdout
 
 from data import get_tokenizer
-from prepare import _import_datasets, open_source, prepare
+from prepare import prepare
+from sources import _import_datasets, open_source
 
 
 def stdlib_documents(repeat, docs=0):

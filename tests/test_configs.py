@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import schedules
 import train
 from checkpoint import build_model
 
@@ -54,7 +55,7 @@ def covers_every_micro_batch(c, world=GPUS, steps=3):
     G = c["gradient_accumulation_steps"]
     assert G % world == 0   # setup_system's check, one line under torchrun
     for it in range(steps):
-        got = sorted(data.micro_batch_index(it, m, r, world, G)
+        got = sorted(schedules.micro_batch_index(it, m, r, world, G)
                      for r in range(world) for m in range(G // world))
         assert got == list(range(it * G, (it + 1) * G))
 

@@ -24,7 +24,8 @@ from tiktoken.load import load_tiktoken_bpe
 
 from conftest import ROOT, run_script
 from data import FluencyData, read_jsonl
-from prepare import MIN_VAL_TOKENS, _text_pieces, fetch_gpt2_ranks, open_source, prepare, prepare_reasoning
+from prepare import MIN_VAL_TOKENS, fetch_gpt2_ranks, prepare, prepare_reasoning
+from sources import _text_pieces, open_source
 from test_data import GSM8K, PARAGRAPH, TEXTS
 
 PREPARE = os.path.join("data", "prepare.py")  # the data CLI, run from the project root
@@ -115,7 +116,8 @@ def test_workers_started_by_spawn(tmp_path, gpt2_tokenizer_file, r50k):
               "if __name__ == '__main__':\n"
               "    multiprocessing.set_start_method('spawn', force=True)\n"
               "    from data import get_tokenizer\n"
-              "    from prepare import open_source, prepare\n"
+              "    from prepare import prepare\n"
+              "    from sources import open_source\n"
               "    tok = get_tokenizer('gpt2', sys.argv[3])\n"
               "    prepare(open_source(sys.argv[1]), sys.argv[2], tok, num_proc=2, shard_tokens=300,\n"
               "            task_chars=500)\n")
@@ -164,7 +166,7 @@ def test_a_file_read_in_pieces_tokenizes_like_the_whole(tmp_path, gpt2, r50k, mo
     whole = r50k.encode_ordinary(open(tmp_path / "in" / "big.txt", encoding="utf-8").read()) + [50256, 50256]
     pieces = functools.partial(_text_pieces, chunk_chars=40)
     assert len(list(pieces(str(tmp_path / "in" / "big.txt")))) > 100  # the file really is cut in many pieces
-    monkeypatch.setattr("prepare._text_pieces", pieces)
+    monkeypatch.setattr("sources._text_pieces", pieces)
     prepare(open_source(str(tmp_path / "in")), str(tmp_path / "out"), gpt2, num_proc=2, shard_tokens=500,
             task_chars=300)
     assert stream(tmp_path / "out") == whole
