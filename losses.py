@@ -35,7 +35,7 @@ def step_weights(n_steps, schedule="linear", gamma=0.5, skip=0):
     skip = s puts no weight on the first steps: w_k = 0 for k ≤ s, and the schedule's own weights of steps
     s+1..K renormalised to sum to 1 (linear stays ∝ k, not ∝ k − s). With random K a step may draw K ≤ s;
     then s is taken as K − 1: only step K, the last, is supervised, as it is whenever exactly one step is
-    left. (config/defaults.py's CONSTRAINTS require s < n_steps, so the configured K always keeps K − s steps.)
+    left. (config/defaults.py's CONSTRAINTS require s < n_steps: the configured K always keeps K − s steps.)
     """
     if schedule not in WEIGHT_SCHEDULES:
         raise ValueError(f"weight_schedule must be one of {', '.join(WEIGHT_SCHEDULES)}, got {schedule!r}")
