@@ -11,7 +11,7 @@ process, repetitions interleaved, medians.
     python bench/bench.py --compare_compile=True               # compile time and graphs: whole vs compile_parts
     python bench/bench.py --device=cuda --compile=True --vocab=gpt2 --n_layer=12 --n_head=12 --n_embd=768 \\
         --block_size=1024 --batch_size=12 --n_steps=4   # GPT-2 small shape, bf16: MFU
-    python bench/bench.py --gpu_check=True --device=cuda --tokenizer_file=gpt2.tiktoken   # the GPU check
+    python bench/gpu_check.py --device=cuda --tokenizer_file=gpt2.tiktoken   # the GPU check (its docstring)
 
 MF columns: analytic MFLOPs per token, 6 per multiply-add (model.flops_per_token). Not counted: where the
 logits exceed one tile, the fused NLL recomputes them in backward, running 8·C·V per step where 6·C·V are
@@ -23,9 +23,9 @@ one step, which every K reuses (with --compile=True a row's compile_s is its fir
 graphs dynamo compiled. TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 makes compiles cold. On cores shared with other
 jobs use --threads=1: a 2-thread op stalls whenever one of its cores is taken.
 
---gpu_check=True runs bench/gpu_check.py (its docstring says what it prints): one command that checks a GPU
-machine in <= 8 minutes (speed, MFU, memory, compile, 20 steps of train.py, bf16 vs fp32), each result printed
-as it is measured; with --device=cpu the same sections at a tiny shape (tests/test_bench.py runs it).
+bench/gpu_check.py, with these keys, checks a GPU machine in one command of <= 8 minutes (speed, MFU, memory,
+compile, bf16 vs fp32, 20 steps of train.py), each result printed as it is measured; with --device=cpu the
+same sections at a tiny shape (tests/test_bench.py runs it).
 """
 
 import json as json_lib
@@ -76,9 +76,7 @@ DEFAULTS = dict(
     reference=False,          # our K=0 trunk vs a plain nanoGPT-style GPT, with each GELU (exact, tanh)
     compare_compile=False,    # compile time, graphs and speed: forward compiled whole vs compile_parts vs
                               # eager
-    gpu_check=False,          # bench/gpu_check.py: a GPU machine's check in one command (GPT-2 small on cuda,
-                              # a tiny shape on cpu); the shape keys given on the command line still apply
-    tokenizer_file="",        # gpu_check's train.py run: GPT-2's gpt2.tiktoken (or env
+    tokenizer_file="",        # bench/gpu_check.py's train.py run: GPT-2's gpt2.tiktoken (or env
                               # NANORLRP_TOKENIZER_FILE); none: the byte tokenizer
     json=False,               # one JSON object per row instead of the table
 )
@@ -86,13 +84,17 @@ VOCABS = {"byte": 256, "gpt2": 50257, "char": 65}
 SWEEP_STEPS = (0, 1, 2, 4, 8)
 
 
-def parse_args(argv):
+def parse_args(argv, script=__file__):
+    """bench's keys from argv (--help: script's usage); a bad value exits with one line naming script."""
+    name = f"bench/{os.path.basename(script)}"
     try:
-        cfg = configure(DEFAULTS, argv, doc=__file__)
+        cfg = configure(DEFAULTS, argv, doc=script, keys_doc=__file__)
     except ConfigError as e:
-        sys.exit(f"bench/bench.py: {e}")
+        sys.exit(f"{name}: {e}")
     if cfg["gelu"] not in ("exact", "tanh"):
-        sys.exit(f"bench/bench.py: gelu must be exact or tanh, got {cfg['gelu']!r}")
+        sys.exit(f"{name}: gelu must be exact or tanh, got {cfg['gelu']!r}")
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
     return cfg
 
 
@@ -340,11 +342,6 @@ def print_table(cfg, rows):
 
 def main(argv):
     cfg = parse_args(argv)
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    if cfg["gpu_check"]:
-        import gpu_check  # here, not at the top: it imports this module
-        sys.exit(gpu_check.run(cfg, given={a[2:].split("=")[0] for a in argv if a.startswith("--")}))
     mode = run_sweep if cfg["sweep"] else run_reference if cfg["reference"] else \
         run_compile if cfg["compare_compile"] else run_one
     rows = mode(cfg)
@@ -356,5 +353,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.modules["bench"] = sys.modules["__main__"]  # gpu_check's `import bench` is this module, not a copy
     main(sys.argv[1:])

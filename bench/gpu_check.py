@@ -5,9 +5,10 @@ measured, each line stamped with the seconds since the start; a section that fai
 `[n name] FAILED: ...` (its traceback goes to stderr) and the next one runs, so a run cut short has printed
 everything up to where it stopped. The exit status is the number of sections that failed.
 
-    python bench/bench.py --gpu_check=True --device=cuda --tokenizer_file=PATH/gpt2.tiktoken
-    python bench/gpu_check.py --device=cuda --tokenizer_file=PATH/gpt2.tiktoken       # the same
-    python bench/bench.py --gpu_check=True --device=cpu      # the same sections, tiny (tests/test_bench.py)
+    python bench/gpu_check.py --device=cuda --tokenizer_file=PATH/gpt2.tiktoken
+    python bench/gpu_check.py --device=cpu      # the same sections, tiny (tests/test_bench.py)
+
+It takes bench/bench.py's keys (--help lists them).
 
   [1 speed]    GPT-2 small (12 layers x 768, 12 heads, block 1024, vocab 50257, batch 12), bf16 autocast,
                GPT.compile_parts, at K = 0 and K = n_steps (4): tokens/s, MFU against gpu_peak_tflops, peak
@@ -271,6 +272,10 @@ def run(cfg, given=()):
     return failed
 
 
+def main(argv):
+    cfg = bench.parse_args(argv, __file__)
+    sys.exit(run(cfg, given={a[2:].split("=")[0] for a in argv if a.startswith("--")}))
+
+
 if __name__ == "__main__":
-    sys.modules["gpu_check"] = sys.modules["__main__"]  # bench's `import gpu_check` is this module
-    bench.main(["--gpu_check=True", *sys.argv[1:]])
+    main(sys.argv[1:])

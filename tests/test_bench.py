@@ -157,10 +157,10 @@ def test_the_benchmarked_model_takes_gelu_with_train_pys_default():
 
 
 def test_gpu_check_runs_end_to_end_on_cpu():
-    """`--gpu_check=True` for real at its tiny CPU shape, so it cannot rot before it meets a GPU: every
+    """`bench/gpu_check.py` for real at its tiny CPU shape, so it cannot rot before it meets a GPU: every
     section prints its result line, and train.py's 20 steps their losses. The tokenizer falls back to bytes
     unless NANORLRP_TOKENIZER_FILE is set (then GPT-2's, as on a GPU machine)."""
-    r = run_script("bench/bench.py", "--gpu_check=True", "--device=cpu", "--threads=1")
+    r = run_script("bench/gpu_check.py", "--device=cpu", "--threads=1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert not [l for l in lines if "FAILED" in l]
