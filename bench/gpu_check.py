@@ -149,8 +149,8 @@ def tokenizer(cfg):
 
 
 def prepare_fluency(tok, folder):
-    """folder <- pydoc's text as token shards + meta.json, by the project's own prepare (prepare.py at the
-    root, or data/prepare.py once it moves there). -> (train.py's fluency_data, what was done)"""
+    """folder <- pydoc's text as token shards + meta.json, by the project's own data/prepare.py (imported
+    here: a failure there falls back to the embedded pydoc). -> (train.py's fluency_data, what was done)"""
     from pydoc_data.topics import topics  # ~465k characters of Python docs, in every CPython
     if os.path.join(ROOT, "data") not in sys.path:
         sys.path.insert(1, os.path.join(ROOT, "data"))
