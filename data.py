@@ -279,7 +279,10 @@ class ReasoningData:
         else:
             self.tasks = None
             rows, self.evals = split_jsonl(source, eval_source, gsm8k_answer)
-            self.train = [self._encode_row(source, *e) for e in rows]
+            self.train = [self._encode_row(source, *e) for e in rows]   # a bad row: one line naming it
+            if not self.train or not self.evals:
+                raise ValueError(f"reasoning_data {source!r}: {len(self.train)} train and {len(self.evals)} "
+                                 "eval examples after the split; set reasoning_eval_data to a separate file")
             encoded = self.train + [self._encode(*e) for e in self.evals]
             lengths = [len(e.prompt) + len(e.answer) for e in encoded]
             longest, what = max(lengths), f"reasoning_data {source!r}"
