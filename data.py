@@ -29,8 +29,8 @@ import tiktoken
 import torch
 from tiktoken.load import load_tiktoken_bpe
 
-from tasks import (DEFAULT_TASKS, TASKS, chain_answers, check_split, draw, eval_set, parse_tasks,
-                   read_jsonl, split_jsonl, training_slice)  # read_jsonl: data.read_jsonl, for sample.py
+from tasks import (DEFAULT_TASKS, TASKS, chain_answers, check_split, draw, eval_set, parse_tasks, split_jsonl,
+                   training_slice)
 
 
 @dataclass
@@ -39,8 +39,7 @@ class Batch:
     y: torch.Tensor            # (B, T) int64 targets, -1 = ignored (padding)
     kind: str                  # "fluency" | "reasoning"
     answer_mask: torch.Tensor  # (B, T) bool, targets inside an answer span, its closing eot included
-    answer_id: torch.Tensor    # (B, T) int64, which answer a masked target belongs to (unique in the batch),
-                               # -1 elsewhere
+    answer_id: torch.Tensor    # (B, T) int64: the answer a masked target is in (unique in the batch), else -1
     # per-step targets and levels (README "Steps that earn their keep"); None: y at every step, no levels
     step_y: torch.Tensor = None     # (S, B, T) int64: step k's target a_k (k <= S) on answer tokens, else y
     chain_len: torch.Tensor = None  # (B, T) int64: S of the span's chain (its eot included), 0 elsewhere
@@ -284,8 +283,7 @@ class ReasoningData:
                 raise ValueError(f"reasoning_data {source!r}: {len(self.train)} train and {len(self.evals)} "
                                  "eval examples after the split; set reasoning_eval_data to a separate file")
             encoded = self.train + [self._encode(*e) for e in self.evals]
-            lengths = [len(e.prompt) + len(e.answer) for e in encoded]
-            longest, what = max(lengths), f"reasoning_data {source!r}"
+            longest, what = max(len(e.prompt) + len(e.answer) for e in encoded), f"reasoning_data {source!r}"
         if 1 + longest + 1 > block_size + 1:  # leading eot + example + closing eot
             raise ValueError(f"{what}: an example of up to {longest} tokens needs "
                              f"block_size >= {longest + 1}, got block_size={block_size}")

@@ -30,6 +30,7 @@ import data
 from configurator import ConfigError, autocast, configure, default_device, default_dtype
 from evaluate import exact_match_curve, pyplot
 from model import GPT
+import tasks
 
 DEFAULTS = dict(
     init_from="resume",     # 'resume' = out_dir/ckpt.pt (train.py writes it); GPT-2: 'gpt2', ... or a local
@@ -186,7 +187,7 @@ def eval_set(c, train_cfg, tok, block_size):
               or train_cfg.get("reasoning_data", "synthetic"))
     n, gsm8k = c["eval_examples"], train_cfg.get("gsm8k_answer", "final")
     if source not in ("synthetic", train_cfg.get("reasoning_data")):   # a separate file: its first n lines
-        examples = data.read_jsonl(source, gsm8k)[:n]
+        examples = tasks.read_jsonl(source, gsm8k)[:n]
         return examples, ["jsonl"] * len(examples), source
     # the built-in suite, or the held-out slice of the training JSONL (never trained on)
     tasks = c["eval_tasks"] or train_cfg.get("reasoning_tasks") or data.DEFAULT_TASKS

@@ -17,7 +17,8 @@ import torch
 from tiktoken.load import load_tiktoken_bpe
 
 from conftest import run_script
-from data import FluencyData, ReasoningData, get_tokenizer, read_jsonl
+from data import FluencyData, ReasoningData, get_tokenizer
+from tasks import read_jsonl
 from schedules import Router, micro_batch_index
 from tasks import ITER_F, is_eval_prompt
 

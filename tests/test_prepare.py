@@ -23,7 +23,8 @@ import torch
 from tiktoken.load import load_tiktoken_bpe
 
 from conftest import ROOT, run_script
-from data import FluencyData, read_jsonl
+from data import FluencyData
+from tasks import read_jsonl
 from prepare import MIN_VAL_TOKENS, fetch_gpt2_ranks, prepare, prepare_reasoning
 from sources import _text_pieces, open_source
 from test_data import GSM8K, PARAGRAPH, TEXTS

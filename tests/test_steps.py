@@ -3,11 +3,7 @@ each against a plain re-computation; the chains and the held-out split of the ch
 step_answers through the real CLI."""
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,10 +14,10 @@ import data
 import schedules
 import tasks
 import train
-from conftest import run_script
+from conftest import run_script, run_torchrun
 from losses import rlrp_loss, step_supervision, step_weights
 from model import GPT, GPTConfig
-from test_train import ROOT, TINY, forward_backward, records, tiny_gpt
+from test_train import TINY, forward_backward, records, tiny_gpt
 
 BYTE = data.get_tokenizer("byte")
 
@@ -432,18 +428,9 @@ def test_threshold_curriculum_under_ddp_switches_where_one_process_does(tmp_path
             "--curriculum_interval=2", "--learning_rate=1e-2", "--lr_decay_iters=16", "--eval_interval=16",
             "--max_iters=16"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     r = run_script("train.py", *args, f"--out_dir={one}")
     assert r.returncode == 0, r.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                *args, f"--out_dir={two}"]
-    ddp = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if ddp.returncode and "terminate called without an active exception" in ddp.stderr:
-        # seen once in CI on loaded cores, not reproduced in 17 local runs: rank 1 ended by std::terminate after
-        # rank 0 had run all 16 steps; gloo's teardown race (see Run.exit) is the suspect. One fresh try for
-        # exactly this message; any other failure fails
-        shutil.rmtree(two)
-        ddp = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    ddp = run_torchrun(*args, out_dir=two)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = records(one, "train"), records(two, "train")
     assert [r["curriculum_level"] for r in a] == [r["curriculum_level"] for r in b]

@@ -15,6 +15,7 @@ import schedules
 import train
 from evaluate import evaluate_reasoning
 from configurator import ConfigError
+from conftest import run_torchrun
 from losses import step_weights
 from model import GPT, GPTConfig
 
@@ -290,9 +291,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "train.py", *args, f"--out_dir={one}"], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=300)
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train.py", *args, f"--out_dir={two}"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+    ddp = run_torchrun(*args, out_dir=two)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = records(one, "train"), records(two, "train")
     kinds = lambda recs: [next(k for k in ("fluency", "reasoning") if k in r) for r in recs]
