@@ -196,7 +196,9 @@ def kind_means(steps):
     with random K). steps: what each logged, {"loss", "ds", "rl", "imp": float, "nll_k": [ℓ_1..ℓ_K]}."""
     rec = {"steps": len(steps), **{k: fmean(s[k] for s in steps) for k in ("loss", "ds", "rl", "imp")}}
     K = max(len(s["nll_k"]) for s in steps)
-    rec["nll_k"] = [fmean(s["nll_k"][k] for s in steps if len(s["nll_k"]) > k) for k in range(K)]
+    # None: no step of the window that ran step k drew it (sampled deep supervision)
+    step_k = lambda k: [s["nll_k"][k] for s in steps if len(s["nll_k"]) > k and s["nll_k"][k] is not None]
+    rec["nll_k"] = [fmean(step_k(k)) if step_k(k) else None for k in range(K)]
     return rec
 
 

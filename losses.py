@@ -16,8 +16,13 @@ only ℓ, W and (B, T) masks:
     L     = L_DS + λ_rl·L_RL + λ_imp·L_IMP                       λ_rl = 0 on fluency batches
 
 (ω = answer_weight, 1 by default: every valid token counts the same.) ℓ itself is computed from the hidden
-states by linear_ce.token_nll, without ever holding the K full-vocabulary logits tensors.
+states by linear_ce.token_nll, without ever holding the K full-vocabulary logits tensors. Sampled deep
+supervision (StepDraw) computes ℓ at one drawn step per token instead of all K: unbiased estimates of the
+same three terms at ~1 + 2f unembeddings per token instead of K.
 """
+
+import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -198,6 +203,96 @@ def improvement_penalty(nll, mask, margin=0.0, count=None):
     return masked_mean(excess, mask, count).mean()
 
 
+# -----------------------------------------------------------------------------
+# sampled deep supervision: ℓ at one drawn step per token, and at a few (1, j) pairs for L_IMP
+
+def imp_positions(n_steps, n_positions, imp_fraction):
+    """M = ⌈f·B·T⌉, the positions L_IMP is estimated on; 0 when K ≤ 1 (no step 2 to compare)."""
+    return math.ceil(imp_fraction * n_positions) if n_steps > 1 else 0
+
+
+def sampled_unembeds(n_steps, n_positions, imp_fraction):
+    """Unembeddings per token a sampled step computes: (N + 2M) / N ≈ 1 + 2f (GPT.flops_per_token's)."""
+    return (n_positions + 2 * imp_positions(n_steps, n_positions, imp_fraction)) / n_positions
+
+
+class StepDraw(NamedTuple):
+    """
+    Which ℓ[k, b, t] a sampled step computes. k (B, T): the step drawn at every position, k_t ~ W[:, b, t];
+    imp_pos (M,): positions b·T + t drawn uniformly without replacement from all B·T (a fixed M whatever the
+    padding: fixed shapes, no boolean indexing); imp_j (M,): their step j ~ U{2..K}.
+    """
+    k: torch.Tensor
+    imp_pos: torch.Tensor
+    imp_j: torch.Tensor
+    n_steps: int            # K' = max(K, 1), the steps W spans
+
+    def rows(self):
+        """(N + 2M,) indices into ℓ flattened over (K', B, T), N = B·T: ℓ[k_t, t] at every t, then
+        ℓ[j_m, pos_m], then ℓ[1, pos_m]. One token_nll call computes all of them (GPT.forward's rows)."""
+        N = self.k.numel()
+        return torch.cat([(self.k.flatten() - 1) * N + torch.arange(N, device=self.k.device),
+                          (self.imp_j - 1) * N + self.imp_pos, self.imp_pos])
+
+    def to(self, device):
+        return StepDraw(self.k.to(device), self.imp_pos.to(device), self.imp_j.to(device), self.n_steps)
+
+
+def draw_steps(weights, n_steps, shape, imp_fraction, generator):
+    """
+    StepDraw for K = n_steps, weights w (K',) or W (K', B, T) (step_supervision), shape (B, T), from a CPU
+    generator (train.py seeds it by (seed, global micro-batch index): 1 and W processes draw the same).
+    k_t is the inverse CDF of one uniform u_t: k_t = 1 + #{k : Σ_{j≤k} W_j ≤ u_t}, so P(k_t = k) = W[k, b, t]
+    and a step of weight 0 is never drawn.
+    """
+    B, T = shape
+    W = weights.view(-1, 1, 1).expand(-1, B, T) if weights.dim() == 1 else weights    # (K', B, T)
+    cdf = W.float().cumsum(0).movedim(0, -1)                                          # (B, T, K')
+    cdf = (cdf / cdf[..., -1:]).contiguous()        # its last entry exactly 1: u < 1 never passes it
+    u = torch.rand(B, T, 1, generator=generator)
+    k = torch.searchsorted(cdf, u, right=True).squeeze(-1) + 1                        # k_t, (B, T)
+    M = imp_positions(n_steps, B * T, imp_fraction)
+    pos = torch.randperm(B * T, generator=generator)[:M]
+    j = torch.randint(2, n_steps + 1, (M,), generator=generator) if M else torch.zeros(0, dtype=torch.long)
+    return StepDraw(k, pos, j, W.size(0))
+
+
+def sampled_improvement_penalty(nll_1, nll_j, valid, n_positions, margin=0.0, count=None):
+    """
+    L_IMP estimated on M positions pos_m drawn uniformly from the batch's N = B·T, each with j_m ~ U{2..K}:
+      L̂_IMP = (N/M) · Σ_m 1[valid_m] · relu(ℓ_{j_m} − sg(ℓ_1) + margin) / Σ m_valid
+    Each position is in the sample with probability M/N, and E_j[relu(ℓ_j − ...)] = 1/(K−1) Σ_{k≥2} relu(...),
+    so E[L̂_IMP] = L_IMP. nll_1, nll_j, valid: (M,) at pos_m; count: Σ m_valid (of the optimizer step).
+    """
+    M = nll_1.numel()
+    if M == 0:
+        return nll_1.new_zeros(())
+    excess = F.relu(nll_j - nll_1.detach() + margin)                       # (M,)
+    count = valid.sum() if count is None else count
+    return torch.where(valid, excess, 0.0).sum() * (n_positions / M) / torch.as_tensor(count).clamp(min=1)
+
+
+def sampled_terms(nll, draw, m_valid, m_rl, counts, token_weight, q, margin):
+    """
+    (L̂_DS, L̂_RL, L̂_IMP, logged ℓ_k sums, drawn counts) from ℓ at draw.rows(): nll (N + 2M,).
+    E_{k_t ~ W_t}[ℓ[k_t, t]] = Σ_k W_k ℓ_k, so one drawn ℓ per token, given weight 1, is an unbiased estimate
+    of L_DS and L_RL (their W-weighted sums over steps); L_IMP as sampled_improvement_penalty. The estimates
+    are linear in the drawn ℓ, so their gradients are unbiased too. The logged ℓ_k: Σ over the valid tokens
+    that drew step k, and how many did (both / Σ m_valid: they add up over micro-batches and ranks).
+    """
+    n_valid, n_rl, n_ds = counts
+    N, M = m_valid.numel(), len(draw.imp_pos)
+    drawn = nll[:N].view(1, *m_valid.shape)                            # ℓ[k_t, b, t], (1, B, T)
+    one = torch.ones(1)                                                # the drawn step's weight
+    l_ds = deep_supervision_loss(drawn, one, m_valid, n_ds, token_weight)
+    l_rl = soft_rl_loss(drawn, one, m_rl, q=q, count=n_rl)
+    l_imp = sampled_improvement_penalty(nll[N + M:], nll[N:N + M], m_valid.flatten()[draw.imp_pos], N, margin,
+                                        n_valid)
+    hit = F.one_hot(draw.k - 1, draw.n_steps).movedim(-1, 0).bool()   # 1[k_t = k], (K', B, T)
+    logged = masked_mean(hit * drawn.detach(), m_valid, n_valid), masked_mean(hit.float(), m_valid, n_valid)
+    return l_ds, l_rl, l_imp, *logged
+
+
 def loss_masks(targets, answer_mask, rl_answer_only=True, rl_rows=None):
     """(m_valid, m_RL), both (B, T) bool: m_valid = (y ≠ −1); m_RL = the answer mask if rl_answer_only,
     else m_valid; rl_rows (B,) bool: soft RL only on these rows (a mixed batch's reasoning rows)."""
@@ -214,7 +309,8 @@ def loss_counts(targets, answer_mask, rl_answer_only=True, rl_rows=None):
 
 
 def rlrp_loss(nll, targets, answer_mask, kind, weights, lambda_rl=0.0, lambda_imp=0.0,
-              rl_answer_only=True, margin=0.0, rl_q=1.0, answer_weight=1.0, counts=None, rl_rows=None):
+              rl_answer_only=True, margin=0.0, rl_q=1.0, answer_weight=1.0, counts=None, rl_rows=None,
+              draw=None):
     """
     (ii) data-aware routing: the objective for one batch by its kind.
       fluency:   L = L_DS + λ_imp·L_IMP
@@ -226,6 +322,9 @@ def rlrp_loss(nll, targets, answer_mask, kind, weights, lambda_rl=0.0, lambda_im
     or W (K, B, T) (step_supervision); answer_weight: ω, L_DS's weight a_t of answer tokens (others 1).
     counts: optional loss_counts summed over the whole optimizer step (see masked_mean), else this batch's.
     rl_rows: (B,) bool, the rows soft RL applies to (a mixed batch's reasoning rows; None = every row).
+    draw: a StepDraw (sampled deep supervision): nll is then ℓ at draw.rows() only, (N + 2M,), the terms are
+    its unbiased estimates (sampled_terms), and parts["nll_k"] is ℓ_k summed over the tokens that drew step k,
+    with parts["drawn_k"] their share (train.all_reduce_logged divides the two).
     """
     if kind not in ("fluency", "reasoning"):
         raise ValueError(f"batch kind must be 'fluency' or 'reasoning', got {kind!r}")
@@ -236,11 +335,15 @@ def rlrp_loss(nll, targets, answer_mask, kind, weights, lambda_rl=0.0, lambda_im
                                                                             rl_answer_only, rl_rows)
     token_weight = None if answer_weight == 1 else torch.where(answer_mask, answer_weight, 1.0).to(nll)
     n_ds = n_valid + (answer_weight - 1) * n_answer                    # Σ a_t over m_valid
-    l_ds = deep_supervision_loss(nll, weights, m_valid, n_ds, token_weight)
-    l_rl = soft_rl_loss(nll, weights, m_rl, q=rl_q, count=n_rl)
-    l_imp = improvement_penalty(nll, m_valid, margin, n_valid)
+    if draw is None:
+        l_ds = deep_supervision_loss(nll, weights, m_valid, n_ds, token_weight)
+        l_rl = soft_rl_loss(nll, weights, m_rl, q=rl_q, count=n_rl)
+        l_imp = improvement_penalty(nll, m_valid, margin, n_valid)
+        logged = {"nll_k": masked_mean(nll.detach(), m_valid, n_valid)}   # (K,) per-step token NLL
+    else:
+        l_ds, l_rl, l_imp, nll_k, drawn_k = sampled_terms(nll, draw, m_valid, m_rl, (n_valid, n_rl, n_ds),
+                                                          token_weight, rl_q, margin)
+        logged = {"nll_k": nll_k, "drawn_k": drawn_k}
     lam_rl = lambda_rl if kind == "reasoning" else 0.0
     loss = l_ds + lam_rl * l_rl + lambda_imp * l_imp                   # L = L_DS + λ_rl·L_RL + λ_imp·L_IMP
-    parts = {"ds": l_ds.detach(), "rl": l_rl.detach(), "imp": l_imp.detach(),
-             "nll_k": masked_mean(nll.detach(), m_valid, n_valid)}   # nll_k: (K,) per-step token NLL
-    return loss, parts
+    return loss, {"ds": l_ds.detach(), "rl": l_rl.detach(), "imp": l_imp.detach(), **logged}

@@ -199,7 +199,8 @@ class GPT(nn.Module):
         # ℓ_k = −log softmax(lm_head(LN_f(o_k)))[y], without holding logits_k
         return token_nll(self.transformer.ln_f(o), self.lm_head.weight, targets)
 
-    def forward(self, idx, targets=None, n_steps=None, grad_steps=None, progressive=None, readout_grad="all"):
+    def forward(self, idx, targets=None, n_steps=None, grad_steps=None, progressive=None, readout_grad="all",
+                rows=None):
         """
         idx: (B, T) token ids. Returns (logits, nll):
           targets None:  logits (K', B, T, V), one row per step, K' = max(K, 1); nll None
@@ -208,6 +209,8 @@ class GPT(nn.Module):
         progressive: (n, k) appends one more row: o_{n+k} of a second head pass from the same h that runs n
         steps without gradient and then k with it (Bansal et al. 2022's progressive loss; train.py).
         readout_grad: 'first' cuts the readout's residual h_t out of the gradient of steps 2..K (LatentHead).
+        rows: (R,) indices into ℓ flattened over (K', B, T) (sampled deep supervision, losses.StepDraw): nll
+        is then ℓ.flatten()[rows], (R,), with only those R unembeddings computed, in one token_nll call.
         """
         K = self.resolve_steps(n_steps)
         self.check_inputs(idx, targets)
@@ -222,6 +225,8 @@ class GPT(nn.Module):
             targets = targets.expand(len(o), *targets.shape)
         if targets.shape[:2] != (len(o), idx.size(0)):
             raise ValueError(f"per-step targets must have shape ({len(o)}, B, T), got {tuple(targets.shape)}")
+        if rows is not None:                    # ℓ at the chosen (k, b, t) only: o_k of those rows, (R, C)
+            return None, self.step_nll(o.flatten(0, 2)[rows], targets.reshape(-1)[rows])           # (R,)
         return None, torch.stack([self.step_nll(o_k, y_k) for o_k, y_k in zip(o, targets)])   # ℓ, (K', B, T)
 
     def compile_parts(self):
@@ -352,16 +357,16 @@ class GPT(nn.Module):
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
-    def flops_per_token(self, n_steps=None, seq_len=None, grad_steps=None):
+    def flops_per_token(self, n_steps=None, seq_len=None, grad_steps=None, unembeds=None):
         """
         Training FLOPs per token (forward + backward = 6 per multiply-add per parameter, PaLM appendix B),
         split into trunk (blocks + attention scores), head (LatentHead.flops_per_token, with grad_steps) and
-        unembed (lm_head, once per step).
+        unembed (lm_head, once per step; or `unembeds` times per token, sampled deep supervision's 1 + 2M/N).
         """
         cfg, K = self.config, self.resolve_steps(n_steps)
         T = seq_len or cfg.block_size
         blocks = sum(p.numel() for p in self.transformer.h.parameters() if p.dim() >= 2)
         trunk = 6 * blocks + 12 * cfg.n_layer * cfg.n_embd * T
         head = self.latent_head.flops_per_token(K, T, grad_steps) if K > 0 else 0
-        unembed = 6 * cfg.n_embd * cfg.vocab_size * max(K, 1)
+        unembed = 6 * cfg.n_embd * cfg.vocab_size * (max(K, 1) if unembeds is None else unembeds)
         return {"trunk": trunk, "head": head, "unembed": unembed, "total": trunk + head + unembed}

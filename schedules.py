@@ -75,10 +75,23 @@ def max_n_steps(c):
     return 2 * K - 1 if dist == "uniform" else c["n_steps_max"] or 4 * K
 
 
+def micro_batch_seed(c, index, *stream):
+    """A seed that is a function of (seed, global micro-batch index[, stream]): 1 process and W draw the same
+    for the same micro-batch, and resume needs no saved RNG state."""
+    return int(np.random.SeedSequence([c["seed"], index, *stream]).generate_state(1)[0])
+
+
 def seed_micro_batch(c, index):
-    """Dropout's RNG, a function of (seed, global micro-batch index): 1 process and W draw the same masks for
-    the same micro-batch, and resume needs no saved RNG state."""
-    torch.manual_seed(int(np.random.SeedSequence([c["seed"], index]).generate_state(1)[0]))
+    """Dropout's RNG: the global one, seeded by (seed, global micro-batch index)."""
+    torch.manual_seed(micro_batch_seed(c, index))
+
+
+SAMPLING_STREAM = 3  # sampled deep supervision's draws: a stream of their own, apart from dropout's
+
+
+def sampling_generator(c, index):
+    """Sampled deep supervision's CPU generator for one micro-batch, seeded by (seed, index, its stream)."""
+    return torch.Generator().manual_seed(micro_batch_seed(c, index, SAMPLING_STREAM))
 
 
 PROGRESSIVE_STREAM = 2  # the progressive loss's draws: a stream of their own, apart from n_steps_at's

@@ -34,9 +34,9 @@ from checkpoint import build_model
 from config.defaults import CONSTRAINTS, DEFAULTS, DEFAULTS_FILE
 from configurator import ConfigError, catch_stop_signals, configure, precision, setup_system
 from evaluate import Records, TrainWindow, all_reduce_sum, eval_metrics, eval_sets, format_eval
-from losses import loss_counts, rlrp_loss, step_supervision, step_weights
+from losses import draw_steps, loss_counts, rlrp_loss, sampled_unembeds, step_supervision, step_weights
 from schedules import (Curriculum, Router, get_lr, max_n_steps, micro_batches, n_steps_at,
-                       progressive_steps, seed_micro_batch)
+                       progressive_steps, sampling_generator, seed_micro_batch)
 
 # -----------------------------------------------------------------------------
 # the config: config/defaults.py's keys, presets and --key=value overrides, or a checkpoint's when resuming
@@ -88,26 +88,33 @@ def step_counts(batches, c, device, world):
     return all_reduce_sum(counts.to(device), world).float()
 
 
-def micro_step_loss(model, b, kind, K, weights, counts, progressive, c, device):
-    """Forward and the RLRP objective of one micro-batch -> (loss, logged): the loss is this micro-batch's
-    share of the optimizer step's global mean (counts: step_counts); logged holds the detached loss, ds, rl,
-    imp and nll_k (ℓ_1..ℓ_K). progressive: this step's (n, k) (schedules.progressive_steps) or None."""
+def micro_step_loss(model, index, b, kind, K, weights, counts, progressive, c, device):
+    """Forward and the RLRP objective of micro-batch `index` (global), b -> (loss, logged): the loss is this
+    micro-batch's share of the optimizer step's global mean (counts: step_counts); logged holds the detached
+    loss, ds, rl, imp and nll_k (ℓ_1..ℓ_K; sampled: also drawn_k, see rlrp_loss). progressive: this step's
+    (n, k) (schedules.progressive_steps) or None."""
     targets, step_w = step_supervision(b.y, K, weights, b.step_y, b.chain_len, b.level, c["beyond_chain"],
                                        c["level_steps"])         # Y, W: (K', B, T) on the CPU
+    K1, N, alpha = max(K, 1), b.y.numel(), c["progressive_alpha"]
+    draw = draw_steps(step_w, K, b.y.shape, c["imp_fraction"], sampling_generator(c, index)) \
+        if c["sampled_supervision"] else None
     if progressive:                                              # step n+k's targets for its second pass
         targets = torch.cat([targets, targets[sum(progressive) - 1:sum(progressive)]])
     b, step_w = b.to(device), step_w.to(device)
     # the paper's targets are y at every step: a view of the batch's y, not a K-fold copy to move
     targets = targets.to(device) if b.step_y is not None else b.y.expand(len(targets), *b.y.shape)
+    n_second = N if progressive else 0    # sampled: ℓ at the draw's rows, then all of the second pass's row
+    rows = None if draw is None else torch.cat([draw.rows(), K1 * N + torch.arange(n_second)])
     _, nll = model(b.x, targets, n_steps=K, grad_steps=c["grad_steps"] or None, progressive=progressive,
-                   readout_grad=c["readout_grad"])
-    objective = lambda rows, w: rlrp_loss(rows, b.y, b.answer_mask, kind, w, c["lambda_rl"], c["lambda_imp"],
-                                          c["rl_answer_only"], c["imp_margin"], c["rl_q"], c["answer_weight"],
-                                          counts=counts, rl_rows=b.rl_rows)
-    K1, alpha = max(K, 1), c["progressive_alpha"]
-    loss, parts = objective(nll[:K1].float(), step_w)
+                   readout_grad=c["readout_grad"], rows=None if rows is None else rows.to(device))
+    objective = lambda ell, w, d=None: rlrp_loss(ell, b.y, b.answer_mask, kind, w, c["lambda_rl"],
+                                                 c["lambda_imp"], c["rl_answer_only"], c["imp_margin"],
+                                                 c["rl_q"], c["answer_weight"], counts, b.rl_rows, d)
+    split = K1 if draw is None else len(rows) - n_second
+    nll, second = nll[:split], nll[split:]
+    loss, parts = objective(nll.float(), step_w, None if draw is None else draw.to(device))
     if progressive:  # L = (1 − α)·L_K + α·L_{n+k}, L_{n+k} the objective on the second pass's last step
-        loss = (1 - alpha) * loss + alpha * objective(nll[K1:].float(), torch.ones(1))[0]
+        loss = (1 - alpha) * loss + alpha * objective(second.float().view(1, *b.y.shape), torch.ones(1))[0]
     return loss, {"loss": loss.detach(), **parts}
 
 
@@ -116,11 +123,17 @@ LOGGED = ("loss", "ds", "rl", "imp")   # what every step logs besides nll_k, the
 
 def all_reduce_logged(logged, stop, world):
     """(logged, ranks asked to stop): an optimizer step's logged sums over every rank, as floats (nll_k a
-    list), and how many ranks got a stop signal, in one all-reduce: all ranks stop at the same step."""
-    flat = torch.cat([torch.stack([logged[k] for k in LOGGED]), logged["nll_k"],
+    list), and how many ranks got a stop signal, in one all-reduce: all ranks stop at the same step. Sampled
+    deep supervision: nll_k is ℓ_k's mean over the tokens that drew step k, None where none did."""
+    per_step = [logged["nll_k"], *([logged["drawn_k"]] if "drawn_k" in logged else [])]
+    flat = torch.cat([torch.stack([logged[k] for k in LOGGED]), *per_step,
                       logged["loss"].new_tensor([float(bool(stop))])])
     values = all_reduce_sum(flat, world).tolist()
-    return {**dict(zip(LOGGED, values)), "nll_k": values[len(LOGGED):-1]}, values[-1]
+    K, n = len(logged["nll_k"]), len(LOGGED)
+    nll_k = values[n:n + K]
+    if "drawn_k" in logged:
+        nll_k = [total / drawn if drawn else None for total, drawn in zip(nll_k, values[n + K:n + 2 * K])]
+    return {**dict(zip(LOGGED, values)), "nll_k": nll_k}, values[-1]
 
 # -----------------------------------------------------------------------------
 # the run
@@ -222,9 +235,11 @@ class Run:
 
     def flops_per_token(self, it, K):
         """Training FLOPs per token of step `it`: the model's at K, plus the progressive loss's second head
-        pass and its one unembedding when it is on."""
+        pass and its one unembedding when it is on; sampled deep supervision: the unembeddings it runs."""
         c = self.c
-        flops = self.raw_model.flops_per_token(K, c["block_size"], c["grad_steps"])["total"]
+        N = c["batch_size"] * c["block_size"]
+        unembeds = sampled_unembeds(K, N, c["imp_fraction"]) if c["sampled_supervision"] else None
+        flops = self.raw_model.flops_per_token(K, c["block_size"], c["grad_steps"], unembeds)["total"]
         progressive = progressive_steps(it, c, K)
         if progressive:
             steps = sum(progressive)                                      # n + k
@@ -265,8 +280,8 @@ class Run:
                 # DDP all-reduces the gradients once, after the last micro-batch
                 with self.model.no_sync() if self.world > 1 and not last else nullcontext():
                     with self.ctx:
-                        loss, parts = micro_step_loss(self.model, b, kind, K, weights, counts, progressive, c,
-                                                      self.device)
+                        loss, parts = micro_step_loss(self.model, index, b, kind, K, weights, counts,
+                                                      progressive, c, self.device)
                     # DDP averages gradients over ranks; the loss is already a global mean, so undo the 1/W
                     self.scaler.scale(loss * self.world).backward()
                 logged = {k: logged.get(k, 0) + v for k, v in parts.items()}

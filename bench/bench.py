@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project root: train.py, model.py, ... import from here
 
 from configurator import ConfigError, configure
-from losses import rlrp_loss, step_weights
+from losses import draw_steps, rlrp_loss, sampled_unembeds, step_weights
 from model import GPT, GPTConfig
 
 DEFAULTS = dict(
@@ -61,6 +61,8 @@ DEFAULTS = dict(
     head_attn="none",         # what a refinement step may read besides h_t: none | trunk | latent
     gelu="exact",             # the MLPs' GELU: exact (nanoGPT's, train.py's default) | tanh (GPT-2's);
                               # --reference=True runs both
+    sampled_supervision=False,  # ℓ at one drawn step per token (train.py's key): ~1 + 2f unembeddings, not K
+    imp_fraction=0.125,       # f, the share of positions the sampled improvement penalty is estimated on
     # system
     device="cpu",             # cpu | cuda: named, not guessed, so a result says what it measured
     compile=False,            # True: GPT.compile_parts (the trunk and one head step, reused by every K)
@@ -159,15 +161,17 @@ def random_batch(cfg):
     return x, y, torch.rand(B, T, device=dev) < 0.5
 
 
-def train_loss(run, batch, k, plain=None):
+def train_loss(run, batch, k, plain=None, sampling=None):
     """The loss one training step backpropagates: PlainGPT's cross-entropy, or ours with every term on, as a
-    reasoning batch."""
+    reasoning batch; sampling: (generator, f) for sampled deep supervision (train.py's), None = all K ℓ."""
     x, y, answer = batch
     if plain is not None:
         return run(x, y)
-    _, nll = run(x, y, n_steps=k)
-    weights = step_weights(max(k, 1)).to(y.device)
-    return rlrp_loss(nll, y, answer, "reasoning", weights, lambda_rl=1.0, lambda_imp=0.1)[0]
+    weights = step_weights(max(k, 1))
+    draw = draw_steps(weights, k, y.shape, sampling[1], sampling[0]).to(y.device) if sampling else None
+    _, nll = run(x, y, n_steps=k, rows=None if draw is None else draw.rows())
+    return rlrp_loss(nll, y, answer, "reasoning", weights.to(y.device), lambda_rl=1.0, lambda_imp=0.1,
+                     draw=draw)[0]
 
 
 def make_step(cfg, K=None, plain=None, compile=None, gelu=None):
@@ -184,10 +188,12 @@ def make_step(cfg, K=None, plain=None, compile=None, gelu=None):
            torch.compile(model, fullgraph=True) if mode else model)
     batch = random_batch(cfg)
     ctx = torch.autocast(dev, dtype=getattr(torch, cfg["dtype"])) if dev == "cuda" else nullcontext()
+    sampling = (torch.Generator().manual_seed(cfg["seed"]), cfg["imp_fraction"]) \
+        if cfg["sampled_supervision"] and plain is None else None
 
     def step(k=K):
         with ctx:
-            loss = train_loss(run, batch, k, plain)
+            loss = train_loss(run, batch, k, plain, sampling)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -224,7 +230,8 @@ def peak_mem_mb(device):
 
 def row(cfg, K, model, dt, mem=None):
     B, T = cfg["batch_size"], cfg["block_size"]
-    f = model.flops_per_token(K, T)
+    unembeds = sampled_unembeds(K, B * T, cfg["imp_fraction"]) if cfg["sampled_supervision"] else None
+    f = model.flops_per_token(K, T, unembeds=unembeds)
     r = dict(n_steps=K, gelu=model.config.gelu, vocab_size=vocab_size(cfg), ms_per_iter=1e3 * dt,
              tokens_per_s=B * T / dt,
              flops_per_token=f["total"], trunk_flops=f["trunk"], head_flops=f["head"],
@@ -334,6 +341,7 @@ def print_table(cfg, rows):
     cols = [c for c in COLUMNS if c[0] in rows[0]]
     print(f"# {cfg['device']} vocab={vocab_size(cfg)} B={cfg['batch_size']} T={cfg['block_size']} "
           f"L={cfg['n_layer']} H={cfg['n_head']} C={cfg['n_embd']} compile={cfg['compile']} "
+          f"sampled_supervision={cfg['sampled_supervision']} "
           f"threads={torch.get_num_threads()}")
     print(" ".join(f"{h:>{w}}" for _, h, w, _ in cols))
     for r in rows:

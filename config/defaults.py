@@ -63,6 +63,9 @@ DEFAULTS = dict(
     imp_margin=0.0,            # margin of the improvement penalty: later steps must beat step 1 by this much
     rl_answer_only=True,       # soft RL on answer spans only
     rl_q=1.0,                  # soft-RL exponent q > 0: L_RL = (1 − p^q)/q; 1 = the paper's 1 − p, → 0 = CE
+    sampled_supervision=False, # unbiased estimates of L_DS, L_RL, L_IMP from ℓ at one drawn step k_t ~ W per
+                               # token: ~1 + 2·imp_fraction unembeddings per token instead of K (losses.py)
+    imp_fraction=0.125,        # f, in (0, 1]: the share of positions L_IMP is estimated on when sampled
     n_steps_dist="fixed",      # K per optimizer step (recurrent-depth style): 'fixed' | 'uniform': U{1..2K−1}
                                # | 'lognormal': Huginn's log-normal Poisson: mean K, a heavy tail, capped
     n_steps_max=0,             # the cap of 'lognormal' draws, >= n_steps (0 = 4K: ~0.1% of draws clipped)
@@ -142,6 +145,8 @@ CONSTRAINTS = [
     *at_least(0, "max_iters", "eval_examples", "checkpoint_interval", "checkpoint_minutes", "threads"),
     (lambda c: c["rl_q"] > 0, "rl_q must be > 0 (1 = the paper's soft RL, small = close to CE), got {rl_q}"),
     (lambda c: c["weight_gamma"] > 0, "weight_gamma must be > 0, got {weight_gamma}"),
+    (lambda c: 0 < c["imp_fraction"] <= 1, "imp_fraction must be in (0, 1] (0 would switch the improvement "
+     "penalty off: set lambda_imp=0 for that), got {imp_fraction}"),
     (lambda c: c["learning_rate"] > 0, "learning_rate must be > 0, got {learning_rate}"),
     (lambda c: 0 <= c["min_lr"] <= c["learning_rate"],
      "min_lr must be in [0, learning_rate={learning_rate}], got {min_lr}"),

@@ -60,6 +60,9 @@ VARIANTS = {  # name: (what it is, overrides of the preset)
     "rlrp_d128": ("preset, head width D=128", ["--n_latent=128"]),
     "rlrp_w_uniform": ("preset, uniform step weights", ["--weight_schedule=uniform"]),
     "rlrp_rho75": ("preset, ρ=0.75", ["--reasoning_fraction=0.75"]),
+    # sampled deep supervision against the preset it estimates (README "Performance"): run them by name
+    "rlrp_sampled": ("preset, sampled deep supervision",
+                     ["--n_steps_dist=uniform", "--sampled_supervision=True"]),
 }
 ABLATION = ["gpt", "gpt_deeper", "head_ds", "routing", "soft_rl", "rlrp", "rlrp_randk"]
 SWEEP = ["rlrp_randk", "rlrp_k2", "rlrp_k8", "rlrp_w_uniform", "rlrp_rho75"]  # rlrp_d128: run it by name

@@ -118,10 +118,13 @@ def test_cli_prints_one_json_object_per_row_with_the_promised_keys():
     assert r["n_steps"] == 2 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 and r["flops_per_token"] > 0
 
 
-def test_sweep_cli_end_to_end():
-    """The README's sweep, for real: each K's memory comes from a child bench/bench.py process."""
-    out = subprocess.run([sys.executable, "bench/bench.py", *TINY, "--sweep=True", "--json=True"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("sampled", [False, True])
+def test_sweep_cli_end_to_end(sampled):
+    """The README's sweeps, for real: each K's memory comes from a child bench/bench.py process; sampled deep
+    supervision counts ~1 + 2f unembeddings per token at every K >= 2."""
+    out = subprocess.run([sys.executable, "bench/bench.py", *TINY, "--sweep=True", "--json=True",
+                          f"--sampled_supervision={sampled}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["n_steps"] for r in rows] == list(bench.SWEEP_STEPS)
@@ -130,6 +133,9 @@ def test_sweep_cli_end_to_end():
     for r in rows:
         assert r["quotient"] == pytest.approx(r["time_ratio"] / r["flop_ratio"])
         assert r["flop_ratio"] == pytest.approx(r["flops_per_token"] / rows[0]["flops_per_token"])
+        unembeds = r["unembed_flops"] / rows[0]["unembed_flops"]
+        assert unembeds == (max(r["n_steps"], 1) if not sampled else 1 if r["n_steps"] < 2 else
+                            pytest.approx(1 + 2 * 0.125, abs=0.01))
 
 
 def test_reference_mode_compares_each_gelu_of_ours_against_both_references(capsys):

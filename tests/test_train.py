@@ -41,7 +41,8 @@ def forward_backward(model, micro, K, c, progressive=None):
     logged = {}
     for index, b in micro:
         schedules.seed_micro_batch(c, index)
-        loss, parts = train.micro_step_loss(model, b, "reasoning", K, weights, counts, progressive, c, "cpu")
+        loss, parts = train.micro_step_loss(model, index, b, "reasoning", K, weights, counts, progressive, c,
+                                            "cpu")
         loss.backward()
         logged = {k: logged.get(k, 0) + v for k, v in parts.items()}
     return logged
@@ -81,6 +82,8 @@ def final_params(out_dir):
     (["--weight_skip=-1"], "weight_skip must be >= 0, got -1"),
     (["--weight_skip=2"], r"weight_skip must be < n_steps=2 \(steps 1..weight_skip get no weight"),
     (["--n_steps=0", "--weight_skip=1"], "weight_skip must be < n_steps=0"),
+    (["--imp_fraction=0"], r"imp_fraction must be in \(0, 1\] \(0 would switch the improvement penalty off"),
+    (["--imp_fraction=1.5"], r"imp_fraction must be in \(0, 1\]"),
 ])
 def test_config_errors(tmp_path, args, message):
     with pytest.raises(ConfigError, match=message):
@@ -219,7 +222,8 @@ def test_mixed_routing_keeps_soft_rl_on_the_reasoning_rows():
     with torch.no_grad():   # confident predictions: p far from uniform, so the rows' soft RL terms differ
         model.transformer.wte.weight.normal_(0, 2.0)
     counts = train.step_counts([b], c, "cpu", 1)
-    _, logged = train.micro_step_loss(model, b, "reasoning", 2, torch.full((2,), 0.5), counts, None, c, "cpu")
+    _, logged = train.micro_step_loss(model, 0, b, "reasoning", 2, torch.full((2,), 0.5), counts, None, c,
+                                      "cpu")
     with torch.no_grad():
         _, nll = model(b.x, b.y.expand(2, *b.y.shape), n_steps=2)              # (K, B, T)
     valid = b.y >= 0
@@ -280,13 +284,14 @@ def test_evaluate_reasoning_matches_a_plain_count():
 # whole runs: DDP == one process, compile, routing, throughput, precision
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("sampled", [False, True])
+def test_ddp_two_processes_equal_one_process(tmp_path, sampled):
     # dropout (masks seeded by global micro-batch index), random K (log-normal Poisson) with truncated
     # backward (W_in then gets no gradient in some steps) and no weight on step 1, an attending head, and one
-    # fluency eval batch for two ranks (rank 1 has no fluency shard)
+    # fluency eval batch for two ranks (rank 1 has no fluency shard); sampled: the draws too
     args = TINY + ["--max_iters=4", "--eval_interval=4", "--reasoning_fraction=0.5", "--dropout=0.1",
                    "--n_steps_dist=lognormal", "--n_steps=3", "--grad_steps=1", "--weight_skip=1",
-                   "--head_attn=trunk", "--eval_iters=1"]
+                   "--head_attn=trunk", "--eval_iters=1", f"--sampled_supervision={sampled}"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "train.py", *args, f"--out_dir={one}"], cwd=ROOT, env=env, check=True,
