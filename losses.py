@@ -243,7 +243,10 @@ def draw_steps(weights, n_steps, shape, imp_fraction, generator):
     StepDraw for K = n_steps, weights w (K',) or W (K', B, T) (step_supervision), shape (B, T), from a CPU
     generator (train.py seeds it by (seed, global micro-batch index): 1 and W processes draw the same).
     k_t is the inverse CDF of one uniform u_t: k_t = 1 + #{k : Σ_{j≤k} W_j ≤ u_t}, so P(k_t = k) = W[k, b, t]
-    and a step of weight 0 is never drawn.
+    and a step of weight 0 is never drawn. The penalty's pairs are drawn on their own, not reweighted from
+    the k_t draw: that would need weights 1/((K−1)·f·w_k), undefined where w_k = 0 ('last', weight_skip).
+    Their ℓ_1 and ℓ_j are computed even where k_t already has one: fixed shapes, for 2f unembeddings instead
+    of a bit less.
     """
     B, T = shape
     W = weights.view(-1, 1, 1).expand(-1, B, T) if weights.dim() == 1 else weights    # (K', B, T)
