@@ -197,8 +197,9 @@ def kind_means(steps):
     rec = {"steps": len(steps), **{k: fmean(s[k] for s in steps) for k in ("loss", "ds", "rl", "imp")}}
     K = max(len(s["nll_k"]) for s in steps)
     # None: no step of the window that ran step k drew it (sampled deep supervision)
-    step_k = lambda k: [s["nll_k"][k] for s in steps if len(s["nll_k"]) > k and s["nll_k"][k] is not None]
-    rec["nll_k"] = [fmean(step_k(k)) if step_k(k) else None for k in range(K)]
+    ran = [[s["nll_k"][k] for s in steps if len(s["nll_k"]) > k and s["nll_k"][k] is not None]
+           for k in range(K)]
+    rec["nll_k"] = [fmean(values) if values else None for values in ran]
     return rec
 
 

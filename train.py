@@ -96,7 +96,7 @@ def micro_step_loss(model, index, b, kind, K, weights, counts, progressive, c, d
     targets, step_w = step_supervision(b.y, K, weights, b.step_y, b.chain_len, b.level, c["beyond_chain"],
                                        c["level_steps"])         # Y, W: (K', B, T) on the CPU
     K1, N, alpha = max(K, 1), b.y.numel(), c["progressive_alpha"]
-    draw = draw_steps(step_w, K, b.y.shape, c["imp_fraction"], sampling_generator(c, index)) \
+    draw = draw_steps(step_w, K, b.y.shape, c["imp_fraction"], sampling_generator(c, index)).to(device) \
         if c["sampled_supervision"] else None
     if progressive:                                              # step n+k's targets for its second pass
         targets = torch.cat([targets, targets[sum(progressive) - 1:sum(progressive)]])
@@ -104,15 +104,15 @@ def micro_step_loss(model, index, b, kind, K, weights, counts, progressive, c, d
     # the paper's targets are y at every step: a view of the batch's y, not a K-fold copy to move
     targets = targets.to(device) if b.step_y is not None else b.y.expand(len(targets), *b.y.shape)
     n_second = N if progressive else 0    # sampled: ℓ at the draw's rows, then all of the second pass's row
-    rows = None if draw is None else torch.cat([draw.rows(), K1 * N + torch.arange(n_second)])
+    rows = None if draw is None else torch.cat([draw.rows(), K1 * N + torch.arange(n_second, device=device)])
     _, nll = model(b.x, targets, n_steps=K, grad_steps=c["grad_steps"] or None, progressive=progressive,
-                   readout_grad=c["readout_grad"], rows=None if rows is None else rows.to(device))
+                   readout_grad=c["readout_grad"], rows=rows)
     objective = lambda ell, w, d=None: rlrp_loss(ell, b.y, b.answer_mask, kind, w, c["lambda_rl"],
                                                  c["lambda_imp"], c["rl_answer_only"], c["imp_margin"],
                                                  c["rl_q"], c["answer_weight"], counts, b.rl_rows, d)
     split = K1 if draw is None else len(rows) - n_second
     nll, second = nll[:split], nll[split:]
-    loss, parts = objective(nll.float(), step_w, None if draw is None else draw.to(device))
+    loss, parts = objective(nll.float(), step_w, draw)
     if progressive:  # L = (1 − α)·L_K + α·L_{n+k}, L_{n+k} the objective on the second pass's last step
         loss = (1 - alpha) * loss + alpha * objective(second.float().view(1, *b.y.shape), torch.ones(1))[0]
     return loss, {"loss": loss.detach(), **parts}
