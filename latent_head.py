@@ -21,13 +21,16 @@ Both attend causally (I3: step k at position t reads positions <= t only), with 
 step; the update and W_out are unchanged, so I1, I2, I4 and I5 hold as before. Heads: D // 64 of size 64
 (GPT-2's head size) when D is a multiple of 64 and at least 128, else one head of size D. a_k's output
 projection is folded into the MLP's first layer (fc_a), as the product of two linear maps is one.
+
+Generation's parts that belong to the steps are here too: the attention cache (LayerKV, HeadCache), the
+newest position's outputs o_0..o_K (newest_outputs) and adaptive exit over them (exit_logits).
 """
+
+import itertools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from generation import LayerKV
 
 
 READOUT_GRAD = ("all", "first")  # which steps' losses reach h_t through the readout's residual (forward)
@@ -41,6 +44,31 @@ def gelu_approximate(gelu):
     if gelu not in GELU:
         raise ValueError(f"gelu must be one of {', '.join(GELU)}, got {gelu!r}")
     return GELU[gelu]
+
+
+class LayerKV:
+    """
+    One attention's cached keys and values at generation, each (B, nh, T_cached, hs), for a trunk block
+    or an attending head. It says which of three modes an attention call is in:
+        no cache   training and the uncached forward: the sequence attends causally to itself
+        empty      prefill: the prompt (or the re-filled window) attends causally to itself, and is stored
+        filled     decode: one new token attends to every cached position, and is appended
+    """
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def __len__(self):
+        return 0 if self.k is None else self.k.size(2)                # T_cached
+
+    def extend(self, k, v):
+        """Stores this call's k, v (B, nh, T, hs) after the cached ones -> all keys and values, (B, nh, T_all,
+        hs). After the prompt one token at a time: more would need a causal mask offset by T_cached."""
+        if self.k is not None:
+            assert k.size(2) == 1, "the KV cache takes one token at a time after the prompt"
+            k, v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
+        self.k, self.v = k, v
+        return k, v
 
 
 class HeadCache:
@@ -215,3 +243,57 @@ class LatentHead(nn.Module):
         w_in, w_out = self.w_in.weight.numel(), self.w_out.weight.numel()
         return (6 * size(once) + (6 if n_grad == K else 2) * w_in
                 + n_grad * 6 * (step + w_out) + (K - n_grad) * (2 * step + 4 * w_out))
+
+
+# -----------------------------------------------------------------------------
+# generation, per token: the head's outputs at the newest position, adaptive exit over its steps
+
+def newest_outputs(head, h, K, cache):
+    """
+    Yields o_0 = h_t (the trunk's own), then o_1..o_K at the newest position t, each (B, C), one at a time so
+    that adaptive exit can stop after any step. h (B, T, C): the positions this call adds; head: the model's
+    LatentHead (None when K = 0), cache its own generation cache (LatentHead.new_cache), extended here.
+    """
+    yield h[:, -1]
+    if K == 0:
+        return
+    if head.attn == "none":
+        h = h[:, -1:]                                # position-wise: the newest position is all it needs
+    for z in itertools.islice(head.latents(h, K, cache=cache), 1, None):     # z_1..z_K, (B, T, D)
+        yield head.readout(h[:, -1], z[:, -1])                               # o_k, (B, C)
+
+
+def exit_logits(outs, K, unembed, exit_threshold=None, return_steps=False):
+    """
+    outs: o_0 = h, o_1..o_K (each (B, C)) at the newest position (newest_outputs); unembed: o_k -> logits_k.
+    Returns (logits (B, V) of the step each row ends at, steps used (B,), top1, prob).
+    Adaptive exit: a row stops at the first k >= 1 with KL(p_k || p_{k-1}) < exit_threshold, p_0 being the
+    trunk's own distribution, and takes logits_k; KL >= 0, so a threshold of 0 (or None) runs all K steps.
+    return_steps: top1, prob (B, K+1) = each step's argmax and its probability (k = 0 the trunk; -1/nan where
+    a row had exited), else None.
+    """
+    outs = iter(outs)
+    h = next(outs)                                                 # o_0, the trunk's own
+    B, adaptive = h.size(0), bool(exit_threshold)
+    used = torch.full((B,), K, dtype=torch.long, device=h.device)
+    done = torch.zeros(B, dtype=torch.bool, device=h.device)
+    top1 = torch.full((B, K + 1), -1, dtype=torch.long, device=h.device) if return_steps else None
+    prob = torch.full((B, K + 1), float("nan"), device=h.device) if return_steps else None
+    out = logp_prev = None
+    for k, o in enumerate(itertools.chain([h], outs)):            # lazily: an early exit stops computing
+        if k < K and not (adaptive or return_steps):
+            continue  # fixed K: only logits_K is needed
+        logits = unembed(o)                                        # logits_k, (B, V)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        if return_steps:
+            p, i = logp.max(-1)
+            top1[:, k], prob[:, k] = i.masked_fill(done, -1), p.exp().masked_fill(done, float("nan"))
+        out = logits if out is None else torch.where(done[:, None], out, logits)  # exited rows keep theirs
+        if adaptive and k > 0:
+            kl = (logp.exp() * (logp - logp_prev)).sum(-1).clamp(min=0)      # KL(p_k || p_{k-1}), (B,)
+            exit_now = ~done & (kl < exit_threshold)
+            used, done = torch.where(exit_now, k, used), done | exit_now
+            if done.all():
+                break
+        logp_prev = logp
+    return out, used, top1, prob

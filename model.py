@@ -9,7 +9,7 @@ With targets the model returns ℓ (K, B, T), the per-step token NLL, instead of
 full-vocabulary logits tensors are never alive at once (linear_ce.token_nll). A model built with
 n_steps = 0 has no head and is exactly a GPT (I5); n_steps is also a run-time argument (I4).
 
-Generation (GPT.generate, its parts in generation.py) caches the trunk's keys and values, and what an
+Generation (GPT.generate) caches the trunk's keys and values, and what an
 attending head's steps read: each new token costs one trunk pass and K head steps on one position until the
 context fills block_size; then the window slides and each new token re-runs the last block_size tokens
 (positions are absolute, so cached keys cannot be shifted).
@@ -23,8 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generation import KVCache, exit_logits, newest_outputs, next_token
-from latent_head import LatentHead, gelu_approximate
+from latent_head import LatentHead, LayerKV, exit_logits, gelu_approximate, newest_outputs
 from linear_ce import token_nll
 
 
@@ -63,7 +62,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x, kv=None):
-        """x (B, T, C). kv: generation's cache of this layer (generation.LayerKV), extended with this call's
+        """x (B, T, C). kv: generation's cache of this layer (latent_head.LayerKV), extended with this call's
         keys and values; None in training (the graph is then the plain one)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -105,6 +104,32 @@ class Block(nn.Module):
     def forward(self, x, kv=None):
         x = x + self.attn(self.ln_1(x), kv)
         return x + self.mlp(self.ln_2(x))
+
+
+# -----------------------------------------------------------------------------
+# generation's cache and next token (GPT.generate)
+
+class KVCache:
+    """The model's: one LayerKV per trunk block, and the latent head's own (LatentHead.new_cache; None for a
+    position-wise head or K' = 0)."""
+
+    def __init__(self, n_layer, head=None):
+        self.layers = [LayerKV() for _ in range(n_layer)]
+        self.head = head
+
+    def __len__(self):
+        return len(self.layers[0])                # the tokens cached: the next one's position
+
+
+def next_token(logits, temperature, top_k):
+    """logits (B, V) -> next token ids (B,): greedy at temperature 0, else sampled from the top_k."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(-1)
 
 
 class GPT(nn.Module):
@@ -244,7 +269,7 @@ class GPT(nn.Module):
         return self
 
     # -------------------------------------------------------------------------
-    # generation (its cache and per-token helpers are in generation.py)
+    # generation: the cache (KVCache), the head's newest outputs and adaptive exit (latent_head.py)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_steps=None, exit_threshold=None,
@@ -253,7 +278,7 @@ class GPT(nn.Module):
         Continue idx (B, T) by max_new_tokens tokens -> (B, T + N), the model in eval mode. Each new token:
         K' head steps on its position, logits_K' -> next token (temperature 0 = greedy; top_k keeps the k most
         likely). The context is the last block_size tokens, exactly what the uncached model would see.
-        exit_threshold: adaptive exit (generation.exit_logits). stop_token: a row that emits it is padded
+        exit_threshold: adaptive exit (latent_head.exit_logits). stop_token: a row that emits it is padded
         with it from then on, and generation ends early once every row has (N < max_new_tokens).
         return_steps: also return a dict of (B, N) `used`, the steps each token ran (-1 = padding after
         stop_token), and (B, N, K'+1) `top1`, `prob`: what each step k would have predicted (exit_logits).

@@ -190,10 +190,10 @@ def eval_set(c, train_cfg, tok, block_size):
         examples = tasks.read_jsonl(source, gsm8k)[:n]
         return examples, ["jsonl"] * len(examples), source
     # the built-in suite, or the held-out slice of the training JSONL (never trained on)
-    tasks = c["eval_tasks"] or train_cfg.get("reasoning_tasks") or data.DEFAULT_TASKS
-    rd = data.ReasoningData(source, tok, block_size, train_cfg.get("seed", 0), tasks=tasks,
+    suite = c["eval_tasks"] or train_cfg.get("reasoning_tasks") or data.DEFAULT_TASKS
+    rd = data.ReasoningData(source, tok, block_size, train_cfg.get("seed", 0), tasks=suite,
                             gsm8k_answer=gsm8k)
-    return rd.eval_examples(n), rd.eval_tags(n), f"{source} {tasks}" if source == "synthetic" else source
+    return rd.eval_examples(n), rd.eval_tags(n), f"{source} {suite}" if source == "synthetic" else source
 
 
 def encode_examples(tok, examples):

@@ -8,7 +8,8 @@ process, repetitions interleaved, medians.
     python bench/bench.py --sweep=True --vocab=gpt2            # K in {0,1,2,4,8}: time and FLOP ratios to K=0
     python bench/bench.py --reference=True                     # our K=0 trunk vs a plain nanoGPT-style GPT,
                                                                # each GELU (exact, tanh) side by side
-    python bench/bench.py --compare_compile=True               # compile time and graphs: whole vs compile_parts
+    python bench/bench.py --compare_compile=True               # compile time and graphs: whole vs
+                                                               # compile_parts
     python bench/bench.py --device=cuda --compile=True --vocab=gpt2 --n_layer=12 --n_head=12 --n_embd=768 \\
         --block_size=1024 --batch_size=12 --n_steps=4   # GPT-2 small shape, bf16: MFU
     python bench/gpu_check.py --device=cuda --tokenizer_file=gpt2.tiktoken   # the GPU check (its docstring)
@@ -276,8 +277,8 @@ def run_sweep(cfg):
 
 
 def run_reference(cfg):
-    """Our K=0 model on its training loss vs PlainGPT on plain cross-entropy, same shape, interleaved: a row per
-    GELU of ours (exact, tanh), each against nanoGPT as it is (exact GELU, 'vs ref') and with GPT-2's tanh
+    """Our K=0 model on its training loss vs PlainGPT on plain cross-entropy, same shape, interleaved: a row
+    per GELU of ours (exact, tanh), each against nanoGPT as it is (exact GELU, 'vs ref') and with GPT-2's tanh
     GELU ('vs ref(tanh)'), and its speed relative to ours with the exact GELU ('vs exact'). Like with like:
     the exact row's 'vs ref', the tanh row's 'vs ref(tanh)'."""
     ours = {g: make_step(cfg, K=0, gelu=g) for g in ("exact", "tanh")}
@@ -290,7 +291,8 @@ def run_reference(cfg):
         r = row(cfg, 0, model, dt)
         r.update(reference_tokens_per_s=r["tokens_per_s"] * dt / dts[("ref", "exact")],
                  speed_vs_reference=dts[("ref", "exact")] / dt,
-                 speed_vs_reference_tanh=dts[("ref", "tanh")] / dt, speed_vs_exact=dts[("ours", "exact")] / dt)
+                 speed_vs_reference_tanh=dts[("ref", "tanh")] / dt,
+                 speed_vs_exact=dts[("ours", "exact")] / dt)
         rows.append(r)
     return rows
 

@@ -266,7 +266,8 @@ def run(cfg, given=()):
                      f"{cfg['dtype'] + ' autocast' if dev == 'cuda' else 'float32'}")
     failed = sum(section(*s) for s in [
         ("1 speed", check_speed, cfg, 0), ("1 speed", check_speed, cfg, cfg["n_steps"]),
-        ("2 compile", check_compile, cfg), ("3 sampled", check_sampled, cfg), ("4 bf16", check_precision, cfg),
+        ("2 compile", check_compile, cfg), ("3 sampled", check_sampled, cfg),
+        ("4 bf16", check_precision, cfg),
         ("5 train", check_train, cfg)])   # the quick bf16 check before the slowest section
     say("gpu check", f"done: {failed} section(s) failed")
     return failed

@@ -51,8 +51,9 @@ DEFAULTS = dict(
     n_steps=4,                 # K, refinement steps of the latent head (0 = plain GPT baseline)
     n_latent=0,                # D, latent width (0 = n_embd)
     head_attn="none",          # what a step reads besides h_t: none | trunk | latent (latent_head.py)
-    gelu="exact",              # the MLPs' GELU, trunk and head: 'exact' (nanoGPT's, faster) | 'tanh' (GPT-2's);
-                               # init_from=gpt2 or a HF dir: GPT-2's tanh, like its n_layer, n_embd, bias
+    gelu="exact",              # the MLPs' GELU, trunk and head: 'exact' (nanoGPT's, faster) | 'tanh'
+                               # (GPT-2's); init_from=gpt2 or a HF dir: GPT-2's tanh, like its n_layer,
+                               # n_embd, bias
     # the RLRP objective (losses.py)
     weight_schedule="linear",  # step weights w: uniform | linear | exp | last
     weight_gamma=0.5,          # γ of the exp schedule

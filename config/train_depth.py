@@ -1,6 +1,6 @@
-# The depth experiment's preset (python experiments/depth.py; README "Results"): in-context lookups that need more
-# hops than a 2-layer trunk can do, and the fixed-map control; reasoning batches only. The README says what
-# it took (steps, task mix, model size) to get a trunk that learns one hop within the budget.
+# The depth experiment's preset (python experiments/depth.py; README "Results"): in-context lookups that need
+# more hops than a 2-layer trunk can do, and the fixed-map control; reasoning batches only. The README says
+# what it took (steps, task mix, model size) to get a trunk that learns one hop within the budget.
 out_dir = "out-depth"
 device = "cpu"
 compile = False

@@ -2,8 +2,8 @@
 # the candidate recipe for latent steps that compute something step 1 does not, and the base every arm of that
 # experiment overrides. Per-step targets with no stop: every lookup example, whatever its hop count L, trains
 # step k on f^k(x) for k = 1..3, so that one step can become one hop and an L-hop question is answered at step
-# K' = L (levels above 3 are never trained). Reasoning batches only, the trunk-attending head. A candidate, not a
-# result: the README says what it has measured so far. Any JSONL with "step_answers" runs with
+# K' = L (levels above 3 are never trained). Reasoning batches only, the trunk-attending head. A candidate,
+# not a result: the README says what it has measured so far. Any JSONL with "step_answers" runs with
 #   python train.py config/train_steps.py --reasoning_data=X.jsonl --reasoning_eval_data=Y.jsonl
 out_dir = "out-steps"
 device = "cpu"

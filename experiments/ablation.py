@@ -1,9 +1,12 @@
 """
 Does latent thinking help? Trains the ablation of README "Results" and writes results/ablation.md + plots.
 
-    python experiments/ablation.py                # 7 variants x 3 seeds on config/train_cpu.py (83 min, 2 CPU cores)
-    python experiments/ablation.py --quick=True   # 1 seed, a quarter of the steps (~8 min), into results/quick
-    python experiments/ablation.py --sweep=True   # the preset with one default changed, 1 seed: sweep.md (18 min)
+    python experiments/ablation.py                # 7 variants x 3 seeds on config/train_cpu.py
+                                                  # (83 min, 2 CPU cores)
+    python experiments/ablation.py --quick=True   # 1 seed, a quarter of the steps (~8 min),
+                                                  # into results/quick
+    python experiments/ablation.py --sweep=True   # the preset with one default changed, 1 seed: sweep.md
+                                                  # (18 min)
 
 All variants share the trunk, the data mixture, the tokens seen, the seeds and the evaluation (the fixed
 held-out synthetic eval set, never trained on: tasks.is_eval_prompt); only the overrides below change.

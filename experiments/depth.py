@@ -3,9 +3,12 @@ The depth experiment: does step K beat step 1 where the trunk runs out of layers
 at test time (K' > K) help? Trains every variant x 3 seeds, writes results/<suite>/<suite>.md and plots
 (README "Results").
 
-    python experiments/depth.py                 # 9 variants x 3 seeds on config/train_depth.py (README: the time)
-    python experiments/depth.py --quick=True    # 1 seed, a quarter of the steps (results/depth-quick): a pipeline check
-    python experiments/depth.py --suite=steps   # steps that earn their keep: objective x head on config/train_steps.py
+    python experiments/depth.py                 # 9 variants x 3 seeds on config/train_depth.py
+                                                # (README: the time)
+    python experiments/depth.py --quick=True    # 1 seed, a quarter of the steps (results/depth-quick):
+                                                # a pipeline check
+    python experiments/depth.py --suite=steps   # steps that earn their keep:
+                                                # objective x head on config/train_steps.py
 
 Every run sees the same data for the same steps (the depth preset: in-context lookups hopo:1-3 and the
 fixed-map control iter:2; the steps preset: hopo:1-3); only the overrides of the variants change (the
@@ -95,14 +98,15 @@ STEP_ARMS = {
                    ["--head_attn=trunk", "--chain_length=0"]),
     "curric_trunk": ("per-step targets f^k, no stop, the curriculum over levels (chains cut at the stage's "
                      "highest level), attends to h", ["--head_attn=trunk", CURRICULUM]),
-    "stop_curric_trunk": ("per-step targets f^1..f^L, then f^L (a stop at the level), the curriculum, attends "
-                          "to h", ["--head_attn=trunk", "--chain_length=0", CURRICULUM]),
-    "curric_sg_trunk": ("per-step targets f^k, no stop, the curriculum, steps 2..K's losses kept out of the trunk "
-                        "at the readout (readout_grad=first), attends to h",
+    "stop_curric_trunk": ("per-step targets f^1..f^L, then f^L (a stop at the level), the curriculum, "
+                          "attends to h", ["--head_attn=trunk", "--chain_length=0", CURRICULUM]),
+    "curric_sg_trunk": ("per-step targets f^k, no stop, the curriculum, steps 2..K's losses kept out of "
+                        "the trunk at the readout (readout_grad=first), attends to h",
                         ["--head_attn=trunk", CURRICULUM, "--readout_grad=first"]),
     "curric_latent": ("per-step targets f^k, no stop, the curriculum, attends to z_{k-1}",
                       ["--head_attn=latent", CURRICULUM]),
-    "curric_none": ("per-step targets f^k, no stop, the curriculum, position-wise", ["--head_attn=none", CURRICULUM]),
+    "curric_none": ("per-step targets f^k, no stop, the curriculum, position-wise",
+                    ["--head_attn=none", CURRICULUM]),
     "paper_curric_trunk": ("the paper's recipe with the curriculum, attends to h",
                            ["--head_attn=trunk", *PAPER, CURRICULUM]),
     "gpt_curric": ("plain GPT, K = 0, the curriculum", [*GPT_ONLY, CURRICULUM]),
@@ -220,7 +224,8 @@ def write_report(path, cfg, names, summaries, seeds, wall_s, argv):
     step = lambda r, t: read_step(suite, t, r["K"])                  # the K' an answer is read at
     title = "RLRP depth experiment" if suite == "depth" else "RLRP: steps that earn their keep"
     lines = [f"# {title}\n",
-             f"`python {' '.join(['experiments/depth.py', *argv])}` · {cfg['preset']} · {cfg['max_iters']} steps · "
+             f"`python {' '.join(['experiments/depth.py', *argv])}` · {cfg['preset']} · "
+             f"{cfg['max_iters']} steps · "
              f"seeds {seeds} · {platform.processor() or platform.machine()}, {os.cpu_count()} cores · "
              f"wall time {wall_s / 60:.1f} min · mean ± std over seeds · {n_per_task} held-out examples "
              "per task\n",

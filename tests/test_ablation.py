@@ -1,5 +1,5 @@
-"""experiments/ablation.py: the ablation report is regenerated from the runs' own metrics, and finished runs are
-reused."""
+"""experiments/ablation.py: the ablation report is regenerated from the runs' own metrics, and finished runs
+are reused."""
 
 import importlib.util
 import json

@@ -1,5 +1,5 @@
-"""bench/bench.py and the fast paths it measures: tiled ℓ equals plain cross-entropy; bench runs end to end; FLOPs
-match a hand count. Nothing here is timed (a benchmark is a script, never a timed test)."""
+"""bench/bench.py and the fast paths it measures: tiled ℓ equals plain cross-entropy; bench runs end to end;
+FLOPs match a hand count. Nothing here is timed (a benchmark is a script, never a timed test)."""
 
 import json
 import subprocess

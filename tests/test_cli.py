@@ -20,7 +20,8 @@ KNOWN = {
                  ("gelu", "'exact' (nanoGPT's, faster) | 'tanh' (GPT-2's); init_from=gpt2 or a HF dir: "
                           "GPT-2's tanh")],
     "sample.py": [("temperature", "0 = greedy")],
-    "bench/bench.py": [("vocab", "byte (256) | gpt2 (50257)"), ("gelu", "exact (nanoGPT's, train.py's default)")],
+    "bench/bench.py": [("vocab", "byte (256) | gpt2 (50257)"),
+                       ("gelu", "exact (nanoGPT's, train.py's default)")],
     "experiments/ablation.py": [("quick", "1 seed, a quarter of the steps")],
 }
 

@@ -1,4 +1,5 @@
-"""experiments/depth.py: the necessity cuts, the FLOP matching, the one-pass test-time curve, the report from the runs."""
+"""experiments/depth.py: the necessity cuts, the FLOP matching, the one-pass test-time curve, the report from
+the runs."""
 
 import json
 import os
@@ -97,8 +98,8 @@ def test_depth_report_matches_runs(tmp_path):
     """The real command on a tiny preset: every number of the report is the runs' own evaluation."""
     preset = tmp_path / "preset.py"
     preset.write_text(TINY_PRESET)
-    cmd = [sys.executable, os.path.join(ROOT, "experiments", "depth.py"), "--quick=True", "--iters=4", f"--preset={preset}",
-           "--variants=gpt,gpt_deep,none,latent_rk", "--eval_per_task=6", "--out=out"]
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "depth.py"), "--quick=True", "--iters=4",
+           f"--preset={preset}", "--variants=gpt,gpt_deep,none,latent_rk", "--eval_per_task=6", "--out=out"]
     one_thread = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=one_thread)
     out = tmp_path / "out"
@@ -131,21 +132,24 @@ def test_depth_report_matches_runs(tmp_path):
 
 
 def test_unknown_variant_is_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "depth.py"), "--variants=gpt,trunkk"], cwd=ROOT,
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "depth.py"),
+                        "--variants=gpt,trunkk"], cwd=ROOT,
                        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1 and "['trunkk']" in r.stderr
 
 
 @pytest.mark.slow
 def test_steps_suite_reads_each_level_at_its_own_step(tmp_path):
-    """experiments/depth.py --suite=steps on a tiny chain preset: the answer-step table is the curve at K' = the level,
-    the cuts are read there too, and the report is steps.md."""
+    """experiments/depth.py --suite=steps on a tiny chain preset: the answer-step table is the curve at K' =
+    the level, the cuts are read there too, and the report is steps.md."""
     preset = tmp_path / "preset.py"
     preset.write_text(TINY_PRESET.replace('"hopo:1,iter:1"', '"hopo:1,hopo:2"') +
                       'step_targets = "chain"; chain_length = 2; lambda_imp = 0.0\n')
-    cmd = [sys.executable, os.path.join(ROOT, "experiments", "depth.py"), "--suite=steps", "--seeds=0", "--iters=16",
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "depth.py"),
+           "--suite=steps", "--seeds=0", "--iters=16",
            f"--preset={preset}", "--variants=gpt,chain_trunk,curric_trunk", "--eval_per_task=4", "--out=out"]
-    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
     out = tmp_path / "out"
     report = (out / "steps.md").read_text()
     res = json.loads((out / "runs" / "chain_trunk-s0" / "depth_eval.json").read_text())
