@@ -1,8 +1,8 @@
 # Pretrain GPT-2 small (124M) + the latent head (8.3M; K = 4, D = n_embd) from scratch on OpenWebText:
 #   torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_owt.py
 # Before: `python data/prepare.py fluency --hf_dataset=Skylion007/openwebtext --out_dir=data/openwebtext`
-# (~9B GPT-2 tokens in shards; README "Data"). Half the optimizer steps are reasoning steps on the built-in synthetic
-# suite.
+# (~9B GPT-2 tokens in shards; README "Data"). Half the optimizer steps are reasoning steps on the built-in
+# synthetic suite.
 #
 # Figures: analytic, from GPT.flops_per_token on the meta device (tests/test_configs.py recomputes them).
 # tokens per optimizer step: batch_size 12 x block_size 1024 x gradient_accumulation_steps 40 = 491,520
@@ -14,6 +14,9 @@
 # ASSUMED 40% MFU (an assumption, not a measurement: no GPU has run this code yet) on 8x H100 SXM at 989
 #   TFLOPS bf16 dense each: 0.263 s per step; 50,000 steps in 3.66 h (13,164 s), 24.6B tokens (half of
 #   them OpenWebText: ~1.4 epochs). train.py logs the measured mfu against gpu_peak_tflops.
+# with sampled_supervision=True (imp_fraction 1/8: ℓ at 1.25 steps per token instead of K): unembed
+#   289.8M, total 1057.7M per token; 5.199e14 FLOPs per step, 1.24x a plain GPT-2's; 0.164 s per step at the
+#   assumed MFU (the CPU preset kept its losses with it: README "Performance"; GPT-2 small is untried).
 # eval (every 1000 steps, at K = 4): fluency val loss on 200 micro-batches over all ranks (25 per GPU),
 #   forward only, 1/3 of the training FLOPs per token: 1.389e15 FLOPs, 0.439 s at the assumed MFU;
 #   reasoning exact match on 500 synthetic examples, one per row, 42 batches of <= 12 rows trimmed to 20

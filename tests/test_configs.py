@@ -14,6 +14,7 @@ import data
 import schedules
 import train
 from checkpoint import build_model
+from losses import sampled_unembeds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWT = os.path.join(ROOT, "config", "train_gpt2_owt.py")
@@ -176,6 +177,28 @@ def test_owt_time_as_stated(owt_figures):
     near(hours, c["max_iters"] * seconds / 3600)
     near(run_s, c["max_iters"] * seconds)
     near(tokens, c["max_iters"] * owt_figures["tokens"] / 1e9)
+
+
+def test_owt_sampled_figures_as_stated(owt_figures):
+    c, model, f, f0 = (owt_figures[k] for k in ("c", "model", "f", "f0"))
+    text, N = comments(OWT), c["batch_size"] * c["block_size"]
+    fraction, per_token = stated(r"imp_fraction 1/(\d+): ℓ at ([\d.]+) steps per token", text)
+    M = math.ceil(N / int(fraction))              # the penalty's positions: ℓ_1 and ℓ_j at each
+    assert 1 / int(fraction) == c["imp_fraction"]
+    near(per_token, (N + 2 * M) / N)
+    unembed = f["unembed"] / c["n_steps"] * (N + 2 * M) / N
+    total = f["trunk"] + f["head"] + unembed
+    unembeds = sampled_unembeds(c["n_steps"], N, c["imp_fraction"])
+    counted = model.flops_per_token(c["n_steps"], c["block_size"], unembeds=unembeds)
+    assert math.isclose(counted["total"], total)  # what train.py logs with sampling on
+    u, t, per_step, ratio, seconds = stated(
+        r"unembed ([\d.]+)M, total ([\d.]+)M per token; ([\d.e]+) FLOPs per step, ([\d.]+)x a plain "
+        r"GPT-2's; ([\d.]+) s per step at the assumed MFU", text)
+    near(u, unembed / 1e6)
+    near(t, total / 1e6)
+    near(per_step, total * owt_figures["tokens"])
+    near(ratio, total / f0["total"])
+    near(seconds, total * owt_figures["tokens"] / owt_figures["rate"])
 
 
 def test_owt_eval_cost_as_stated(owt_figures, gpt2_tok):
