@@ -1,5 +1,5 @@
 """sample.py: its decoded exact match against train.py's teacher-forced one, the CLI (--show_steps, --eval,
---plot, GPT-2 from a local folder, end-of-text) and its errors; generation itself is tests/test_generation.py."""
+--plot, GPT-2 from a local folder, end-of-text) and its errors (generation: tests/test_generation.py)."""
 
 import os
 import subprocess
