@@ -9,10 +9,10 @@ With targets the model returns ℓ (K, B, T), the per-step token NLL, instead of
 full-vocabulary logits tensors are never alive at once (linear_ce.token_nll). A model built with
 n_steps = 0 has no head and is exactly a GPT (I5); n_steps is also a run-time argument (I4).
 
-Generation (GPT.generate) caches the trunk's keys and values, and what an
-attending head's steps read: each new token costs one trunk pass and K head steps on one position until the
-context fills block_size; then the window slides and each new token re-runs the last block_size tokens
-(positions are absolute, so cached keys cannot be shifted).
+Generation (GPT.generate) caches the trunk's keys and values, and what an attending head's steps read: each
+new token costs one trunk pass and K head steps on one position until the context fills block_size; then the
+window slides and each new token re-runs the last block_size tokens (positions are absolute, so cached keys
+cannot be shifted).
 """
 
 import inspect
