@@ -21,7 +21,7 @@ import itertools
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
@@ -50,8 +50,33 @@ class Batch:
         cuda = torch.device(device).type == "cuda"  # pinned host memory lets the copy overlap with compute
         move = lambda t: (t if t is None else t.pin_memory().to(device, non_blocking=True) if cuda
                           else t.to(device))
-        return Batch(move(self.x), move(self.y), self.kind, move(self.answer_mask), move(self.answer_id),
-                     move(self.step_y), move(self.chain_len), move(self.level), move(self.rl_rows))
+        return Batch(kind=self.kind, **{f.name: move(getattr(self, f.name)) for f in fields(self)
+                                        if f.name != "kind"})
+
+
+def pad_chain(steps, n):
+    """Steps past a chain's last keep its answer: rows 1..n of steps (S, ...), row k = steps[min(k, S)]."""
+    return steps[[min(k, len(steps) - 1) for k in range(n)]]
+
+
+def cat_batches(batches, kind):
+    """Rows of several batches as one (answer ids stay per batch: training does not use them). Batches of
+    both kinds: rl_rows marks the reasoning rows, so soft RL stays on reasoning data (routing='mixed').
+    Per-step targets: a batch without them has y at every step; a shorter chain keeps its last step's."""
+    cat = lambda field: torch.cat([getattr(b, field) for b in batches])
+    batch = Batch(x=cat("x"), y=cat("y"), kind=kind, answer_mask=cat("answer_mask"),
+                  answer_id=cat("answer_id"))
+    if len({b.kind for b in batches}) > 1:
+        batch.rl_rows = torch.cat([torch.full((len(b.y),), b.kind == "reasoning") for b in batches])
+    zeros = lambda b, t: t if t is not None else torch.zeros_like(b.y)
+    if any(b.level is not None for b in batches):
+        batch.level = torch.cat([zeros(b, b.level) for b in batches])
+    if any(b.step_y is not None for b in batches):
+        steps = [b.step_y if b.step_y is not None else b.y[None] for b in batches]
+        S = max(len(s) for s in steps)
+        batch.step_y = torch.cat([pad_chain(s, S) for s in steps], dim=1)
+        batch.chain_len = torch.cat([zeros(b, b.chain_len) for b in batches])
+    return batch
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -246,7 +271,8 @@ class FluencyData:
         ix = rng.integers(0, len(data) - T, size=batch_size)  # window [i, i+T] lies inside the data
         w = torch.from_numpy(np.stack([data[i:i + T + 1] for i in ix]).astype(np.int64))  # (B, T+1)
         x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
-        return Batch(x, y, "fluency", torch.zeros_like(x, dtype=torch.bool), torch.full_like(x, -1))
+        return Batch(x=x, y=y, kind="fluency", answer_mask=torch.zeros_like(x, dtype=torch.bool),
+                     answer_id=torch.full_like(x, -1))
 
 # -----------------------------------------------------------------------------
 # reasoning batches
@@ -329,15 +355,15 @@ class ReasoningData:
                 # target t is buf[t+1]: the answer tokens and the closing eot
                 span = slice(s - 1, s + len(ex.answer))
                 answer_id[r, span], chain_len[r, span], level[r, span] = i, len(ex.steps), ex.level
-                for k in range(len(ex.steps)):   # a_k on the answer tokens; past S (k >= S) a_S stays
-                    step_y[k:, r, s - 1:s - 1 + len(ex.answer)] = ex.steps[k]
+                if ex.steps:                     # a_k on the answer tokens; past S (k > S) a_S stays
+                    step_y[:, r, s - 1:s - 1 + len(ex.answer)] = pad_chain(np.array(ex.steps), len(step_y))
             x[r, :len(buf) - 1], y[r, :len(buf) - 1] = buf[:-1], buf[1:]
             width = max(width, len(buf) - 1)
         step_y = np.where(step_y >= 0, step_y, y) if S else None      # y outside the answer tokens (eot too)
         cut = lambda a: torch.from_numpy(np.ascontiguousarray(a[..., :width] if trim else a))
-        return Batch(cut(x), cut(y), "reasoning", cut(answer_id) >= 0, cut(answer_id),
-                     cut(step_y) if S else None, cut(chain_len) if S else None,
-                     cut(level) if level.any() else None)
+        return Batch(x=cut(x), y=cut(y), kind="reasoning", answer_mask=cut(answer_id) >= 0,
+                     answer_id=cut(answer_id), step_y=cut(step_y) if S else None,
+                     chain_len=cut(chain_len) if S else None, level=cut(level) if level.any() else None)
 
     def _train_example(self, rng, pool, max_level):
         """One training example drawn from pool (tasks or encoded JSONL rows); a chain longer than max_level

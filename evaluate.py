@@ -27,6 +27,15 @@ def all_reduce_sum(t, world):
         dist.all_reduce(t)
     return t
 
+
+def all_reduce_dict(values, world):
+    """{name: tensor} summed over ranks in one all-reduce -> {name: float, or list for a tensor of 1+ dims}.
+    Layout: the tensors flattened and concatenated in the dict's order (every rank builds the same dict),
+    then split back by their sizes."""
+    sums = all_reduce_sum(torch.cat([v.reshape(-1) for v in values.values()]), world)
+    parts = sums.split([v.numel() for v in values.values()])
+    return {k: p.tolist() if v.dim() else p.item() for (k, v), p in zip(values.items(), parts)}
+
 # Every rank must run the same all_reduce calls, in the same order, with the same shapes, whatever its share
 # of the eval set (possibly none). Tensors on the device are float32 (loss sums, small per-example counts,
 # exact below 2**24) or int64 (global token counts): no float64, which MPS lacks.

@@ -21,11 +21,14 @@ supervision (StepDraw) computes ℓ at one drawn step per token instead of all K
 same three terms at ~1 + 2f unembeddings per token instead of K.
 """
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from data import pad_chain
+from schedules import StepDraw, draw_steps, imp_positions
+from tasks import answer_step
 
 WEIGHT_SCHEDULES = ("uniform", "linear", "exp", "last")
 
@@ -105,24 +108,23 @@ LEVEL_STEPS = ("all", "at", "from")   # which steps an answer of level L is supe
 
 def step_targets(y, n_steps, step_y=None):
     """
-    Y (K', B, T), K' = max(K, 1): Y_k = y, the same next token at every step (the paper's), or with
+    Y (K1, B, T), K1 = max(K, 1) rows: Y_k = y, the same next token at every step (the paper's), or with
     step_y (S, B, T), a batch's per-step targets (data.Batch: equal to y outside chain spans),
     Y_k = step_y[min(k, S)]: step k ≤ S is trained on a_k, steps past S on a_S. K = 0 (the plain GPT, one
     step) trains on y, the final answer.
     """
     if step_y is None or n_steps == 0:
         return y.expand(max(n_steps, 1), *y.shape)
-    S = step_y.size(0)
-    return step_y[[min(k, S) - 1 for k in range(1, n_steps + 1)]]
+    return pad_chain(step_y, n_steps)
 
 
 def step_supervision(y, n_steps, weights, step_y=None, chain_len=None, level=None, beyond_chain="stay",
                      level_steps="all"):
     """
-    (Y (K', B, T), W): the targets of step_targets and the step weights for K = n_steps, K' = max(K, 1) =
+    (Y (K1, B, T), W): the targets of step_targets and the step weights for K = n_steps, K1 = max(K, 1) =
     len(weights) (step_weights). chain_len, level (B, T): an answer span's chain length S and level L, 0
     elsewhere (data.Batch).
-    W is the schedule's w (K',) itself unless per-token rules apply, then a (K', B, T) grid with
+    W is the schedule's w (K1,) itself unless per-token rules apply, then a (K1, B, T) grid with
     Σ_k W[k,b,t] = 1 everywhere:
       beyond_chain='none'  W_k = 0 for k > S on a chain's answer span (chain_len = S > 0)
       level_steps='at'     an answer of level L (level > 0) is supervised at step min(L, K) only
@@ -136,8 +138,6 @@ def step_supervision(y, n_steps, weights, step_y=None, chain_len=None, level=Non
         raise ValueError(f"beyond_chain must be one of {', '.join(BEYOND_CHAIN)}, got {beyond_chain!r}")
     if level_steps not in LEVEL_STEPS:
         raise ValueError(f"level_steps must be one of {', '.join(LEVEL_STEPS)}, got {level_steps!r}")
-    if beyond_chain == "none" and level_steps != "all":
-        raise ValueError("beyond_chain='none' and level_steps both choose the supervised steps: use one")
     Y, K = step_targets(y, n_steps, step_y), weights.numel()
     if n_steps == 0:
         return Y, weights                                                 # the plain GPT: one step
@@ -146,7 +146,7 @@ def step_supervision(y, n_steps, weights, step_y=None, chain_len=None, level=Non
     if beyond_chain == "none" and chain_len is not None:
         allowed &= (chain_len == 0) | (k <= chain_len)                    # no loss past a_S
     if level_steps != "all" and level is not None:
-        L = level.clamp(max=K)                                            # min(L, K)
+        L = answer_step(level, K)                                         # min(L, K)
         allowed &= (level == 0) | (k == L if level_steps == "at" else k >= L)
     if allowed.all():
         return Y, weights                                                 # the schedule's w everywhere
@@ -206,58 +206,9 @@ def improvement_penalty(nll, mask, margin=0.0, count=None):
 # -----------------------------------------------------------------------------
 # sampled deep supervision: ℓ at one drawn step per token, and at a few (1, j) pairs for L_IMP
 
-def imp_positions(n_steps, n_positions, imp_fraction):
-    """M = ⌈f·B·T⌉, the positions L_IMP is estimated on; 0 when K ≤ 1 (no step 2 to compare)."""
-    return math.ceil(imp_fraction * n_positions) if n_steps > 1 else 0
-
-
 def sampled_unembeds(n_steps, n_positions, imp_fraction):
     """Unembeddings per token a sampled step computes: (N + 2M) / N ≈ 1 + 2f (GPT.flops_per_token's)."""
     return (n_positions + 2 * imp_positions(n_steps, n_positions, imp_fraction)) / n_positions
-
-
-class StepDraw(NamedTuple):
-    """
-    Which ℓ[k, b, t] a sampled step computes. k (B, T): the step drawn at every position, k_t ~ W[:, b, t];
-    imp_pos (M,): positions b·T + t drawn uniformly without replacement from all B·T (a fixed M whatever the
-    padding: fixed shapes, no boolean indexing); imp_j (M,): their step j ~ U{2..K}.
-    """
-    k: torch.Tensor
-    imp_pos: torch.Tensor
-    imp_j: torch.Tensor
-    n_steps: int            # K' = max(K, 1), the steps W spans
-
-    def rows(self):
-        """(N + 2M,) indices into ℓ flattened over (K', B, T), N = B·T: ℓ[k_t, t] at every t, then
-        ℓ[j_m, pos_m], then ℓ[1, pos_m]. One token_nll call computes all of them (GPT.forward's rows)."""
-        N = self.k.numel()
-        return torch.cat([(self.k.flatten() - 1) * N + torch.arange(N, device=self.k.device),
-                          (self.imp_j - 1) * N + self.imp_pos, self.imp_pos])
-
-    def to(self, device):
-        return StepDraw(self.k.to(device), self.imp_pos.to(device), self.imp_j.to(device), self.n_steps)
-
-
-def draw_steps(weights, n_steps, shape, imp_fraction, generator):
-    """
-    StepDraw for K = n_steps, weights w (K',) or W (K', B, T) (step_supervision), shape (B, T), from a CPU
-    generator (train.py seeds it by (seed, global micro-batch index): 1 and W processes draw the same).
-    k_t is the inverse CDF of one uniform u_t: k_t = 1 + #{k : Σ_{j≤k} W_j ≤ u_t}, so P(k_t = k) = W[k, b, t]
-    and a step of weight 0 is never drawn. The penalty's pairs are drawn on their own, not reweighted from
-    the k_t draw: that would need weights 1/((K−1)·f·w_k), undefined where w_k = 0 ('last', weight_skip).
-    Their ℓ_1 and ℓ_j are computed even where k_t already has one: fixed shapes, for 2f unembeddings instead
-    of a bit less.
-    """
-    B, T = shape
-    W = weights.view(-1, 1, 1).expand(-1, B, T) if weights.dim() == 1 else weights    # (K', B, T)
-    cdf = W.float().cumsum(0).movedim(0, -1)                                          # (B, T, K')
-    cdf = (cdf / cdf[..., -1:]).contiguous()        # its last entry exactly 1: u < 1 never passes it
-    u = torch.rand(B, T, 1, generator=generator)
-    k = torch.searchsorted(cdf, u, right=True).squeeze(-1) + 1                        # k_t, (B, T)
-    M = imp_positions(n_steps, B * T, imp_fraction)
-    pos = torch.randperm(B * T, generator=generator)[:M]
-    j = torch.randint(2, n_steps + 1, (M,), generator=generator) if M else torch.zeros(0, dtype=torch.long)
-    return StepDraw(k, pos, j, W.size(0))
 
 
 def sampled_improvement_penalty(nll_1, nll_j, valid, n_positions, margin=0.0, count=None):
@@ -275,24 +226,26 @@ def sampled_improvement_penalty(nll_1, nll_j, valid, n_positions, margin=0.0, co
     return torch.where(valid, excess, 0.0).sum() * (n_positions / M) / torch.as_tensor(count).clamp(min=1)
 
 
-def sampled_terms(nll, draw, m_valid, m_rl, counts, token_weight, q, margin):
+def sampled_terms(nll, draw, masks, counts, *, n_ds, token_weight, q, margin):
     """
     (L̂_DS, L̂_RL, L̂_IMP, logged ℓ_k sums, drawn counts) from ℓ at draw.rows(): nll (N + 2M,).
     E_{k_t ~ W_t}[ℓ[k_t, t]] = Σ_k W_k ℓ_k, so one drawn ℓ per token, given weight 1, is an unbiased estimate
     of L_DS and L_RL (their W-weighted sums over steps); L_IMP as sampled_improvement_penalty. The estimates
     are linear in the drawn ℓ, so their gradients are unbiased too. The logged ℓ_k: Σ over the valid tokens
     that drew step k, and how many did (both / Σ m_valid: they add up over micro-batches and ranks).
+    masks: (m_valid, m_RL); counts: Counts; n_ds: Σ a_t over m_valid (rlrp_loss).
     """
-    n_valid, n_rl, n_ds = counts
+    m_valid, m_rl = masks
     N, M = m_valid.numel(), len(draw.imp_pos)
     drawn = nll[:N].view(1, *m_valid.shape)                            # ℓ[k_t, b, t], (1, B, T)
     one = torch.ones(1)                                                # the drawn step's weight
     l_ds = deep_supervision_loss(drawn, one, m_valid, n_ds, token_weight)
-    l_rl = soft_rl_loss(drawn, one, m_rl, q=q, count=n_rl)
-    l_imp = sampled_improvement_penalty(nll[N + M:], nll[N:N + M], m_valid.flatten()[draw.imp_pos], N, margin,
-                                        n_valid)
-    hit = F.one_hot(draw.k - 1, draw.n_steps).movedim(-1, 0).bool()   # 1[k_t = k], (K', B, T)
-    logged = masked_mean(hit * drawn.detach(), m_valid, n_valid), masked_mean(hit.float(), m_valid, n_valid)
+    l_rl = soft_rl_loss(drawn, one, m_rl, q=q, count=counts.rl)
+    l_imp = sampled_improvement_penalty(nll[N + M:], nll[N:N + M], m_valid.flatten()[draw.imp_pos], N,
+                                        margin=margin, count=counts.valid)
+    hit = F.one_hot(draw.k - 1, draw.n_steps).movedim(-1, 0).bool()   # 1[k_t = k], (K1, B, T)
+    logged = (masked_mean(hit * drawn.detach(), m_valid, counts.valid),
+              masked_mean(hit.float(), m_valid, counts.valid))
     return l_ds, l_rl, l_imp, *logged
 
 
@@ -304,16 +257,26 @@ def loss_masks(targets, answer_mask, rl_answer_only=True, rl_rows=None):
     return m_valid, (m_rl if rl_rows is None else m_rl & rl_rows[:, None])
 
 
-def loss_counts(targets, answer_mask, rl_answer_only=True, rl_rows=None):
-    """(Σ m_valid, Σ m_RL, Σ answer_mask·m_valid) of one batch, int64: summed over an optimizer step's
-    micro-batches and ranks, they are the exact denominators of rlrp_loss's counts."""
-    m_valid, m_rl = loss_masks(targets, answer_mask, rl_answer_only, rl_rows)
-    return torch.stack([m_valid.sum(), m_rl.sum(), (answer_mask & m_valid).sum()])
+class Counts(NamedTuple):
+    """The loss terms' denominators: token counts summed over every micro-batch of an optimizer step on every
+    rank, so that accumulated micro-batches (and DDP) equal one large batch token for token (masked_mean)."""
+    valid: torch.Tensor    # Σ m_valid
+    rl: torch.Tensor       # Σ m_RL
+    answer: torch.Tensor   # Σ answer_mask · m_valid
+
+    @staticmethod
+    def of(batches, rl_answer_only=True):
+        """The three counts of these batches as one int64 tensor (3,), (valid, rl, answer): exact, on every
+        device, and one all-reduce sums them over ranks (train.step_counts)."""
+        counts = torch.zeros(3, dtype=torch.int64)
+        for b in batches:
+            m_valid, m_rl = loss_masks(b.y, b.answer_mask, rl_answer_only, b.rl_rows)
+            counts += torch.stack([m_valid.sum(), m_rl.sum(), (b.answer_mask & m_valid).sum()])
+        return counts
 
 
-def rlrp_loss(nll, targets, answer_mask, kind, weights, lambda_rl=0.0, lambda_imp=0.0,
-              rl_answer_only=True, margin=0.0, rl_q=1.0, answer_weight=1.0, counts=None, rl_rows=None,
-              draw=None):
+def rlrp_loss(nll, targets, answer_mask, kind, weights, *, lambda_rl=0.0, lambda_imp=0.0, rl_answer_only=True,
+              margin=0.0, rl_q=1.0, answer_weight=1.0, counts=None, rl_rows=None, draw=None):
     """
     (ii) data-aware routing: the objective for one batch by its kind.
       fluency:   L = L_DS + λ_imp·L_IMP
@@ -323,30 +286,109 @@ def rlrp_loss(nll, targets, answer_mask, kind, weights, lambda_rl=0.0, lambda_im
     so every DDP rank builds the same graph. Returns (loss, parts) with parts detached for logging.
     nll: (K, B, T); targets: (B, T) with −1 = ignored; answer_mask: (B, T) bool; kind: str; weights: w (K,)
     or W (K, B, T) (step_supervision); answer_weight: ω, L_DS's weight a_t of answer tokens (others 1).
-    counts: optional loss_counts summed over the whole optimizer step (see masked_mean), else this batch's.
+    counts: the optimizer step's Counts (see masked_mean), None = this batch's.
     rl_rows: (B,) bool, the rows soft RL applies to (a mixed batch's reasoning rows; None = every row).
     draw: a StepDraw (sampled deep supervision): nll is then ℓ at draw.rows() only, (N + 2M,), the terms are
     its unbiased estimates (sampled_terms), and parts["nll_k"] is ℓ_k summed over the tokens that drew step k,
-    with parts["drawn_k"] their share (train.all_reduce_logged divides the two).
+    with parts["drawn_k"] their share (train.py divides the two).
     """
     if kind not in ("fluency", "reasoning"):
         raise ValueError(f"batch kind must be 'fluency' or 'reasoning', got {kind!r}")
     if not answer_weight > 0:
         raise ValueError(f"answer_weight must be > 0, got {answer_weight}")
     m_valid, m_rl = loss_masks(targets, answer_mask, rl_answer_only, rl_rows)
-    n_valid, n_rl, n_answer = counts if counts is not None else loss_counts(targets, answer_mask,
-                                                                            rl_answer_only, rl_rows)
+    if counts is None:
+        m_answer = answer_mask & m_valid
+        counts = Counts(valid=m_valid.sum(), rl=m_rl.sum(), answer=m_answer.sum())
     token_weight = None if answer_weight == 1 else torch.where(answer_mask, answer_weight, 1.0).to(nll)
-    n_ds = n_valid + (answer_weight - 1) * n_answer                    # Σ a_t over m_valid
+    n_ds = counts.valid + (answer_weight - 1) * counts.answer           # Σ a_t over m_valid
     if draw is None:
         l_ds = deep_supervision_loss(nll, weights, m_valid, n_ds, token_weight)
-        l_rl = soft_rl_loss(nll, weights, m_rl, q=rl_q, count=n_rl)
-        l_imp = improvement_penalty(nll, m_valid, margin, n_valid)
-        logged = {"nll_k": masked_mean(nll.detach(), m_valid, n_valid)}   # (K,) per-step token NLL
+        l_rl = soft_rl_loss(nll, weights, m_rl, q=rl_q, count=counts.rl)
+        l_imp = improvement_penalty(nll, m_valid, margin, counts.valid)
+        logged = {"nll_k": masked_mean(nll.detach(), m_valid, counts.valid)}   # (K,) per-step token NLL
     else:
-        l_ds, l_rl, l_imp, nll_k, drawn_k = sampled_terms(nll, draw, m_valid, m_rl, (n_valid, n_rl, n_ds),
-                                                          token_weight, rl_q, margin)
+        l_ds, l_rl, l_imp, nll_k, drawn_k = sampled_terms(nll, draw, (m_valid, m_rl), counts, n_ds=n_ds,
+                                                          token_weight=token_weight, q=rl_q, margin=margin)
         logged = {"nll_k": nll_k, "drawn_k": drawn_k}
     lam_rl = lambda_rl if kind == "reasoning" else 0.0
     loss = l_ds + lam_rl * l_rl + lambda_imp * l_imp                   # L = L_DS + λ_rl·L_RL + λ_imp·L_IMP
     return loss, {"ds": l_ds.detach(), "rl": l_rl.detach(), "imp": l_imp.detach(), **logged}
+
+
+# -----------------------------------------------------------------------------
+# one micro-batch's Supervision (train.Objective composes its loss from the model's parts)
+
+class ObjectiveConfig(NamedTuple):
+    """The objective's keys (config/defaults.py), by name."""
+    weight_schedule: str = "linear"
+    weight_gamma: float = 0.5
+    weight_skip: int = 0
+    beyond_chain: str = "stay"
+    level_steps: str = "all"
+    lambda_rl: float = 0.0
+    lambda_imp: float = 0.0
+    rl_answer_only: bool = True
+    imp_margin: float = 0.0
+    rl_q: float = 1.0
+    answer_weight: float = 1.0
+    sampled_supervision: bool = False
+    imp_fraction: float = 0.125
+    progressive_alpha: float = 0.0
+    grad_steps: int = 0
+    readout_grad: str = "all"
+
+    @classmethod
+    def of(cls, c):
+        return cls(**{key: c[key] for key in cls._fields})
+
+
+class Supervision(NamedTuple):
+    """
+    What each step of one micro-batch is trained on (supervise). The paper's recipe is its plainest case:
+    Y_k = y and W_k = w_k, no draw, no second pass.
+      targets  Y (K1, B, T), K1 = max(K, 1) rows, one more for the progressive pass: its step n+k's target
+      weights  W: w (K1,) or a (K1, B, T) grid (step_supervision)
+      n_steps  K, the steps the head runs
+      draw     a StepDraw (sampled deep supervision), else None: ℓ at every (k, b, t)
+      progressive  (n, k) of the progressive loss's second head pass, else None
+    """
+    targets: torch.Tensor
+    weights: torch.Tensor
+    n_steps: int
+    draw: StepDraw = None
+    progressive: tuple = None
+
+    def rows(self):
+        """Sampled: the (k, b, t) whose ℓ is computed, as indices into ℓ flattened over (K1(+1), B, T): the
+        draw's, then every position of the progressive pass's row."""
+        N = self.targets[0].numel()
+        second = torch.arange(N, device=self.draw.k.device) + (len(self.targets) - 1) * N
+        return torch.cat([self.draw.rows(), second]) if self.progressive else self.draw.rows()
+
+    def split(self, nll):
+        """ℓ -> (ℓ of the K1 steps or of the draw's rows, ℓ (1, B, T) of the progressive pass or None)."""
+        if not self.progressive:
+            return nll, None
+        second = nll[-self.targets[0].numel():] if self.draw is not None else nll[-1:]
+        return nll[:len(nll) - len(second)], second.view(1, *self.targets.shape[1:])
+
+    def to(self, device):
+        """On the device. The paper's Y_k = y is a view of y with stride 0 over the steps: one (B, T) copy."""
+        Y = self.targets
+        Y = Y[0].to(device).expand_as(Y) if Y.stride(0) == 0 else Y.to(device)
+        draw = None if self.draw is None else self.draw.to(device)
+        return self._replace(targets=Y, weights=self.weights.to(device), draw=draw)
+
+
+def supervise(b, n_steps, cfg, progressive=None, generator=None):
+    """The Supervision of Batch b (on the CPU) at K = n_steps under the ObjectiveConfig cfg: Y and W
+    (step_supervision with the schedule's w), the sampled draw from `generator`, and the progressive pass
+    (n, k), whose target is step n+k's."""
+    w = step_weights(max(n_steps, 1), cfg.weight_schedule, cfg.weight_gamma, cfg.weight_skip)
+    Y, W = step_supervision(b.y, n_steps, w, step_y=b.step_y, chain_len=b.chain_len, level=b.level,
+                            beyond_chain=cfg.beyond_chain, level_steps=cfg.level_steps)
+    draw = draw_steps(W, n_steps, b.y.shape, cfg.imp_fraction, generator) if cfg.sampled_supervision else None
+    if progressive:
+        Y = torch.cat([Y, Y[sum(progressive) - 1:sum(progressive)]])  # Y_{n+k}: the second pass's target
+    return Supervision(targets=Y, weights=W, n_steps=n_steps, draw=draw, progressive=progressive)

@@ -224,35 +224,25 @@ class GPT(nn.Module):
         # ℓ_k = −log softmax(lm_head(LN_f(o_k)))[y], without holding logits_k
         return token_nll(self.transformer.ln_f(o), self.lm_head.weight, targets)
 
-    def forward(self, idx, targets=None, n_steps=None, grad_steps=None, progressive=None, readout_grad="all",
-                rows=None):
+    def forward(self, idx, targets=None, n_steps=None):
         """
         idx: (B, T) token ids. Returns (logits, nll):
-          targets None:  logits (K', B, T, V), one row per step, K' = max(K, 1); nll None
-          targets given: logits None; nll = ℓ (K', B, T) per-step token NLL, 0 where targets = −1
-        targets: y (B, T), the same at every step, or Y (K', B, T), step k's own (losses.step_targets).
-        progressive: (n, k) appends one more row: o_{n+k} of a second head pass from the same h that runs n
-        steps without gradient and then k with it (Bansal et al. 2022's progressive loss; train.py).
-        readout_grad: 'first' cuts the readout's residual h_t out of the gradient of steps 2..K (LatentHead).
-        rows: (R,) indices into ℓ flattened over (K', B, T) (sampled deep supervision, losses.StepDraw): nll
-        is then ℓ.flatten()[rows], (R,), with only those R unembeddings computed, in one token_nll call.
+          targets None:  logits (K1, B, T, V), one row per step, K1 = max(K, 1); nll None
+          targets given: logits None; nll = ℓ (K1, B, T) per-step token NLL, 0 where targets = −1
+        targets: y (B, T), the same at every step, or Y (K1, B, T), step k's own (losses.step_targets).
+        Training composes these parts itself (losses.Objective: truncated backward, sampled rows, the
+        progressive pass); this forward is the model's plain one.
         """
         K = self.resolve_steps(n_steps)
         self.check_inputs(idx, targets)
-        h = self.trunk(idx)
-        o = self.head_outputs(h, K, grad_steps, readout_grad)                        # o_k, (K', B, T, C)
-        if progressive is not None:
-            n, k = progressive
-            o = torch.cat([o, self.latent_head(h, n + k, grad_steps=k, readout_grad=readout_grad)[-1:]])
+        o = self.head_outputs(self.trunk(idx), K)                                    # o_k, (K1, B, T, C)
         if targets is None:
             return self.unembed(o), None
         if targets.dim() == 2:
             targets = targets.expand(len(o), *targets.shape)
         if targets.shape[:2] != (len(o), idx.size(0)):
             raise ValueError(f"per-step targets must have shape ({len(o)}, B, T), got {tuple(targets.shape)}")
-        if rows is not None:                    # ℓ at the chosen (k, b, t) only: o_k of those rows, (R, C)
-            return None, self.step_nll(o.flatten(0, 2)[rows], targets.reshape(-1)[rows])           # (R,)
-        return None, torch.stack([self.step_nll(o_k, y_k) for o_k, y_k in zip(o, targets)])   # ℓ, (K', B, T)
+        return None, torch.stack([self.step_nll(o_k, y_k) for o_k, y_k in zip(o, targets)])   # ℓ, (K1, B, T)
 
     def compile_parts(self):
         """

@@ -163,8 +163,9 @@ def sample(model, tok, c, ctx):
     want_steps = c["show_steps"] or c["exit_threshold"] is not None  # else only logits_K' is computed
     for _ in range(n):
         with ctx:
-            y = model.generate(x, c["max_new_tokens"], c["temperature"], c["top_k"], K, c["exit_threshold"],
-                               stop_token=stop, return_steps=want_steps)
+            y = model.generate(x, c["max_new_tokens"], temperature=c["temperature"], top_k=c["top_k"],
+                               n_steps=K, exit_threshold=c["exit_threshold"], stop_token=stop,
+                               return_steps=want_steps)
         y, steps = y if want_steps else (y, None)
         new = y[0, x.size(1):].tolist()
         ended = stop is not None and new[-1:] == [stop]
@@ -239,7 +240,8 @@ def example_batches(examples, eot, batch_size):
             ids = p + a
             x[r, :len(ids) - 1], y[r, :len(ids) - 1] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
             answer_id[r, len(p) - 1:len(ids) - 1] = start + r
-        batches.append(data.Batch(x, y, "reasoning", answer_id >= 0, answer_id))
+        batches.append(data.Batch(x=x, y=y, kind="reasoning", answer_mask=answer_id >= 0,
+                                  answer_id=answer_id))
     return batches
 
 
@@ -259,17 +261,18 @@ def evaluate(model, tok, c, train_cfg, ctx):
     for k, em in enumerate(curve):
         print(f"{k:>6} {em:>7.3f} " + " ".join(f"{by_task[t][k]:>9.3f}" for t in tasks))
     if 0 < K <= top:
-        compare_adaptive_exit(model, examples, tok.eot_token, K, c, ctx)
+        compare_adaptive_exit(model, examples, tok.eot_token, c, ctx)
     if c["plot"]:
         plot_curve(curve, K, what, c["plot"])
     return curve
 
 
-def compare_adaptive_exit(model, examples, eot, K, c, ctx):
+def compare_adaptive_exit(model, examples, eot, c, ctx):
     """Greedy decoding at the trained K with adaptive exit against fixed K: exact match, the tokens both
     generate alike, and the steps a token runs."""
-    thr = ADAPTIVE_DEFAULT if c["exit_threshold"] is None else c["exit_threshold"]
-    run = lambda t: decode_answers(model, examples, eot, K, t, c["eval_batch_size"], c["device"], ctx)
+    K, thr = model.config.n_steps, ADAPTIVE_DEFAULT if c["exit_threshold"] is None else c["exit_threshold"]
+    run = lambda t: decode_answers(model, examples, eot, K, exit_threshold=t, batch_size=c["eval_batch_size"],
+                                   device=c["device"], ctx=ctx)
     (match_a, gen_a, used_a), (match_f, gen_f, _) = run(thr), run(None)
     same = sum(a == f for ga, gf in zip(gen_a, gen_f) for a, f in zip(ga, gf)) / sum(map(len, gen_f))
     em = lambda match: sum(match) / len(match)

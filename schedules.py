@@ -8,13 +8,14 @@ them.
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-import data
 from configurator import ConfigError
-from evaluate import evaluate_reasoning
+from data import cat_batches
+from tasks import answer_step
 
 
 class Router:
@@ -58,7 +59,7 @@ def n_steps_at(it, c):
     K = c["n_steps"]
     if c["n_steps_dist"] == "fixed" or K == 0:
         return K
-    rng = np.random.default_rng([c["seed"], it])
+    rng = numpy_rng(c, it, "n_steps")
     if c["n_steps_dist"] == "uniform":
         return int(rng.integers(1, 2 * K))
     sigma = 0.5                                                                  # Huginn's
@@ -75,26 +76,35 @@ def max_n_steps(c):
     return 2 * K - 1 if dist == "uniform" else c["n_steps_max"] or 4 * K
 
 
-def micro_batch_seed(c, index, *stream):
-    """A seed that is a function of (seed, global micro-batch index[, stream]): 1 process and W draw the same
-    for the same micro-batch, and resume needs no saved RNG state."""
-    return int(np.random.SeedSequence([c["seed"], index, *stream]).generate_state(1)[0])
+# The run's random draws, each a pure function of (seed, key, stream): key is the optimizer step `it` for a
+# step's draws, the global micro-batch index for a micro-batch's, so 1 process and W draw the same and resume
+# needs no saved RNG state; a stream keeps one kind of draw apart from another with the same key. The ids are
+# those the draws have always had: renumbering one would change every run.
+STREAMS = {"n_steps": (), "progressive": (2,), "dropout": (), "sampled": (3,)}
+
+
+def seed_sequence(c, key, stream):
+    return np.random.SeedSequence([c["seed"], key, *STREAMS[stream]])
+
+
+def numpy_rng(c, key, stream):
+    """A numpy Generator for (seed, key, stream)."""
+    return np.random.default_rng(seed_sequence(c, key, stream))
+
+
+def torch_seed(c, key, stream):
+    """A torch seed for (seed, key, stream)."""
+    return int(seed_sequence(c, key, stream).generate_state(1)[0])
 
 
 def seed_micro_batch(c, index):
     """Dropout's RNG: the global one, seeded by (seed, global micro-batch index)."""
-    torch.manual_seed(micro_batch_seed(c, index))
-
-
-SAMPLING_STREAM = 3  # sampled deep supervision's draws: a stream of their own, apart from dropout's
+    torch.manual_seed(torch_seed(c, index, "dropout"))
 
 
 def sampling_generator(c, index):
-    """Sampled deep supervision's CPU generator for one micro-batch, seeded by (seed, index, its stream)."""
-    return torch.Generator().manual_seed(micro_batch_seed(c, index, SAMPLING_STREAM))
-
-
-PROGRESSIVE_STREAM = 2  # the progressive loss's draws: a stream of their own, apart from n_steps_at's
+    """Sampled deep supervision's CPU generator for one micro-batch."""
+    return torch.Generator().manual_seed(torch_seed(c, index, "sampled"))
 
 
 def progressive_steps(it, c, K):
@@ -105,10 +115,83 @@ def progressive_steps(it, c, K):
     """
     if not c["progressive_alpha"] or K == 0:
         return None
-    rng = np.random.default_rng([c["seed"], it, PROGRESSIVE_STREAM])
+    rng = numpy_rng(c, it, "progressive")
     n = int(rng.integers(0, K))
     return n, int(rng.integers(1, K - n + 1))
 
+
+class StepPlan(NamedTuple):
+    """What one optimizer step trains with (step_plan)."""
+    kind: str            # 'fluency' | 'reasoning' (routing (ii); 'mixed': 'reasoning', rl_rows decide)
+    n_steps: int         # K
+    lr: float
+    progressive: tuple   # (n, k) of the progressive loss, or None
+    level: int           # a curriculum's highest level now; 0 = every level
+
+
+def step_plan(it, c, router, curriculum):
+    """The StepPlan of optimizer step `it`: a function of (seed, it) and the curriculum's switches."""
+    kind = "reasoning" if c["routing"] == "mixed" else router.kind(it)
+    K = n_steps_at(it, c)
+    return StepPlan(kind=kind, n_steps=K, lr=get_lr(it, c), progressive=progressive_steps(it, c, K),
+                    level=curriculum.level(it))
+
+
+# -----------------------------------------------------------------------------
+# sampled deep supervision's draw: ℓ at one drawn step per token, and at a few (1, j) pairs for L_IMP
+
+def imp_positions(n_steps, n_positions, imp_fraction):
+    """M = ⌈f·B·T⌉, the positions L_IMP is estimated on; 0 when K ≤ 1 (no step 2 to compare)."""
+    return math.ceil(imp_fraction * n_positions) if n_steps > 1 else 0
+
+
+class StepDraw(NamedTuple):
+    """
+    Which ℓ[k, b, t] a sampled step computes. k (B, T): the step drawn at every position, k_t ~ W[:, b, t];
+    imp_pos (M,): positions b·T + t drawn uniformly without replacement from all B·T (a fixed M whatever the
+    padding: fixed shapes, no boolean indexing); imp_j (M,): their step j ~ U{2..K}.
+    """
+    k: torch.Tensor
+    imp_pos: torch.Tensor
+    imp_j: torch.Tensor
+    n_steps: int            # K1 = max(K, 1), the steps W spans
+
+    def rows(self):
+        """(N + 2M,) indices into ℓ flattened over (K1, B, T), N = B·T: ℓ[k_t, t] at every t, then
+        ℓ[j_m, pos_m], then ℓ[1, pos_m]. One token_nll call computes all of them (GPT.forward's rows)."""
+        N = self.k.numel()
+        return torch.cat([(self.k.flatten() - 1) * N + torch.arange(N, device=self.k.device),
+                          (self.imp_j - 1) * N + self.imp_pos, self.imp_pos])
+
+    def to(self, device):
+        return self._replace(k=self.k.to(device), imp_pos=self.imp_pos.to(device),
+                             imp_j=self.imp_j.to(device))
+
+
+def draw_steps(weights, n_steps, shape, imp_fraction, generator):
+    """
+    StepDraw for K = n_steps, weights w (K1,) or W (K1, B, T) (step_supervision), shape (B, T), from a CPU
+    generator (train.py seeds it by (seed, global micro-batch index): 1 and W processes draw the same).
+    k_t is the inverse CDF of one uniform u_t: k_t = 1 + #{k : Σ_{j≤k} W_j ≤ u_t}, so P(k_t = k) = W[k, b, t]
+    and a step of weight 0 is never drawn. The penalty's pairs are drawn on their own, not reweighted from
+    the k_t draw: that would need weights 1/((K−1)·f·w_k), undefined where w_k = 0 ('last', weight_skip).
+    Their ℓ_1 and ℓ_j are computed even where k_t already has one: fixed shapes, for 2f unembeddings instead
+    of a bit less.
+    """
+    B, T = shape
+    W = weights.view(-1, 1, 1).expand(-1, B, T) if weights.dim() == 1 else weights    # (K1, B, T)
+    cdf = W.float().cumsum(0).movedim(0, -1)                                          # (B, T, K1)
+    cdf = (cdf / cdf[..., -1:]).contiguous()        # its last entry exactly 1: u < 1 never passes it
+    u = torch.rand(B, T, 1, generator=generator)
+    k = torch.searchsorted(cdf, u, right=True).squeeze(-1) + 1                        # k_t, (B, T)
+    M = imp_positions(n_steps, B * T, imp_fraction)
+    pos = torch.randperm(B * T, generator=generator)[:M]
+    j = torch.randint(2, n_steps + 1, (M,), generator=generator) if M else torch.zeros(0, dtype=torch.long)
+    return StepDraw(k=k, imp_pos=pos, imp_j=j, n_steps=W.size(0))
+
+
+# -----------------------------------------------------------------------------
+# the curriculum
 
 def curriculum_switches(c):
     """curriculum_iters as ascending ints: the iterations where the next level joins ([] = no curriculum)."""
@@ -122,13 +205,6 @@ def curriculum_level(it, switches, levels):
     return levels[sum(it >= s for s in switches)]
 
 
-def answer_step(c, level):
-    """The step an answer of this level is read at: its level with per-step targets or level-matched
-    supervision (capped at K), else step K (1 for the plain GPT's one readout)."""
-    K = max(c["n_steps"], 1)
-    return min(level, K) if c["step_targets"] == "chain" or c["level_steps"] != "all" else K
-
-
 class Curriculum:
     """A curriculum over the reasoning levels L_1 < ... < L_n (README "Data"): the next level joins at each
     switch, the given curriculum_iters or, with curriculum_threshold, the checks where the highest level so
@@ -139,7 +215,6 @@ class Curriculum:
     def __init__(self, c, levels, saved=()):
         self.c, self.levels, self.on = c, levels, bool(c["curriculum_iters"] or c["curriculum_threshold"])
         self.switches = curriculum_switches(c) or list(saved)
-        self.slices = {}   # level -> this rank's share of its slice, built once: the same examples each check
         if c["curriculum_iters"] and len(self.switches) != len(levels) - 1:
             raise ConfigError(f"curriculum_iters={c['curriculum_iters']!r} has {len(self.switches)} "
                               f"iterations; the reasoning data's levels {levels} need {len(levels) - 1}")
@@ -151,25 +226,28 @@ class Curriculum:
         """The highest reasoning level trained at step `it`; 0 = every level (no curriculum)."""
         return curriculum_level(it, self.switches, self.levels) if self.on else 0
 
-    def check(self, it, model, reasoning, rank, world, device):
+    def read_step(self, level):
+        """The step an answer of this level is read at: its level (capped at K) with per-step targets or
+        level-matched supervision, else step K (1 for the plain GPT's one readout)."""
+        c, K = self.c, max(self.c["n_steps"], 1)
+        return answer_step(level, K) if c["step_targets"] != "final" or c["level_steps"] != "all" else K
+
+    def check(self, it, exact_match):
         """After iteration `it`: the next level joins from `it` on when the exact match of the highest level
-        so far on its slice, read at its answer step, reaches curriculum_threshold; returns what joined, or
-        None. Every rank scores its share and all-reduce: all decide alike."""
-        c, level = self.c, self.level(it)
+        so far, read at its step, reaches curriculum_threshold; returns what joined, or None.
+        exact_match(level): that level's exact match per step on its training-side slice (train.py scores it
+        on every rank: all decide alike)."""
+        level = self.level(it)
         if level == self.levels[-1]:
             return None
-        if level not in self.slices:
-            batches = reasoning.slice_batches(level, c["batch_size"], self.EXAMPLES)
-            self.slices[level] = [b.to(device) for b in batches[rank::world]]
-        em = evaluate_reasoning(model, self.slices[level], c["n_steps"], self.EXAMPLES,
-                                world)["answer_exact_match"]
-        step = answer_step(c, level)
-        if em[step - 1] < c["curriculum_threshold"]:
+        step = self.read_step(level)
+        em = exact_match(level)[step - 1]
+        if em < self.c["curriculum_threshold"]:
             return None
         self.switches.append(it)
         joined = self.levels[self.levels.index(level) + 1]
         return (f"curriculum: level {joined} joins at iter {it} (level {level}: exact match "
-                f"{em[step - 1]:.2f} at step {step} on its training slice)")
+                f"{em:.2f} at step {step} on its training slice)")
 
 
 # -----------------------------------------------------------------------------
@@ -184,28 +262,11 @@ def micro_batch_index(step: int, micro_step: int, rank: int, world_size: int, gr
     return step * grad_accum + micro_step * world_size + rank
 
 
-def cat_batches(batches, kind):
-    """Rows of several batches as one (answer ids stay per batch: training does not use them). Batches of
-    both kinds: rl_rows marks the reasoning rows, so soft RL stays on reasoning data (routing='mixed').
-    Per-step targets: a batch without them has y at every step; a shorter chain keeps its last step's."""
-    cat = lambda field: torch.cat([getattr(b, field) for b in batches])
-    batch = data.Batch(cat("x"), cat("y"), kind, cat("answer_mask"), cat("answer_id"))
-    if len({b.kind for b in batches}) > 1:
-        batch.rl_rows = torch.cat([torch.full((len(b.y),), b.kind == "reasoning") for b in batches])
-    zeros = lambda b, t: t if t is not None else torch.zeros_like(b.y)
-    if any(b.level is not None for b in batches):
-        batch.level = torch.cat([zeros(b, b.level) for b in batches])
-    if any(b.step_y is not None for b in batches):
-        steps = [b.step_y if b.step_y is not None else b.y[None] for b in batches]
-        S = max(len(s) for s in steps)
-        batch.step_y = torch.cat([s[[min(k, len(s) - 1) for k in range(S)]] for s in steps], dim=1)
-        batch.chain_len = torch.cat([zeros(b, b.chain_len) for b in batches])
-    return batch
-
-
-def micro_batches(it, kind, c, fluency, reasoning, rank, world, level=0):
-    """This rank's micro-batches of optimizer step `it` as (global micro-batch index, Batch) pairs; level > 0:
-    a curriculum's highest level now."""
+def micro_batches(it, c, sources, *, kind, level=0, rank=0, world=1):
+    """This rank's micro-batches of optimizer step `it` as (global micro-batch index, Batch) pairs. sources:
+    (FluencyData, ReasoningData), either None when unused; kind: the step's; level > 0: a curriculum's highest
+    level now."""
+    fluency, reasoning = sources
     B, G = c["batch_size"], c["gradient_accumulation_steps"]
     indices = [micro_batch_index(it, m, rank, world, G) for m in range(G // world)]
     if c["routing"] == "mixed":

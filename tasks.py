@@ -18,6 +18,7 @@ import os
 import re
 
 import numpy as np
+import torch
 
 # -----------------------------------------------------------------------------
 # generator(rng, level) -> (prompt, answer). add, mul and chain have a fixed size per level (L digits,
@@ -109,6 +110,12 @@ CHAINS = {"hop": _hop_chain, "hopo": _hop_chain, "iter": _iter_chain}
 def chain_answers(family, prompt, n):
     """[f^1(x), ..., f^n(x)] of a hop/hopo/iter prompt (per-step targets); None for other families."""
     return CHAINS[family](prompt, n) if family in CHAINS else None
+
+
+def answer_step(level, cap):
+    """The step an answer of level L is read at, one step per hop: min(L, cap). cap: the training K (the
+    losses, the curriculum's check and its chain cut) or the test-time K'. level: an int or a tensor."""
+    return level.clamp(max=cap) if torch.is_tensor(level) else min(level, cap)
 
 
 # family: (generator, max level, longest prompt+answer in characters: a bound on tokens for both tokenizers)

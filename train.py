@@ -25,6 +25,7 @@ from time import perf_counter
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -33,10 +34,11 @@ import data
 from checkpoint import build_model
 from config.defaults import CONSTRAINTS, DEFAULTS, DEFAULTS_FILE
 from configurator import ConfigError, catch_stop_signals, configure, precision, setup_system
-from evaluate import Records, TrainWindow, all_reduce_sum, eval_metrics, eval_sets, format_eval
-from losses import draw_steps, loss_counts, rlrp_loss, sampled_unembeds, step_supervision, step_weights
-from schedules import (Curriculum, Router, get_lr, max_n_steps, micro_batches, n_steps_at,
-                       progressive_steps, sampling_generator, seed_micro_batch)
+from evaluate import (Records, TrainWindow, all_reduce_dict, all_reduce_sum, eval_metrics, eval_sets,
+                      evaluate_reasoning, format_eval)
+from losses import Counts, ObjectiveConfig, rlrp_loss, sampled_unembeds, supervise
+from schedules import (Curriculum, Router, max_n_steps, micro_batches, sampling_generator, seed_micro_batch,
+                       step_plan)
 
 # -----------------------------------------------------------------------------
 # the config: config/defaults.py's keys, presets and --key=value overrides, or a checkpoint's when resuming
@@ -57,7 +59,7 @@ def load_config(argv):
     return c, ckpt
 
 # -----------------------------------------------------------------------------
-# the data, and one micro-batch's forward and objective
+# the data, and the loss's token counts and logged values summed over ranks
 
 
 def load_data(c):
@@ -67,73 +69,75 @@ def load_data(c):
         fluency = data.FluencyData(c["fluency_data"], tok, c["block_size"], c["seed"]) \
             if c["fluency_data"] else None
         reasoning = data.ReasoningData(c["reasoning_data"], tok, c["block_size"], c["seed"],
-                                       c["reasoning_eval_data"], c["reasoning_tasks"],
-                                       c["gsm8k_answer"], chain_length(c)) if c["reasoning_data"] else None
+                                       c["reasoning_eval_data"], tasks=c["reasoning_tasks"],
+                                       gsm8k_answer=c["gsm8k_answer"], chain_length=c["chain_length"] if c["step_targets"] == "chain" else None) \
+            if c["reasoning_data"] else None
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     return tok, fluency, reasoning
 
 
-def chain_length(c):
-    """ReasoningData's chain_length: None for final-answer targets."""
-    return c["chain_length"] if c["step_targets"] == "chain" else None
-
-
 def step_counts(batches, c, device, world):
-    """(Σ m_valid, Σ m_RL, Σ answer tokens) over every micro-batch of this optimizer step on every rank: the
-    denominators that make accumulated micro-batches (and DDP) equal one large batch, token for token."""
-    counts = torch.zeros(3, dtype=torch.int64)   # integers: exact, and every device has them (no float64)
-    for b in batches:
-        counts += loss_counts(b.y, b.answer_mask, c["rl_answer_only"], b.rl_rows)
-    return all_reduce_sum(counts.to(device), world).float()
+    """The Counts of this optimizer step: over every micro-batch on every rank (losses.Counts)."""
+    valid, rl, answer = all_reduce_sum(Counts.of(batches, c["rl_answer_only"]).to(device), world).float()
+    return Counts(valid=valid, rl=rl, answer=answer)
 
 
-def micro_step_loss(model, index, b, kind, K, weights, counts, progressive, c, device):
-    """Forward and the RLRP objective of micro-batch `index` (global), b -> (loss, logged): the loss is this
-    micro-batch's share of the optimizer step's global mean (counts: step_counts); logged holds the detached
-    loss, ds, rl, imp and nll_k (ℓ_1..ℓ_K; sampled: also drawn_k, see rlrp_loss). progressive: this step's
-    (n, k) (schedules.progressive_steps) or None."""
-    targets, step_w = step_supervision(b.y, K, weights, b.step_y, b.chain_len, b.level, c["beyond_chain"],
-                                       c["level_steps"])         # Y, W: (K', B, T) on the CPU
-    K1, N, alpha = max(K, 1), b.y.numel(), c["progressive_alpha"]
-    draw = draw_steps(step_w, K, b.y.shape, c["imp_fraction"], sampling_generator(c, index)).to(device) \
-        if c["sampled_supervision"] else None
-    if progressive:                                              # step n+k's targets for its second pass
-        targets = torch.cat([targets, targets[sum(progressive) - 1:sum(progressive)]])
-    b, step_w = b.to(device), step_w.to(device)
-    # the paper's targets are y at every step: a view of the batch's y, not a K-fold copy to move
-    targets = targets.to(device) if b.step_y is not None else b.y.expand(len(targets), *b.y.shape)
-    n_second = N if progressive else 0    # sampled: ℓ at the draw's rows, then all of the second pass's row
-    rows = None if draw is None else torch.cat([draw.rows(), K1 * N + torch.arange(n_second, device=device)])
-    _, nll = model(b.x, targets, n_steps=K, grad_steps=c["grad_steps"] or None, progressive=progressive,
-                   readout_grad=c["readout_grad"], rows=rows)
-    objective = lambda ell, w, d=None: rlrp_loss(ell, b.y, b.answer_mask, kind, w, c["lambda_rl"],
-                                                 c["lambda_imp"], c["rl_answer_only"], c["imp_margin"],
-                                                 c["rl_q"], c["answer_weight"], counts, b.rl_rows, d)
-    split = K1 if draw is None else len(rows) - n_second
-    nll, second = nll[:split], nll[split:]
-    loss, parts = objective(nll.float(), step_w, draw)
-    if progressive:  # L = (1 − α)·L_K + α·L_{n+k}, L_{n+k} the objective on the second pass's last step
-        loss = (1 - alpha) * loss + alpha * objective(second.float().view(1, *b.y.shape), torch.ones(1))[0]
-    return loss, {"loss": loss.detach(), **parts}
-
-
-LOGGED = ("loss", "ds", "rl", "imp")   # what every step logs besides nll_k, the per-step ℓ_1..ℓ_K
-
-
-def all_reduce_logged(logged, stop, world):
+def reduce_logged(logged, stop, world):
     """(logged, ranks asked to stop): an optimizer step's logged sums over every rank, as floats (nll_k a
     list), and how many ranks got a stop signal, in one all-reduce: all ranks stop at the same step. Sampled
     deep supervision: nll_k is ℓ_k's mean over the tokens that drew step k, None where none did."""
-    per_step = [logged["nll_k"], *([logged["drawn_k"]] if "drawn_k" in logged else [])]
-    flat = torch.cat([torch.stack([logged[k] for k in LOGGED]), *per_step,
-                      logged["loss"].new_tensor([float(bool(stop))])])
-    values = all_reduce_sum(flat, world).tolist()
-    K, n = len(logged["nll_k"]), len(LOGGED)
-    nll_k = values[n:n + K]
-    if "drawn_k" in logged:
-        nll_k = [total / drawn if drawn else None for total, drawn in zip(nll_k, values[n + K:n + 2 * K])]
-    return {**dict(zip(LOGGED, values)), "nll_k": nll_k}, values[-1]
+    sums = all_reduce_dict({**logged, "stop": logged["loss"].new_tensor(float(bool(stop)))}, world)
+    if "drawn_k" in sums:
+        sums["nll_k"] = [total / drawn if drawn else None for total, drawn in zip(sums["nll_k"],
+                                                                                 sums.pop("drawn_k"))]
+    return sums, sums.pop("stop")
+
+# -----------------------------------------------------------------------------
+# one micro-batch's objective, composed from the model's parts
+
+class Objective(nn.Module):
+    """
+    One micro-batch's RLRP objective, composed from the GPT's parts: h = trunk(x), o_k from the head, ℓ of
+    the supervised (k, b, t) (all, or the draw's), then rlrp_loss; with the progressive loss also a second
+    head pass, L = (1 − α)·L_K + α·L_{n+k}. A module around the model, so that DDP wraps the whole forward:
+    its gradient hooks see every parameter use, as they would not if train.py called model.module's parts.
+    """
+
+    def __init__(self, model, cfg):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def step_nll(self, x, sup):
+        """ℓ (K1(+1), B, T) of every (k, b, t), or sampled (R,) at sup.rows() only, in one unembedding."""
+        gpt, grad_steps, readout_grad = self.model, self.cfg.grad_steps or None, self.cfg.readout_grad
+        gpt.resolve_steps(sup.n_steps)
+        gpt.check_inputs(x, sup.targets)
+        h = gpt.trunk(x)                                                           # (B, T, C)
+        o = gpt.head_outputs(h, sup.n_steps, grad_steps, readout_grad)            # o_k, (K1, B, T, C)
+        if sup.progressive:   # o_{n+k} of a second pass: n steps without gradient, then k with it
+            n, k = sup.progressive
+            o = torch.cat([o, gpt.latent_head(h, n + k, grad_steps=k, readout_grad=readout_grad)[-1:]])
+        if sup.draw is None:
+            return torch.stack([gpt.step_nll(o_k, y_k) for o_k, y_k in zip(o, sup.targets)])
+        rows = sup.rows()                                                          # o_k of those rows, (R, C)
+        return gpt.step_nll(o.flatten(0, 2)[rows], sup.targets.reshape(-1)[rows])
+
+    def forward(self, b, sup, kind, counts):
+        """Batch b and its Supervision on the device; counts: the optimizer step's Counts -> (loss, logged):
+        this micro-batch's share of the step's global mean and the detached ds, rl, imp, nll_k (sampled:
+        drawn_k too)."""
+        cfg = self.cfg
+        terms = dict(lambda_rl=cfg.lambda_rl, lambda_imp=cfg.lambda_imp, rl_answer_only=cfg.rl_answer_only,
+                     margin=cfg.imp_margin, rl_q=cfg.rl_q, answer_weight=cfg.answer_weight, counts=counts,
+                     rl_rows=b.rl_rows)
+        nll, second = sup.split(self.step_nll(b.x, sup))
+        loss, logged = rlrp_loss(nll.float(), b.y, b.answer_mask, kind, sup.weights, draw=sup.draw, **terms)
+        if second is not None:   # L = (1 − α)·L_K + α·L_{n+k}: the second pass's step n+k, weight 1
+            alpha = cfg.progressive_alpha
+            loss = (1 - alpha) * loss + alpha * rlrp_loss(second.float(), b.y, b.answer_mask, kind,
+                                                          torch.ones(1), **terms)[0]
+        return loss, {"loss": loss.detach(), **logged}
 
 # -----------------------------------------------------------------------------
 # the run
@@ -154,6 +158,7 @@ class Run:
         self.curriculum = Curriculum(c, self.reasoning and self.reasoning.levels, (ckpt or {}).get(
             "curriculum_switches", ()))
         self.router = Router(c["reasoning_fraction"])
+        self.curriculum_slices = {}   # level -> this rank's share of its training-side slice
         self.raw_model = build_model(c, tok, ckpt).to(self.device)
         self.optimizer = self.raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"],
                                                              (c["beta1"], c["beta2"]), device_type)
@@ -161,12 +166,14 @@ class Run:
         del ckpt  # free the memory
         if c["compile"] if c["compile"] is not None else device_type == "cuda":
             self.raw_model.compile_parts()   # the trunk and one refinement step: any K reuses the same graphs
-        self.model = self.raw_model
+        self.objective_config = ObjectiveConfig.of(c)
+        self.model = Objective(self.raw_model, self.objective_config)   # the training forward: ℓ and the loss
         if self.world > 1:
             # truncated backward: when K > grad_steps, z_0 is detached and W_in gets no gradient in that step
-            self.model = DDP(self.raw_model, device_ids=[local_rank] if device_type == "cuda" else None,
+            self.model = DDP(self.model, device_ids=[local_rank] if device_type == "cuda" else None,
                              find_unused_parameters=0 < c["grad_steps"] < max_n_steps(c))
-        self.eval_sets = eval_sets(self.fluency, self.reasoning, c, self.rank, self.world, self.device)
+        self.eval_sets = eval_sets(self.fluency, self.reasoning, c, rank=self.rank, world=self.world,
+                                   device=self.device)
         self.tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
         self.peak_tflops = c["gpu_peak_tflops"] if device_type == "cuda" else None   # for MFU
         self.ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
@@ -197,8 +204,10 @@ class Run:
         """The eval record at iteration `it`, printed by rank 0."""
         self.raw_model.eval()
         with self.ctx:
-            metrics = eval_metrics(self.raw_model, *self.eval_sets, self.c["n_steps"],
-                                   self.c["eval_examples"], self.world)
+            fluency_val, reasoning_val, tags = self.eval_sets
+            metrics = eval_metrics(self.raw_model, fluency_val, reasoning_val, tags,
+                                   n_steps=self.c["n_steps"], n_examples=self.c["eval_examples"],
+                                   world=self.world)
         self.raw_model.train()
         rec = {"type": "eval", "iter": it, "tokens": it * self.tokens_per_iter, **metrics}
         if self.master:
@@ -207,8 +216,8 @@ class Run:
 
     def save(self, it):
         if self.master:   # rank 0 alone writes, so its own clock may decide when: no collective
-            state = checkpoint.state(self.raw_model, self.optimizer, self.scaler, it, self.c,
-                                     self.curriculum.switches)
+            state = checkpoint.state(self.raw_model, self.optimizer, self.scaler, it=it, config=self.c,
+                                     curriculum_switches=self.curriculum.switches)
             checkpoint.save(self.ckpt_path, state)
         self.saved_at = perf_counter()
 
@@ -227,30 +236,48 @@ class Run:
         """The threshold curriculum after iteration `it` (schedules.Curriculum.check), in eval mode."""
         self.raw_model.eval()
         with self.ctx:
-            joined = self.curriculum.check(it, self.raw_model, self.reasoning, self.rank, self.world,
-                                           self.device)
+            joined = self.curriculum.check(it, self.slice_exact_match)
         self.raw_model.train()
         if joined and self.master:
             tqdm.write(joined)
 
-    def flops_per_token(self, it, K):
-        """Training FLOPs per token of step `it`: the model's at K, plus the progressive loss's second head
+    def slice_exact_match(self, level):
+        """Exact match per step on this level's training-side slice (data.ReasoningData.slice_batches), this
+        rank's share built once and summed over ranks: the same examples at every check."""
+        n, slices = Curriculum.EXAMPLES, self.curriculum_slices
+        if level not in slices:
+            batches = self.reasoning.slice_batches(level, self.c["batch_size"], n)
+            slices[level] = [b.to(self.device) for b in batches[self.rank::self.world]]
+        return evaluate_reasoning(self.raw_model, slices[level], self.c["n_steps"], n,
+                                  self.world)["answer_exact_match"]
+
+    def flops_per_token(self, step):
+        """Training FLOPs per token of a StepPlan: the model's at K, plus the progressive loss's second head
         pass and its one unembedding when it is on; sampled deep supervision: the unembeddings it runs."""
-        c = self.c
+        c, K = self.c, step.n_steps
         N = c["batch_size"] * c["block_size"]
         unembeds = sampled_unembeds(K, N, c["imp_fraction"]) if c["sampled_supervision"] else None
         flops = self.raw_model.flops_per_token(K, c["block_size"], c["grad_steps"], unembeds)["total"]
-        progressive = progressive_steps(it, c, K)
-        if progressive:
-            steps = sum(progressive)                                      # n + k
-            second = self.raw_model.flops_per_token(steps, c["block_size"], progressive[1])
+        if step.progressive:
+            steps = sum(step.progressive)                                 # n + k
+            second = self.raw_model.flops_per_token(steps, c["block_size"], step.progressive[1])
             flops += second["head"] + second["unembed"] / steps
         return flops
 
+    def micro_step(self, index, b, step, counts):
+        """Micro-batch `index` (global) of an optimizer step: its Supervision, then the forward and the
+        objective (losses.Objective) -> (loss, logged); the loss is this micro-batch's share of the step's
+        global mean (counts: step_counts)."""
+        seed_micro_batch(self.c, index)                              # dropout's masks: (seed, index)
+        sup = supervise(b, step.n_steps, self.objective_config, step.progressive,
+                        sampling_generator(self.c, index))          # Y, W (K1, B, T) on the CPU
+        with self.ctx:
+            return self.model(b.to(self.device), sup.to(self.device), step.kind, counts)
+
     def train(self):
-        """The training loop. Per optimizer step: evaluate and save when due; the step's kind, K, learning
-        rate and micro-batches, functions of (seed, it); forward + backward per micro-batch; clip and step;
-        log; the threshold curriculum; a stop signal or a checkpoint when due."""
+        """The training loop. Per optimizer step: evaluate and save when due; the step's plan (kind, K,
+        learning rate: functions of (seed, it)) and micro-batches; forward + backward per micro-batch; clip
+        and step; log; the threshold curriculum; a stop signal or a checkpoint when due."""
         c, stop = self.c, catch_stop_signals()
         pbar = tqdm(total=c["max_iters"], initial=self.start_iter, disable=not self.master,
                     dynamic_ncols=True)
@@ -263,31 +290,23 @@ class Run:
             if it == c["max_iters"]:
                 break
             t_step = perf_counter()
-            # what step `it` trains on: the same on every rank, and on resume
-            kind = "reasoning" if c["routing"] == "mixed" else self.router.kind(it)   # mixed: rl_rows decide
-            K, lr = n_steps_at(it, c), get_lr(it, c)
-            progressive = progressive_steps(it, c, K)
+            step = step_plan(it, c, self.router, self.curriculum)    # the same on every rank, and on resume
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            micro = micro_batches(it, kind, c, self.fluency, self.reasoning, self.rank, self.world,
-                                  self.curriculum.level(it))
+                group["lr"] = step.lr
+            micro = micro_batches(it, c, (self.fluency, self.reasoning), kind=step.kind, level=step.level,
+                                  rank=self.rank, world=self.world)
             counts = step_counts([b for _, b in micro], c, self.device, self.world)
-            weights = step_weights(max(K, 1), c["weight_schedule"], c["weight_gamma"], c["weight_skip"])
             logged = {}
             for m, (index, b) in enumerate(micro):
-                seed_micro_batch(c, index)                            # dropout's masks: (seed, index)
-                last = m == len(micro) - 1
                 # DDP all-reduces the gradients once, after the last micro-batch
-                with self.model.no_sync() if self.world > 1 and not last else nullcontext():
-                    with self.ctx:
-                        loss, parts = micro_step_loss(self.model, index, b, kind, K, weights, counts,
-                                                      progressive, c, self.device)
+                with self.model.no_sync() if self.world > 1 and m < len(micro) - 1 else nullcontext():
+                    loss, parts = self.micro_step(index, b, step, counts)
                     # DDP averages gradients over ranks; the loss is already a global mean, so undo the 1/W
                     self.scaler.scale(loss * self.world).backward()
                 logged = {k: logged.get(k, 0) + v for k, v in parts.items()}
-            logged, stopping = all_reduce_logged(logged, stop, self.world)
+            logged, stopping = reduce_logged(logged, stop, self.world)
             if not math.isfinite(logged["loss"]):
-                raise FloatingPointError(f"non-finite loss at iter {it} ({kind} step); parameters not "
+                raise FloatingPointError(f"non-finite loss at iter {it} ({step.kind} step); parameters not "
                                          f"updated, the last good checkpoint is {self.ckpt_path}; lower "
                                          "learning_rate or check the data")
             if c["grad_clip"] > 0:
@@ -297,11 +316,11 @@ class Run:
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             pbar.update(1)
-            window.add(kind, K, logged, self.flops_per_token(it, K), perf_counter() - t_step)
+            window.add(step.kind, step.n_steps, logged, self.flops_per_token(step), perf_counter() - t_step)
             if (it + 1) % c["log_interval"] == 0:
-                rec = window.record(it + 1, lr, self.world, self.peak_tflops)
-                if self.curriculum.level(it):   # a curriculum: the highest level this step trained
-                    rec["curriculum_level"] = self.curriculum.level(it)
+                rec = window.record(it + 1, step.lr, self.world, self.peak_tflops)
+                if step.level:   # a curriculum: the highest level this step trained
+                    rec["curriculum_level"] = step.level
                 self.record(rec)
                 window = TrainWindow(self.tokens_per_iter)
                 pbar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)

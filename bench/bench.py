@@ -19,9 +19,9 @@ logits exceed one tile, the fused NLL recomputes them in backward, running 8·C�
 counted. CPU peak memory is the process's peak RSS, a high-water mark that never goes down, so a sweep
 measures each K's memory in a fresh subprocess. train_mem_mb = peak minus the mark before the first training
 step. compile_s is the first compiled step at K, k2_compile_s the first at a second K (K - 1): compiling
-forward whole unrolls the K-step loop, so each new K compiles again; GPT.compile_parts compiles the trunk and
-one step, which every K reuses (with --compile=True a row's compile_s is its first step). graphs counts the
-graphs dynamo compiled. TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 makes compiles cold. On cores shared with other
+the objective whole unrolls the K-step loop, so each new K compiles again; GPT.compile_parts compiles the
+trunk and one step, which every K reuses (with --compile=True a row's compile_s is its first step). graphs
+counts the graphs dynamo compiled. TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 makes compiles cold. On cores shared with other
 jobs use --threads=1: a 2-thread op stalls whenever one of its cores is taken.
 
 bench/gpu_check.py, with these keys, checks a GPU machine in one command of <= 8 minutes (speed, MFU, memory,
@@ -46,7 +46,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project root: train.py, model.py, ... import from here
 
 from configurator import ConfigError, configure
-from losses import draw_steps, rlrp_loss, sampled_unembeds, step_weights
+from data import Batch
+from losses import ObjectiveConfig, sampled_unembeds, supervise
+from train import Objective
 from model import GPT, GPTConfig
 
 DEFAULTS = dict(
@@ -156,37 +158,46 @@ def build_model(cfg, K, plain=None, gelu=None):
 
 
 def random_batch(cfg):
-    """(x, y, answer mask) of random tokens: speed and memory do not depend on what the tokens are."""
+    """A reasoning Batch of random tokens, half of its targets answer tokens: speed and memory do not depend
+    on what the tokens are."""
     V, B, T, dev = vocab_size(cfg), cfg["batch_size"], cfg["block_size"], cfg["device"]
     x, y = (torch.randint(V, (B, T), device=dev) for _ in range(2))
-    return x, y, torch.rand(B, T, device=dev) < 0.5
+    answer = torch.rand(B, T, device=dev) < 0.5
+    return Batch(x=x, y=y, kind="reasoning", answer_mask=answer, answer_id=torch.where(answer, 0, -1))
+
+
+OBJECTIVE = ObjectiveConfig(lambda_rl=1.0, lambda_imp=0.1)   # every term on
 
 
 def train_loss(run, batch, k, plain=None, sampling=None):
-    """The loss one training step backpropagates: PlainGPT's cross-entropy, or ours with every term on, as a
-    reasoning batch; sampling: (generator, f) for sampled deep supervision (train.py's), None = all K ℓ."""
-    x, y, answer = batch
+    """The loss one training step backpropagates: PlainGPT's cross-entropy, or ours (run: a losses.Objective
+    with OBJECTIVE, as a reasoning batch); sampling: (generator, f) for sampled deep supervision (train.py's),
+    None = all K ℓ."""
     if plain is not None:
-        return run(x, y)
-    weights = step_weights(max(k, 1))
-    draw = draw_steps(weights, k, y.shape, sampling[1], sampling[0]).to(y.device) if sampling else None
-    _, nll = run(x, y, n_steps=k, rows=None if draw is None else draw.rows())
-    return rlrp_loss(nll, y, answer, "reasoning", weights.to(y.device), lambda_rl=1.0, lambda_imp=0.1,
-                     draw=draw)[0]
+        return run(batch.x, batch.y)
+    if sampling is None:
+        sup = supervise(batch, k, OBJECTIVE)
+    else:
+        generator, f = sampling
+        sampled = OBJECTIVE._replace(sampled_supervision=True, imp_fraction=f)
+        sup = supervise(batch, k, sampled, generator=generator)
+    return run(batch, sup.to(batch.y.device), "reasoning", None)[0]
 
 
 def make_step(cfg, K=None, plain=None, compile=None, gelu=None):
     """A closure step(k=K) running one training step (real loss, backward, AdamW) with k refinement steps, and
     the model it trains. plain: None for our GPT, else PlainGPT with that GELU. compile: False, True
-    (GPT.compile_parts; PlainGPT whole) or 'whole' (our forward compiled whole, one graph per K, for
-    comparison). gelu: our GPT's GELU (None: cfg's)."""
+    (GPT.compile_parts; PlainGPT whole) or 'whole' (our objective compiled whole, its K-step loop unrolled:
+    new graphs for every K, for comparison). gelu: our GPT's GELU (None: cfg's)."""
     K = cfg["n_steps"] if K is None else K
     dev = cfg["device"]
     model = build_model(cfg, K, plain, gelu)
     opt = optimizer(model, dev)
     mode = cfg["compile"] if compile is None else compile
-    run = (model.compile_parts() if mode is True and plain is None else
-           torch.compile(model, fullgraph=True) if mode else model)
+    run = model if plain is not None else Objective(model.compile_parts() if mode is True else model,
+                                                    OBJECTIVE)
+    if mode and (plain is not None or mode == "whole"):   # PlainGPT whole, or our objective whole
+        run = torch.compile(run, fullgraph=plain is not None)
     batch = random_batch(cfg)
     ctx = torch.autocast(dev, dtype=getattr(torch, cfg["dtype"])) if dev == "cuda" else nullcontext()
     sampling = (torch.Generator().manual_seed(cfg["seed"]), cfg["imp_fraction"]) \
@@ -304,7 +315,8 @@ def first_step_s(step, *k):
 
 
 def run_compile(cfg):
-    """Compile cost and speed of our forward compiled whole vs GPT.compile_parts, side by side with eager."""
+    """Compile cost and speed of our objective compiled whole vs GPT.compile_parts, side by side with
+    eager."""
     from torch._dynamo.utils import counters
     K = cfg["n_steps"]
     eager, model = make_step(cfg, compile=False)

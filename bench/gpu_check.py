@@ -45,7 +45,8 @@ import traceback
 import torch
 
 import bench
-from bench import ROOT, build_model, first_step_s, make_step, random_batch, run_one, train_loss
+from bench import OBJECTIVE, ROOT, build_model, first_step_s, make_step, random_batch, run_one, train_loss
+from train import Objective
 
 SHAPES = {  # the check's own shape per device; keys given on the command line win
     "cuda": dict(vocab="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=12,
@@ -242,7 +243,7 @@ def check_train(cfg):
 def check_precision(cfg):
     """One batch's RLRP loss, the same model and batch, under autocast in cfg's dtype and in fp32."""
     K, dev, dtype = cfg["n_steps"], cfg["device"], cfg["dtype"]
-    model, batch = build_model(cfg, K), random_batch(cfg)
+    model, batch = Objective(build_model(cfg, K), OBJECTIVE), random_batch(cfg)
     with torch.no_grad():
         with torch.autocast(dev, dtype=getattr(torch, dtype)):
             low = train_loss(model, batch, K).item()

@@ -62,3 +62,29 @@ def test_no_import_circle():
         return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph[start])
     circles = [name for name in TOP if reaches(name, name, {name})]
     assert not circles, f"modules on an import circle: {circles}"
+
+
+def test_calls_name_their_arguments():
+    """No call in a top-level module passes more than 5 positional arguments (autograd's Function.apply is
+    exempt), and NamedTuples and dataclasses are built with keywords: a reader sees what each value is."""
+    built_by_name = {"Batch", "Counts", "StepDraw", "StepPlan", "Supervision", "ObjectiveConfig", "Example"}
+    for name in TOP:
+        for node in ast.walk(ast.parse(read(os.path.join(ROOT, name)))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = ast.unparse(node.func)
+            where = f"{name}:{node.lineno}: {func}"
+            n = len(node.args)
+            assert n <= 5 or func.endswith(".apply"), f"{where} takes {n} positional arguments"
+            if func.split(".")[-1] in built_by_name:
+                assert not node.args, f"{where} is built positionally"
+
+
+def test_the_model_forward_is_about_the_model():
+    """GPT.forward takes the model's inputs, (idx, targets, n_steps) and at most one more: training's
+    estimators are composed from its parts where the objective lives (losses.Objective)."""
+    tree = ast.parse(read(os.path.join(ROOT, "model.py")))
+    gpt = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "GPT")
+    forward = next(n for n in gpt.body if isinstance(n, ast.FunctionDef) and n.name == "forward")
+    params = [a.arg for a in forward.args.args + forward.args.kwonlyargs][1:]
+    assert len(params) <= 4 and params[:3] == ["idx", "targets", "n_steps"], params

@@ -137,18 +137,18 @@ def test_resume_continues_exactly_with_lognormal_k(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real_batches, real_loss, steps = train.micro_batches, train.micro_step_loss, []
+    real_batches, real_loss, steps = train.micro_batches, train.Run.micro_step, []
 
-    def counting(*args):                               # one call per optimizer step
+    def counting(*args, **kwargs):                     # one call per optimizer step
         steps.append(1)
-        return real_batches(*args)
+        return real_batches(*args, **kwargs)
 
-    def poisoned(*args):                               # iter 3's micro-batches give a NaN loss
-        loss, logged = real_loss(*args)
+    def poisoned(run, *args):                          # iter 3's micro-batches give a NaN loss
+        loss, logged = real_loss(run, *args)
         nan = float("nan") if len(steps) == 4 else 1.0
         return loss * nan, dict(logged, loss=logged["loss"] * nan)
     monkeypatch.setattr(train, "micro_batches", counting)
-    monkeypatch.setattr(train, "micro_step_loss", poisoned)
+    monkeypatch.setattr(train.Run, "micro_step", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite loss at iter 3"):
         train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=8", "--eval_interval=2"])
     ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=False)
@@ -195,11 +195,11 @@ def test_resume_after_a_crash_drops_metric_records_past_the_checkpoint(tmp_path,
     real_batches = train.micro_batches
     calls = []
 
-    def crash_at_iter_3(*args):                        # micro_batches: one call per optimizer step
+    def crash_at_iter_3(*args, **kwargs):              # micro_batches: one call per optimizer step
         calls.append(1)
         if len(calls) == 4:
             raise FloatingPointError("simulated crash at iter 3")
-        return real_batches(*args)
+        return real_batches(*args, **kwargs)
     monkeypatch.setattr(train, "micro_batches", crash_at_iter_3)
     with pytest.raises(FloatingPointError):
         train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=6", "--eval_interval=2"])

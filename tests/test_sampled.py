@@ -11,7 +11,10 @@ import data
 import schedules
 import train
 from conftest import run_script
-from losses import (draw_steps, imp_positions, rlrp_loss, sampled_unembeds, step_supervision, step_weights)
+from losses import (ObjectiveConfig, Supervision, rlrp_loss, sampled_unembeds, step_supervision, step_weights,
+                    supervise)
+from schedules import draw_steps, imp_positions
+from train import Objective
 from test_train import TINY, forward_backward, records, tiny_gpt
 
 LAMBDA_RL, LAMBDA_IMP = 0.7, 0.4
@@ -19,8 +22,8 @@ LAMBDA_RL, LAMBDA_IMP = 0.7, 0.4
 
 def objective(nll, y, answer, W, draw=None, margin=0.0):
     """rlrp_loss on a reasoning batch with every term on, answer tokens weighted 2: (loss, parts)."""
-    return rlrp_loss(nll, y, answer, "reasoning", W, LAMBDA_RL, LAMBDA_IMP, margin=margin, rl_q=0.5,
-                     answer_weight=2.0, draw=draw)
+    return rlrp_loss(nll, y, answer, "reasoning", W, lambda_rl=LAMBDA_RL, lambda_imp=LAMBDA_IMP, margin=margin,
+                     rl_q=0.5, answer_weight=2.0, draw=draw)
 
 
 def random_problem(K, seed=0, B=3, T=5):
@@ -71,7 +74,8 @@ def test_a_fixed_draw_equals_a_plain_recomputation():
     W = step_weights(K)
     draw = draw_steps(W, K, b.y.shape, 0.2, torch.Generator().manual_seed(1))
     _, full = model(b.x, b.y, n_steps=K)                                # ℓ (K, B, T)
-    _, picked = model(b.x, b.y, n_steps=K, rows=draw.rows())
+    sup = Supervision(targets=b.y.expand(K, *b.y.shape), weights=W, n_steps=K, draw=draw)
+    picked = Objective(model, ObjectiveConfig()).step_nll(b.x, sup)     # ℓ at the drawn rows only
     assert torch.allclose(picked, full.flatten()[draw.rows()], atol=1e-5)
     loss, parts = objective(picked, b.y, b.answer_mask, W, draw)
     # by hand, position by position
@@ -158,7 +162,8 @@ def test_sampled_flops_count_the_unembeddings_that_run():
     assert flops["total"] == model.flops_per_token(4, T)["total"] - 6 * C * V * (4 - 1.25)
     c, _ = train.load_config(TINY + ["--n_steps=4", "--sampled_supervision=True", "--imp_fraction=0.125"])
     run = SimpleNamespace(c=c, raw_model=model)
-    assert train.Run.flops_per_token(run, 0, 4) == model.flops_per_token(4, 48, unembeds=1.25)["total"]
+    step = schedules.StepPlan(kind="reasoning", n_steps=4, lr=1.0, progressive=None, level=0)
+    assert train.Run.flops_per_token(run, step) == model.flops_per_token(4, 48, unembeds=1.25)["total"]
 
 
 def test_train_with_sampled_supervision_logs_none_for_steps_never_drawn(tmp_path):
@@ -185,10 +190,13 @@ def test_the_progressive_second_pass_keeps_its_full_row_under_sampling():
     model = tiny_gpt(n_layer=1, n_steps=K)
     counts = train.step_counts([b], c, "cpu", 1)
     W = step_weights(K)
-    loss, _ = train.micro_step_loss(model, index, b, "reasoning", K, W, counts, (n, k), c, "cpu")
+    sup = supervise(b, K, ObjectiveConfig.of(c), (n, k), schedules.sampling_generator(c, index))
+    loss, _ = Objective(model, ObjectiveConfig.of(c))(b, sup, "reasoning", counts)
     draw = draw_steps(W, K, b.y.shape, c["imp_fraction"], schedules.sampling_generator(c, index))
-    _, full = model(b.x, b.y, n_steps=K, progressive=(n, k))              # ℓ (K + 1, B, T)
-    term = lambda ell, w, d=None: rlrp_loss(ell, b.y, b.answer_mask, "reasoning", w, 0.5, 0.0, counts=counts,
-                                            draw=d)[0]
+    h = model.trunk(b.x)                                                # the second pass, by hand: o_{n+k}
+    second = model.step_nll(model.latent_head(h, n + k, grad_steps=k)[-1], b.y)[None]
+    full = torch.cat([model(b.x, b.y, n_steps=K)[1], second])           # ℓ (K + 1, B, T)
+    term = lambda ell, w, d=None: rlrp_loss(ell, b.y, b.answer_mask, "reasoning", w, lambda_rl=0.5,
+                                            lambda_imp=0.0, counts=counts, draw=d)[0]
     want = 0.6 * term(full[:K].flatten()[draw.rows()], W, draw) + 0.4 * term(full[K:], torch.ones(1))
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)

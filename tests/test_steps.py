@@ -16,7 +16,8 @@ import schedules
 import tasks
 import train
 from conftest import run_script
-from losses import rlrp_loss, step_supervision, step_weights
+from losses import ObjectiveConfig, Supervision, rlrp_loss, step_supervision, step_weights
+from train import Objective
 from model import GPT, GPTConfig
 from test_train import TINY, forward_backward, tiny_gpt
 
@@ -168,7 +169,7 @@ def test_answer_weight_is_a_weighted_mean_over_tokens():
 def test_mixed_routing_concatenates_per_step_targets_with_fluency_rows():
     b = batch_with_chains(chain_length=3, rows=2)
     fl = data.FluencyData("pydoc", BYTE, 48).get_batch("train", 0, 2)
-    mixed = schedules.cat_batches([fl, b], "reasoning")
+    mixed = data.cat_batches([fl, b], "reasoning")
     assert mixed.step_y.shape == (3, 4, 48)
     assert (mixed.step_y[:, :2] == fl.y).all() and (mixed.step_y[:, 2:] == b.step_y).all()
     assert (mixed.chain_len[:2] == 0).all() and (mixed.level[2:] == b.level).all()
@@ -314,7 +315,8 @@ def test_readout_grad_first_equals_a_recomputation_with_h_detached_in_later_read
 
     nll_all = model(b.x, b.step_y, n_steps=3)[1]
     g_all = grads(nll_all)
-    nll_first = model(b.x, b.step_y, n_steps=3, readout_grad="first")[1]
+    sup = Supervision(targets=b.step_y, weights=w, n_steps=3)
+    nll_first = Objective(model, ObjectiveConfig(readout_grad="first")).step_nll(b.x, sup)
     g_first = grads(nll_first)
     h = model.trunk(b.x)
     _, z = model.latent_head(h, 3, return_latents=True)

@@ -17,7 +17,7 @@ import train
 from evaluate import evaluate_reasoning
 from configurator import ConfigError
 from conftest import run_torchrun
-from losses import step_weights
+from losses import ObjectiveConfig, step_weights, supervise
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,12 +38,12 @@ def forward_backward(model, micro, K, c, progressive=None):
     """One optimizer step's micro-steps as train.py's loop runs them on one process (forward, objective,
     backward per (index, Batch)) -> the logged sums, each a tensor (nll_k: (K,))."""
     counts = train.step_counts([b for _, b in micro], c, "cpu", 1)
-    weights = step_weights(max(K, 1), c["weight_schedule"], c["weight_gamma"], c["weight_skip"])
+    objective = train.Objective(model, ObjectiveConfig.of(c))
     logged = {}
     for index, b in micro:
         schedules.seed_micro_batch(c, index)
-        loss, parts = train.micro_step_loss(model, index, b, "reasoning", K, weights, counts, progressive, c,
-                                            "cpu")
+        sup = supervise(b, K, objective.cfg, progressive, schedules.sampling_generator(c, index))
+        loss, parts = objective(b, sup, "reasoning", counts)
         loss.backward()
         logged = {k: logged.get(k, 0) + v for k, v in parts.items()}
     return logged
@@ -133,7 +133,7 @@ def test_mixed_routing_keeps_soft_rl_on_the_reasoning_rows():
     c, _ = train.load_config(TINY + ["--routing=mixed", "--rl_answer_only=False", "--lambda_rl=1.0",
                                      "--batch_size=4", "--n_steps=2", "--weight_schedule=uniform"])
     _, fluency, reasoning = train.load_data(c)
-    index, b = train.micro_batches(3, "reasoning", c, fluency, reasoning, 0, 1)[0]
+    index, b = train.micro_batches(3, c, (fluency, reasoning), kind="reasoning")[0]
     torch.manual_seed(0)
     model = tiny_gpt(n_layer=1, n_steps=2)
     with torch.no_grad():   # confident predictions: p far from uniform, so the rows' soft RL terms differ
@@ -244,7 +244,7 @@ def test_compiled_training_runs_and_saves_plain_names(tmp_path, attn):
 def test_mixed_routing_puts_both_kinds_in_every_micro_batch():
     c, _ = train.load_config(TINY + ["--routing=mixed", "--reasoning_fraction=0.25"])
     _, fluency, reasoning = train.load_data(c)
-    micro = train.micro_batches(5, "reasoning", c, fluency, reasoning, 0, 1)
+    micro = train.micro_batches(5, c, (fluency, reasoning), kind="reasoning")
     assert [i for i, _ in micro] == [10, 11]                     # global micro-batch indices of step 5
     for _, b in micro:
         assert b.x.shape == (4, 48) and b.kind == "reasoning"
