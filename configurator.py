@@ -8,7 +8,8 @@ The config is nanoGPT's configurator, made safe. A script keeps its defaults in 
 Arguments are applied in order: `path/to/preset.py` (a plain Python file of assignments, run in a fresh
 namespace) and `--key=value` (the value read as a Python literal, or taken as a string; booleans as
 --key=True). Unknown keys and values of the wrong type raise ConfigError with one line naming the key, before
-any heavy work starts. `--help` or `-h` prints the script's usage (its docstring's first paragraph and the
+any heavy work starts; a key that is gone (the RENAMED dict next to DEFAULTS) raises its own line, which says
+what to set instead. `--help` or `-h` prints the script's usage (its docstring's first paragraph and the
 commands after it) and every key with its default and the comment after it in the DEFAULTS block, then exits.
 """
 
@@ -41,14 +42,27 @@ def _coerce(key, value, default):
     return value
 
 
-def _set(config, key, value, source):
+def _renamed(path):
+    """{gone key: the line to stop with}: the RENAMED dict literal in the file at path (that of DEFAULTS), or
+    {} where there is none. Read only when a key is unknown."""
+    try:
+        tree = ast.parse(_read(path))
+    except (OSError, TypeError, SyntaxError, ValueError):
+        return {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["RENAMED"]:
+            return ast.literal_eval(node.value)
+    return {}
+
+
+def _set(config, key, value, source, keys_path):
     if key not in config:
-        raise ConfigError(f"unknown config key {key!r} (from {source}); valid keys: "
-                          f"{', '.join(sorted(config))}")
+        raise ConfigError(_renamed(keys_path).get(key) or f"unknown config key {key!r} (from {source}); "
+                          f"valid keys: {', '.join(sorted(config))}")
     config[key] = _coerce(key, value, config[key])
 
 
-def _apply_file(config, path):
+def _apply_file(config, path, keys_path):
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} not found")
     namespace = {}
@@ -56,7 +70,7 @@ def _apply_file(config, path):
         exec(compile(f.read(), path, "exec"), namespace)
     for key, value in namespace.items():
         if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
-            _set(config, key, value, path)
+            _set(config, key, value, path, keys_path)
 
 
 def _parse_value(text):
@@ -69,10 +83,11 @@ def _parse_value(text):
 def configure(defaults, argv, doc=None, keys_doc=None):
     """A copy of `defaults` with the presets and --key=value overrides in argv applied in order. With --help
     or -h anywhere in argv: print help_text(defaults, doc, keys_doc) and exit 0. doc: the script's file
-    (__file__; None = the running script's); keys_doc: the file of the DEFAULTS dict, if not doc."""
+    (__file__; None = the running script's); keys_doc: the file of the DEFAULTS dict (and RENAMED), if not
+    doc."""
+    doc = doc or getattr(sys.modules["__main__"], "__file__", None)
     if any(arg in ("--help", "-h") for arg in argv):
         try:
-            doc = doc or getattr(sys.modules["__main__"], "__file__", None)
             print(help_text(defaults, doc, keys_doc), flush=True)
         except BrokenPipeError:  # `--help | head`: the reader left; no traceback
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -86,9 +101,9 @@ def configure(defaults, argv, doc=None, keys_doc=None):
                 raise ConfigError(f"argument {arg!r} must look like --key=value{hint}")
             # a str-valued key takes the text as it is, so --start=123 or --out_dir=2024 stay strings
             value = text if isinstance(config.get(key), str) else _parse_value(text)
-            _set(config, key, value, "the command line")
+            _set(config, key, value, "the command line", keys_doc or doc)
         else:
-            _apply_file(config, arg)
+            _apply_file(config, arg, keys_doc or doc)
     return config
 
 # -----------------------------------------------------------------------------

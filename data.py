@@ -4,9 +4,8 @@ Data loading for nanoRLRP (README "Data"): tokenizers, fluency token files, reas
 Making the data is data/prepare.py's (fluency token files, GPT-2's tokenizer file) and tasks.py's (the
 synthetic suite, JSONL rows); this file turns them into Batches, offline (schedules.py routes the steps).
 
-Config keys (train.py exposes and documents them): tokenizer ('byte': UTF-8 bytes + eot 256 | 'gpt2'),
-tokenizer_file, fluency_data (a prepared folder | 'pydoc'), reasoning_data ('synthetic' | a .jsonl file),
-reasoning_eval_data, reasoning_tasks, gsm8k_answer.
+Config keys (config/defaults.py): tokenizer ('byte': UTF-8 bytes + eot 256 | 'gpt2'), tokenizer_file,
+fluency_data, reasoning_data, reasoning_eval_data, reasoning_tasks, gsm8k_answer, step_targets (chain_steps).
 
 Packing: a reasoning row holds block_size+1 tokens: eot, then whole examples `prompt + answer + eot`, then
 padding (y = -1). The leading eot gives every prompt the same left context. answer_mask marks the targets
@@ -251,6 +250,13 @@ class FluencyData:
 # -----------------------------------------------------------------------------
 # reasoning batches
 
+def chain_steps(step_targets: str, level: int) -> int:
+    """How many steps a hop/hopo/iter example of this level trains on its own chain f^1(x)..f^n(x): n = 0 for
+    step_targets 'final' (the answer at every step), its level L for 'chain' (then f^L), N for 'chain:N'."""
+    kind, _, n = step_targets.partition(":")
+    return int(n) if n else level if kind == "chain" else 0
+
+
 class Example(NamedTuple):
     """One encoded reasoning example: token ids of the prompt and the answer, the per-step answers a_1..a_S
     (each as many tokens as the answer; () = the answer at every step) and the level (0 = unknown)."""
@@ -261,15 +267,11 @@ class Example(NamedTuple):
 
 
 class ReasoningData:
-    """(prompt, answer) examples packed into rows with answer-span masks; synthetic suite or JSONL.
-    chain_length: per-step targets (README "Steps that earn their keep"). None: the final answer at every
-    step. 0: JSONL's step_answers; the synthetic hop/hopo/iter examples' chain f^1(x)..f^L(x) to their own
-    level L (steps past L keep f^L). N > 0: every synthetic chain example gets f^1(x)..f^N(x) whatever its
-    level (no stop: an L-hop question is answered at step L). Other families keep the final answer."""
+    """(prompt, answer) examples packed into rows with answer-span masks; synthetic suite or JSONL."""
 
     def __init__(self, source: str, tok: Tokenizer, block_size: int, seed: int = 0, eval_source: str = "",
-                 tasks: str = DEFAULT_TASKS, gsm8k_answer: str = "final", chain_length=None):
-        self.tok, self.block_size, self.seed, self.chain_length = tok, block_size, seed, chain_length
+                 tasks: str = DEFAULT_TASKS, gsm8k_answer: str = "final", *, step_targets: str = "final"):
+        self.tok, self.block_size, self.seed, self.step_targets = tok, block_size, seed, step_targets
         if source == "synthetic":
             self.tasks = parse_tasks(tasks)
             longest = max(TASKS[name][2](level) for name, level in self.tasks)
@@ -293,8 +295,8 @@ class ReasoningData:
         self._pools = {0: self.tasks or self.train}  # max_level -> the tasks or rows a curriculum stage draws
 
     def _encode(self, prompt, answer, steps=None, level=0):
-        """Example of strings: steps (the per-step answers) only with per-step targets on."""
-        steps = () if steps is None or self.chain_length is None else tuple(map(self.tok.encode, steps))
+        """Example of strings: steps (the per-step answers) only when step_targets is not 'final'."""
+        steps = () if steps is None or self.step_targets == "final" else tuple(map(self.tok.encode, steps))
         return Example(self.tok.encode(prompt), self.tok.encode(answer), steps, level)
 
     def _encode_row(self, source, prompt, answer, steps, level, lineno):
@@ -342,13 +344,11 @@ class ReasoningData:
     def _train_example(self, rng, pool, max_level):
         """One training example drawn from pool (tasks or encoded JSONL rows); a chain longer than max_level
         (> 0, a curriculum's current highest level) is cut there."""
-        if self.tasks:
-            task = pool[rng.integers(len(pool))]
-            prompt, answer = draw(task, rng, False)
-            n = task[1] if self.chain_length == 0 else self.chain_length
-            n = min(n, max_level) if n and max_level else n
-            return self._encode(prompt, answer, chain_answers(task[0], prompt, n) if n else None, task[1])
         ex = pool[rng.integers(len(pool))]
+        if self.tasks:   # ex is a task (family, level): draw an example of it, and its chain
+            prompt, answer = draw(ex, rng, False)
+            n = chain_steps(self.step_targets, ex[1])
+            ex = self._encode(prompt, answer, chain_answers(ex[0], prompt, n) if n else None, ex[1])
         return ex._replace(steps=ex.steps[:max_level]) if max_level else ex
 
     def get_batch(self, index: int, batch_size: int, max_level: int = 0) -> Batch:

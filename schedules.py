@@ -126,7 +126,7 @@ def answer_step(c, level):
     """The step an answer of this level is read at: its level with per-step targets or level-matched
     supervision (capped at K), else step K (1 for the plain GPT's one readout)."""
     K = max(c["n_steps"], 1)
-    return min(level, K) if c["step_targets"] == "chain" or c["level_steps"] != "all" else K
+    return min(level, K) if c["step_targets"] != "final" or c["level_steps"] != "all" else K
 
 
 class Curriculum:
