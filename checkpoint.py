@@ -109,12 +109,27 @@ def load(path):
         raise ConfigError(f"{path} is unreadable ({type(e).__name__}), truncated or corrupt{hint}") from e
 
 
+def saved_config(saved):
+    """A checkpoint's config in today's keys: a key it lacks takes its BEFORE_THE_KEY value (what it ran), and
+    chain_length, since folded into step_targets, becomes its value there ('chain' with chain_length N > 0
+    was 'chain:N'), said in one line."""
+    c = {**BEFORE_THE_KEY, **saved}
+    if "chain_length" in c:
+        n = c.pop("chain_length")
+        if c["step_targets"] == "chain" and n:
+            c["step_targets"] = f"chain:{n}"
+        if int(os.environ.get("RANK", 0)) == 0:   # under torchrun every rank resumes: rank 0 says it
+            print(f"checkpoint: chain_length={n} -> step_targets={c['step_targets']!r} (the key was folded "
+                  "into step_targets)", flush=True)
+    return c
+
+
 def resume_config(defaults, saved, argv):
     """The resumed run's config: the checkpoint's, then argv (presets and --key=value) applied over it. A key
     outside SAFE_ON_RESUME whose value differs from the checkpoint's is an error naming the key. A key the
-    checkpoint's config lacks takes its BEFORE_THE_KEY value (what the checkpoint ran), else the default."""
-    saved = {**BEFORE_THE_KEY, **saved}
-    base = {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
+    checkpoint's config lacks takes its BEFORE_THE_KEY value (what the checkpoint ran), else the default;
+    an old key is mapped to today's (saved_config)."""
+    base = {**defaults, **{k: v for k, v in saved_config(saved).items() if k in defaults}}
     c = configure(base, argv)
     for key in defaults:
         if key not in SAFE_ON_RESUME and c[key] != base[key]:

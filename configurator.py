@@ -8,7 +8,8 @@ The config is nanoGPT's configurator, made safe. A script keeps its defaults in 
 Arguments are applied in order: `path/to/preset.py` (a plain Python file of assignments, run in a fresh
 namespace) and `--key=value` (the value read as a Python literal, or taken as a string; booleans as
 --key=True). Unknown keys and values of the wrong type raise ConfigError with one line naming the key, before
-any heavy work starts. `--help` or `-h` prints the script's usage (its docstring's first paragraph and the
+any heavy work starts; a key that is gone (`renamed`: config/defaults.py's RENAMED) raises its own line, which
+says what to set instead. `--help` or `-h` prints the script's usage (its docstring's first paragraph and the
 commands after it) and every key with its default and the comment after it in the DEFAULTS block, then exits.
 """
 
@@ -41,14 +42,16 @@ def _coerce(key, value, default):
     return value
 
 
-def _set(config, key, value, source):
+def _set(config, key, value, source, renamed):
+    """config[key] = value; an unknown key, or one that is gone (renamed: {key: the line naming what to set
+    instead}), is one line."""
     if key not in config:
-        raise ConfigError(f"unknown config key {key!r} (from {source}); valid keys: "
-                          f"{', '.join(sorted(config))}")
+        raise ConfigError(renamed.get(key) or f"unknown config key {key!r} (from {source}); "
+                          f"valid keys: {', '.join(sorted(config))}")
     config[key] = _coerce(key, value, config[key])
 
 
-def _apply_file(config, path):
+def _apply_file(config, path, renamed):
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} not found")
     namespace = {}
@@ -56,7 +59,7 @@ def _apply_file(config, path):
         exec(compile(f.read(), path, "exec"), namespace)
     for key, value in namespace.items():
         if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
-            _set(config, key, value, path)
+            _set(config, key, value, path, renamed)
 
 
 def _parse_value(text):
@@ -66,13 +69,14 @@ def _parse_value(text):
         return text  # a bare word like --device=cuda is a string
 
 
-def configure(defaults, argv, doc=None, keys_doc=None):
+def configure(defaults, argv, doc=None, keys_doc=None, renamed=None):
     """A copy of `defaults` with the presets and --key=value overrides in argv applied in order. With --help
     or -h anywhere in argv: print help_text(defaults, doc, keys_doc) and exit 0. doc: the script's file
-    (__file__; None = the running script's); keys_doc: the file of the DEFAULTS dict, if not doc."""
+    (__file__; None = the running script's); keys_doc: the file of the DEFAULTS dict, if not doc; renamed:
+    {a key that is gone: the line to stop with}."""
+    doc = doc or getattr(sys.modules["__main__"], "__file__", None)
     if any(arg in ("--help", "-h") for arg in argv):
         try:
-            doc = doc or getattr(sys.modules["__main__"], "__file__", None)
             print(help_text(defaults, doc, keys_doc), flush=True)
         except BrokenPipeError:  # `--help | head`: the reader left; no traceback
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -86,9 +90,9 @@ def configure(defaults, argv, doc=None, keys_doc=None):
                 raise ConfigError(f"argument {arg!r} must look like --key=value{hint}")
             # a str-valued key takes the text as it is, so --start=123 or --out_dir=2024 stay strings
             value = text if isinstance(config.get(key), str) else _parse_value(text)
-            _set(config, key, value, "the command line")
+            _set(config, key, value, "the command line", renamed or {})
         else:
-            _apply_file(config, arg)
+            _apply_file(config, arg, renamed or {})
     return config
 
 # -----------------------------------------------------------------------------

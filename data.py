@@ -1,19 +1,12 @@
 """
-Data loading for nanoRLRP (README "Data"): tokenizers, fluency token files, reasoning rows with answer masks.
-
-Making the data is data/prepare.py's (fluency token files, GPT-2's tokenizer file) and tasks.py's (the
-synthetic suite, JSONL rows); this file turns them into Batches, offline (schedules.py routes the steps).
-
-Config keys (train.py exposes and documents them): tokenizer ('byte': UTF-8 bytes + eot 256 | 'gpt2'),
-tokenizer_file, fluency_data (a prepared folder | 'pydoc'), reasoning_data ('synthetic' | a .jsonl file),
-reasoning_eval_data, reasoning_tasks, gsm8k_answer.
+Data loading (README "Data"): tokenizers, fluency token files, reasoning rows with answer masks, as Batches.
+data/prepare.py and tasks.py make the data; this file turns it into Batches, offline.
 
 Packing: a reasoning row holds block_size+1 tokens: eot, then whole examples `prompt + answer + eot`, then
-padding (y = -1). The leading eot gives every prompt the same left context. answer_mask marks the targets
-that are answer tokens or the answer's closing eot, so greedy decoding stops at eot and an exact match is
-"every answer token and the eot are the argmax given the gold prefix". Prompt tokens are trained with CE too.
-Batches are pure functions of (seed, index): resume is exact, and with schedules.micro_batch_index the data
-does not depend on how many DDP ranks share a global batch.
+padding (y = -1). The leading eot gives every prompt the same left context. answer_mask marks the answer's
+targets and its closing eot, so an exact match is "every answer token and the eot are the argmax given the
+gold prefix", what greedy decoding produces. Prompt tokens are trained with CE too. Batches are pure
+functions of (seed, index): resume is exact, and the data does not depend on the number of DDP ranks.
 """
 
 import hashlib
@@ -22,15 +15,14 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, fields
-from typing import NamedTuple
 
 import numpy as np
 import tiktoken
 import torch
 from tiktoken.load import load_tiktoken_bpe
 
-from tasks import (DEFAULT_TASKS, TASKS, chain_answers, check_split, draw, eval_set, parse_tasks, split_jsonl,
-                   training_slice)
+from tasks import (DEFAULT_TASKS, TASKS, Example, chain_answers, chain_steps, check_split, draw, eval_set,
+                   parse_tasks, split_jsonl, training_slice)
 
 
 @dataclass
@@ -60,9 +52,8 @@ def pad_chain(steps, n):
 
 
 def cat_batches(batches, kind):
-    """Rows of several batches as one (answer ids stay per batch: training does not use them). Batches of
-    both kinds: rl_rows marks the reasoning rows, so soft RL stays on reasoning data (routing='mixed').
-    Per-step targets: a batch without them has y at every step; a shorter chain keeps its last step's."""
+    """Rows of several batches as one (routing='mixed'): rl_rows marks the reasoning rows, soft RL's; a batch
+    without per-step targets has y at every step (answer ids stay per batch: training does not use them)."""
     cat = lambda field: torch.cat([getattr(b, field) for b in batches])
     batch = Batch(x=cat("x"), y=cat("y"), kind=kind, answer_mask=cat("answer_mask"),
                   answer_id=cat("answer_id"))
@@ -90,8 +81,7 @@ HOW_TO_GET_GPT2 = ("set tokenizer_file=PATH (or env NANORLRP_TOKENIZER_FILE=PATH
 
 
 class Tokenizer:
-    """encode treats text as ordinary text (a literal '<|endoftext|>' is not eot);
-    decode shows eot as '<|endoftext|>'."""
+    """encode takes text as ordinary text (a literal '<|endoftext|>' is not eot); decode shows eot as it."""
 
     def __init__(self, name, enc=None):
         self.name, self.enc = name, enc  # enc: a tiktoken.Encoding, or None for UTF-8 bytes
@@ -174,8 +164,7 @@ class TokenStream:
         for f in range(first, len(self.arrays)):
             if self.offsets[f] >= hi:
                 break
-            a = self.arrays[f]
-            parts.append(a[max(lo - self.offsets[f], 0):hi - self.offsets[f]])
+            parts.append(self.arrays[f][max(lo - self.offsets[f], 0):hi - self.offsets[f]])
         return np.concatenate(parts)
 
 
@@ -233,14 +222,12 @@ def _open_token_files(folder, tok):
             raise ValueError(f"{path}: {size} bytes do not match meta.json ({n} tokens of {dtype}): "
                              f"re-prepare {folder!r}")
         arrays.append(np.memmap(path, dtype=dtype, mode="r"))
-    n_train = meta["train_tokens"] if meta.get("shards") else len(arrays[0])
-    total = sum(len(a) for a in arrays)
+    n_train, total = meta["train_tokens"] if meta.get("shards") else len(arrays[0]), sum(map(len, arrays))
     return {"train": TokenStream(arrays, 0, n_train), "val": TokenStream(arrays, n_train, total)}
 
 
 class FluencyData:
-    """Random windows of block_size+1 tokens;
-    batch `index` of a split is a pure function of (seed, split, index)."""
+    """Random windows of block_size+1 tokens; batch `index` of a split depends on (seed, split, index)."""
 
     def __init__(self, source: str, tok: Tokenizer, block_size: int, seed: int = 0):
         self.block_size, self.seed = block_size, seed
@@ -248,8 +235,7 @@ class FluencyData:
             from pydoc_data.topics import topics  # ~465k characters of Python docs, in every CPython
             ids = np.array([t for key in sorted(topics) for t in tok.encode(topics[key]) + [tok.eot_token]],
                            np.int64)
-            n_val = len(ids) // 10
-            self.data = {"train": ids[:-n_val], "val": ids[-n_val:]}
+            self.data = {"train": ids[:-(len(ids) // 10)], "val": ids[-(len(ids) // 10):]}
         else:
             self.data = _open_token_files(source, tok)
         for split, d in self.data.items():
@@ -258,8 +244,7 @@ class FluencyData:
 
     def _too_short(self, source, split, n_tokens):
         """The one-line error for a split shorter than one window, with the fix."""
-        need = self.block_size + 1
-        what = f"fluency_data {source!r}: {split}"
+        need, what = self.block_size + 1, f"fluency_data {source!r}: {split}"
         fix = (f"re-run `python data/prepare.py fluency` with --min_val_tokens={need} or more (it takes at "
                f"most {MAX_VAL_SHARE:.0%} of the corpus: else a larger --val_fraction or a bigger corpus)"
                if split == "val" else "prepare a bigger corpus")
@@ -277,25 +262,12 @@ class FluencyData:
 # -----------------------------------------------------------------------------
 # reasoning batches
 
-class Example(NamedTuple):
-    """One encoded reasoning example: token ids of the prompt and the answer, the per-step answers a_1..a_S
-    (each as many tokens as the answer; () = the answer at every step) and the level (0 = unknown)."""
-    prompt: list
-    answer: list
-    steps: tuple = ()
-    level: int = 0
-
-
 class ReasoningData:
-    """(prompt, answer) examples packed into rows with answer-span masks; synthetic suite or JSONL.
-    chain_length: per-step targets (README "Steps that earn their keep"). None: the final answer at every
-    step. 0: JSONL's step_answers; the synthetic hop/hopo/iter examples' chain f^1(x)..f^L(x) to their own
-    level L (steps past L keep f^L). N > 0: every synthetic chain example gets f^1(x)..f^N(x) whatever its
-    level (no stop: an L-hop question is answered at step L). Other families keep the final answer."""
+    """(prompt, answer) examples packed into rows with answer-span masks; synthetic suite or JSONL."""
 
     def __init__(self, source: str, tok: Tokenizer, block_size: int, seed: int = 0, eval_source: str = "",
-                 tasks: str = DEFAULT_TASKS, gsm8k_answer: str = "final", chain_length=None):
-        self.tok, self.block_size, self.seed, self.chain_length = tok, block_size, seed, chain_length
+                 tasks: str = DEFAULT_TASKS, gsm8k_answer: str = "final", *, step_targets: str = "final"):
+        self.tok, self.block_size, self.seed, self.step_targets = tok, block_size, seed, step_targets
         if source == "synthetic":
             self.tasks = parse_tasks(tasks)
             longest = max(TASKS[name][2](level) for name, level in self.tasks)
@@ -319,9 +291,10 @@ class ReasoningData:
         self._pools = {0: self.tasks or self.train}  # max_level -> the tasks or rows a curriculum stage draws
 
     def _encode(self, prompt, answer, steps=None, level=0):
-        """Example of strings: steps (the per-step answers) only with per-step targets on."""
-        steps = () if steps is None or self.chain_length is None else tuple(map(self.tok.encode, steps))
-        return Example(self.tok.encode(prompt), self.tok.encode(answer), steps, level)
+        """Example of strings: steps (the per-step answers) only when step_targets is not 'final'."""
+        steps = () if steps is None or self.step_targets == "final" else tuple(map(self.tok.encode, steps))
+        encode = self.tok.encode
+        return Example(prompt=encode(prompt), answer=encode(answer), steps=steps, level=level)
 
     def _encode_row(self, source, prompt, answer, steps, level, lineno):
         """A JSONL training row as an Example; a step answer of another length than the answer: one line."""
@@ -368,13 +341,11 @@ class ReasoningData:
     def _train_example(self, rng, pool, max_level):
         """One training example drawn from pool (tasks or encoded JSONL rows); a chain longer than max_level
         (> 0, a curriculum's current highest level) is cut there."""
-        if self.tasks:
-            task = pool[rng.integers(len(pool))]
-            prompt, answer = draw(task, rng, False)
-            n = task[1] if self.chain_length == 0 else self.chain_length
-            n = min(n, max_level) if n and max_level else n
-            return self._encode(prompt, answer, chain_answers(task[0], prompt, n) if n else None, task[1])
         ex = pool[rng.integers(len(pool))]
+        if self.tasks:   # ex is a task (family, level): draw an example of it, and its chain
+            prompt, answer = draw(ex, rng, False)
+            n = chain_steps(self.step_targets, ex[1])
+            ex = self._encode(prompt, answer, chain_answers(ex[0], prompt, n) if n else None, ex[1])
         return ex._replace(steps=ex.steps[:max_level]) if max_level else ex
 
     def get_batch(self, index: int, batch_size: int, max_level: int = 0) -> Batch:
@@ -403,9 +374,8 @@ class ReasoningData:
 
     def eval_tags(self, n_examples: int) -> list:
         """Which task each eval example comes from ('add:3', ...; 'jsonl' for files), for per-task metrics."""
-        if self.tasks is None:
-            return ["jsonl"] * len(self.eval_examples(n_examples))
-        return ["%s:%d" % self.tasks[i % len(self.tasks)] for i in range(n_examples)]
+        return (["jsonl"] * len(self.eval_examples(n_examples)) if self.tasks is None
+                else ["%s:%d" % self.tasks[i % len(self.tasks)] for i in range(n_examples)])
 
     def eval_batches(self, batch_size: int, n_examples: int) -> list:
         """eval_examples(n_examples), one per row, so each is scored on exactly the context greedy decoding

@@ -168,8 +168,9 @@ class LatentHead(nn.Module):
             q, k, v = self.heads(self.w_qkv(zn)).chunk(3, dim=1)
             if cache is not None:                                        # generation: earlier positions' too
                 k, v = cache.extend(k, v)                                # (B, nh, T_all, hs)
-        # a whole sequence attends causally (I3); one new token (generation, T = 1) to every cached position
-        causal = True if T > 1 else False          # a plain bool, also when a compiled graph has a dynamic T
+        # a sequence attends causally to itself (I3); one new token (decode) to every cached position. A plain
+        # bool, also when a compiled graph has a dynamic T
+        causal = True if T > 1 else False
         a = F.scaled_dot_product_attention(q, k, v, is_causal=causal)                  # (B, nh, T, hs)
         return a.transpose(1, 2).reshape(B, T, D)
 

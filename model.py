@@ -67,7 +67,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))    # (B, nh, T, hs)
-        causal = kv is None or len(kv) == 0   # training, prefill; decode: one new token reads all cached
+        # a sequence attends causally to itself (training, prefill); one new token (decode) to every cached
+        # one. A plain bool, also when a compiled graph has a dynamic T
+        causal = True if T > 1 else False
         if kv is not None:
             k, v = kv.extend(k, v)                                                  # (B, nh, T_all, hs)
         # flash / memory-efficient attention kernels where the device has them

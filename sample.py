@@ -95,14 +95,14 @@ def check_config(c):
 
 
 def load_checkpoint(out_dir, device):
-    """out_dir/ckpt.pt as train.py writes it -> (model in eval mode on device, the training config dict). A
-    damaged file is a ConfigError naming it (checkpoint.load)."""
+    """out_dir/ckpt.pt as train.py writes it -> (model in eval mode on device, the training config dict in
+    today's keys: checkpoint.saved_config). A damaged file is a ConfigError naming it (checkpoint.load)."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found: train.py writes it (python train.py "
                                 f"--out_dir={out_dir}), or sample pretrained GPT-2 with --init_from=gpt2")
     ckpt = checkpoint.load(path)
-    return checkpoint.saved_model(ckpt).eval().to(device), ckpt["config"]
+    return checkpoint.saved_model(ckpt).eval().to(device), checkpoint.saved_config(ckpt["config"])
 
 
 def load_model(c):

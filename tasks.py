@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import re
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -112,10 +113,26 @@ def chain_answers(family, prompt, n):
     return CHAINS[family](prompt, n) if family in CHAINS else None
 
 
+def chain_steps(step_targets: str, level: int) -> int:
+    """How many steps a hop/hopo/iter example of this level trains on its own chain f^1(x)..f^n(x): n = 0 for
+    step_targets 'final' (the answer at every step), its level L for 'chain' (then f^L), N for 'chain:N'."""
+    kind, _, n = step_targets.partition(":")
+    return int(n) if n else level if kind == "chain" else 0
+
+
 def answer_step(level, cap):
     """The step an answer of level L is read at, one step per hop: min(L, cap). cap: the training K (the
     losses, the curriculum's check and its chain cut) or the test-time K'. level: an int or a tensor."""
     return level.clamp(max=cap) if torch.is_tensor(level) else min(level, cap)
+
+
+class Example(NamedTuple):
+    """One encoded reasoning example: token ids of the prompt and the answer, the per-step answers a_1..a_S
+    (each as many tokens as the answer; () = the answer at every step) and the level (0 = unknown)."""
+    prompt: list
+    answer: list
+    steps: tuple = ()
+    level: int = 0
 
 
 # family: (generator, max level, longest prompt+answer in characters: a bound on tokens for both tokenizers)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 from checkpoint import build_model
-from config.defaults import CONSTRAINTS, DEFAULTS, DEFAULTS_FILE
+from config.defaults import CONSTRAINTS, DEFAULTS, DEFAULTS_FILE, RENAMED
 from configurator import ConfigError, catch_stop_signals, configure, precision, setup_system
 from evaluate import (Records, TrainWindow, all_reduce_dict, all_reduce_sum, eval_metrics, eval_sets,
                       evaluate_reasoning, format_eval)
@@ -47,7 +47,7 @@ from schedules import (Curriculum, Router, max_n_steps, micro_batches, sampling_
 def load_config(argv):
     """(config, checkpoint): with init_from=resume the checkpoint's config is the base that argv overrides
     (checkpoint.resume_config), else DEFAULTS; checkpoint is None unless resuming."""
-    c, ckpt = configure(DEFAULTS, argv, doc=__file__, keys_doc=DEFAULTS_FILE), None
+    c, ckpt = configure(DEFAULTS, argv, doc=__file__, keys_doc=DEFAULTS_FILE, renamed=RENAMED), None
     if c["init_from"] == "resume":
         ckpt = checkpoint.load(os.path.join(c["out_dir"], "ckpt.pt"))
         c = checkpoint.resume_config(DEFAULTS, ckpt["config"], argv)
@@ -70,7 +70,7 @@ def load_data(c):
             if c["fluency_data"] else None
         reasoning = data.ReasoningData(c["reasoning_data"], tok, c["block_size"], c["seed"],
                                        c["reasoning_eval_data"], tasks=c["reasoning_tasks"],
-                                       gsm8k_answer=c["gsm8k_answer"], chain_length=c["chain_length"] if c["step_targets"] == "chain" else None) \
+                                       gsm8k_answer=c["gsm8k_answer"], step_targets=c["step_targets"]) \
             if c["reasoning_data"] else None
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e

@@ -21,8 +21,8 @@ measures each K's memory in a fresh subprocess. train_mem_mb = peak minus the ma
 step. compile_s is the first compiled step at K, k2_compile_s the first at a second K (K - 1): compiling
 the objective whole unrolls the K-step loop, so each new K compiles again; GPT.compile_parts compiles the
 trunk and one step, which every K reuses (with --compile=True a row's compile_s is its first step). graphs
-counts the graphs dynamo compiled. TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 makes compiles cold. On cores shared with other
-jobs use --threads=1: a 2-thread op stalls whenever one of its cores is taken.
+counts the graphs dynamo compiled. TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 makes compiles cold. On cores shared
+with other jobs use --threads=1: a 2-thread op stalls whenever one of its cores is taken.
 
 bench/gpu_check.py, with these keys, checks a GPU machine in one command of <= 8 minutes (speed, MFU, memory,
 compile, bf16 vs fp32, 20 steps of train.py), each result printed as it is measured; with --device=cpu the

@@ -1,6 +1,7 @@
 """
 train.py's keys: every key's default and meaning (DEFAULTS: `python train.py --help` prints these comments),
-and what the values must satisfy (CONSTRAINTS), checked in order by train.load_config before anything heavy.
+the keys that are gone (RENAMED), and what the values must satisfy (CONSTRAINTS), checked in order by
+train.load_config before anything heavy.
 A preset (config/train_*.py) or --key=value overrides DEFAULTS; a resumed run starts from its checkpoint's.
 """
 
@@ -75,10 +76,11 @@ DEFAULTS = dict(
                                # n ~ U{0..K−1} steps without gradient, then k ~ U{1..K−n}; 0 = off; needs
                                # λ_imp = 0
     # what each step is trained on (losses.step_supervision; README "Steps that earn their keep")
-    step_targets="final",      # 'final': the answer at every step (the paper's) | 'chain': per-step answers
-                               # a_1..a_S (JSONL "step_answers"; hop/hopo/iter: f^k(x)); needs lambda_imp=0
-    chain_length=0,            # synthetic chains: 0 = f^1..f^L to the example's level L (steps past L keep
-                               # f^L) | N = f^1..f^N for every example (no stop: level L is read at step L)
+    step_targets="final",      # 'final': the answer at every step (the paper's) | 'chain': each example's own
+                               # chain a_1..a_S (JSONL "step_answers"; hop/hopo/iter: f^1(x)..f^L(x) to its
+                               # level L, steps past L keep f^L) | 'chain:N': as 'chain', but hop/hopo/iter
+                               # get f^1..f^N at every level (no stop: level L is read at step L); both need
+                               # lambda_imp=0
     beyond_chain="stay",       # steps past a chain's a_S: 'stay' (trained on a_S) | 'none' (no loss there)
     level_steps="all",         # an answer of level L is supervised at: 'all' steps (w) | 'at' step L only
                                # | 'from' the steps >= L (w renormalised); K < L: step K
@@ -112,6 +114,12 @@ DEFAULTS = dict(
     seed=1337,                 # model init, data order, K draws and dropout all follow from it
 )
 
+# keys that are gone: a run that still sets one stops with its line, which names what to set instead
+RENAMED = {
+    "chain_length": "chain_length was folded into step_targets: use step_targets='chain:N' (f^1..f^N for "
+                    "every example) or 'chain' (each example's own level)",
+}
+
 # -----------------------------------------------------------------------------
 # what the values must satisfy: (holds(config), the one-line error, formatted with the config), checked in
 # this order before anything heavy
@@ -131,6 +139,11 @@ def ascending_iters(text):
         return False
     iters = [int(i) for i in text.split(",") if i]
     return iters == sorted(set(iters)) and 0 not in iters
+
+
+def valid_step_targets(text):
+    """Whether text is 'final', 'chain' or 'chain:N' with N >= 1 (tasks.chain_steps reads it)."""
+    return re.fullmatch(r"final|chain(:[1-9][0-9]*)?", text) is not None
 
 
 CONSTRAINTS = [
@@ -166,8 +179,8 @@ CONSTRAINTS = [
      "weight_skip must be < n_steps={n_steps} (steps 1..weight_skip get no weight, so nothing would be "
      "supervised), got {weight_skip}"),
     one_of("gsm8k_answer", ("final", "solution"), "'final' or 'solution'"),
-    one_of("step_targets", ("final", "chain"), "'final' or 'chain'"),
-    *at_least(0, "chain_length"),
+    (lambda c: valid_step_targets(c["step_targets"]),
+     "step_targets must be 'final', 'chain' or 'chain:N' (N >= 1), got {step_targets!r}"),
     one_of("beyond_chain", BEYOND_CHAIN, f"one of {', '.join(BEYOND_CHAIN)}"),
     one_of("level_steps", LEVEL_STEPS, f"one of {', '.join(LEVEL_STEPS)}"),
     (lambda c: c["answer_weight"] > 0, "answer_weight must be > 0, got {answer_weight}"),
@@ -181,8 +194,8 @@ CONSTRAINTS = [
     (lambda c: not (c["curriculum_iters"] or c["curriculum_threshold"]) or c["reasoning_fraction"] > 0,
      "a curriculum needs reasoning steps (reasoning_fraction > 0)"),
     (lambda c: c["step_targets"] == "final" or c["lambda_imp"] == 0,
-     "step_targets='chain' needs lambda_imp=0: the improvement penalty compares ℓ_k with ℓ_1 of the same "
-     "label, and per-step labels differ (got lambda_imp={lambda_imp})"),
+     "step_targets={step_targets!r} needs lambda_imp=0: the improvement penalty compares ℓ_k with ℓ_1 of the "
+     "same label, and per-step labels differ (got lambda_imp={lambda_imp})"),
     (lambda c: 0 <= c["progressive_alpha"] <= 1,
      "progressive_alpha must be in [0, 1], got {progressive_alpha}"),
     (lambda c: c["progressive_alpha"] == 0 or c["lambda_imp"] == 0,

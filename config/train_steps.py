@@ -40,8 +40,7 @@ eval_iters = 1
 eval_examples = 300
 log_interval = 100
 
-step_targets = "chain"      # step k is trained on f^k(x)
-chain_length = 3            # f^1..f^3 for every example: no stop
+step_targets = "chain:3"    # step k is trained on f^k(x), f^1..f^3 for every example: no stop
 weight_schedule = "linear"
 lambda_rl = 0.0
 lambda_imp = 0.0            # required with per-step targets: ℓ_k and ℓ_1 have different labels

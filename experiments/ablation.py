@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project root: train.py, model.py, ... import from here
 
 import train  # noqa: E402 (after the root is on sys.path)
-from checkpoint import BEFORE_THE_KEY
+from checkpoint import saved_config
 from configurator import ConfigError, configure
 from evaluate import exact_match_curve, pyplot, read_metrics
 from sample import load_checkpoint
@@ -100,8 +100,8 @@ def finished(out_dir, args):
     except (FileNotFoundError, IndexError):
         return False
     # a key added to train.py after the run was written: the run trained with its default, or with what every
-    # run did before the key came (checkpoint.BEFORE_THE_KEY: gelu='tanh')
-    return {**train.DEFAULTS, **BEFORE_THE_KEY, **saved} == train_config(args) and \
+    # run did before the key came (checkpoint.saved_config: gelu='tanh'; chain_length -> step_targets)
+    return {**train.DEFAULTS, **saved_config(saved)} == train_config(args) and \
         last_eval == saved["max_iters"]
 
 

@@ -38,12 +38,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project root: train.py, model.py, ... import from here
 
 import data  # noqa: E402 (after the root is on sys.path)
-from checkpoint import BEFORE_THE_KEY, build_model
+from checkpoint import build_model, saved_config
 from configurator import ConfigError, configure
 from evaluate import evaluate_reasoning, exact_match_curve, per_task, pyplot
 from ablation import fmt, mean_std, run_dir, run_records, task_table, train_config, train_run
 from sample import load_checkpoint
-from tasks import parse_tasks
+from tasks import answer_step, parse_tasks
 
 DEFAULTS = dict(
     suite="depth",                   # 'depth' (the depth experiment) | 'steps' (SUITES: steps that earn their
@@ -95,11 +95,11 @@ STEP_ARMS = {
     "chain_latent": ("per-step targets f^k, no stop, head attends to z_{k-1}", ["--head_attn=latent"]),
     "chain_none": ("per-step targets f^k, no stop, position-wise head", ["--head_attn=none"]),
     "stop_trunk": ("per-step targets f^1..f^L, then f^L (a stop at the level), attends to h",
-                   ["--head_attn=trunk", "--chain_length=0"]),
+                   ["--head_attn=trunk", "--step_targets=chain"]),
     "curric_trunk": ("per-step targets f^k, no stop, the curriculum over levels (chains cut at the stage's "
                      "highest level), attends to h", ["--head_attn=trunk", CURRICULUM]),
     "stop_curric_trunk": ("per-step targets f^1..f^L, then f^L (a stop at the level), the curriculum, "
-                          "attends to h", ["--head_attn=trunk", "--chain_length=0", CURRICULUM]),
+                          "attends to h", ["--head_attn=trunk", "--step_targets=chain", CURRICULUM]),
     "curric_sg_trunk": ("per-step targets f^k, no stop, the curriculum, steps 2..K's losses kept out of "
                         "the trunk at the readout (readout_grad=first), attends to h",
                         ["--head_attn=trunk", CURRICULUM, "--readout_grad=first"]),
@@ -191,9 +191,10 @@ def evaluate_run(out_dir, n_per_task, eval_tasks=EVAL_TASKS):
 
 
 def read_step(suite, task, K):
-    """The test-time step K' an answer is read at: K for the depth suite (and 0 for a GPT); the task's level
-    for the steps suite (one step per hop), at most 3K."""
-    return min(int(task.split(":")[1]), 3 * K) if suite == "steps" and K else K
+    """The test-time step K' an answer of task ('hopo:3', as the data tags it) is read at: K for the depth
+    suite (and 0 for a GPT); for the steps suite its level (one step per hop), at most 3K."""
+    (_, level), = parse_tasks(task)
+    return answer_step(level, 3 * K) if suite == "steps" and K else K
 
 
 def summarize(out_dir, n_per_task, eval_tasks=EVAL_TASKS):
@@ -208,8 +209,8 @@ def summarize(out_dir, n_per_task, eval_tasks=EVAL_TASKS):
         with open(cache, "w") as f:
             json.dump(res, f)
     train_recs, evals = run_records(out_dir)
-    cfg = {**BEFORE_THE_KEY,   # a run from before a key: what it ran (gelu='tanh')
-           **torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["config"]}
+    saved = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["config"]
+    cfg = saved_config(saved)   # in today's keys; a run from before a key: what it ran (gelu='tanh')
     tokens_per_s = float(np.median([r["tokens_per_s"] for r in train_recs]))
     return res | {"flops": model_flops(cfg), "tokens_per_s": tokens_per_s, "evals": evals}
 

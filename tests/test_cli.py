@@ -1,6 +1,6 @@
 """One command-line convention for every entry point (configurator.py): --help lists every key with its
-default and its meaning from the DEFAULTS comments, and a bare boolean flag is a one-line error naming the
-form to write."""
+default and its meaning from the DEFAULTS comments, a bare boolean flag is a one-line error naming the form to
+write, and a key that is gone (RENAMED) one saying what to set instead."""
 
 import importlib
 import os
@@ -113,6 +113,20 @@ def test_bare_boolean_flag_names_the_form_to_write():
         configurator.configure(dict(sweep=False), ["--sweep"])
     with pytest.raises(configurator.ConfigError, match=r"argument '--n' must look like --key=value$"):
         configurator.configure(dict(n=1), ["--n"])
+
+
+def test_a_key_that_is_gone_stops_with_its_own_line(tmp_path):
+    renamed = {"size": "size was renamed: use width"}
+    preset = tmp_path / "preset.py"
+    preset.write_text("size = 2\n")
+    for argv in (["--size=2"], [str(preset)]):      # on the command line and in a preset
+        with pytest.raises(configurator.ConfigError) as e:
+            configurator.configure(dict(width=1), argv, renamed=renamed)
+        assert str(e.value) == "size was renamed: use width"
+    with pytest.raises(configurator.ConfigError, match=r"unknown config key 'height' \(from the command"):
+        configurator.configure(dict(width=1), ["--height=2"], renamed=renamed)
+    with pytest.raises(configurator.ConfigError, match="unknown config key 'size'"):     # not renamed there
+        configurator.configure(dict(width=1), ["--size=2"])
 
 
 @pytest.mark.slow

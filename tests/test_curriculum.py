@@ -25,7 +25,8 @@ def test_curriculum_level_steps_through_the_levels_at_the_switch_iterations():
 
 
 def test_a_curriculum_stage_draws_only_its_levels_and_cuts_the_chains_there():
-    rd = data.ReasoningData("synthetic", BYTE, 48, seed=3, tasks="hopo:1,hopo:2,hopo:3", chain_length=3)
+    rd = data.ReasoningData("synthetic", BYTE, 48, seed=3, tasks="hopo:1,hopo:2,hopo:3",
+                            step_targets="chain:3")
     assert rd.levels == [1, 2, 3]
     full = rd.get_batch(4, 16)
     assert all(torch.equal(getattr(full, f), getattr(rd.get_batch(4, 16, 0), f))
@@ -59,7 +60,7 @@ def test_a_curriculum_over_jsonl_levels_keeps_rows_of_unknown_level(tmp_path):
         if row["level"] is None:
             del row["level"], row["step_answers"]                 # level unknown: drawn at every stage
     rd = data.ReasoningData(write_jsonl(tmp_path / "t.jsonl", rows[:32]), BYTE, 48,
-                            eval_source=write_jsonl(tmp_path / "e.jsonl", rows[32:]), chain_length=0)
+                            eval_source=write_jsonl(tmp_path / "e.jsonl", rows[32:]), step_targets="chain")
     assert rd.levels == [1, 2]
     b = rd.get_batch(0, 64, max_level=1)
     levels = b.level[b.answer_mask].tolist()
@@ -69,7 +70,7 @@ def test_a_curriculum_over_jsonl_levels_keeps_rows_of_unknown_level(tmp_path):
 
 def test_curriculum_switches_where_it_says_and_resumes_exactly(tmp_path):
     extra = ["--reasoning_tasks=hopo:1,hopo:2", "--reasoning_fraction=1.0", "--curriculum_iters=3",
-             "--step_targets=chain", "--chain_length=2", "--lambda_imp=0", "--eval_interval=6"]
+             "--step_targets=chain:2", "--lambda_imp=0", "--eval_interval=6"]
     full, half = str(tmp_path / "full"), str(tmp_path / "half")
     r = run_script("train.py", *TINY, *extra, f"--out_dir={full}", "--max_iters=6")
     assert r.returncode == 0, r.stderr
@@ -94,7 +95,8 @@ def test_bad_curriculum_iters_are_one_line_errors(iters, message):
 
 
 def test_training_slice_is_fixed_of_one_level_and_never_held_out():
-    rd = data.ReasoningData("synthetic", BYTE, 48, seed=3, tasks="hopo:1,hopo:2,hopo:3", chain_length=3)
+    rd = data.ReasoningData("synthetic", BYTE, 48, seed=3, tasks="hopo:1,hopo:2,hopo:3",
+                            step_targets="chain:3")
     batches = rd.slice_batches(2, 16, 40)
     again = rd.slice_batches(2, 16, 40)
     assert sum(b.x.size(0) for b in batches) == 40

@@ -144,7 +144,7 @@ def test_steps_suite_reads_each_level_at_its_own_step(tmp_path):
     the level, the cuts are read there too, and the report is steps.md."""
     preset = tmp_path / "preset.py"
     preset.write_text(TINY_PRESET.replace('"hopo:1,iter:1"', '"hopo:1,hopo:2"') +
-                      'step_targets = "chain"; chain_length = 2; lambda_imp = 0.0\n')
+                      'step_targets = "chain:2"; lambda_imp = 0.0\n')
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "depth.py"),
            "--suite=steps", "--seeds=0", "--iters=16",
            f"--preset={preset}", "--variants=gpt,chain_trunk,curric_trunk", "--eval_per_task=4", "--out=out"]

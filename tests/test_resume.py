@@ -1,6 +1,7 @@
-"""Checkpoints and resume (checkpoint.py, train.py): the checkpoint's config, one-line errors for a bad file,
-exact resume (random K, dropout, fp16), the last good checkpoint kept, crash recovery of the metric records,
-evaluation-only runs, and a stop signal that checkpoints the finished step."""
+"""Checkpoints and resume (checkpoint.py, train.py): the checkpoint's config (an old one's chain_length folded
+into step_targets), one-line errors for a bad file, exact resume (random K, dropout, fp16), the last good
+checkpoint kept, crash recovery of the metric records, evaluation-only runs, and a stop signal that
+checkpoints the finished step."""
 
 import json
 import os
@@ -71,6 +72,40 @@ def test_a_checkpoint_from_before_the_gelu_key_loads_generates_and_resumes_as_ta
     resumed = torch.load(path, weights_only=False)
     assert resumed["iter_num"] == 3 and resumed["model_args"]["gelu"] == resumed["config"]["gelu"] == "tanh"
 
+
+@pytest.mark.parametrize("targets, n, want", [("final", 0, "final"), ("final", 3, "final"),
+                                              ("chain", 0, "chain"), ("chain", 3, "chain:3")])
+def test_saved_config_folds_an_old_chain_length_into_step_targets(targets, n, want, capsys):
+    old = {"step_targets": targets, "chain_length": n, "n_layer": 2}             # as written before the fold
+    assert checkpoint.saved_config(old) == {"step_targets": want, "n_layer": 2, "gelu": "tanh"}
+    assert capsys.readouterr().out == f"checkpoint: chain_length={n} -> step_targets={want!r} (the key was " \
+                                      "folded into step_targets)\n"
+    assert checkpoint.saved_config({"step_targets": want, "gelu": "exact"}) == {"step_targets": want,
+                                                                                "gelu": "exact"}
+    assert capsys.readouterr().out == ""                                         # today's: nothing to say
+
+
+def test_a_checkpoint_with_chain_length_resumes_as_its_step_targets_exactly(tmp_path, capsys):
+    """A run written as step_targets='chain', chain_length=2 resumes as 'chain:2' and continues where the
+    same run under the new key does."""
+    extra = ["--reasoning_tasks=hopo:1,hopo:2", "--step_targets=chain:2", "--lambda_imp=0",
+             "--eval_interval=4"]
+    full, half = tmp_path / "full", tmp_path / "half"
+    train.main(TINY + extra + [f"--out_dir={full}", "--max_iters=4"])
+    train.main(TINY + extra + [f"--out_dir={half}", "--max_iters=2"])
+    ckpt = torch.load(half / "ckpt.pt", weights_only=False)
+    ckpt["config"].update(step_targets="chain", chain_length=2)
+    torch.save(ckpt, half / "ckpt.pt")
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match="step_targets='chain' differs from the checkpoint's 'chain:2'"):
+        train.main([f"--out_dir={half}", "--init_from=resume", "--step_targets=chain"])
+    train.main([f"--out_dir={half}", "--init_from=resume", "--max_iters=4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines.count("checkpoint: chain_length=2 -> step_targets='chain:2' (the key was folded into "
+                       "step_targets)") == 2                                     # once per resume
+    resumed = torch.load(half / "ckpt.pt", weights_only=False)["config"]
+    assert resumed["step_targets"] == "chain:2" and "chain_length" not in resumed
+    assert [r["loss"] for r in records(full, "train")] == [r["loss"] for r in records(half, "train")]
 
 def test_unreadable_checkpoint_is_one_line_naming_the_file_and_the_previous_one(tmp_path):
     train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=4", "--eval_interval=2"])

@@ -22,8 +22,8 @@ LAMBDA_RL, LAMBDA_IMP = 0.7, 0.4
 
 def objective(nll, y, answer, W, draw=None, margin=0.0):
     """rlrp_loss on a reasoning batch with every term on, answer tokens weighted 2: (loss, parts)."""
-    return rlrp_loss(nll, y, answer, "reasoning", W, lambda_rl=LAMBDA_RL, lambda_imp=LAMBDA_IMP, margin=margin,
-                     rl_q=0.5, answer_weight=2.0, draw=draw)
+    return rlrp_loss(nll, y, answer, "reasoning", W, lambda_rl=LAMBDA_RL, lambda_imp=LAMBDA_IMP,
+                     margin=margin, rl_q=0.5, answer_weight=2.0, draw=draw)
 
 
 def random_problem(K, seed=0, B=3, T=5):

@@ -1,6 +1,7 @@
 """Per-step targets, level-matched supervision and the answer weight (README "Steps that earn their keep"),
-each against a plain re-computation; the chains and the held-out split of the chain families; bad
-step_answers through the real CLI; the progressive loss, readout_grad (the curriculum over levels:
+each against a plain re-computation; the chains each step_targets value names ('final' | 'chain' |
+'chain:N') and the held-out split of the chain families; bad step_answers, bad values and the old
+chain_length key through the real CLI; the progressive loss, readout_grad (the curriculum over levels:
 test_curriculum.py)."""
 
 import json
@@ -24,8 +25,8 @@ from test_train import TINY, forward_backward, tiny_gpt
 BYTE = data.get_tokenizer("byte")
 
 
-def batch_with_chains(chain_length=3, tasks_="hopo:1,hopo:2,hopo:3", rows=6):
-    rd = data.ReasoningData("synthetic", BYTE, 48, seed=3, tasks=tasks_, chain_length=chain_length)
+def batch_with_chains(step_targets="chain:3", tasks_="hopo:1,hopo:2,hopo:3", rows=6):
+    rd = data.ReasoningData("synthetic", BYTE, 48, seed=3, tasks=tasks_, step_targets=step_targets)
     return rd.get_batch(0, rows)
 
 
@@ -44,7 +45,7 @@ def test_chain_answers_end_at_the_generators_answer(family):
 
 
 def test_batch_step_targets_are_the_chain_on_answer_tokens_and_y_elsewhere():
-    b = batch_with_chains(chain_length=4)
+    b = batch_with_chains("chain:4")
     assert b.step_y.shape == (4, *b.y.shape)
     outside = ~b.answer_mask | (b.y == BYTE.eot_token)          # prompts, padding, the closing eot
     assert (b.step_y[:, outside] == b.y[outside]).all()
@@ -58,8 +59,8 @@ def test_batch_step_targets_are_the_chain_on_answer_tokens_and_y_elsewhere():
         assert b.level[r, t] == level and b.chain_len[r, t] == 4 and b.y[r, t] == ord(want[level - 1])
 
 
-def test_chain_length_zero_stops_at_the_level_and_final_targets_have_none():
-    b = batch_with_chains(chain_length=0)
+def test_chain_stops_at_the_level_and_final_targets_have_none():
+    b = batch_with_chains("chain")
     spans = b.answer_mask & (b.y != BYTE.eot_token)
     assert (b.chain_len[spans] == b.level[spans]).all()
     Y, _ = step_supervision(b.y, 3, step_weights(3), b.step_y, b.chain_len, b.level)
@@ -67,14 +68,40 @@ def test_chain_length_zero_stops_at_the_level_and_final_targets_have_none():
     for k in range(3):
         past = spans & (b.level <= k + 1)
         assert (Y[k][past] == b.y[past]).all()
-    assert batch_with_chains(chain_length=None).step_y is None
+    assert batch_with_chains("final").step_y is None
+
+
+def test_chain_steps_reads_each_value():
+    assert [tasks.chain_steps(v, 4) for v in ("final", "chain", "chain:1", "chain:7")] == [0, 4, 1, 7]
+
+
+@pytest.mark.parametrize("step_targets", ["final", "chain", "chain:1", "chain:3", "chain:5"])
+def test_each_value_trains_the_chain_it_names(step_targets):
+    """Every answer's step targets against tasks.chain_answers: 'chain' to the example's own level L,
+    'chain:N' f^1..f^N whatever L; none with 'final' or for other families (as chain_length None / 0 / N
+    gave)."""
+    N = int(step_targets[6:]) if step_targets.startswith("chain:") else None
+    b = data.ReasoningData("synthetic", BYTE, 64, seed=3, tasks="hop:2,hopo:4,iter:3,add:2",
+                           step_targets=step_targets).get_batch(0, 12)
+    assert (b.step_y is None) == (step_targets == "final")
+    seen = set()
+    for r, i in sorted({(r, int(b.answer_id[r, t])) for r, t in torch.nonzero(b.answer_mask).tolist()}):
+        span = torch.nonzero(b.answer_id[r] == i)[:-1, 0]           # the answer's tokens, not its eot
+        prompt = BYTE.decode(b.x[r, :span[0] + 1].tolist()).split(data.EOT)[-1]
+        family = "hop" if ">" in prompt else "iter" if prompt.startswith("f^") else "add"  # hopo: hop's chain
+        n = 0 if step_targets == "final" or family == "add" else N or int(b.level[r, span[0]])
+        S = 0 if b.chain_len is None else int(b.chain_len[r, span[0]])
+        assert [BYTE.decode(b.step_y[k, r, span].tolist()) for k in range(S)] == \
+            (tasks.chain_answers(family, prompt, n) if n else []), prompt
+        seen.add(family)
+    assert seen == {"hop", "iter", "add"}
 
 
 def test_held_out_answers_never_appear_as_a_step_target_in_training():
     """The chain families split on the prompt without its level: no (map, start) of the eval set trains at
     any level, so no held-out answer f^L(x) is ever a step target."""
     suite = "hopo:1,hopo:2,hopo:3"
-    rd = data.ReasoningData("synthetic", BYTE, 48, seed=0, tasks=suite, chain_length=3)
+    rd = data.ReasoningData("synthetic", BYTE, 48, seed=0, tasks=suite, step_targets="chain:3")
     eval_keys = {tasks.split_key("hopo", p) for p, _ in rd.eval_examples(3000)}
     trained = set()
     for i in range(40):
@@ -97,7 +124,7 @@ def per_step_nll(logits, Y):
 
 
 def test_per_step_targets_equal_a_plain_recomputation_with_per_step_labels():
-    b = batch_with_chains(chain_length=3)
+    b = batch_with_chains("chain:3")
     K, V = 3, BYTE.vocab_size
     logits = torch.randn(K, *b.y.shape, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     w = step_weights(K, "linear")
@@ -119,7 +146,7 @@ def test_per_step_targets_equal_a_plain_recomputation_with_per_step_labels():
 def test_model_forward_takes_per_step_targets():
     model = tiny_gpt(2, 3).double()
     torch.nn.init.normal_(model.latent_head.w_out.weight, std=0.1)   # steps that differ
-    b = batch_with_chains(chain_length=3, rows=2)
+    b = batch_with_chains("chain:3", rows=2)
     Y, _ = step_supervision(b.y, 3, step_weights(3), b.step_y)
     _, nll = model(b.x, Y, n_steps=3)
     logits, _ = model(b.x, n_steps=3)
@@ -128,7 +155,7 @@ def test_model_forward_takes_per_step_targets():
 
 @pytest.mark.parametrize("rule", ["at", "from"])
 def test_level_steps_touch_only_the_intended_steps(rule):
-    b = batch_with_chains(chain_length=None, tasks_="hopo:1,hopo:2,hopo:3,hopo:5")
+    b = batch_with_chains("final", tasks_="hopo:1,hopo:2,hopo:3,hopo:5")
     K, w = 4, step_weights(4, "linear")
     _, W = step_supervision(b.y, K, w, level=b.level, level_steps=rule)
     assert torch.allclose(W.sum(0), torch.ones(()))
@@ -145,7 +172,7 @@ def test_level_steps_touch_only_the_intended_steps(rule):
 
 
 def test_beyond_chain_none_drops_the_steps_past_the_chain():
-    b = batch_with_chains(chain_length=0)                    # S = the level
+    b = batch_with_chains("chain")                          # S = the level
     for schedule in ("linear", "last"):
         w = step_weights(3, schedule)
         _, W = step_supervision(b.y, 3, w, b.step_y, b.chain_len, b.level, beyond_chain="none")
@@ -157,7 +184,7 @@ def test_beyond_chain_none_drops_the_steps_past_the_chain():
 
 
 def test_answer_weight_is_a_weighted_mean_over_tokens():
-    b = batch_with_chains(chain_length=None)
+    b = batch_with_chains("final")
     nll = torch.rand(2, *b.y.shape, generator=torch.Generator().manual_seed(1)) * (b.y >= 0)
     w = step_weights(2, "uniform")
     _, parts = rlrp_loss(nll, b.y, b.answer_mask, "reasoning", w, answer_weight=20.0)
@@ -167,7 +194,7 @@ def test_answer_weight_is_a_weighted_mean_over_tokens():
 
 
 def test_mixed_routing_concatenates_per_step_targets_with_fluency_rows():
-    b = batch_with_chains(chain_length=3, rows=2)
+    b = batch_with_chains("chain:3", rows=2)
     fl = data.FluencyData("pydoc", BYTE, 48).get_batch("train", 0, 2)
     mixed = data.cat_batches([fl, b], "reasoning")
     assert mixed.step_y.shape == (3, 4, 48)
@@ -225,7 +252,7 @@ def test_bad_step_answers_are_one_line_errors_naming_the_row(tmp_path, row, mess
 
 @pytest.mark.parametrize("args, message", [
     (["--step_targets=chain"], "step_targets='chain' needs lambda_imp=0"),
-    (["--step_targets=steps"], "step_targets must be 'final' or 'chain', got 'steps'"),
+    (["--step_targets=chain:2"], "step_targets='chain:2' needs lambda_imp=0"),
     (["--level_steps=first"], "level_steps must be one of all, at, from"),
     (["--beyond_chain=none", "--level_steps=at"], "both choose the supervised steps"),
     (["--answer_weight=0"], "answer_weight must be > 0"),
@@ -233,6 +260,32 @@ def test_bad_step_answers_are_one_line_errors_naming_the_row(tmp_path, row, mess
 def test_step_options_config_errors(args, message):
     with pytest.raises(train.ConfigError, match=message):
         train.load_config(TINY + args)
+
+
+@pytest.mark.parametrize("value", ["chain:0", "chain:x", "chains", "chain:", "chain:-1", "Final", "steps"])
+def test_step_targets_is_final_chain_or_chain_n_else_one_line(value):
+    with pytest.raises(train.ConfigError) as e:
+        train.load_config(TINY + [f"--step_targets={value}", "--lambda_imp=0"])
+    assert str(e.value) == f"step_targets must be 'final', 'chain' or 'chain:N' (N >= 1), got {value!r}"
+    for good in ("final", "chain", "chain:1", "chain:12"):
+        c, _ = train.load_config(TINY + [f"--step_targets={good}", "--lambda_imp=0"])
+        assert c["step_targets"] == good
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chain_length=3"], "train.py: chain_length was folded into step_targets: use step_targets='chain:N' "
+                           "(f^1..f^N for every example) or 'chain' (each example's own level)"),
+    (["PRESET"], "train.py: chain_length was folded into step_targets: use step_targets='chain:N'"),
+    (["--step_targets=chain:x"], "train.py: step_targets must be 'final', 'chain' or 'chain:N' (N >= 1), "
+                                 "got 'chain:x'"),
+])
+def test_the_old_key_and_bad_step_targets_stop_the_cli_with_one_line(tmp_path, args, message):
+    """chain_length was folded into step_targets: on the command line or in a preset it names the new key."""
+    preset = tmp_path / "old.py"
+    preset.write_text('step_targets = "chain"\nchain_length = 0\n')
+    r = run_script("train.py", *TINY, *[str(preset) if a == "PRESET" else a for a in args], "--max_iters=1")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(message) and "Traceback" not in r.stderr and r.stdout == "", r.stderr
 
 
 # -----------------------------------------------------------------------------
@@ -290,9 +343,10 @@ def test_steps_preset_never_trains_a_level_above_its_highest():
     so the levels above it (the extrapolation test) are never trained, not even as a step's target."""
     c, _ = train.load_config(["config/train_steps.py"])
     highest = max(level for _, level in tasks.parse_tasks(c["reasoning_tasks"]))
-    assert c["step_targets"] == "chain" and c["chain_length"] <= highest and c["n_steps"] <= highest
+    n = tasks.chain_steps(c["step_targets"], highest)           # 'chain:N': N at every level
+    assert c["step_targets"].startswith("chain:") and n <= highest and c["n_steps"] <= highest
     b = train.load_data(c)[2].get_batch(0, 8)
-    assert b.step_y.size(0) == c["chain_length"] and (b.chain_len[b.answer_mask] == c["chain_length"]).all()
+    assert b.step_y.size(0) == n and (b.chain_len[b.answer_mask] == n).all()
 
 
 # -----------------------------------------------------------------------------
@@ -305,7 +359,7 @@ def test_readout_grad_first_equals_a_recomputation_with_h_detached_in_later_read
                           n_latent=16, head_attn=attn))
     with torch.no_grad():
         model.latent_head.w_out.weight.normal_(0, 0.1)
-    b = batch_with_chains(chain_length=3, rows=4)
+    b = batch_with_chains("chain:3", rows=4)
     w = step_weights(3, "linear")
 
     def grads(nll):

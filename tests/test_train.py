@@ -139,8 +139,8 @@ def test_mixed_routing_keeps_soft_rl_on_the_reasoning_rows():
     with torch.no_grad():   # confident predictions: p far from uniform, so the rows' soft RL terms differ
         model.transformer.wte.weight.normal_(0, 2.0)
     counts = train.step_counts([b], c, "cpu", 1)
-    _, logged = train.micro_step_loss(model, 0, b, "reasoning", 2, torch.full((2,), 0.5), counts, None, c,
-                                      "cpu")
+    objective = train.Objective(model, ObjectiveConfig.of(c))              # w = (0.5, 0.5): uniform
+    _, logged = objective(b, supervise(b, 2, objective.cfg), "reasoning", counts)
     with torch.no_grad():
         _, nll = model(b.x, b.y.expand(2, *b.y.shape), n_steps=2)              # (K, B, T)
     valid = b.y >= 0
@@ -155,7 +155,7 @@ def test_accumulating_micro_batches_equals_one_large_batch():
     tok = data.get_tokenizer("byte")
     rd = data.ReasoningData("synthetic", tok, 48, seed=0)
     micro = [rd.get_batch(i, 3) for i in range(4)]            # different padding in every micro-batch
-    big = schedules.cat_batches(micro, "reasoning")
+    big = data.cat_batches(micro, "reasoning")
     c, _ = train.load_config(TINY + ["--lambda_rl=0.5", "--lambda_imp=0.3"])
     results = []
     for batches in ([big], micro):
