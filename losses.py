@@ -106,23 +106,14 @@ BEYOND_CHAIN = ("stay", "none")       # steps past a chain a_1..a_S: keep a_S, o
 LEVEL_STEPS = ("all", "at", "from")   # which steps an answer of level L is supervised at
 
 
-def step_targets(y, n_steps, step_y=None):
-    """
-    Y (K1, B, T), K1 = max(K, 1) rows: Y_k = y, the same next token at every step (the paper's), or with
-    step_y (S, B, T), a batch's per-step targets (data.Batch: equal to y outside chain spans),
-    Y_k = step_y[min(k, S)]: step k ≤ S is trained on a_k, steps past S on a_S. K = 0 (the plain GPT, one
-    step) trains on y, the final answer.
-    """
-    if step_y is None or n_steps == 0:
-        return y.expand(max(n_steps, 1), *y.shape)
-    return pad_chain(step_y, n_steps)
-
-
 def step_supervision(y, n_steps, weights, step_y=None, chain_len=None, level=None, beyond_chain="stay",
                      level_steps="all"):
     """
-    (Y (K1, B, T), W): the targets of step_targets and the step weights for K = n_steps, K1 = max(K, 1) =
-    len(weights) (step_weights). chain_len, level (B, T): an answer span's chain length S and level L, 0
+    (Y (K1, B, T), W): the targets and the step weights for K = n_steps, K1 = max(K, 1) = len(weights)
+    (step_weights). Y_k = y, the same next token at every step (the paper's), or with step_y (S, B, T), a
+    batch's per-step targets (data.Batch: equal to y outside chain spans), Y_k = step_y[min(k, S)]: step
+    k ≤ S is trained on a_k, steps past S on a_S; K = 0 (the plain GPT, one step) trains on y, the final
+    answer. chain_len, level (B, T): an answer span's chain length S and level L, 0
     elsewhere (data.Batch).
     W is the schedule's w (K1,) itself unless per-token rules apply, then a (K1, B, T) grid with
     Σ_k W[k,b,t] = 1 everywhere:
@@ -138,7 +129,8 @@ def step_supervision(y, n_steps, weights, step_y=None, chain_len=None, level=Non
         raise ValueError(f"beyond_chain must be one of {', '.join(BEYOND_CHAIN)}, got {beyond_chain!r}")
     if level_steps not in LEVEL_STEPS:
         raise ValueError(f"level_steps must be one of {', '.join(LEVEL_STEPS)}, got {level_steps!r}")
-    Y, K = step_targets(y, n_steps, step_y), weights.numel()
+    Y = y.expand(max(n_steps, 1), *y.shape) if step_y is None or n_steps == 0 else pad_chain(step_y, n_steps)
+    K = weights.numel()
     if n_steps == 0:
         return Y, weights                                                 # the plain GPT: one step
     k = torch.arange(1, K + 1).view(K, 1, 1)                              # (K, 1, 1)

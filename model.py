@@ -231,7 +231,7 @@ class GPT(nn.Module):
         idx: (B, T) token ids. Returns (logits, nll):
           targets None:  logits (K1, B, T, V), one row per step, K1 = max(K, 1); nll None
           targets given: logits None; nll = ℓ (K1, B, T) per-step token NLL, 0 where targets = −1
-        targets: y (B, T), the same at every step, or Y (K1, B, T), step k's own (losses.step_targets).
+        targets: y (B, T), the same at every step, or Y (K1, B, T), step k's own (losses.step_supervision).
         Training composes these parts itself (losses.Objective: truncated backward, sampled rows, the
         progressive pass); this forward is the model's plain one.
         """

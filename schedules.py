@@ -83,18 +83,14 @@ def max_n_steps(c):
 STREAMS = {"n_steps": (), "progressive": (2,), "dropout": (), "sampled": (3,)}
 
 
-def seed_sequence(c, key, stream):
-    return np.random.SeedSequence([c["seed"], key, *STREAMS[stream]])
-
-
 def numpy_rng(c, key, stream):
     """A numpy Generator for (seed, key, stream)."""
-    return np.random.default_rng(seed_sequence(c, key, stream))
+    return np.random.default_rng([c["seed"], key, *STREAMS[stream]])
 
 
 def torch_seed(c, key, stream):
     """A torch seed for (seed, key, stream)."""
-    return int(seed_sequence(c, key, stream).generate_state(1)[0])
+    return int(np.random.SeedSequence([c["seed"], key, *STREAMS[stream]]).generate_state(1)[0])
 
 
 def seed_micro_batch(c, index):

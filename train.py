@@ -111,7 +111,6 @@ class Objective(nn.Module):
     def step_nll(self, x, sup):
         """ℓ (K1(+1), B, T) of every (k, b, t), or sampled (R,) at sup.rows() only, in one unembedding."""
         gpt, grad_steps, readout_grad = self.model, self.cfg.grad_steps or None, self.cfg.readout_grad
-        gpt.resolve_steps(sup.n_steps)
         gpt.check_inputs(x, sup.targets)
         h = gpt.trunk(x)                                                           # (B, T, C)
         o = gpt.head_outputs(h, sup.n_steps, grad_steps, readout_grad)            # o_k, (K1, B, T, C)
