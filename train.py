@@ -265,11 +265,12 @@ class Run:
 
     def micro_step(self, index, b, step, counts):
         """Micro-batch `index` (global) of an optimizer step: its Supervision, then the forward and the
-        objective (losses.Objective) -> (loss, logged); the loss is this micro-batch's share of the step's
-        global mean (counts: step_counts)."""
-        seed_micro_batch(self.c, index)                              # dropout's masks: (seed, index)
-        sup = supervise(b, step.n_steps, self.objective_config, step.progressive,
-                        sampling_generator(self.c, index))          # Y, W (K1, B, T) on the CPU
+        objective (Objective) -> (loss, logged); the loss is this micro-batch's share of the step's global
+        mean (counts: step_counts)."""
+        c = self.c
+        seed_micro_batch(c, index)                                   # dropout's masks: (seed, index)
+        draws = sampling_generator(c, index) if c["sampled_supervision"] else None
+        sup = supervise(b, step.n_steps, self.objective_config, step.progressive, draws)   # Y, W on the CPU
         with self.ctx:
             return self.model(b.to(self.device), sup.to(self.device), step.kind, counts)
 
