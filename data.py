@@ -21,8 +21,8 @@ import tiktoken
 import torch
 from tiktoken.load import load_tiktoken_bpe
 
-from tasks import (DEFAULT_TASKS, TASKS, Example, chain_answers, chain_steps, check_split, draw, eval_set,
-                   parse_tasks, split_jsonl, training_slice)
+from tasks import (DEFAULT_TASKS, TASKS, Example, answer_step, chain_answers, chain_steps, check_split, draw,
+                   eval_set, parse_tasks, split_jsonl, training_slice)
 
 
 @dataclass
@@ -346,7 +346,7 @@ class ReasoningData:
             prompt, answer = draw(ex, rng, False)
             n = chain_steps(self.step_targets, ex[1])
             ex = self._encode(prompt, answer, chain_answers(ex[0], prompt, n) if n else None, ex[1])
-        return ex._replace(steps=ex.steps[:max_level]) if max_level else ex
+        return ex._replace(steps=ex.steps[:answer_step(len(ex.steps), max_level)]) if max_level else ex
 
     def get_batch(self, index: int, batch_size: int, max_level: int = 0) -> Batch:
         """Training batch `index`, a pure function of (seed, index, max_level): examples packed greedily, one
