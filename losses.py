@@ -17,8 +17,8 @@ only ℓ, W and (B, T) masks:
 
 (ω = answer_weight, 1 by default: every valid token counts the same.) ℓ itself is computed from the hidden
 states by linear_ce.token_nll, without ever holding the K full-vocabulary logits tensors. Sampled deep
-supervision (StepDraw) computes ℓ at one drawn step per token instead of all K: unbiased estimates of the
-same three terms at ~1 + 2f unembeddings per token instead of K.
+supervision (schedules.StepDraw) computes ℓ at one drawn step per token instead of all K: unbiased estimates
+of the same three terms at ~1 + 2f unembeddings per token instead of K.
 """
 
 from typing import NamedTuple

@@ -1,6 +1,7 @@
 """
-What optimizer step `it` trains on: its kind (routing (ii)), its learning rate, K, the progressive loss's
-draw, dropout's seed, the curriculum's level, and this rank's micro-batches.
+What optimizer step `it` trains on (step_plan): its kind (routing (ii)), its learning rate, K, the progressive
+loss's draw, the curriculum's level; and per micro-batch: dropout's seed, sampled supervision's draw
+(StepDraw), this rank's micro-batches. The run's random draws come from named streams (STREAMS).
 
 Pure functions of the seed and the iteration: the same on every rank and on resume, so nothing of them is
 saved. The one exception is a threshold curriculum's switches, found while training: the checkpoint holds
@@ -154,7 +155,7 @@ class StepDraw(NamedTuple):
 
     def rows(self):
         """(N + 2M,) indices into ℓ flattened over (K1, B, T), N = B·T: ℓ[k_t, t] at every t, then
-        ℓ[j_m, pos_m], then ℓ[1, pos_m]. One token_nll call computes all of them (GPT.forward's rows)."""
+        ℓ[j_m, pos_m], then ℓ[1, pos_m]. One token_nll computes them all (train.Objective.step_nll)."""
         N = self.k.numel()
         return torch.cat([(self.k.flatten() - 1) * N + torch.arange(N, device=self.k.device),
                           (self.imp_j - 1) * N + self.imp_pos, self.imp_pos])

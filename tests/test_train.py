@@ -17,7 +17,7 @@ import train
 from evaluate import evaluate_reasoning
 from configurator import ConfigError
 from conftest import run_torchrun
-from losses import ObjectiveConfig, step_weights, supervise
+from losses import ObjectiveConfig, supervise
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
