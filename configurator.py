@@ -15,6 +15,7 @@ commands after it) and every key with its default and the comment after it in th
 
 import ast
 import io
+import math
 import os
 import signal
 import sys
@@ -31,7 +32,10 @@ class ConfigError(ValueError):
 
 
 def _coerce(key, value, default):
-    """value, checked against the type of the default (None = any type; an int is a fine float)."""
+    """value, checked against the type of the default (None = any type; an int is a fine float); a float must
+    be finite (1e999 reads as inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
     if default is None or value is None:
         return value
     expected = type(default)
@@ -51,12 +55,26 @@ def _set(config, key, value, source, renamed):
     config[key] = _coerce(key, value, config[key])
 
 
-def _apply_file(config, path, renamed):
+def existing_file(path, what, fix=""):
+    """path, if it is a file; else FileNotFoundError naming what it is for and the fix (a folder says so)."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} not found")
+        found = "is a folder, not a file" if os.path.isdir(path) else "not found"
+        raise FileNotFoundError(f"{what} {path!r} {found}{fix}")
+    return path
+
+
+def _apply_file(config, path, renamed):
     namespace = {}
-    with open(path) as f:
-        exec(compile(f.read(), path, "exec"), namespace)
+    try:
+        with open(existing_file(path, "config file"), encoding="utf-8-sig") as f:   # a leading BOM is skipped
+            source = f.read()
+        exec(compile(source, path, "exec"), namespace)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text: save it as UTF-8") from None
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path!r}, line {e.lineno}: {e.msg}") from None
     for key, value in namespace.items():
         if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
             _set(config, key, value, path, renamed)

@@ -21,8 +21,10 @@ import tiktoken
 import torch
 from tiktoken.load import load_tiktoken_bpe
 
-from tasks import (DEFAULT_TASKS, TASKS, Example, answer_step, chain_answers, chain_steps, check_split, draw,
-                   eval_set, parse_tasks, split_jsonl, training_slice)
+from configurator import existing_file
+
+from tasks import (CHAINS, DEFAULT_TASKS, TASKS, Example, answer_step, chain_answers, chain_steps, check_fits,
+                   check_split, draw, eval_set, parse_tasks, read_jsonl, split_jsonl, training_slice)
 
 
 @dataclass
@@ -127,9 +129,7 @@ def get_tokenizer(name: str, tokenizer_file: str = "") -> Tokenizer:
         except Exception as e:  # tiktoken downloads its files: fails offline
             raise FileNotFoundError(f"tokenizer 'gpt2': tiktoken could not load its files "
                                     f"({type(e).__name__}); {HOW_TO_GET_GPT2}") from None
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"GPT-2 tokenizer file {path!r} not found; {HOW_TO_GET_GPT2}")
-    with open(path, "rb") as f:
+    with open(existing_file(path, "GPT-2 tokenizer file", f"; {HOW_TO_GET_GPT2}"), "rb") as f:
         check_gpt2_ranks(f.read(), f"tokenizer file {path!r}")
     enc = tiktoken.Encoding(name="gpt2", pat_str=R50K_PAT, mergeable_ranks=load_tiktoken_bpe(path),
                             special_tokens={EOT: 50256})
@@ -173,7 +173,8 @@ def _read_meta(folder, tok):
     where it lists shards), checked against the run's tokenizer; a bad one is one line naming it."""
     fix = f"`python data/prepare.py fluency` into {folder!r}"
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"fluency_data folder {folder!r} not found: make it with {fix} (--input=... "
+        found = "is a file, not a folder" if os.path.isfile(folder) else "not found"
+        raise FileNotFoundError(f"fluency_data folder {folder!r} {found}: make it with {fix} (--input=... "
                                 "or --hf_dataset=...), or use fluency_data='pydoc'")
     meta_path, dtype = os.path.join(folder, "meta.json"), token_dtype(tok.vocab_size)
     if not os.path.isfile(meta_path):  # prepare writes it last; nanoGPT's folders work once they have one
@@ -186,8 +187,7 @@ def _read_meta(folder, tok):
     except ValueError as e:  # not JSON, or not UTF-8
         raise ValueError(f"{meta_path}: not valid JSON ({e}): re-prepare with {fix}") from None
     shards = meta.get("shards") if isinstance(meta, dict) else None
-    is_shard = lambda s: (isinstance(s, dict) and isinstance(s.get("file"), str)
-                          and isinstance(s.get("tokens"), int))
+    is_shard = lambda s: isinstance(s, dict) and type(s.get("file")) is str and type(s.get("tokens")) is int
     if not isinstance(meta, dict) or shards and not (isinstance(shards, list) and all(map(is_shard, shards))
                                                      and isinstance(meta.get("train_tokens"), int)):
         raise ValueError(f'{meta_path}: not a JSON object with "train_tokens" and "shards": [{{"file", '
@@ -238,17 +238,14 @@ class FluencyData:
             self.data = {"train": ids[:-(len(ids) // 10)], "val": ids[-(len(ids) // 10):]}
         else:
             self.data = _open_token_files(source, tok)
-        for split, d in self.data.items():
-            if len(d) < block_size + 1:
-                raise ValueError(self._too_short(source, split, len(d)))
-
-    def _too_short(self, source, split, n_tokens):
-        """The one-line error for a split shorter than one window, with the fix."""
-        need, what = self.block_size + 1, f"fluency_data {source!r}: {split}"
-        fix = (f"re-run `python data/prepare.py fluency` with --min_val_tokens={need} or more (it takes at "
-               f"most {MAX_VAL_SHARE:.0%} of the corpus: else a larger --val_fraction or a bigger corpus)"
-               if split == "val" else "prepare a bigger corpus")
-        return f"{what} holds {n_tokens:,} tokens, fewer than block_size+1={need}: {fix}, or lower block_size"
+        need = block_size + 1
+        for split, d in self.data.items():   # a split shorter than one window: the fix
+            if len(d) < need:
+                fix = ("prepare a bigger corpus" if split == "train" else f"re-run `python data/prepare.py "
+                       f"fluency` with --min_val_tokens={need} or more (it takes at most {MAX_VAL_SHARE:.0%} "
+                       "of the corpus: else a larger --val_fraction or a bigger corpus)")
+                raise ValueError(f"fluency_data {source!r}: {split} holds {len(d):,} tokens, fewer than "
+                                 f"block_size+1={need}: {fix}, or lower block_size")
 
     def get_batch(self, split: str, index: int, batch_size: int) -> Batch:
         data, T = self.data[split], self.block_size
@@ -268,32 +265,40 @@ class ReasoningData:
     def __init__(self, source: str, tok: Tokenizer, block_size: int, seed: int = 0, eval_source: str = "",
                  tasks: str = DEFAULT_TASKS, gsm8k_answer: str = "final", *, step_targets: str = "final"):
         self.tok, self.block_size, self.seed, self.step_targets = tok, block_size, seed, step_targets
-        if source == "synthetic":
+        if source == "synthetic":   # eval: the suite's held-out hash slice, or eval_source's rows
             self.tasks = parse_tasks(tasks)
-            longest = max(TASKS[name][2](level) for name, level in self.tasks)
-            what = f"reasoning_tasks={tasks!r}"
+            self.evals = read_jsonl(eval_source, gsm8k_answer) if eval_source else None
             check_split(self.tasks)
+            longest = max(TASKS[name][2](level) for name, level in self.tasks)
         else:
             self.tasks = None
             rows, self.evals = split_jsonl(source, eval_source, gsm8k_answer)
             self.train = [self._encode_row(source, *e) for e in rows]   # a bad row: one line naming it
+            self.where = [f"{source}:{e[-1]}" for e in rows]
             if not self.train or not self.evals:
                 raise ValueError(f"reasoning_data {source!r}: {len(self.train)} train and {len(self.evals)} "
                                  "eval examples after the split; set reasoning_eval_data to a separate file")
-            encoded = self.train + [self._encode(*e) for e in self.evals]
-            longest, what = max(len(e.prompt) + len(e.answer) for e in encoded), f"reasoning_data {source!r}"
-        if 1 + longest + 1 > block_size + 1:  # leading eot + example + closing eot
-            raise ValueError(f"{what}: an example of up to {longest} tokens needs "
-                             f"block_size >= {longest + 1}, got block_size={block_size}")
+            longest = max(len(e.prompt) + len(e.answer) for e in self.train)
+        self.held_out = {prompt for prompt, _ in self.evals or ()}   # never drawn for training
+        evals = [len(self.tok.encode(p)) + len(self.tok.encode(a)) for p, a in self.evals or ()]
+        check_fits(max([longest, *evals]), block_size, f"reasoning_data {source!r}"
+                   + f", reasoning_eval_data {eval_source!r}" * bool(eval_source))
         # the training examples' distinct known levels, ascending: what a curriculum steps through
         self.levels = sorted({t[1] for t in self.tasks} if self.tasks
                              else {ex.level for ex in self.train} - {0})
         self._pools = {0: self.tasks or self.train}  # max_level -> the tasks or rows a curriculum stage draws
 
+    def supervised(self):
+        """(where, level L, chain length S) per synthetic task or JSONL row, for defaults.check_reasoning."""
+        if self.tasks:
+            return [(f"{family}:{L}", L, chain_steps(self.step_targets, L) if family in CHAINS else 0)
+                    for family, L in self.tasks]
+        return [(where, ex.level, len(ex.steps)) for where, ex in zip(self.where, self.train)]
+
     def _encode(self, prompt, answer, steps=None, level=0):
         """Example of strings: steps (the per-step answers) only when step_targets is not 'final'."""
-        steps = () if steps is None or self.step_targets == "final" else tuple(map(self.tok.encode, steps))
         encode = self.tok.encode
+        steps = () if steps is None or self.step_targets == "final" else tuple(map(encode, steps))
         return Example(prompt=encode(prompt), answer=encode(answer), steps=steps, level=level)
 
     def _encode_row(self, source, prompt, answer, steps, level, lineno):
@@ -316,10 +321,8 @@ class ReasoningData:
         eot = self.tok.eot_token
         x = np.full((len(rows), self.block_size), eot, np.int64)  # (B, T)
         y, answer_id = np.full_like(x, -1), np.full_like(x, -1)
-        examples = [ex for row in rows for ex, _ in row]
-        S = max(len(ex.steps) for ex in examples)
+        S, width = max(len(ex.steps) for row in rows for ex, _ in row), 0
         step_y, chain_len, level = np.full((max(S, 1), *x.shape), -1), np.zeros_like(x), np.zeros_like(x)
-        width = 0
         for r, row in enumerate(rows):
             buf = [eot]
             for ex, i in row:
@@ -343,7 +346,7 @@ class ReasoningData:
         (> 0, a curriculum's current highest level) is cut there."""
         ex = pool[rng.integers(len(pool))]
         if self.tasks:   # ex is a task (family, level): draw an example of it, and its chain
-            prompt, answer = draw(ex, rng, False)
+            prompt, answer = draw(ex, rng, False, exclude=self.held_out)
             n = chain_steps(self.step_targets, ex[1])
             ex = self._encode(prompt, answer, chain_answers(ex[0], prompt, n) if n else None, ex[1])
         return ex._replace(steps=ex.steps[:answer_step(len(ex.steps), max_level)]) if max_level else ex
@@ -370,11 +373,11 @@ class ReasoningData:
 
     def eval_examples(self, n_examples: int) -> list:
         """The fixed eval set, [(prompt, answer)]: tasks.eval_set's, or from JSONL the first n_examples."""
-        return self.evals[:n_examples] if self.tasks is None else eval_set(self.tasks, n_examples)
+        return self.evals[:n_examples] if self.evals is not None else eval_set(self.tasks, n_examples)
 
     def eval_tags(self, n_examples: int) -> list:
         """Which task each eval example comes from ('add:3', ...; 'jsonl' for files), for per-task metrics."""
-        return (["jsonl"] * len(self.eval_examples(n_examples)) if self.tasks is None
+        return (["jsonl"] * len(self.eval_examples(n_examples)) if self.evals is not None
                 else ["%s:%d" % self.tasks[i % len(self.tasks)] for i in range(n_examples)])
 
     def eval_batches(self, batch_size: int, n_examples: int) -> list:
@@ -386,7 +389,8 @@ class ReasoningData:
         """A fixed training-side slice (never the held-out set) of n_examples examples of this level, on their
         final answers, one per row: what a threshold curriculum checks (JSONL: the first such rows)."""
         if self.tasks:
-            examples = [self._encode(*e) for e in training_slice(self.tasks, level, n_examples)]
+            drawn = training_slice(self.tasks, level, n_examples, self.held_out)
+            examples = [self._encode(*e) for e in drawn]
         else:
             examples = [ex._replace(steps=()) for ex in self.train if ex.level == level][:n_examples]
         return self._one_per_row(examples, batch_size)

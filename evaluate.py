@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from configurator import existing_file
+
 
 def all_reduce_sum(t, world):
     """Sum over DDP ranks, in place (a no-op for one process)."""
@@ -66,15 +68,13 @@ def evaluate_reasoning(model, batches, n_steps, n_examples=None, world=1):
       step_K_beats_1     answer tokens where ℓ_K < ℓ_1
     Also per_example_exact (N, K'), for per-task tables. batches: this rank's share of eval_batches, possibly
     empty; n_examples: the size of the whole eval set (answer_id < n_examples), needed with DDP or no batches.
-    Only answer positions are unembedded: (K', n, V) logits for the batch's n answer tokens, never
-    (K', B, T, V).
+    Only answer positions are unembedded: (K', n, V) logits for the n answer tokens, never (K', B, T, V).
     """
     K = max(n_steps, 1)
     if n_examples is None:
         if not batches or world > 1:
-            raise ValueError("evaluate_reasoning needs n_examples (the size of the whole eval set) when this "
-                             "rank has no batches or with DDP (world > 1): every rank must sum tensors of "
-                             "the same shape")
+            raise ValueError("evaluate_reasoning needs n_examples (the whole eval set's size) without "
+                             "batches or with DDP: every rank must sum tensors of the same shape")
         n_examples = 1 + max(int(b.answer_id.max()) for b in batches)
     device = model.lm_head.weight.device
     wrong = torch.zeros(n_examples, K, dtype=torch.float32, device=device)  # wrong answer tokens (example, k)
@@ -132,8 +132,7 @@ def exact_match_curve(model, batches, n_steps, tags=()):
 def eval_sets(fluency, reasoning, c, rank, world, device):
     """train.py's fixed eval sets, this rank's share: (fluency val batches, reasoning eval batches, the task
     of every reasoning example); None = no such evaluation. A rank may get no batches, but every rank runs
-    every evaluation (they all-reduce), so what is evaluated is decided by the config, never by a rank's
-    shard."""
+    every evaluation (they all-reduce): the config decides what is evaluated, never a rank's shard."""
     B = c["batch_size"]
     n = c["eval_examples"] if reasoning else 0
     fluency_val = [fluency.get_batch("val", i, B).to(device) for i in range(rank, c["eval_iters"], world)] \
@@ -240,8 +239,7 @@ class Records:
 
 
 def flat(rec, prefix=""):
-    """A record as flat scalars for wandb: {'fluency_loss': [a, b]} -> {'fluency_loss/k1': a,
-    'fluency_loss/k2': b}."""
+    """A record as flat scalars for wandb: {'fluency_loss': [a, b]} -> {'fluency_loss/k1': a, ...}."""
     out = {}
     for key, v in rec.items():
         name = prefix + key
@@ -266,60 +264,69 @@ PLOTS = {  # what: the PNG written next to metrics.jsonl (only when the run logg
 KINDS = ("fluency", "reasoning")
 
 
-def read_metrics(path):
-    """The records of a metrics.jsonl, skipping a line cut short by a crash."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: it is written by `python train.py --out_dir="
-                                f"{os.path.dirname(path) or '.'}`")
-    records = []
-    with open(path) as f:
-        for line in f:
+def read_metrics(path, skipped=None):
+    """The records of a metrics.jsonl. A line that is not one of train.py's records is skipped, its number
+    appended to `skipped`: cut short by a crash, not UTF-8 or JSON, or of other types than train.py writes."""
+    records, fix = [], f": train.py writes it (--out_dir={os.path.dirname(path) or '.'})"
+    with open(existing_file(path, "metrics file", fix), "rb") as f:
+        for lineno, line in enumerate(f, 1):
             try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
+                rec = json.loads(line.decode("utf-8"))
+            except ValueError:   # json's and UTF-8's errors alike
+                rec = None
+            if is_record(rec):
                 records.append(rec)
+            elif line.strip() and skipped is not None:
+                skipped.append(lineno)
     return records
 
 
+def is_record(rec):
+    """Whether rec has train.py's types where a plot or a resume reads it: an int iter, numbers per step."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    per_step = lambda v: isinstance(v, list) and all(map(number, v))
+    if not (isinstance(rec, dict) and type(rec.get("iter")) is int):
+        return False
+    parts = [rec[k] for k in KINDS if k in rec] + ([rec] if "kind" in rec else [])   # train records' losses
+    tasks = rec.get("task_exact_match", {})
+    return (all(isinstance(p, dict) and number(p.get("loss", 0)) for p in parts)
+            and all(per_step(rec[k]) for k in ("fluency_loss", "answer_exact_match") if k in rec)
+            and isinstance(tasks, dict) and all(map(per_step, tasks.values())))
+
+
 def plot_series(records):
-    """What the plots show, from metrics.jsonl records, in iteration order:
+    """What the plots show, from metrics.jsonl records (read_metrics'), in iteration order:
       train_loss          {kind: (iters, losses)}; a train record has a sub-dict per kind that ran since the
                           last log ({"fluency": {"loss": ...}, "reasoning": {...}}), or, in the older format,
                           "kind" and "loss"
       fluency_loss        [(iters, values)] for each step k, from eval records (not eval_only records)
       answer_exact_match  the same
       task_exact_match    {task: (iters, exact match at the last step K)}"""
-    records = sorted(records, key=lambda r: r.get("iter", 0))  # stable: ties keep the file's order
-    out = {"train_loss": {}, "fluency_loss": [], "answer_exact_match": [], "task_exact_match": {}}
+    out = {"train_loss": {}, "fluency_loss": {}, "answer_exact_match": {}, "task_exact_match": {}}
 
     def add(series, key, it, value):
         xs, ys = series.setdefault(key, ([], []))
         xs.append(it)
         ys.append(value)
 
-    for rec in records:
-        it = rec.get("iter")
+    for rec in sorted(records, key=lambda r: r["iter"]):  # stable: ties keep the file's order
+        it = rec["iter"]
         if rec.get("type") == "train":
             parts = {kind: rec[kind] for kind in KINDS if isinstance(rec.get(kind), dict)}
             if not parts and rec.get("kind") in KINDS:  # the older format: one kind per record
                 parts = {rec["kind"]: rec}
             for kind, part in parts.items():
-                if isinstance(part.get("loss"), (int, float)):
+                if "loss" in part:
                     add(out["train_loss"], kind, it, part["loss"])
         elif rec.get("type") == "eval":
             for key in ("fluency_loss", "answer_exact_match"):
                 for k, v in enumerate(rec.get(key) or []):
-                    while len(out[key]) <= k:
-                        out[key].append(([], []))
-                    out[key][k][0].append(it)
-                    out[key][k][1].append(v)
+                    add(out[key], k, it, v)
             for task, em in (rec.get("task_exact_match") or {}).items():
                 if em:
                     add(out["task_exact_match"], task, it, em[-1])
-    out["fluency_loss"], out["answer_exact_match"] = (
-        [(list(xs), list(ys)) for xs, ys in out[key]] for key in ("fluency_loss", "answer_exact_match"))
+    for key in ("fluency_loss", "answer_exact_match"):   # {k: series} -> [series of k = 1, 2, ...]
+        out[key] = [out[key][k] for k in sorted(out[key])]
     return out
 
 
@@ -337,15 +344,17 @@ def pyplot():
 def plot_run(out_dir):
     """Write PLOTS of out_dir/metrics.jsonl next to it; returns the paths written. matplotlib is imported
     here: it is an optional extra."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    series = plot_series(read_metrics(path))
+    path, skipped = os.path.join(out_dir, "metrics.jsonl"), []
+    series = plot_series(read_metrics(path, skipped))
+    if skipped:
+        print(f"evaluate.py: skipped line(s) {', '.join(map(str, skipped[:5]))}{' ...' * (len(skipped) > 5)} "
+              f"of {path}: not train.py's records", file=sys.stderr)
     if not any(series.values()):
         raise ValueError(f"{path}: no train or eval records to plot")
     plt = pyplot()
     if plt is None:
         raise ImportError("--plot needs matplotlib, an optional extra: pip install matplotlib")
-    name = os.path.basename(os.path.abspath(out_dir))
-    written = []
+    name, written = os.path.basename(os.path.abspath(out_dir)), []
 
     def save(fig, what):
         fig.tight_layout()
@@ -361,22 +370,17 @@ def plot_run(out_dir):
             ax.set(title=f"{name}: {kind} training loss", xlabel="iter", ylabel="loss")
         save(fig, "train_loss")
     for what, title, ylabel in (("fluency_loss", "fluency val loss per step", "loss"),
-                                ("answer_exact_match", "held-out answer exact match per step",
-                                 "exact match")):
-        if series[what]:
+                                ("answer_exact_match", "held-out answer exact match per step", "exact match"),
+                                ("task_exact_match", "exact match per task at step K", "exact match")):
+        lines = series[what] if what == "task_exact_match" else {f"k={k + 1}": xy for k, xy in
+                                                                   enumerate(series[what])}
+        if lines:
             fig, ax = plt.subplots(figsize=(6, 4))
-            for k, (xs, ys) in enumerate(series[what]):
-                ax.plot(xs, ys, marker=".", label=f"k={k + 1}")
+            for label, (xs, ys) in lines.items():
+                ax.plot(xs, ys, marker=".", label=label)
             ax.set(title=f"{name}: {title}", xlabel="iter", ylabel=ylabel)
             ax.legend(fontsize=8)
             save(fig, what)
-    if series["task_exact_match"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for task, (xs, ys) in series["task_exact_match"].items():
-            ax.plot(xs, ys, marker=".", label=task)
-        ax.set(title=f"{name}: exact match per task at step K", xlabel="iter", ylabel="exact match")
-        ax.legend(fontsize=8)
-        save(fig, "task_exact_match")
     return written
 
 

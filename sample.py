@@ -27,7 +27,7 @@ import torch
 
 import checkpoint
 import data
-from configurator import ConfigError, autocast, configure, default_device, default_dtype
+from configurator import ConfigError, autocast, configure, default_device, default_dtype, existing_file
 from evaluate import exact_match_curve, pyplot
 from model import GPT
 import tasks
@@ -122,11 +122,9 @@ def load_model(c):
 
 def encode_prompt(tok, start):
     """--start (or FILE:path) -> [eot] + its tokens: a prompt starts a document, as in training."""
-    if start.startswith("FILE:"):
-        path = start[5:]
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--start=FILE:{path}: no such file")
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:  # invalid bytes are reported below
+    if start.startswith("FILE:"):   # a leading BOM is skipped; invalid bytes are reported below
+        path = existing_file(start[5:], "--start's file")
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
             start = f.read()
     bad = next((i for i, ch in enumerate(start) if "\ud800" <= ch <= "\udfff"), None)
     if bad is not None:
@@ -250,16 +248,18 @@ def evaluate(model, tok, c, train_cfg, ctx):
     K = model.config.n_steps
     top = 2 * K if c["n_steps"] is None else c["n_steps"]
     examples, tags, what = eval_set(c, train_cfg, tok, model.config.block_size)
-    examples = encode_examples(tok, examples)
+    examples = encode_examples(tok, examples)   # each [eot] + prompt, answer + [eot]: 2 tokens more
+    tasks.check_fits(max(len(p) + len(a) for p, a in examples) - 2, model.config.block_size,
+                     f"eval examples of {what} (the model's block_size)")
     batches = [b.to(c["device"]) for b in example_batches(examples, tok.eot_token, c["eval_batch_size"])]
     with ctx:
         curve, by_task = exact_match_curve(model, batches, top, tags)
-    tasks = list(by_task) if len(by_task) > 1 else []
+    columns = list(by_task) if len(by_task) > 1 else []
     print(f"test-time scaling: exact match on {len(examples)} eval examples ({what}), teacher-forced "
           f"(= greedy decoding's); trained with K={K}")
-    print("K'".rjust(6) + f" {'all':>7} " + " ".join(f"{t:>9}" for t in tasks))
+    print("K'".rjust(6) + f" {'all':>7} " + " ".join(f"{t:>9}" for t in columns))
     for k, em in enumerate(curve):
-        print(f"{k:>6} {em:>7.3f} " + " ".join(f"{by_task[t][k]:>9.3f}" for t in tasks))
+        print(f"{k:>6} {em:>7.3f} " + " ".join(f"{by_task[t][k]:>9.3f}" for t in columns))
     if 0 < K <= top:
         compare_adaptive_exit(model, examples, tok.eot_token, c, ctx)
     if c["plot"]:

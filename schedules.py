@@ -212,12 +212,14 @@ class Curriculum:
     def __init__(self, c, levels, saved=()):
         self.c, self.levels, self.on = c, levels, bool(c["curriculum_iters"] or c["curriculum_threshold"])
         self.switches = curriculum_switches(c) or list(saved)
+        key = "curriculum_iters" if c["curriculum_iters"] else "curriculum_threshold"
+        if self.on and len(levels) < 2:
+            has = (f"only level {levels[0]}" if levels else
+                   'no levels: no row has a "level" (or "step_answers", whose length is its level)')
+            raise ConfigError(f"{key} steps through the reasoning data's levels, and the data has {has}")
         if c["curriculum_iters"] and len(self.switches) != len(levels) - 1:
             raise ConfigError(f"curriculum_iters={c['curriculum_iters']!r} has {len(self.switches)} "
                               f"iterations; the reasoning data's levels {levels} need {len(levels) - 1}")
-        if c["curriculum_threshold"] and len(levels) < 2:
-            raise ConfigError(f"curriculum_threshold needs reasoning data of two levels or more, got levels "
-                              f"{levels}")
 
     def level(self, it):
         """The highest reasoning level trained at step `it`; 0 = every level (no curriculum)."""

@@ -14,12 +14,13 @@ A JSONL row is {"prompt", "answer"} or GSM8K's {"question", "answer"}, with opti
 import hashlib
 import itertools
 import json
-import os
 import re
 from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from configurator import existing_file
 
 # -----------------------------------------------------------------------------
 # generator(rng, level) -> (prompt, answer). add, mul and chain have a fixed size per level (L digits,
@@ -149,6 +150,7 @@ TASKS = {
 DEFAULT_TASKS = "add:2,mul:2,chain:2,sort:8"  # measured on the CPU preset: README "Data"
 EVAL_STREAM = 1_000_003  # the synthetic eval set's rng key: the same for every seed and every suite
 SLICE_STREAM = 1_000_033  # a curriculum's training-side slice: its own rng key, apart from the eval set's
+MAX_LEVEL = 1000          # a JSONL row's level and chain length: a number of steps, so never many
 
 # -----------------------------------------------------------------------------
 # specs and the train/eval split
@@ -167,6 +169,14 @@ def parse_tasks(spec: str) -> list:
     return tasks
 
 
+def check_fits(longest, block_size, what):
+    """One line naming what, when its longest example (prompt + answer tokens) does not fit a row of
+    data.ReasoningData: the leading eot, the example and its closing eot are block_size + 1 tokens at most."""
+    if 1 + longest + 1 > block_size + 1:
+        raise ValueError(f"{what}: an example of {longest} tokens needs block_size >= {longest + 1}, got "
+                         f"block_size={block_size}")
+
+
 def is_eval_prompt(prompt: str) -> bool:
     """The held-out 10% of the prompt space, by a stable hash (never Python's salted hash())."""
     digest = hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest()
@@ -180,11 +190,12 @@ def split_key(family, prompt):
     return re.sub(r"f\^\d+\(", "f^(", prompt) if family in CHAINS else prompt
 
 
-def draw(task, rng, eval_side):
-    """One example of task (name, level) from the eval or the train side of the hash split, by rejection."""
+def draw(task, rng, eval_side, exclude=()):
+    """One example of task (name, level) from the eval or the train side of the hash split, by rejection;
+    exclude: prompts never drawn (the rows of a separate eval file)."""
     for _ in range(10_000):
         prompt, answer = TASKS[task[0]][0](rng, task[1])
-        if is_eval_prompt(split_key(task[0], prompt)) == eval_side:
+        if is_eval_prompt(split_key(task[0], prompt)) == eval_side and prompt not in exclude:
             return prompt, answer
     raise ValueError(f"reasoning_tasks: {task[0]}:{task[1]} has too few prompts for a train/eval split; "
                      "raise its level")
@@ -203,10 +214,11 @@ def eval_set(tasks, n_examples):
     return [draw(tasks[i % n], np.random.default_rng([EVAL_STREAM, i // n]), True) for i in range(n_examples)]
 
 
-def training_slice(tasks, level, n_examples):
-    """A fixed training-side slice (never the held-out set) of n_examples examples of this level's tasks."""
+def training_slice(tasks, level, n_examples, exclude=()):
+    """A fixed training-side slice (never the held-out set nor exclude) of n_examples examples of this level's
+    tasks."""
     tasks = [t for t in tasks if t[1] == level]
-    return [draw(tasks[i % len(tasks)], np.random.default_rng([SLICE_STREAM, i]), False)
+    return [draw(tasks[i % len(tasks)], np.random.default_rng([SLICE_STREAM, i]), False, exclude)
             for i in range(n_examples)]
 
 # -----------------------------------------------------------------------------
@@ -217,10 +229,12 @@ def jsonl_example(ex, gsm8k_answer):
     the worked solution on the prompt side (gsm8k_answer 'final') or on the answer side ('solution')."""
     strings = lambda *keys: isinstance(ex, dict) and all(isinstance(ex.get(k), str) for k in keys)
     if strings("prompt", "answer"):
+        if not ex["answer"]:
+            raise ValueError('"answer" is empty: an answer is what is trained and scored')
         return ex["prompt"], ex["answer"]
     if not strings("question", "answer"):
         raise ValueError('expected {"prompt": str, "answer": str} or GSM8K {"question": str, "answer": str}')
-    if gsm8k_answer == "solution":
+    if gsm8k_answer == "solution" and ex["answer"]:
         return ex["question"] + "\n", ex["answer"]
     solution, sep, final = ex["answer"].rpartition("####")
     if not sep or not final.strip():
@@ -228,16 +242,24 @@ def jsonl_example(ex, gsm8k_answer):
     return f"{ex['question']}\n{solution}#### ", final.strip()
 
 
-def _jsonl_steps(ex):
-    """(step_answers or None, level) of a JSONL row: "step_answers" [a_1, ..., a_S] (S >= 1 strings) and
-    "level" (an int >= 1), both optional; the level defaults to S, else 0 (unknown)."""
+def _jsonl_steps(ex, answer):
+    """(step_answers or None, level) of a JSONL row: "step_answers" [a_1, ..., a_S] (1 <= S <= MAX_LEVEL
+    strings) and "level" (an int in 1..MAX_LEVEL), both optional; the level defaults to S, else 0 (unknown).
+    The answer must be the chain's a_min(L, S): the step answer of its level, or a_S where the chain is
+    shorter (steps past a chain keep a_S)."""
     steps, level = ex.get("step_answers"), ex.get("level")
-    if steps is not None and not (isinstance(steps, list) and steps
+    if steps is not None and not (isinstance(steps, list) and 1 <= len(steps) <= MAX_LEVEL
                                   and all(isinstance(a, str) for a in steps)):
-        raise ValueError(f'"step_answers" must be a non-empty list of strings, got {json.dumps(steps)[:60]}')
-    if level is not None and not (type(level) is int and level >= 1):
-        raise ValueError(f'"level" must be an integer >= 1, got {json.dumps(level)[:60]}')
-    return steps, level or (len(steps) if steps else 0)
+        raise ValueError(f'"step_answers" must be a list of 1..{MAX_LEVEL} strings, got '
+                         f"{json.dumps(steps)[:60]}")
+    if level is not None and not (type(level) is int and 1 <= level <= MAX_LEVEL):
+        raise ValueError(f'"level" must be an integer in 1..{MAX_LEVEL}, got {json.dumps(level)[:60]}')
+    level = level or (len(steps) if steps else 0)
+    if steps and steps[min(level, len(steps)) - 1] != answer:
+        k = min(level, len(steps))
+        raise ValueError(f'"answer" {answer!r} is not step_answers[{k - 1}] {steps[k - 1]!r}, the answer of '
+                         f"level {level}: the answer of a chain is its step at the level (a_S past its end)")
+    return steps, level
 
 
 def read_jsonl_examples(path: str, gsm8k_answer: str = "final") -> list:
@@ -245,16 +267,15 @@ def read_jsonl_examples(path: str, gsm8k_answer: str = "final") -> list:
     with their per-step answers and level, _jsonl_steps)."""
     if gsm8k_answer not in ("final", "solution"):
         raise ValueError(f"gsm8k_answer={gsm8k_answer!r}: use 'final' or 'solution'")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"reasoning data file {path!r} not found")
     examples = []
-    with open(path, "rb") as f:  # bytes, decoded line by line: a line that is not UTF-8 is named
-        for lineno, line in enumerate(f, 1):
+    with open(existing_file(path, "reasoning data file"), "rb") as f:  # bytes, decoded line by line: a line
+        for lineno, line in enumerate(f, 1):                            # that is not UTF-8 is named
             try:
-                line = line.decode("utf-8")
+                line = line.decode("utf-8-sig" if lineno == 1 else "utf-8")   # a leading BOM is skipped
                 if line.strip():
                     ex = json.loads(line)
-                    examples.append((*jsonl_example(ex, gsm8k_answer), *_jsonl_steps(ex), lineno))
+                    prompt, answer = jsonl_example(ex, gsm8k_answer)
+                    examples.append((prompt, answer, *_jsonl_steps(ex, answer), lineno))
             except ValueError as e:  # json's and UTF-8's decode errors are ValueErrors too
                 raise ValueError(f"{path}:{lineno}: {e}") from None
     if not examples:

@@ -32,7 +32,8 @@ from tqdm import tqdm
 import checkpoint
 import data
 from checkpoint import build_model
-from config.defaults import CONSTRAINTS, DEFAULTS, DEFAULTS_FILE, RENAMED
+from config.defaults import (DEFAULTS, DEFAULTS_FILE, RENAMED, check, check_needs, check_reasoning,
+                             latent_keys_warning)
 from configurator import ConfigError, catch_stop_signals, configure, precision, setup_system
 from evaluate import (Records, TrainWindow, all_reduce_dict, all_reduce_sum, eval_metrics, eval_sets,
                       evaluate_reasoning, format_eval)
@@ -46,14 +47,20 @@ from schedules import (Curriculum, Router, max_n_steps, micro_batches, sampling_
 
 def load_config(argv):
     """(config, checkpoint): with init_from=resume the checkpoint's config is the base that argv overrides
-    (checkpoint.resume_config), else DEFAULTS; checkpoint is None unless resuming."""
+    (checkpoint.resume_config), else DEFAULTS; checkpoint is None unless resuming. Checked: CONSTRAINTS, and
+    for a new run NEEDS (a resumed run cannot change those keys)."""
     c, ckpt = configure(DEFAULTS, argv, doc=__file__, keys_doc=DEFAULTS_FILE, renamed=RENAMED), None
     if c["init_from"] == "resume":
-        ckpt = checkpoint.load(os.path.join(c["out_dir"], "ckpt.pt"))
+        path = os.path.join(c["out_dir"], "ckpt.pt")
+        ckpt = checkpoint.load(path)
         c = checkpoint.resume_config(DEFAULTS, ckpt["config"], argv)
-    for holds, message in CONSTRAINTS:
-        if not holds(c):
-            raise ConfigError(message.format(**c))
+        if c["max_iters"] <= ckpt["iter_num"] and not c["eval_only"]:
+            raise ConfigError(f"max_iters={c['max_iters']}, but {path} is at iter {ckpt['iter_num']} "
+                              "already: nothing to train; raise max_iters to go on, or evaluate it with "
+                              "eval_only=True")
+    check(c)
+    if not ckpt:
+        check_needs(c)
     if c["wandb_log"] and importlib.util.find_spec("wandb") is None:
         raise ConfigError("wandb_log=True needs wandb: pip install wandb")
     return c, ckpt
@@ -154,6 +161,10 @@ class Run:
         self.ctx, self.scaler = precision(c, device_type)
         torch.manual_seed(c["seed"])
         tok, self.fluency, self.reasoning = load_data(c)
+        for line in latent_keys_warning(c) + (check_reasoning(c, self.reasoning.supervised(), max_n_steps(c))
+                                              if self.reasoning else []):
+            if self.master:   # legal, but not what it may look like: said once, at the start
+                print(f"train.py: warning: {line}", file=sys.stderr)
         self.curriculum = Curriculum(c, self.reasoning and self.reasoning.levels, (ckpt or {}).get(
             "curriculum_switches", ()))
         self.router = Router(c["reasoning_fraction"])
@@ -179,7 +190,7 @@ class Run:
         self.records = Records(os.path.join(c["out_dir"], "metrics.jsonl"))
         if self.master:
             self.start_records()
-        self.saved_at = perf_counter()
+        self.saved_at, self.checkpointed = perf_counter(), self.resumed   # whether ckpt_path is this run's
 
     def start_records(self):
         """Rank 0's records: metrics.jsonl (a fresh run starts a fresh one) and wandb; and what runs."""
@@ -218,7 +229,7 @@ class Run:
             state = checkpoint.state(self.raw_model, self.optimizer, self.scaler, it=it, config=self.c,
                                      curriculum_switches=self.curriculum.switches)
             checkpoint.save(self.ckpt_path, state)
-        self.saved_at = perf_counter()
+        self.saved_at, self.checkpointed = perf_counter(), True
 
     def eval_due(self, it):
         return it % self.c["eval_interval"] == 0 or it == self.c["max_iters"]
@@ -306,9 +317,10 @@ class Run:
                 logged = {k: logged.get(k, 0) + v for k, v in parts.items()}
             logged, stopping = reduce_logged(logged, stop, self.world)
             if not math.isfinite(logged["loss"]):
+                saved = (f"the last good checkpoint is {self.ckpt_path}" if self.checkpointed
+                         else "no checkpoint written yet")
                 raise FloatingPointError(f"non-finite loss at iter {it} ({step.kind} step); parameters not "
-                                         f"updated, the last good checkpoint is {self.ckpt_path}; lower "
-                                         "learning_rate or check the data")
+                                         f"updated, {saved}; lower learning_rate or check the data")
             if c["grad_clip"] > 0:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), c["grad_clip"])

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project root: train.py, model.py, ... import from here
 
+from config.defaults import check
 from configurator import ConfigError, configure
 from data import Batch
 from losses import ObjectiveConfig, sampled_unembeds, supervise
@@ -94,10 +95,13 @@ def parse_args(argv, script=__file__):
     name = f"bench/{os.path.basename(script)}"
     try:
         cfg = configure(DEFAULTS, argv, doc=script, keys_doc=__file__)
+        check(cfg, partial=True)   # train.py's rules (config/defaults.py) on the keys bench shares with it
+        if not (cfg["vocab"] in VOCABS or cfg["vocab"].isdigit() and int(cfg["vocab"]) > 0):
+            raise ConfigError(f"vocab must be {', '.join(VOCABS)} or a size >= 1, got {cfg['vocab']!r}")
+        if cfg["warmup"] < 0 or cfg["iters"] < 1:
+            raise ConfigError(f"warmup must be >= 0 and iters >= 1, got {cfg['warmup']} and {cfg['iters']}")
     except ConfigError as e:
         sys.exit(f"{name}: {e}")
-    if cfg["gelu"] not in ("exact", "tanh"):
-        sys.exit(f"{name}: gelu must be exact or tanh, got {cfg['gelu']!r}")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     return cfg

@@ -1,13 +1,15 @@
 """
 train.py's keys: every key's default and meaning (DEFAULTS: `python train.py --help` prints these comments),
-the keys that are gone (RENAMED), and what the values must satisfy (CONSTRAINTS), checked in order by
-train.load_config before anything heavy.
+the keys that are gone (RENAMED), what the values must satisfy (CONSTRAINTS, then NEEDS: a key set where it
+does nothing), checked in order by train.load_config before anything heavy, and what the reasoning data must
+satisfy given them (check_reasoning).
 A preset (config/train_*.py) or --key=value overrides DEFAULTS; a resumed run starts from its checkpoint's.
 """
 
 import os
 import re
 
+from configurator import ConfigError
 from latent_head import GELU, HEAD_ATTN, READOUT_GRAD
 from losses import BEYOND_CHAIN, LEVEL_STEPS, WEIGHT_SCHEDULES
 from tasks import DEFAULT_TASKS
@@ -33,7 +35,8 @@ DEFAULTS = dict(
     tokenizer_file="",         # a local gpt2.tiktoken, offline (or env NANORLRP_TOKENIZER_FILE)
     fluency_data="data/openwebtext",  # a folder from `data/prepare.py fluency`, 'pydoc' (embedded), '' = none
     reasoning_data="synthetic",       # 'synthetic' (built-in suite) or a .jsonl file; '' = none
-    reasoning_eval_data="",    # a .jsonl file; '' = the held-out hash slice of reasoning_data
+    reasoning_eval_data="",    # a .jsonl file, the eval set (beside 'synthetic' too: its prompts are then
+                               # never drawn for training); '' = the held-out hash slice of reasoning_data
     reasoning_tasks=DEFAULT_TASKS,  # the synthetic suite: family:level, comma-separated (README "Data")
     reasoning_fraction=0.5,    # ρ: the fraction of optimizer steps that are reasoning steps
     routing="step",            # 'step': each optimizer step is all fluency or all reasoning (routing (ii));
@@ -150,8 +153,10 @@ CONSTRAINTS = [
     *at_least(0, "n_steps", "n_latent"),
     (lambda c: 0 <= c["reasoning_fraction"] <= 1,
      "reasoning_fraction must be in [0, 1], got {reasoning_fraction}"),
-    *at_least(0, "lambda_rl", "lambda_imp", "imp_margin", "weight_decay", "grad_clip", "dropout",
-              "grad_steps", "weight_skip", "n_steps_max"),
+    *at_least(0, "lambda_rl", "lambda_imp", "imp_margin", "weight_decay", "grad_clip", "grad_steps",
+              "weight_skip", "n_steps_max", "warmup_iters", "lr_decay_iters"),
+    *[(lambda c, k=k: 0 <= c[k] < 1, f"{k} must be in [0, 1), got {{{k}}}") for k in ("dropout", "beta1",
+                                                                                        "beta2")],
     one_of("weight_schedule", WEIGHT_SCHEDULES, f"one of {', '.join(WEIGHT_SCHEDULES)}"),
     *at_least(1, "batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
               "curriculum_interval",
@@ -162,6 +167,7 @@ CONSTRAINTS = [
     (lambda c: 0 < c["imp_fraction"] <= 1, "imp_fraction must be in (0, 1] (0 would switch the improvement "
      "penalty off: set lambda_imp=0 for that), got {imp_fraction}"),
     (lambda c: c["learning_rate"] > 0, "learning_rate must be > 0, got {learning_rate}"),
+    (lambda c: c["gpu_peak_tflops"] > 0, "gpu_peak_tflops must be > 0, got {gpu_peak_tflops}"),
     (lambda c: 0 <= c["min_lr"] <= c["learning_rate"],
      "min_lr must be in [0, learning_rate={learning_rate}], got {min_lr}"),
     (lambda c: c["n_embd"] % c["n_head"] == 0, "n_embd ({n_embd}) must be divisible by n_head ({n_head})"),
@@ -193,6 +199,9 @@ CONSTRAINTS = [
      "curriculum_iters and curriculum_threshold both set when the next level joins: use one"),
     (lambda c: not (c["curriculum_iters"] or c["curriculum_threshold"]) or c["reasoning_fraction"] > 0,
      "a curriculum needs reasoning steps (reasoning_fraction > 0)"),
+    (lambda c: ":" not in c["step_targets"] or c["reasoning_data"] in ("synthetic", ""),
+     "step_targets={step_targets!r}: N sets the chains of the synthetic hop, hopo and iter tasks; the rows "
+     "of reasoning_data={reasoning_data!r} carry their own \"step_answers\": use step_targets='chain'"),
     (lambda c: c["step_targets"] == "final" or c["lambda_imp"] == 0,
      "step_targets={step_targets!r} needs lambda_imp=0: the improvement penalty compares ℓ_k with ℓ_1 of the "
      "same label, and per-step labels differ (got lambda_imp={lambda_imp})"),
@@ -214,3 +223,92 @@ CONSTRAINTS = [
      "init_from must be scratch, resume, a GPT-2 name (gpt2, gpt2-medium, ...) or a local model folder, "
      "got {init_from!r}"),
 ]
+
+
+def check(c, partial=False):
+    """ConfigError with the line of the first CONSTRAINT c breaks. partial: c holds only some of train.py's
+    keys (bench/bench.py's), and the constraints on keys it lacks are skipped."""
+    for holds, message in CONSTRAINTS:
+        try:
+            ok = holds(c)
+        except KeyError:
+            if not partial:
+                raise
+            continue
+        if not ok:
+            raise ConfigError(message.format(**c))
+
+# -----------------------------------------------------------------------------
+# keys set where they do nothing: a new run that sets one (to other than its default) stops, since it asked
+# for something it would not get; at n_steps=0 the latent steps' keys are inert, and a warning says so (the
+# FLOP-matched GPT baselines share their arms' presets)
+
+NEEDS = {   # key: (where it acts, in words)
+    "n_steps_max": (lambda c: c["n_steps_dist"] == "lognormal", "n_steps_dist='lognormal' (it caps those)"),
+    "weight_gamma": (lambda c: c["weight_schedule"] == "exp", "weight_schedule='exp'"),
+    "imp_fraction": (lambda c: c["sampled_supervision"], "sampled_supervision=True"),
+    "imp_margin": (lambda c: c["lambda_imp"] > 0, "lambda_imp > 0"),
+    "rl_q": (lambda c: c["lambda_rl"] > 0, "lambda_rl > 0"),
+    "curriculum_interval": (lambda c: c["curriculum_threshold"] > 0, "curriculum_threshold > 0"),
+    "beyond_chain": (lambda c: c["step_targets"] != "final", "per-step targets (step_targets='chain...')"),
+    "reasoning_tasks": (lambda c: c["reasoning_data"] == "synthetic", "reasoning_data='synthetic'"),
+}
+LATENT_KEYS = ("n_latent", "head_attn", "weight_schedule", "weight_gamma", "weight_skip", "lambda_imp",
+               "imp_margin", "sampled_supervision", "imp_fraction", "n_steps_dist", "n_steps_max",
+               "grad_steps", "progressive_alpha", "step_targets", "beyond_chain", "level_steps",
+               "readout_grad")
+OFF = {"lambda_imp": 0.0}   # a value that switches a latent key off: no warning at n_steps=0
+
+
+def check_needs(c):
+    """ConfigError for the first key of NEEDS set to other than its default where it does nothing."""
+    for key, (acts, where) in NEEDS.items():
+        if c[key] != DEFAULTS[key] and not acts(c):
+            raise ConfigError(f"{key}={c[key]!r} does nothing without {where}: set that too, or leave {key} "
+                              "unset")
+
+
+def latent_keys_warning(c):
+    """[the warning line] when n_steps=0 (the plain GPT) and keys of the latent steps are set, else []."""
+    inert = [k for k in LATENT_KEYS if c[k] not in (DEFAULTS[k], OFF.get(k))]
+    if c["n_steps"] or not inert:
+        return []
+    keys = ", ".join(f"{k}={c[k]!r}" for k in inert)
+    return [f"n_steps=0 is the plain GPT: {keys} act on the latent steps and have no effect"]
+
+
+def check_reasoning(c, rows, max_k):
+    """The reasoning data against the keys that supervise it -> [warning lines]; data they cannot train is a
+    ConfigError. rows: (where, level L (0 = unknown), chain length S (0 = none)) of every synthetic task or
+    JSONL training row (data.ReasoningData.supervised); max_k: the largest K this run draws."""
+    targets, level_steps = c["step_targets"], c["level_steps"]
+    if targets != "final" and not any(S for _, _, S in rows):
+        raise ConfigError(f"step_targets={targets!r}, but no reasoning example has a chain (the synthetic "
+                          "hop, hopo and iter tasks have one, a JSONL row its \"step_answers\"): set "
+                          "step_targets='final', or give the data chains")
+    if level_steps != "all" and not any(L for _, L, _ in rows):
+        raise ConfigError(f"level_steps={level_steps!r}, but no reasoning row has a level (a JSONL row's "
+                          "\"level\", or its \"step_answers\"' length): set level_steps='all', or add levels")
+    if max_k == 0:
+        return []
+    # Y_k = a_min(k, S), and the answer is a JSONL row's a_min(L, S) (tasks.read_jsonl_examples checks it), a
+    # synthetic task's f^L(x): in its chain f^1..f^S only if L <= S. It is a target from that step on.
+    synthetic = c["reasoning_data"] == "synthetic"
+    for where, L, S in rows:
+        at = min(L, S) if L <= S or not synthetic else None
+        if S and at is None:
+            raise ConfigError(f"{where}: the answer f^{L}(x) is in no step of its chain f^1..f^{S} "
+                              f"(step_targets={targets!r}): it is never a target; use step_targets='chain', "
+                              "or leave out the level")
+        if S and at > max_k:
+            raise ConfigError(f"{where}: the answer (level {L}, chain of {S}) is its chain's step {at}, "
+                              f"beyond the largest K this run draws ({max_k}): it is never a target; raise "
+                              "n_steps (or draw K with n_steps_dist), or leave out the level")
+    above = sorted({L for _, L, _ in rows if L > max_k})
+    if level_steps == "all" or not above:
+        return []
+    n = sum(L > max_k for _, L, _ in rows)
+    what = "tasks" if synthetic else "rows"
+    return [f"level_steps={level_steps!r}: {n} of {len(rows)} training {what} have a level above the largest "
+            f"K this run draws ({max_k}: levels {', '.join(map(str, above))}): they are supervised at step "
+            f"{max_k}"]

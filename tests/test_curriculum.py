@@ -138,7 +138,7 @@ def test_threshold_curriculum_switches_when_the_slice_is_learned_and_resumes_exa
     (["--curriculum_iters=5", "--curriculum_threshold=0.5"], "both set when the next level joins: use one"),
     (["--curriculum_threshold=2"], r"curriculum_threshold must be in \[0, 1\], got 2"),
     (["--curriculum_threshold=0.5", "--reasoning_tasks=hopo:1"],
-     r"curriculum_threshold needs reasoning data of two levels or more, got levels \[1\]"),
+     r"curriculum_threshold steps through the reasoning data's levels, and the data has only level 1"),
 ])
 def test_bad_threshold_curricula_are_one_line_errors(args, message):
     r = run_script("train.py", *TINY, *args, "--max_iters=1")

@@ -177,7 +177,7 @@ def test_cli_bad_input(ckpt_dir, tmp_path):
     latin1.write_bytes(b"caf\xe9")
     with pytest.raises(ValueError, match="cannot be encoded: it is not valid UTF-8"):
         sample.main(base + [f"--start=FILE:{latin1}"])
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="--start's file .*missing.txt' not found"):
         sample.main(base + [f"--start=FILE:{tmp_path / 'missing.txt'}"])
     k0 = str(tmp_path / "k0")
     save_checkpoint(k0, K=0)

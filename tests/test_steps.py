@@ -216,7 +216,7 @@ def lookup_rows(n):
     for i in range(n):
         prompt, answer = tasks.TASKS["hopo"][0](rng, 1 + i % 2)
         steps = tasks.chain_answers("hopo", prompt, 2)
-        rows.append({"prompt": prompt, "answer": answer, "step_answers": steps})
+        rows.append({"prompt": prompt, "answer": answer, "step_answers": steps, "level": 1 + i % 2})
     return rows
 
 
@@ -234,11 +234,11 @@ def test_train_runs_on_jsonl_step_answers(tmp_path):
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"step_answers": "q"}, '"step_answers" must be a non-empty list of strings, got "q"'),
-    ({"step_answers": []}, '"step_answers" must be a non-empty list of strings, got \\[\\]'),
-    ({"step_answers": ["q", 3]}, "must be a non-empty list of strings"),
-    ({"step_answers": ["qq"]}, r"step_answers\[0\] 'qq' is 2 tokens, the answer 'r' 1"),
-    ({"level": 0}, '"level" must be an integer >= 1, got 0'),
+    ({"step_answers": "q"}, '"step_answers" must be a list of 1..1000 strings, got "q"'),
+    ({"step_answers": []}, '"step_answers" must be a list of 1..1000 strings, got \\[\\]'),
+    ({"step_answers": ["q", 3]}, "must be a list of 1..1000 strings"),
+    ({"step_answers": ["qq", "r"]}, r"step_answers\[0\] 'qq' is 2 tokens, the answer 'r' 1"),
+    ({"level": 0}, '"level" must be an integer in 1..1000, got 0'),
 ])
 def test_bad_step_answers_are_one_line_errors_naming_the_row(tmp_path, row, message):
     good = {"prompt": "p>r;f^1(p)=", "answer": "r"}
