@@ -64,7 +64,7 @@ def existing_file(path, what, fix=""):
 
 
 def _apply_file(config, path, renamed):
-    namespace = {}
+    namespace = {"__file__": os.path.abspath(path)}   # a preset may build on another next to it
     try:
         with open(existing_file(path, "config file"), encoding="utf-8-sig") as f:   # a leading BOM is skipped
             source = f.read()

@@ -22,9 +22,9 @@ import torch
 from tiktoken.load import load_tiktoken_bpe
 
 from configurator import existing_file
-
-from tasks import (CHAINS, DEFAULT_TASKS, TASKS, Example, answer_step, chain_answers, chain_steps, check_fits,
-                   check_split, draw, eval_set, parse_tasks, read_jsonl, split_jsonl, training_slice)
+from tasks import (DEFAULT_TASKS, TASKS, Example, chain_answers, chain_steps, check_fits,
+                   check_split, draw, eval_set, jsonl_tag, parse_tasks, read_eval_jsonl, split_jsonl,
+                   training_slice)
 
 
 @dataclass
@@ -263,13 +263,14 @@ class ReasoningData:
     """(prompt, answer) examples packed into rows with answer-span masks; synthetic suite or JSONL."""
 
     def __init__(self, source: str, tok: Tokenizer, block_size: int, seed: int = 0, eval_source: str = "",
-                 tasks: str = DEFAULT_TASKS, gsm8k_answer: str = "final", *, step_targets: str = "final"):
+                 tasks: str = DEFAULT_TASKS, gsm8k_answer: str = "final", *, step_targets: str = "final",
+                 eval_tasks: str = ""):
         self.tok, self.block_size, self.seed, self.step_targets = tok, block_size, seed, step_targets
-        if source == "synthetic":   # eval: the suite's held-out hash slice, or eval_source's rows
-            self.tasks = parse_tasks(tasks)
-            self.evals = read_jsonl(eval_source, gsm8k_answer) if eval_source else None
-            check_split(self.tasks)
-            longest = max(TASKS[name][2](level) for name, level in self.tasks)
+        if source == "synthetic":   # eval: eval_tasks' (or the suite's) held-out hash slice, or eval_source's
+            self.tasks, self.eval_tasks = parse_tasks(tasks), parse_tasks(eval_tasks or tasks, "eval_tasks")
+            self.evals = read_eval_jsonl(eval_source, gsm8k_answer) if eval_source else None
+            check_split(self.tasks + self.eval_tasks)
+            longest = max(TASKS[name][2](level) for name, level in self.tasks + self.eval_tasks)
         else:
             self.tasks = None
             rows, self.evals = split_jsonl(source, eval_source, gsm8k_answer)
@@ -279,21 +280,14 @@ class ReasoningData:
                 raise ValueError(f"reasoning_data {source!r}: {len(self.train)} train and {len(self.evals)} "
                                  "eval examples after the split; set reasoning_eval_data to a separate file")
             longest = max(len(e.prompt) + len(e.answer) for e in self.train)
-        self.held_out = {prompt for prompt, _ in self.evals or ()}   # never drawn for training
-        evals = [len(self.tok.encode(p)) + len(self.tok.encode(a)) for p, a in self.evals or ()]
+        self.held_out = {prompt for prompt, *_ in self.evals or ()}   # never drawn for training
+        evals = [len(self.tok.encode(p)) + len(self.tok.encode(a)) for p, a, _ in self.evals or ()]
         check_fits(max([longest, *evals]), block_size, f"reasoning_data {source!r}"
                    + f", reasoning_eval_data {eval_source!r}" * bool(eval_source))
         # the training examples' distinct known levels, ascending: what a curriculum steps through
         self.levels = sorted({t[1] for t in self.tasks} if self.tasks
                              else {ex.level for ex in self.train} - {0})
         self._pools = {0: self.tasks or self.train}  # max_level -> the tasks or rows a curriculum stage draws
-
-    def supervised(self):
-        """(where, level L, chain length S) per synthetic task or JSONL row, for defaults.check_reasoning."""
-        if self.tasks:
-            return [(f"{family}:{L}", L, chain_steps(self.step_targets, L) if family in CHAINS else 0)
-                    for family, L in self.tasks]
-        return [(where, ex.level, len(ex.steps)) for where, ex in zip(self.where, self.train)]
 
     def _encode(self, prompt, answer, steps=None, level=0):
         """Example of strings: steps (the per-step answers) only when step_targets is not 'final'."""
@@ -342,14 +336,15 @@ class ReasoningData:
                      chain_len=cut(chain_len) if S else None, level=cut(level) if level.any() else None)
 
     def _train_example(self, rng, pool, max_level):
-        """One training example drawn from pool (tasks or encoded JSONL rows); a chain longer than max_level
-        (> 0, a curriculum's current highest level) is cut there."""
+        """One training example drawn from pool (tasks or encoded JSONL rows). Its chain is cut at max_level
+        (> 0: a curriculum's current highest level), and with step_targets 'chain:N' at N (JSONL rows too)."""
         ex = pool[rng.integers(len(pool))]
         if self.tasks:   # ex is a task (family, level): draw an example of it, and its chain
             prompt, answer = draw(ex, rng, False, exclude=self.held_out)
             n = chain_steps(self.step_targets, ex[1])
             ex = self._encode(prompt, answer, chain_answers(ex[0], prompt, n) if n else None, ex[1])
-        return ex._replace(steps=ex.steps[:answer_step(len(ex.steps), max_level)]) if max_level else ex
+        cut = [n for n in (len(ex.steps), max_level, chain_steps(self.step_targets, 0)) if n]   # 0: no cut
+        return ex._replace(steps=ex.steps[:min(cut)]) if cut else ex
 
     def get_batch(self, index: int, batch_size: int, max_level: int = 0) -> Batch:
         """Training batch `index`, a pure function of (seed, index, max_level): examples packed greedily, one
@@ -373,12 +368,16 @@ class ReasoningData:
 
     def eval_examples(self, n_examples: int) -> list:
         """The fixed eval set, [(prompt, answer)]: tasks.eval_set's, or from JSONL the first n_examples."""
-        return self.evals[:n_examples] if self.evals is not None else eval_set(self.tasks, n_examples)
+        if self.evals is None:
+            return eval_set(self.eval_tasks, n_examples)
+        return [(prompt, answer) for prompt, answer, _ in self.evals[:n_examples]]
 
     def eval_tags(self, n_examples: int) -> list:
-        """Which task each eval example comes from ('add:3', ...; 'jsonl' for files), for per-task metrics."""
-        return (["jsonl"] * len(self.eval_examples(n_examples)) if self.evals is not None
-                else ["%s:%d" % self.tasks[i % len(self.tasks)] for i in range(n_examples)])
+        """Each eval example's task ('hopo:3', ...; 'jsonl' or 'jsonl:L' for rows), for per-task metrics and
+        the reading per level (tasks.tag_level)."""
+        if self.evals is None:
+            return ["%s:%d" % self.eval_tasks[i % len(self.eval_tasks)] for i in range(n_examples)]
+        return [jsonl_tag(level) for *_, level in self.evals[:n_examples]]
 
     def eval_batches(self, batch_size: int, n_examples: int) -> list:
         """eval_examples(n_examples), one per row, so each is scored on exactly the context greedy decoding

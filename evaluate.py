@@ -1,26 +1,25 @@
 """
-Metrics: what a run measures per refinement step k, the records train.py writes of it, and their plots.
+Metrics: what a run measures per refinement step k, and train.py's eval sets and eval records of it
+(records.py writes them to metrics.jsonl and plots them).
 
 Evaluation is one teacher-forced pass, summed over DDP ranks: fluency val loss and, on held-out reasoning
 answers, exact match (greedy decoding's), token accuracy and how often step K beats step 1; and exact match
-against the test-time steps K' (exact_match_curve). train.py writes eval and train records to metrics.jsonl
-(and wandb).
+against the test-time steps K' (exact_match_curve).
 
-CLI: python evaluate.py --plot --out_dir=DIR   plots of one run's DIR/metrics.jsonl, written next to it (PLOTS
-     below; needs matplotlib, an optional extra: pip install matplotlib)
+CLI: python evaluate.py --plot --out_dir=DIR   plots of one run's DIR/metrics.jsonl, written next to it
+     (records.PLOTS; needs matplotlib, an optional extra: pip install matplotlib)
 """
 
 import argparse
-import json
-import os
 import sys
-from statistics import fmean
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from configurator import existing_file
+from latent_head import exit_logits
+from records import PLOTS, plot_run
+from tasks import tag_level
 
 
 def all_reduce_sum(t, world):
@@ -126,7 +125,73 @@ def exact_match_curve(model, batches, n_steps, tags=()):
     return exact[~exact[:, 0].isnan()].mean(0).tolist(), per_task(exact, tags)
 
 # -----------------------------------------------------------------------------
-# train.py's records, one JSON object a line in metrics.jsonl
+# the reading per level: an answer of level L (L steps of a chain) at step 1, at K' = L, at one large K', and
+# where adaptive exit stops
+
+LONG_STEPS = 21        # the one large K' every level is read at too: does thinking longer hurt?
+EXIT_THRESHOLD = 0.01  # adaptive exit's ε (latent_head.exit_logits) where none is given
+
+
+@torch.no_grad()
+def read_steps(model, batches, n_steps, n_examples, threshold=EXIT_THRESHOLD, world=1):
+    """
+    One teacher-forced pass -> per example: exact at every K' = 1..n_steps (N, K'), exact at adaptive exit
+    (N,) and the mean steps its tokens ran there (N,); nan for an example without answer tokens. Adaptive
+    exit, at most n_steps steps, is latent_head.exit_logits' rule per answer token (it stops at the first
+    k >= 1 with KL(p_k || p_{k-1}) < threshold, p_0 the trunk's): exact answers are what greedy decoding with
+    the same exit produces. n_steps = 0: the trunk alone.
+    """
+    device = model.lm_head.weight.device
+    wrong = torch.zeros(n_examples, max(n_steps, 1), device=device)        # wrong tokens (example, K')
+    sums = torch.zeros(3, n_examples, device=device)                        # at exit: wrong, steps; tokens
+    for b in batches:
+        m = b.answer_mask
+        ids, y, h = b.answer_id[m], b.y[m], model.trunk(b.x)
+        outs = [h[m], *(model.head_outputs(h, n_steps)[:, m] if n_steps else [])]   # o_0 = h, o_1.., (n, C)
+        for k, o in enumerate(outs[1:] or outs):
+            wrong[:, k].index_add_(0, ids, (model.unembed(o).argmax(-1) != y).float())
+        logits, used, _, _ = exit_logits(outs, n_steps, model.unembed, threshold)
+        for row, v in zip(sums, (logits.argmax(-1) != y, used, torch.ones_like(used))):
+            row.index_add_(0, ids, v.float())
+    wrong, (exit_wrong, steps, seen) = all_reduce_sum(wrong, world), all_reduce_sum(sums, world)
+    exact = lambda w: torch.where(seen > 0, (w == 0).float(), float("nan"))
+    return exact(wrong.T).T, exact(exit_wrong), steps / seen
+
+
+def level_reading(model, batches, tags, n_steps=LONG_STEPS, threshold=EXIT_THRESHOLD, world=1):
+    """
+    Per level L (tasks.tag_level of each eval example's tag): exact match at step 1, at K' = L, at
+    K' = n_steps (one large K' for every level) and at adaptive exit (at most n_steps), with the mean steps
+    its tokens ran -> {L: {'n', 'step_1', 'at_L', 'long', 'at_long', 'exit', 'exit_steps'}}; {} when no
+    example has a level.
+    """
+    levels = torch.tensor([tag_level(t) for t in tags])
+    if not levels.any():
+        return {}
+    read = read_steps(model, batches, n_steps, len(tags), threshold, world)
+    exact, exit_exact, exit_steps = (t.cpu() for t in read)
+    reading = {}
+    for L in sorted(set(levels.tolist()) - {0}):
+        rows = (levels == L) & ~exact[:, 0].isnan()
+        mean = lambda v: v[rows].mean().item()
+        reading[L] = {"n": int(rows.sum()), "step_1": mean(exact[:, 0]),
+                      "at_L": mean(exact[:, min(L, exact.size(1)) - 1]), "long": n_steps,
+                      "at_long": mean(exact[:, -1]), "exit": mean(exit_exact), "exit_steps": mean(exit_steps)}
+    return reading
+
+
+def level_table(reading):
+    """level_reading's result (its keys ints or strings) as lines of a table."""
+    long = next(iter(reading.values()))["long"]
+    head = ("level", "n", "step 1", "K'=L", f"K'={long}", "exit", "steps")
+    lines = ["{:>14}{:>6}{:>8}{:>8}{:>8}{:>8}{:>7}".format(*head)]
+    for L, r in reading.items():
+        cells = "".join(f"{r[k]:8.4f}" for k in ("step_1", "at_L", "at_long", "exit"))
+        lines.append(f"{L:>14}{r['n']:>6}{cells}{r['exit_steps']:7.2f}")
+    return lines
+
+# -----------------------------------------------------------------------------
+# train.py's eval sets and eval records
 
 
 def eval_sets(fluency, reasoning, c, rank, world, device):
@@ -143,14 +208,16 @@ def eval_sets(fluency, reasoning, c, rank, world, device):
 
 def eval_metrics(model, fluency_val, reasoning_val, tags, n_steps, n_examples, world=1):
     """An eval record's metrics, from eval_sets: fluency_loss, answer_exact_match, answer_token_acc (per
-    step), step_K_beats_1 and task_exact_match ({task: per step}), those of the sets there are."""
+    step), step_K_beats_1, task_exact_match ({task: per step}) and, where examples have levels,
+    level_exact_match ({level: level_reading's}), those of the sets there are."""
     rec = {}
     if fluency_val is not None:
         rec["fluency_loss"] = evaluate_fluency(model, fluency_val, n_steps, world)
     if reasoning_val is not None:
         r = evaluate_reasoning(model, reasoning_val, n_steps, n_examples, world)
         r["task_exact_match"] = per_task(r.pop("per_example_exact").cpu(), tags)
-        rec.update(r)
+        reading = level_reading(model, reasoning_val, tags, LONG_STEPS if n_steps else 0, world=world)
+        rec.update(r, **({"level_exact_match": {str(L): v for L, v in reading.items()}} if reading else {}))
     return rec
 
 
@@ -167,221 +234,10 @@ def format_eval(rec):
         lines.append(f"{'EM ' + tag:>14}" + "".join(f"{v:8.4f}" for v in em))
     if "step_K_beats_1" in rec:
         lines.append(f"step K beats step 1 on {100 * rec['step_K_beats_1']:.1f}% of answer tokens")
+    if rec.get("level_exact_match"):
+        lines += ["exact match per level: at step 1, at K' = L, at one large K', at adaptive exit (steps):",
+                  *level_table(rec["level_exact_match"])]
     return "\n".join(lines)
-
-
-class TrainWindow:
-    """The optimizer steps since the last train record: what each logged, and what they took."""
-
-    def __init__(self, tokens_per_iter):
-        self.tokens_per_iter = tokens_per_iter
-        self.logged = {"fluency": [], "reasoning": []}   # what each step logged (loss, ds, rl, imp, nll_k)
-        self.n_steps, self.tokens, self.flops, self.seconds = [], 0, 0, 0.0
-
-    def add(self, kind, K, logged, flops_per_token, seconds):
-        self.logged[kind].append(logged)
-        self.n_steps.append(K)
-        self.tokens += self.tokens_per_iter
-        self.flops += flops_per_token * self.tokens_per_iter
-        self.seconds += seconds
-
-    def record(self, it, lr, world, gpu_peak_tflops=None):
-        """The train record at iteration `it`: means over the window's steps, each kind's apart (kind_means),
-        and throughput; MFU given the GPU's peak TFLOP/s."""
-        steps = self.logged["fluency"] + self.logged["reasoning"]
-        tflops = self.flops / self.seconds / world / 1e12       # per process, FLOPs actually run
-        rec = {"type": "train", "iter": it, "tokens": it * self.tokens_per_iter, "lr": lr,
-               "loss": sum(s["loss"] for s in steps) / len(steps), "n_steps": self.n_steps,
-               **{kind: kind_means(logged) for kind, logged in self.logged.items() if logged},
-               "tokens_per_s": self.tokens / self.seconds, "tflops": tflops}
-        if gpu_peak_tflops:
-            rec["mfu"] = tflops / gpu_peak_tflops
-        return rec
-
-
-def kind_means(steps):
-    """The mean of each logged value over the steps of one kind; ℓ_k over the steps that ran step k (K varies
-    with random K). steps: what each logged, {"loss", "ds", "rl", "imp": float, "nll_k": [ℓ_1..ℓ_K]}."""
-    rec = {"steps": len(steps), **{k: fmean(s[k] for s in steps) for k in ("loss", "ds", "rl", "imp")}}
-    K = max(len(s["nll_k"]) for s in steps)
-    # None: no step of the window that ran step k drew it (sampled deep supervision)
-    ran = [[s["nll_k"][k] for s in steps if len(s["nll_k"]) > k and s["nll_k"][k] is not None]
-           for k in range(K)]
-    rec["nll_k"] = [fmean(values) if values else None for values in ran]
-    return rec
-
-
-class Records:
-    """A run's metrics.jsonl, one JSON record a line, and the same records to wandb when given a wandb run."""
-
-    def __init__(self, path, wandb=None):
-        self.path, self.wandb = path, wandb
-
-    def write(self, rec):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.wandb:
-            self.wandb.log(flat(rec), step=rec["iter"])
-
-    def start(self, resumed_at=None):
-        """Training starts: a fresh run (resumed_at None) removes the old records; a resumed one keeps those
-        up to its checkpoint's iteration, dropping what the crashed run wrote after it (the resumed run writes
-        it again) and a line cut short by the crash. Atomic."""
-        if not os.path.exists(self.path):
-            return
-        if resumed_at is None:
-            os.remove(self.path)
-            return
-        kept = [json.dumps(rec) + "\n" for rec in read_metrics(self.path) if rec["iter"] <= resumed_at]
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(self.path + ".tmp", self.path)
-
-
-def flat(rec, prefix=""):
-    """A record as flat scalars for wandb: {'fluency_loss': [a, b]} -> {'fluency_loss/k1': a, ...}."""
-    out = {}
-    for key, v in rec.items():
-        name = prefix + key
-        if isinstance(v, dict):
-            out.update(flat(v, name + "/"))
-        elif isinstance(v, list):
-            out.update({f"{name}/k{k + 1}": x for k, x in enumerate(v)})
-        elif isinstance(v, (int, float)):
-            out[name] = v
-    return out
-
-
-# -----------------------------------------------------------------------------
-# plots of one run: python evaluate.py --plot --out_dir=DIR
-
-PLOTS = {  # what: the PNG written next to metrics.jsonl (only when the run logged that data)
-    "train_loss": "train_loss.png",                  # training loss over iterations, fluency, reasoning apart
-    "fluency_loss": "fluency_loss_per_step.png",     # fluency val loss over training, one line per step k
-    "answer_exact_match": "answer_em_per_step.png",  # held-out answer exact match over training, a line per k
-    "task_exact_match": "task_em_step_K.png",        # exact match at the last step K, one line per task
-}
-KINDS = ("fluency", "reasoning")
-
-
-def read_metrics(path, skipped=None):
-    """The records of a metrics.jsonl. A line that is not one of train.py's records is skipped, its number
-    appended to `skipped`: cut short by a crash, not UTF-8 or JSON, or of other types than train.py writes."""
-    records, fix = [], f": train.py writes it (--out_dir={os.path.dirname(path) or '.'})"
-    with open(existing_file(path, "metrics file", fix), "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                rec = json.loads(line.decode("utf-8"))
-            except ValueError:   # json's and UTF-8's errors alike
-                rec = None
-            if is_record(rec):
-                records.append(rec)
-            elif line.strip() and skipped is not None:
-                skipped.append(lineno)
-    return records
-
-
-def is_record(rec):
-    """Whether rec has train.py's types where a plot or a resume reads it: an int iter, numbers per step."""
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    per_step = lambda v: isinstance(v, list) and all(map(number, v))
-    if not (isinstance(rec, dict) and type(rec.get("iter")) is int):
-        return False
-    parts = [rec[k] for k in KINDS if k in rec] + ([rec] if "kind" in rec else [])   # train records' losses
-    tasks = rec.get("task_exact_match", {})
-    return (all(isinstance(p, dict) and number(p.get("loss", 0)) for p in parts)
-            and all(per_step(rec[k]) for k in ("fluency_loss", "answer_exact_match") if k in rec)
-            and isinstance(tasks, dict) and all(map(per_step, tasks.values())))
-
-
-def plot_series(records):
-    """What the plots show, from metrics.jsonl records (read_metrics'), in iteration order:
-      train_loss          {kind: (iters, losses)}; a train record has a sub-dict per kind that ran since the
-                          last log ({"fluency": {"loss": ...}, "reasoning": {...}}), or, in the older format,
-                          "kind" and "loss"
-      fluency_loss        [(iters, values)] for each step k, from eval records (not eval_only records)
-      answer_exact_match  the same
-      task_exact_match    {task: (iters, exact match at the last step K)}"""
-    out = {"train_loss": {}, "fluency_loss": {}, "answer_exact_match": {}, "task_exact_match": {}}
-
-    def add(series, key, it, value):
-        xs, ys = series.setdefault(key, ([], []))
-        xs.append(it)
-        ys.append(value)
-
-    for rec in sorted(records, key=lambda r: r["iter"]):  # stable: ties keep the file's order
-        it = rec["iter"]
-        if rec.get("type") == "train":
-            parts = {kind: rec[kind] for kind in KINDS if isinstance(rec.get(kind), dict)}
-            if not parts and rec.get("kind") in KINDS:  # the older format: one kind per record
-                parts = {rec["kind"]: rec}
-            for kind, part in parts.items():
-                if "loss" in part:
-                    add(out["train_loss"], kind, it, part["loss"])
-        elif rec.get("type") == "eval":
-            for key in ("fluency_loss", "answer_exact_match"):
-                for k, v in enumerate(rec.get(key) or []):
-                    add(out[key], k, it, v)
-            for task, em in (rec.get("task_exact_match") or {}).items():
-                if em:
-                    add(out["task_exact_match"], task, it, em[-1])
-    for key in ("fluency_loss", "answer_exact_match"):   # {k: series} -> [series of k = 1, 2, ...]
-        out[key] = [out[key][k] for k in sorted(out[key])]
-    return out
-
-
-def pyplot():
-    """matplotlib.pyplot drawing to files (the Agg backend), or None: matplotlib is an optional extra."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def plot_run(out_dir):
-    """Write PLOTS of out_dir/metrics.jsonl next to it; returns the paths written. matplotlib is imported
-    here: it is an optional extra."""
-    path, skipped = os.path.join(out_dir, "metrics.jsonl"), []
-    series = plot_series(read_metrics(path, skipped))
-    if skipped:
-        print(f"evaluate.py: skipped line(s) {', '.join(map(str, skipped[:5]))}{' ...' * (len(skipped) > 5)} "
-              f"of {path}: not train.py's records", file=sys.stderr)
-    if not any(series.values()):
-        raise ValueError(f"{path}: no train or eval records to plot")
-    plt = pyplot()
-    if plt is None:
-        raise ImportError("--plot needs matplotlib, an optional extra: pip install matplotlib")
-    name, written = os.path.basename(os.path.abspath(out_dir)), []
-
-    def save(fig, what):
-        fig.tight_layout()
-        written.append(os.path.join(out_dir, PLOTS[what]))
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
-
-    if series["train_loss"]:
-        kinds = [k for k in KINDS if k in series["train_loss"]]
-        fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), squeeze=False)
-        for ax, kind in zip(axes[0], kinds):
-            ax.plot(*series["train_loss"][kind], color="C0" if kind == "fluency" else "C1")
-            ax.set(title=f"{name}: {kind} training loss", xlabel="iter", ylabel="loss")
-        save(fig, "train_loss")
-    for what, title, ylabel in (("fluency_loss", "fluency val loss per step", "loss"),
-                                ("answer_exact_match", "held-out answer exact match per step", "exact match"),
-                                ("task_exact_match", "exact match per task at step K", "exact match")):
-        lines = series[what] if what == "task_exact_match" else {f"k={k + 1}": xy for k, xy in
-                                                                   enumerate(series[what])}
-        if lines:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for label, (xs, ys) in lines.items():
-                ax.plot(xs, ys, marker=".", label=label)
-            ax.set(title=f"{name}: {title}", xlabel="iter", ylabel=ylabel)
-            ax.legend(fontsize=8)
-            save(fig, what)
-    return written
 
 
 if __name__ == "__main__":

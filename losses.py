@@ -122,8 +122,8 @@ def step_supervision(y, n_steps, weights, step_y=None, chain_len=None, level=Non
       level_steps='from'   ... at the steps k ≥ min(L, K), w renormalised over them
     The steps left allowed keep their w_k, renormalised; a token whose allowed steps all have w_k = 0 (e.g.
     'last' when a chain ends before K, or weight_skip ≥ L) is supervised at its last allowed step. Prompt
-    tokens and fluency rows (chain_len = level = 0) keep w. A row whose level is above a random K is read at
-    step K, the last.
+    tokens and fluency rows (chain_len = level = 0) keep w. An answer whose level is above K has no step to
+    be read at: level-matched supervision gets no loss on it (schedules.readable_at drops it).
     """
     if beyond_chain not in BEYOND_CHAIN:
         raise ValueError(f"beyond_chain must be one of {', '.join(BEYOND_CHAIN)}, got {beyond_chain!r}")

@@ -8,7 +8,8 @@ Sample from a trained nanoRLRP model, see what each latent step predicts, or mea
 
 The test-time curve (--eval): reasoning exact match for every K' = 0..2K, teacher-forced
 (evaluate.exact_match_curve, equal to greedy decoding's), then greedy decoding at the trained K with adaptive
-exit against fixed K.
+exit against fixed K, and where examples have levels (the chain families, JSONL "level"), the reading per
+level: at step 1, at K' = L, at K' = 21, at adaptive exit (evaluate.level_reading).
 
 Prompts: every prompt follows an end-of-text token, as every document and reasoning example does in
 training, so an empty --start samples unconditionally. A prompt is UTF-8 text; one that is not (a file in
@@ -28,7 +29,8 @@ import torch
 import checkpoint
 import data
 from configurator import ConfigError, autocast, configure, default_device, default_dtype, existing_file
-from evaluate import exact_match_curve, pyplot
+from evaluate import EXIT_THRESHOLD, LONG_STEPS, exact_match_curve, level_reading, level_table
+from records import pyplot
 from model import GPT
 import tasks
 
@@ -63,9 +65,6 @@ DEFAULTS = dict(
     eval_batch_size=64,     # with eval: examples per batch (decoded: prompts of one length share a batch)
     plot="",                # with eval: save the scaling curve to this PNG (needs matplotlib)
 )
-ADAPTIVE_DEFAULT = 0.01     # the threshold eval compares at when exit_threshold is not given
-
-
 def load_config(argv):
     """DEFAULTS with argv applied, device and dtype resolved (None = the best available), checked."""
     c = configure(DEFAULTS, argv, doc=__file__)
@@ -186,10 +185,11 @@ def eval_set(c, train_cfg, tok, block_size):
               or train_cfg.get("reasoning_data", "synthetic"))
     n, gsm8k = c["eval_examples"], train_cfg.get("gsm8k_answer", "final")
     if source not in ("synthetic", train_cfg.get("reasoning_data")):   # a separate file: its first n lines
-        examples = tasks.read_jsonl(source, gsm8k)[:n]
-        return examples, ["jsonl"] * len(examples), source
+        rows = tasks.read_eval_jsonl(source, gsm8k)[:n]
+        return [(p, a) for p, a, _ in rows], [tasks.jsonl_tag(level) for *_, level in rows], source
     # the built-in suite, or the held-out slice of the training JSONL (never trained on)
-    suite = c["eval_tasks"] or train_cfg.get("reasoning_tasks") or data.DEFAULT_TASKS
+    suite = (c["eval_tasks"] or train_cfg.get("eval_tasks") or train_cfg.get("reasoning_tasks")
+             or data.DEFAULT_TASKS)
     rd = data.ReasoningData(source, tok, block_size, train_cfg.get("seed", 0), tasks=suite,
                             gsm8k_answer=gsm8k)
     return rd.eval_examples(n), rd.eval_tags(n), f"{source} {suite}" if source == "synthetic" else source
@@ -262,6 +262,12 @@ def evaluate(model, tok, c, train_cfg, ctx):
         print(f"{k:>6} {em:>7.3f} " + " ".join(f"{by_task[t][k]:>9.3f}" for t in columns))
     if 0 < K <= top:
         compare_adaptive_exit(model, examples, tok.eot_token, c, ctx)
+    thr = EXIT_THRESHOLD if c["exit_threshold"] is None else c["exit_threshold"]
+    with ctx:
+        reading = level_reading(model, batches, tags, LONG_STEPS if K else 0, thr)
+    if reading:
+        print(f"exact match per level (adaptive exit: KL < {thr}, at most K'={LONG_STEPS if K else 0}):")
+        print("\n".join(level_table(reading)))
     if c["plot"]:
         plot_curve(curve, K, what, c["plot"])
     return curve
@@ -270,7 +276,7 @@ def evaluate(model, tok, c, train_cfg, ctx):
 def compare_adaptive_exit(model, examples, eot, c, ctx):
     """Greedy decoding at the trained K with adaptive exit against fixed K: exact match, the tokens both
     generate alike, and the steps a token runs."""
-    K, thr = model.config.n_steps, ADAPTIVE_DEFAULT if c["exit_threshold"] is None else c["exit_threshold"]
+    K, thr = model.config.n_steps, EXIT_THRESHOLD if c["exit_threshold"] is None else c["exit_threshold"]
     run = lambda t: decode_answers(model, examples, eot, K, exit_threshold=t, batch_size=c["eval_batch_size"],
                                    device=c["device"], ctx=ctx)
     (match_a, gen_a, used_a), (match_f, gen_f, _) = run(thr), run(None)

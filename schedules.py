@@ -9,6 +9,7 @@ them.
 """
 
 import math
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
@@ -261,18 +262,31 @@ def micro_batch_index(step: int, micro_step: int, rank: int, world_size: int, gr
     return step * grad_accum + micro_step * world_size + rank
 
 
-def micro_batches(it, c, sources, *, kind, level=0, rank=0, world=1):
+def micro_batches(it, c, sources, *, kind, n_steps, level=0, rank=0, world=1):
     """This rank's micro-batches of optimizer step `it` as (global micro-batch index, Batch) pairs. sources:
-    (FluencyData, ReasoningData), either None when unused; kind: the step's; level > 0: a curriculum's highest
-    level now."""
+    (FluencyData, ReasoningData), either None when unused; kind and n_steps (K): the step's; level > 0: a
+    curriculum's highest level now. Level-matched supervision: no loss on an answer above K (readable)."""
     fluency, reasoning = sources
     B, G = c["batch_size"], c["gradient_accumulation_steps"]
     indices = [micro_batch_index(it, m, rank, world, G) for m in range(G // world)]
+    readable = lambda b: readable_at(b, n_steps) if c["level_steps"] != "all" and n_steps else b
     if c["routing"] == "mixed":
         r = min(B - 1, max(1, round(B * c["reasoning_fraction"])))   # reasoning rows per micro-batch
         mixed = lambda i: cat_batches([fluency.get_batch("train", i, B - r),
-                                       reasoning.get_batch(i, r, level)], "reasoning")
+                                       readable(reasoning.get_batch(i, r, level))], "reasoning")
         return [(i, mixed(i)) for i in indices]
     if kind == "reasoning":
-        return [(i, reasoning.get_batch(i, B, level)) for i in indices]
+        return [(i, readable(reasoning.get_batch(i, B, level))) for i in indices]
     return [(i, fluency.get_batch("train", i, B)) for i in indices]
+
+
+def readable_at(b, n_steps):
+    """Batch b without a loss on the answers whose level L is above K = n_steps (y = -1 there: out of every
+    mask and count). Level-matched supervision reads an answer at step L; at a drawn K < L no step may, and
+    reading it at step K would train a K-step shortcut to an L-step answer."""
+    drop = b.level > n_steps if b.level is not None else None
+    if drop is None or not drop.any():
+        return b
+    step_y = None if b.step_y is None else b.step_y.masked_fill(drop, -1)
+    return replace(b, y=b.y.masked_fill(drop, -1), answer_mask=b.answer_mask & ~drop,
+                   answer_id=b.answer_id.masked_fill(drop, -1), step_y=step_y)

@@ -105,8 +105,50 @@ def _iter_chain(prompt, n):  # 'f^2(4071)=', 2 -> ['8143', '2156']: ITER_F on ea
     return chain
 
 
+# root: the fixed-point family. Pointer chasing to a fixed point: the root of a node at depth L of a random
+# forest whose roots point to themselves, so f^k(x) stays at the root from k = L on and running more steps
+# than needed never hurts. The prompt does not state L. Every forest has 3 roots, two of them with a spine of
+# ROOT_DEPTH nodes, the third alone: a query of any depth has two trees that reach it, so neither "a root"
+# (1/3) nor "the root of the tallest tree" (1/2) answers it, and a deep query does not single out a tree.
+ROOT_SYMBOLS = "abcdefghijklmnopq"   # 3 roots + 2 spines of ROOT_DEPTH: 17 symbols, prompts of 53 bytes
+ROOT_DEPTH = 7
+
+
+def _root(rng, level, ordered=True):  # level 2: 'ab,bb,cd,dd,...;h=' -> the root of h, two parents up
+    s = [ROOT_SYMBOLS[i] for i in rng.permutation(len(ROOT_SYMBOLS))]
+    roots, spines = s[:3], (s[3:3 + ROOT_DEPTH], s[3 + ROOT_DEPTH:])
+    parent = {r: r for r in roots}
+    for root, spine in zip(roots, spines):                 # spine[i] has depth i + 1
+        parent.update(zip(spine, [root, *spine[:-1]]))
+    keys = sorted(parent) if ordered else [s[i] for i in rng.permutation(len(s))]  # rootr: a content lookup
+    tree = int(rng.integers(2))
+    return ",".join(k + parent[k] for k in keys) + f";{spines[tree][level - 1]}=", roots[tree]
+
+
+def _root_chain(prompt, n):  # 'ab,bb,...;h=', 3 -> [f(h), f²(h), f³(h)]: the ancestors, then the root
+    pairs, query = prompt.split(";")
+    parent, x, chain = dict(pairs.split(",")), query[0], []
+    for _ in range(n):
+        x = parent[x]
+        chain.append(x)
+    return chain
+
+
+def root_shortcuts(prompt):
+    """What two shortcuts answer to a root prompt, without chasing the query's parents: 'any root' (the first
+    in symbol order: right 1/3 of the time) and 'tallest tree' (the root with the deepest node below it, the
+    first on a tie: 1/2)."""
+    parent = dict(pairs for pairs in prompt.split(";")[0].split(","))
+    depth = lambda x: 0 if parent[x] == x else 1 + depth(parent[x])
+    root = lambda x: x if parent[x] == x else root(parent[x])
+    roots = sorted(k for k in parent if parent[k] == k)
+    tallest = max(roots, key=lambda r: (max(depth(k) for k in parent if root(k) == r), -ord(r)))
+    return {"any root": roots[0], "tallest tree": tallest}
+
+
 # the families whose answer is f^L(x): their per-step answers f^1(x)..f^n(x), read from the prompt
-CHAINS = {"hop": _hop_chain, "hopo": _hop_chain, "iter": _iter_chain}
+CHAINS = {"hop": _hop_chain, "hopo": _hop_chain, "iter": _iter_chain, "root": _root_chain,
+          "rootr": _root_chain}
 
 
 def chain_answers(family, prompt, n):
@@ -146,6 +188,8 @@ TASKS = {
     "hopo": (lambda rng, L: _hop(rng, L, ordered=True), len(HOP_SYMBOLS) - 1,
              lambda L: 4 * len(HOP_SYMBOLS) + 8),  # keys in order p..w
     "iter": (_iter, len(ITER_F) - 1, lambda L: 10 + ITER_WIDTH),
+    "root": (_root, ROOT_DEPTH, lambda L: 3 * len(ROOT_SYMBOLS) + 3),                 # keys in order
+    "rootr": (lambda rng, L: _root(rng, L, ordered=False), ROOT_DEPTH, lambda L: 3 * len(ROOT_SYMBOLS) + 3),
 }
 DEFAULT_TASKS = "add:2,mul:2,chain:2,sort:8"  # measured on the CPU preset: README "Data"
 EVAL_STREAM = 1_000_003  # the synthetic eval set's rng key: the same for every seed and every suite
@@ -155,18 +199,33 @@ MAX_LEVEL = 1000          # a JSONL row's level and chain length: a number of st
 # -----------------------------------------------------------------------------
 # specs and the train/eval split
 
-def parse_tasks(spec: str) -> list:
-    """'add:3,chain:2' -> [('add', 3), ('chain', 2)]"""
+def parse_tasks(spec: str, key: str = "reasoning_tasks") -> list:
+    """'add:3,hopo:1-3' -> [('add', 3), ('hopo', 1), ('hopo', 2), ('hopo', 3)]; key names the spec's key in
+    the error."""
     tasks = []
     for item in spec.split(","):
-        name, _, level = item.strip().partition(":")
+        name, _, levels = item.strip().partition(":")
         if name not in TASKS:
-            raise ValueError(f"reasoning_tasks={spec!r}: unknown task {name!r}; families: {', '.join(TASKS)}")
-        if not level.isdigit() or not 1 <= int(level) <= TASKS[name][1]:
-            raise ValueError(f"reasoning_tasks={spec!r}: {item.strip()!r} needs a level 1..{TASKS[name][1]}, "
-                             f"e.g. '{name}:3'")
-        tasks.append((name, int(level)))
+            raise ValueError(f"{key}={spec!r}: unknown task {name!r}; families: {', '.join(TASKS)}")
+        first, _, last = levels.partition("-")
+        top = TASKS[name][1]
+        if not re.fullmatch(r"\d+(-\d+)?", levels) or not 1 <= int(first) <= int(last or first) <= top:
+            raise ValueError(f"{key}={spec!r}: {item.strip()!r} needs a level 1..{top} or a range of them, "
+                             f"e.g. '{name}:3' or '{name}:1-3'")
+        tasks += [(name, L) for L in range(int(first), int(last or first) + 1)]
     return tasks
+
+
+def jsonl_tag(level):
+    """An eval example's tag (per-task tables) for a JSONL row: 'jsonl', or 'jsonl:L' with its level."""
+    return f"jsonl:{level}" if level else "jsonl"
+
+
+def tag_level(tag):
+    """The level an eval example is read at, K' = L, from its tag: a chain family's ('hopo:3') or a JSONL
+    row's ('jsonl:3'); 0 for the other families, whose level is a size, not a number of steps."""
+    family, _, level = tag.partition(":")
+    return int(level) if level and (family in CHAINS or family == "jsonl") else 0
 
 
 def check_fits(longest, block_size, what):
@@ -186,7 +245,10 @@ def is_eval_prompt(prompt: str) -> bool:
 def split_key(family, prompt):
     """What the train/eval split hashes: the prompt, without its level for the chain families ('f^3(r)=' ->
     'f^(r)='), so a held-out (map, start) is held out at every level: with per-step targets a training
-    example's steps are trained on f^k(x), the answers of the same prompt at the other levels k."""
+    example's steps are trained on f^k(x), the answers of the same prompt at the other levels k. root: the
+    forest alone, its keys sorted, so a held-out forest is held out under every query and key order."""
+    if family in ("root", "rootr"):
+        return ",".join(sorted(prompt.split(";")[0].split(",")))
     return re.sub(r"f\^\d+\(", "f^(", prompt) if family in CHAINS else prompt
 
 
@@ -288,12 +350,17 @@ def read_jsonl(path: str, gsm8k_answer: str = "final") -> list:
     return [ex[:2] for ex in read_jsonl_examples(path, gsm8k_answer)]
 
 
+def read_eval_jsonl(path: str, gsm8k_answer: str = "final") -> list:
+    """[(prompt, answer, level)] from a .jsonl eval file (read_jsonl_examples' rows; level 0 = none)."""
+    return [(p, a, level) for p, a, _, level, _ in read_jsonl_examples(path, gsm8k_answer)]
+
+
 def split_jsonl(source, eval_source="", gsm8k_answer="final"):
-    """(training rows as read_jsonl_examples gives them, eval [(prompt, answer)]) of a .jsonl file: eval =
-    eval_source's rows, or the held-out hash slice (10% of prompts) of source's; no eval prompt is trained
-    on."""
+    """(training rows as read_jsonl_examples gives them, eval [(prompt, answer, level)]) of a .jsonl file:
+    eval = eval_source's rows, or the held-out hash slice (10% of prompts) of source's; no eval prompt is
+    trained on."""
     examples = read_jsonl_examples(source, gsm8k_answer)
-    evals = read_jsonl(eval_source, gsm8k_answer) if eval_source else \
-        [e[:2] for e in examples if is_eval_prompt(e[0])]
-    held_out = {prompt for prompt, _ in evals}
+    evals = read_eval_jsonl(eval_source, gsm8k_answer) if eval_source else \
+        [(p, a, level) for p, a, _, level, _ in examples if is_eval_prompt(p)]
+    held_out = {prompt for prompt, *_ in evals}
     return [e for e in examples if e[0] not in held_out], evals

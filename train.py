@@ -33,11 +33,11 @@ import checkpoint
 import data
 from checkpoint import build_model
 from config.defaults import (DEFAULTS, DEFAULTS_FILE, RENAMED, check, check_needs, check_reasoning,
-                             latent_keys_warning)
+                             latent_keys_warning, training_rows)
 from configurator import ConfigError, catch_stop_signals, configure, precision, setup_system
-from evaluate import (Records, TrainWindow, all_reduce_dict, all_reduce_sum, eval_metrics, eval_sets,
-                      evaluate_reasoning, format_eval)
+from evaluate import all_reduce_dict, all_reduce_sum, eval_metrics, eval_sets, evaluate_reasoning, format_eval
 from losses import Counts, ObjectiveConfig, rlrp_loss, sampled_unembeds, supervise
+from records import Records, TrainWindow
 from schedules import (Curriculum, Router, max_n_steps, micro_batches, sampling_generator, seed_micro_batch,
                        step_plan)
 
@@ -77,7 +77,8 @@ def load_data(c):
             if c["fluency_data"] else None
         reasoning = data.ReasoningData(c["reasoning_data"], tok, c["block_size"], c["seed"],
                                        c["reasoning_eval_data"], tasks=c["reasoning_tasks"],
-                                       gsm8k_answer=c["gsm8k_answer"], step_targets=c["step_targets"]) \
+                                       gsm8k_answer=c["gsm8k_answer"], step_targets=c["step_targets"],
+                                       eval_tasks=c["eval_tasks"]) \
             if c["reasoning_data"] else None
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
@@ -161,10 +162,10 @@ class Run:
         self.ctx, self.scaler = precision(c, device_type)
         torch.manual_seed(c["seed"])
         tok, self.fluency, self.reasoning = load_data(c)
-        for line in latent_keys_warning(c) + (check_reasoning(c, self.reasoning.supervised(), max_n_steps(c))
-                                              if self.reasoning else []):
-            if self.master:   # legal, but not what it may look like: said once, at the start
-                print(f"train.py: warning: {line}", file=sys.stderr)
+        if self.reasoning:
+            check_reasoning(c, training_rows(self.reasoning), max_n_steps(c))
+        for line in latent_keys_warning(c) if self.master else []:   # legal, but not what it may look like
+            print(f"train.py: warning: {line}", file=sys.stderr)
         self.curriculum = Curriculum(c, self.reasoning and self.reasoning.levels, (ckpt or {}).get(
             "curriculum_switches", ()))
         self.router = Router(c["reasoning_fraction"])
@@ -304,8 +305,8 @@ class Run:
             step = step_plan(it, c, self.router, self.curriculum)    # the same on every rank, and on resume
             for group in self.optimizer.param_groups:
                 group["lr"] = step.lr
-            micro = micro_batches(it, c, (self.fluency, self.reasoning), kind=step.kind, level=step.level,
-                                  rank=self.rank, world=self.world)
+            micro = micro_batches(it, c, (self.fluency, self.reasoning), kind=step.kind, n_steps=step.n_steps,
+                                  level=step.level, rank=self.rank, world=self.world)
             counts = step_counts([b for _, b in micro], c, self.device, self.world)
             logged = {}
             for m, (index, b) in enumerate(micro):

@@ -184,7 +184,7 @@ def train_args(cfg, tok, tok_file, fluency, out_dir):
 
 def show_train_records(path, shown):
     """Print the train records of metrics.jsonl after the first `shown`; -> how many are shown now."""
-    from evaluate import read_metrics
+    from records import read_metrics
     records = [r for r in read_metrics(path) if r["type"] == "train"] if os.path.isfile(path) else []
     for r in records[shown:]:
         kinds = "+".join(kind for kind in ("fluency", "reasoning") if kind in r)   # the window's step kinds

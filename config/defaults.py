@@ -12,7 +12,7 @@ import re
 from configurator import ConfigError
 from latent_head import GELU, HEAD_ATTN, READOUT_GRAD
 from losses import BEYOND_CHAIN, LEVEL_STEPS, WEIGHT_SCHEDULES
-from tasks import DEFAULT_TASKS
+from tasks import CHAINS, DEFAULT_TASKS, chain_steps
 
 DEFAULTS_FILE = os.path.abspath(__file__)   # `--help` reads the keys' meanings from DEFAULTS' comments here
 
@@ -38,6 +38,8 @@ DEFAULTS = dict(
     reasoning_eval_data="",    # a .jsonl file, the eval set (beside 'synthetic' too: its prompts are then
                                # never drawn for training); '' = the held-out hash slice of reasoning_data
     reasoning_tasks=DEFAULT_TASKS,  # the synthetic suite: family:level, comma-separated (README "Data")
+    eval_tasks="",             # the synthetic tasks of the held-out set, e.g. 'hopo:1-7': levels beyond the
+                               # trained ones, the same split; '' = reasoning_tasks
     reasoning_fraction=0.5,    # ρ: the fraction of optimizer steps that are reasoning steps
     routing="step",            # 'step': each optimizer step is all fluency or all reasoning (routing (ii));
                                # 'mixed': every micro-batch holds a ρ share of reasoning rows
@@ -81,9 +83,9 @@ DEFAULTS = dict(
     # what each step is trained on (losses.step_supervision; README "Steps that earn their keep")
     step_targets="final",      # 'final': the answer at every step (the paper's) | 'chain': each example's own
                                # chain a_1..a_S (JSONL "step_answers"; hop/hopo/iter: f^1(x)..f^L(x) to its
-                               # level L, steps past L keep f^L) | 'chain:N': as 'chain', but hop/hopo/iter
-                               # get f^1..f^N at every level (no stop: level L is read at step L); both need
-                               # lambda_imp=0
+                               # level L, steps past L keep f^L) | 'chain:N': as 'chain', but the chain
+                               # families get f^1..f^N at every level (no stop: level L is read at step L),
+                               # a JSONL row its chain cut at N; both need lambda_imp=0
     beyond_chain="stay",       # steps past a chain's a_S: 'stay' (trained on a_S) | 'none' (no loss there)
     level_steps="all",         # an answer of level L is supervised at: 'all' steps (w) | 'at' step L only
                                # | 'from' the steps >= L (w renormalised); K < L: step K
@@ -199,9 +201,6 @@ CONSTRAINTS = [
      "curriculum_iters and curriculum_threshold both set when the next level joins: use one"),
     (lambda c: not (c["curriculum_iters"] or c["curriculum_threshold"]) or c["reasoning_fraction"] > 0,
      "a curriculum needs reasoning steps (reasoning_fraction > 0)"),
-    (lambda c: ":" not in c["step_targets"] or c["reasoning_data"] in ("synthetic", ""),
-     "step_targets={step_targets!r}: N sets the chains of the synthetic hop, hopo and iter tasks; the rows "
-     "of reasoning_data={reasoning_data!r} carry their own \"step_answers\": use step_targets='chain'"),
     (lambda c: c["step_targets"] == "final" or c["lambda_imp"] == 0,
      "step_targets={step_targets!r} needs lambda_imp=0: the improvement penalty compares ℓ_k with ℓ_1 of the "
      "same label, and per-step labels differ (got lambda_imp={lambda_imp})"),
@@ -252,6 +251,8 @@ NEEDS = {   # key: (where it acts, in words)
     "curriculum_interval": (lambda c: c["curriculum_threshold"] > 0, "curriculum_threshold > 0"),
     "beyond_chain": (lambda c: c["step_targets"] != "final", "per-step targets (step_targets='chain...')"),
     "reasoning_tasks": (lambda c: c["reasoning_data"] == "synthetic", "reasoning_data='synthetic'"),
+    "eval_tasks": (lambda c: c["reasoning_data"] == "synthetic" and not c["reasoning_eval_data"],
+                   "reasoning_data='synthetic' and no reasoning_eval_data"),
 }
 LATENT_KEYS = ("n_latent", "head_attn", "weight_schedule", "weight_gamma", "weight_skip", "lambda_imp",
                "imp_margin", "sampled_supervision", "imp_fraction", "n_steps_dist", "n_steps_max",
@@ -277,10 +278,19 @@ def latent_keys_warning(c):
     return [f"n_steps=0 is the plain GPT: {keys} act on the latent steps and have no effect"]
 
 
+def training_rows(reasoning):
+    """(where, level L, chain length S) of each synthetic task or JSONL training row of a data.ReasoningData:
+    what check_reasoning checks."""
+    if reasoning.tasks:
+        return [(f"{family}:{L}", L, chain_steps(reasoning.step_targets, L) if family in CHAINS else 0)
+                for family, L in reasoning.tasks]
+    return [(where, ex.level, len(ex.steps)) for where, ex in zip(reasoning.where, reasoning.train)]
+
+
 def check_reasoning(c, rows, max_k):
-    """The reasoning data against the keys that supervise it -> [warning lines]; data they cannot train is a
-    ConfigError. rows: (where, level L (0 = unknown), chain length S (0 = none)) of every synthetic task or
-    JSONL training row (data.ReasoningData.supervised); max_k: the largest K this run draws."""
+    """The reasoning data against the keys that supervise it: data they cannot train is a ConfigError.
+    rows: (where, level L (0 = unknown), chain length S (0 = none)) of every synthetic task or JSONL training
+    row (training_rows); max_k: the largest K this run draws."""
     targets, level_steps = c["step_targets"], c["level_steps"]
     if targets != "final" and not any(S for _, _, S in rows):
         raise ConfigError(f"step_targets={targets!r}, but no reasoning example has a chain (the synthetic "
@@ -290,25 +300,23 @@ def check_reasoning(c, rows, max_k):
         raise ConfigError(f"level_steps={level_steps!r}, but no reasoning row has a level (a JSONL row's "
                           "\"level\", or its \"step_answers\"' length): set level_steps='all', or add levels")
     if max_k == 0:
-        return []
+        return
     # Y_k = a_min(k, S), and the answer is a JSONL row's a_min(L, S) (tasks.read_jsonl_examples checks it), a
-    # synthetic task's f^L(x): in its chain f^1..f^S only if L <= S. It is a target from that step on.
-    synthetic = c["reasoning_data"] == "synthetic"
+    # synthetic task's f^L(x): in its chain f^1..f^S only if L <= S. It is a target from that step on, unless
+    # 'chain:N' cuts the chain before it.
+    synthetic, N = c["reasoning_data"] == "synthetic", chain_steps(targets, 0)
     for where, L, S in rows:
         at = min(L, S) if L <= S or not synthetic else None
-        if S and at is None:
-            raise ConfigError(f"{where}: the answer f^{L}(x) is in no step of its chain f^1..f^{S} "
-                              f"(step_targets={targets!r}): it is never a target; use step_targets='chain', "
-                              "or leave out the level")
+        if S and (at is None or N and at > N):
+            raise ConfigError(f"{where}: the answer (level {L}) is in no step of the chain step_targets="
+                              f"{targets!r} trains (f^1..f^{min(S, N or S)}): it is never a target; use "
+                              "step_targets='chain', or leave out the level")
         if S and at > max_k:
             raise ConfigError(f"{where}: the answer (level {L}, chain of {S}) is its chain's step {at}, "
                               f"beyond the largest K this run draws ({max_k}): it is never a target; raise "
                               "n_steps (or draw K with n_steps_dist), or leave out the level")
     above = sorted({L for _, L, _ in rows if L > max_k})
-    if level_steps == "all" or not above:
-        return []
-    n = sum(L > max_k for _, L, _ in rows)
-    what = "tasks" if synthetic else "rows"
-    return [f"level_steps={level_steps!r}: {n} of {len(rows)} training {what} have a level above the largest "
-            f"K this run draws ({max_k}: levels {', '.join(map(str, above))}): they are supervised at step "
-            f"{max_k}"]
+    if level_steps != "all" and above:   # an answer above this step's K gets no loss (schedules.readable_at)
+        raise ConfigError(f"level_steps={level_steps!r}: levels {', '.join(map(str, above))} are above the "
+                          f"largest K this run draws ({max_k}), so no step reads them and they are never "
+                          "trained; raise n_steps (or draw K with n_steps_dist), or leave them out")

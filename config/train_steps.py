@@ -1,10 +1,12 @@
-# Steps that earn their keep (README "Steps that earn their keep"; python experiments/depth.py --suite=steps):
-# the candidate recipe for latent steps that compute something step 1 does not, and the base every arm of that
-# experiment overrides. Per-step targets with no stop: every lookup example, whatever its hop count L, trains
-# step k on f^k(x) for k = 1..3, so that one step can become one hop and an L-hop question is answered at step
-# K' = L (levels above 3 are never trained). Reasoning batches only, the trunk-attending head. A candidate,
-# not a result: the README says what it has measured so far. Any JSONL with "step_answers" runs with
-#   python train.py config/train_steps.py --reasoning_data=X.jsonl --reasoning_eval_data=Y.jsonl
+# Steps that earn their keep (README "Steps that earn their keep"): the recipe with per-step targets, and the
+# base every arm of python experiments/depth.py --suite=steps overrides. Per-step targets with no stop: every
+# lookup example, whatever its hop count L, trains step k on f^k(x) for k = 1..3, so that one step can become
+# one hop and an L-hop question is answered at step K' = L; levels 1..3 join one by one (the curriculum), and
+# 4..7 are never trained, only read. Reasoning batches only, the trunk-attending head. ~40 minutes on one CPU
+# thread; the last eval prints the README's table (per level: step 1, K' = L, K' = 21, adaptive exit).
+#   python train.py config/train_steps.py
+#   python train.py config/train_steps.py --reasoning_tasks=root:1-3 --eval_tasks=root:1-7 --block_size=56
+#   python train.py config/train_steps.py --reasoning_data=X.jsonl --reasoning_eval_data=Y.jsonl  # chains
 out_dir = "out-steps"
 device = "cpu"
 compile = False
@@ -12,7 +14,8 @@ threads = 1
 tokenizer = "byte"
 fluency_data = "pydoc"
 reasoning_data = "synthetic"
-reasoning_tasks = "hopo:1,hopo:2,hopo:3"
+reasoning_tasks = "hopo:1-3"
+eval_tasks = "hopo:1-7"     # the held-out set: the trained levels and 4..7, never trained (the same split)
 reasoning_fraction = 1.0
 
 n_layer = 2
@@ -28,16 +31,17 @@ gradient_accumulation_steps = 1
 dropout = 0.0
 
 learning_rate = 4e-3
-max_iters = 16000           # the lookup is learned late and suddenly: 4k steps were too few
-lr_decay_iters = 16000
+max_iters = 32000           # the lookup is learned late and suddenly: 16k steps left levels 2..3 unfinished
+lr_decay_iters = 32000
+curriculum_iters = "6000,12000"   # hopo:1 alone, then with hopo:2, then all three: a step learns one hop
 warmup_iters = 100
 min_lr = 4e-4
 beta2 = 0.99
 weight_decay = 0.1
 
-eval_interval = 2000
+eval_interval = 8000
 eval_iters = 1
-eval_examples = 300
+eval_examples = 7000        # 1,000 per level: differences of 0.02 can be read
 log_interval = 100
 
 step_targets = "chain:3"    # step k is trained on f^k(x), f^1..f^3 for every example: no stop

@@ -30,7 +30,8 @@ sys.path.insert(0, ROOT)  # the project root: train.py, model.py, ... import fro
 import train  # noqa: E402 (after the root is on sys.path)
 from checkpoint import saved_config
 from configurator import ConfigError, configure
-from evaluate import exact_match_curve, pyplot, read_metrics
+from evaluate import exact_match_curve
+from records import pyplot, read_metrics
 from sample import load_checkpoint
 
 DEFAULTS = dict(

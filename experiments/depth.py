@@ -40,7 +40,8 @@ sys.path.insert(0, ROOT)  # the project root: train.py, model.py, ... import fro
 import data  # noqa: E402 (after the root is on sys.path)
 from checkpoint import build_model, saved_config
 from configurator import ConfigError, configure
-from evaluate import evaluate_reasoning, exact_match_curve, per_task, pyplot
+from evaluate import evaluate_reasoning, exact_match_curve, per_task
+from records import pyplot
 from ablation import fmt, mean_std, run_dir, run_records, task_table, train_config, train_run
 from sample import load_checkpoint
 from tasks import answer_step, parse_tasks

@@ -3,8 +3,8 @@
 that are not finite or out of range, keys set where they do nothing, JSONL rows that train something other
 than they say, data the supervision cannot train, a resume with nothing to train, an eval example longer
 than the model's block. Accepted: a UTF-8 BOM, a separate eval file beside the synthetic suite (then the
-eval set, never drawn for training). Warned once at the start: levels above the largest K with level_steps,
-the latent steps' keys at n_steps=0. evaluate.py --plot skips records of the wrong types, and says so."""
+eval set, never drawn for training). Warned once at the start: the latent steps' keys at n_steps=0.
+evaluate.py --plot skips records of the wrong types, and says so."""
 
 import json
 import os
@@ -17,7 +17,7 @@ import tasks
 import train
 from config.defaults import check_reasoning
 from configurator import ConfigError
-from evaluate import PLOTS
+from records import PLOTS
 from conftest import run_script
 from test_train import TINY
 
@@ -74,8 +74,6 @@ def refused_in_process(argv, *words):
     (["--lambda_rl=0", "--rl_q=0.5"], ["rl_q=0.5 does nothing without lambda_rl > 0"]),
     (["--reasoning_data=FILE", "--reasoning_tasks=hopo:1"], ["reasoning_tasks='hopo:1' does nothing without "
                                                             "reasoning_data='synthetic'"]),
-    (["--reasoning_data=FILE", "--step_targets=chain:3", "--lambda_imp=0"],
-     ["step_targets='chain:3': N sets the chains of the synthetic", "use step_targets='chain'"]),
 ])
 def test_values_and_keys_that_do_nothing_are_refused_by_name(tmp_path, args, words):
     path = write_jsonl(tmp_path / "rows.jsonl", hop_rows(40))
@@ -143,7 +141,9 @@ PLAIN = [{"prompt": f"{i}=", "answer": "a"} for i in range(40)]   # no level, no
     (["--step_targets=chain", "--reasoning_tasks=hopo:1,hopo:3"], None,
      ["hopo:3: the answer (level 3, chain of 3) is its chain's step 3"]),
     (["--step_targets=chain:1", "--reasoning_tasks=hopo:1,hopo:2"], None,
-     ["hopo:2: the answer f^2(x) is in no step of its chain f^1..f^1 (step_targets='chain:1')"]),
+     ["hopo:2: the answer (level 2) is in no step of the chain step_targets='chain:1' trains (f^1..f^1)"]),
+    (["--step_targets=chain:2"], hop_rows(40, level=3, steps=4),
+     ["rows.jsonl:1: the answer (level 3) is in no step of the chain step_targets='chain:2' trains"]),
     (["--step_targets=chain", "--reasoning_tasks=add:2,sort:4"], None,
      ["step_targets='chain', but no reasoning example has a chain"]),
     (["--step_targets=chain"], PLAIN, ["no reasoning example has a chain"]),
@@ -160,33 +160,35 @@ def test_chains_past_k_are_legal_and_the_largest_drawn_k_decides():
     c, _ = train.load_config([*BASE, "--lambda_imp=0", "--step_targets=chain"])
     c = {**c, "reasoning_data": "a.jsonl"}
     rows = [("a.jsonl:1", 2, 5), ("a.jsonl:2", 1, 1)]          # a chain of 5 on a level-2 row: fine at K = 2
-    assert check_reasoning(c, rows, max_k=2) == []
+    assert check_reasoning(c, rows, max_k=2) is None
     with pytest.raises(ConfigError, match=r"a.jsonl:3: the answer \(level 3, chain of 4\) is its chain"):
         check_reasoning(c, rows + [("a.jsonl:3", 3, 4)], max_k=2)
-    assert check_reasoning(c, rows + [("a.jsonl:3", 3, 4), ("a.jsonl:4", 5, 2)], max_k=3) == []  # a_2 at 2
-    c_final = {**c, "step_targets": "final", "level_steps": "at", "reasoning_data": "synthetic"}
-    assert check_reasoning(c_final, [("hopo:1", 1, 0), ("hopo:4", 4, 0)], max_k=3) == [
-        "level_steps='at': 1 of 2 training tasks have a level above the largest K this run draws (3: levels "
-        "4): they are supervised at step 3"]
-    assert check_reasoning(c_final, [("hopo:4", 4, 0)], max_k=4) == []
+    assert check_reasoning(c, rows + [("a.jsonl:3", 3, 4), ("a.jsonl:4", 5, 2)], max_k=3) is None  # a_2
+    c_at = {**c, "step_targets": "final", "level_steps": "at", "reasoning_data": "synthetic"}
+    with pytest.raises(ConfigError, match="level_steps='at': levels 4, 5 are above the largest K this run "
+                                          r"draws \(3\), so no step reads them and they are never trained"):
+        check_reasoning(c_at, [("hopo:1", 1, 0), ("hopo:4", 4, 0), ("hopo:5", 5, 0)], max_k=3)
+    assert check_reasoning(c_at, [("hopo:4", 4, 0)], max_k=4) is None
 
 
 def test_a_latent_key_at_k0_is_a_warning_and_a_separate_eval_file_is_the_eval_set(tmp_path):
-    """Through the CLI, one run: level_steps with a level above K warns once; a separate eval file beside the
-    synthetic suite is what the run evaluates (and a missing one is refused)."""
+    """Through the CLI, one run: the latent steps' keys at n_steps=0 warn once; a separate eval file beside
+    the synthetic suite is what the run evaluates (and a missing one is refused)."""
     one_line_error(run_script("train.py", *BASE, f"--reasoning_eval_data={tmp_path / 'none.jsonl'}"),
                    f"reasoning data file {str(tmp_path / 'none.jsonl')!r} not found")
     evals = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]}
                                                    for r in hop_rows(9)])
-    r = run_script("train.py", *BASE, "--reasoning_tasks=hopo:1,hopo:2,hopo:3", "--level_steps=at",
-                   f"--reasoning_eval_data={evals}", "--reasoning_fraction=1.0", f"--out_dir={tmp_path}/out")
+    r = run_script("train.py", *BASE, "--reasoning_tasks=hopo:1,hopo:2,hopo:3", "--n_steps=0",
+                   "--step_targets=chain:3", "--lambda_imp=0", f"--reasoning_eval_data={evals}",
+                   "--reasoning_fraction=1.0", f"--out_dir={tmp_path}/out")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert warnings_of(r) == ["train.py: warning: level_steps='at': 1 of 3 training tasks have a level above "
-                              "the largest K this run draws (2: levels 3): they are supervised at step 2"]
+    assert warnings_of(r) == ["train.py: warning: n_steps=0 is the plain GPT: n_latent=16, "
+                              "step_targets='chain:3' act on the latent steps and have no effect"]
     assert "EM jsonl" in r.stdout and "EM hopo" not in r.stdout
-    c, _ = train.load_config([*BASE, "--n_steps=0", "--step_targets=chain:3", "--lambda_imp=0"])
-    assert train.latent_keys_warning(c) == ["n_steps=0 is the plain GPT: n_latent=16, step_targets='chain:3' "
-                                            "act on the latent steps and have no effect"]
+    c, _ = train.load_config([*BASE, "--n_steps=0", "--lambda_imp=0"])
+    assert train.latent_keys_warning(c) == ["n_steps=0 is the plain GPT: n_latent=16 act on the latent steps "
+                                            "and have no effect"]
+    assert train.latent_keys_warning({**c, "n_latent": 0}) == []
 
 
 def test_a_separate_eval_files_prompts_are_never_drawn_for_training(tmp_path):

@@ -19,7 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import data
-from evaluate import PLOTS, evaluate_fluency, evaluate_reasoning, plot_series
+from evaluate import evaluate_fluency, evaluate_reasoning
+from records import PLOTS, plot_series
 from model import GPT, GPTConfig
 
 K = 3

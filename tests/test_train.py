@@ -133,7 +133,7 @@ def test_mixed_routing_keeps_soft_rl_on_the_reasoning_rows():
     c, _ = train.load_config(TINY + ["--routing=mixed", "--rl_answer_only=False", "--lambda_rl=1.0",
                                      "--batch_size=4", "--n_steps=2", "--weight_schedule=uniform"])
     _, fluency, reasoning = train.load_data(c)
-    index, b = train.micro_batches(3, c, (fluency, reasoning), kind="reasoning")[0]
+    index, b = train.micro_batches(3, c, (fluency, reasoning), kind="reasoning", n_steps=c["n_steps"])[0]
     torch.manual_seed(0)
     model = tiny_gpt(n_layer=1, n_steps=2)
     with torch.no_grad():   # confident predictions: p far from uniform, so the rows' soft RL terms differ
@@ -244,7 +244,7 @@ def test_compiled_training_runs_and_saves_plain_names(tmp_path, attn):
 def test_mixed_routing_puts_both_kinds_in_every_micro_batch():
     c, _ = train.load_config(TINY + ["--routing=mixed", "--reasoning_fraction=0.25"])
     _, fluency, reasoning = train.load_data(c)
-    micro = train.micro_batches(5, c, (fluency, reasoning), kind="reasoning")
+    micro = train.micro_batches(5, c, (fluency, reasoning), kind="reasoning", n_steps=c["n_steps"])
     assert [i for i, _ in micro] == [10, 11]                     # global micro-batch indices of step 5
     for _, b in micro:
         assert b.x.shape == (4, 48) and b.kind == "reasoning"

@@ -1,0 +1,13 @@
+# The recipe from final answers and levels only: train_steps.py's trunk, head, budget and curriculum, with
+# level-matched supervision instead of per-step targets. An answer of level L is trained at step L alone
+# (level_steps='at'); no "step_answers" are read, even where a JSONL row has them.
+#   python train.py config/train_levels.py                                  # hopo:1-3, read at hopo:1-7
+#   python train.py config/train_levels.py --reasoning_tasks=root:1-3 --eval_tasks=root:1-7 --block_size=56
+#   python train.py config/train_levels.py --reasoning_data=X.jsonl --reasoning_eval_data=Y.jsonl  # "level"s
+import os
+
+exec(open(os.path.join(os.path.dirname(__file__), "train_steps.py")).read())
+
+out_dir = "out-levels"
+step_targets = "final"   # the answer at every step it is supervised at ...
+level_steps = "at"       # ... which is step L alone: an L-hop answer after L steps
