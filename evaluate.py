@@ -168,7 +168,7 @@ def level_reading(model, batches, tags, n_steps=LONG_STEPS, threshold=EXIT_THRES
     levels = torch.tensor([tag_level(t) for t in tags])
     if not levels.any():
         return {}
-    read = read_steps(model, batches, n_steps, len(tags), threshold, world)
+    read = read_steps(model, batches, n_steps, len(tags), threshold=threshold, world=world)
     exact, exit_exact, exit_steps = (t.cpu() for t in read)
     reading = {}
     for L in sorted(set(levels.tolist()) - {0}):
