@@ -240,7 +240,8 @@ def check(c, partial=False):
 # -----------------------------------------------------------------------------
 # keys set where they do nothing: a new run that sets one (to other than its default) stops, since it asked
 # for something it would not get; at n_steps=0 the latent steps' keys are inert, and a warning says so (the
-# FLOP-matched GPT baselines share their arms' presets)
+# FLOP-matched GPT baselines share their arms' presets). Not the synthetic suite's keys (reasoning_tasks,
+# eval_tasks): a preset sets them, and --reasoning_data=X.jsonl over it means the file instead.
 
 NEEDS = {   # key: (where it acts, in words)
     "n_steps_max": (lambda c: c["n_steps_dist"] == "lognormal", "n_steps_dist='lognormal' (it caps those)"),
@@ -250,9 +251,6 @@ NEEDS = {   # key: (where it acts, in words)
     "rl_q": (lambda c: c["lambda_rl"] > 0, "lambda_rl > 0"),
     "curriculum_interval": (lambda c: c["curriculum_threshold"] > 0, "curriculum_threshold > 0"),
     "beyond_chain": (lambda c: c["step_targets"] != "final", "per-step targets (step_targets='chain...')"),
-    "reasoning_tasks": (lambda c: c["reasoning_data"] == "synthetic", "reasoning_data='synthetic'"),
-    "eval_tasks": (lambda c: c["reasoning_data"] == "synthetic" and not c["reasoning_eval_data"],
-                   "reasoning_data='synthetic' and no reasoning_eval_data"),
 }
 LATENT_KEYS = ("n_latent", "head_attn", "weight_schedule", "weight_gamma", "weight_skip", "lambda_imp",
                "imp_margin", "sampled_supervision", "imp_fraction", "n_steps_dist", "n_steps_max",

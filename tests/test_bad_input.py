@@ -72,8 +72,6 @@ def refused_in_process(argv, *words):
     (["--weight_gamma=0.3"], ["weight_gamma=0.3 does nothing without weight_schedule='exp'"]),
     (["--imp_fraction=0.5"], ["imp_fraction=0.5 does nothing without sampled_supervision=True"]),
     (["--lambda_rl=0", "--rl_q=0.5"], ["rl_q=0.5 does nothing without lambda_rl > 0"]),
-    (["--reasoning_data=FILE", "--reasoning_tasks=hopo:1"], ["reasoning_tasks='hopo:1' does nothing without "
-                                                            "reasoning_data='synthetic'"]),
 ])
 def test_values_and_keys_that_do_nothing_are_refused_by_name(tmp_path, args, words):
     path = write_jsonl(tmp_path / "rows.jsonl", hop_rows(40))

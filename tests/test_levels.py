@@ -4,6 +4,7 @@ per level (step 1, K' = L, K' = 21, adaptive exit) against greedy generation, in
 sample.py --eval."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import torch
 
 import data
 import tasks
-from conftest import run_script
+import train
+from conftest import ROOT, run_script
 from evaluate import level_reading, read_steps
 from model import GPT, GPTConfig
 from sample import example_batches
@@ -196,3 +198,22 @@ def test_train_and_sample_print_the_reading_per_level(tmp_path):
     table = s.stdout.split("exact match per level")[1].splitlines()
     assert table[1].split() == ["level", "n", "step", "1", "K'=L", "K'=21", "exit", "steps"]
     assert [row.split()[:2] for row in table[2:4]] == [["5", "4"], ["6", "4"]]
+
+
+def test_train_levels_is_train_steps_with_level_matched_supervision_and_takes_a_jsonl(tmp_path):
+    """The two recipes differ in what each step is trained on and nothing else; both run on a JSONL with
+    levels over the preset's synthetic keys (config/train_levels.py includes train_steps.py by path)."""
+    steps, _ = train.load_config([os.path.join(ROOT, "config", "train_steps.py")])
+    levels, _ = train.load_config([os.path.join(ROOT, "config", "train_levels.py")])
+    assert {k for k in steps if steps[k] != levels[k]} == {"out_dir", "step_targets", "level_steps"}
+    assert (levels["step_targets"], levels["level_steps"]) == ("final", "at")
+    rng, rows = np.random.default_rng(5), []
+    for i in range(60):
+        prompt, answer = tasks.TASKS["hopo"][0](rng, 1 + i % 3)
+        rows.append({"prompt": prompt, "answer": answer, "level": 1 + i % 3,
+                     "step_answers": tasks.chain_answers("hopo", prompt, 1 + i % 3)})
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for preset in ("train_steps.py", "train_levels.py"):
+        run = train.Run([os.path.join(ROOT, "config", preset), f"--reasoning_data={tmp_path / 't.jsonl'}",
+                         f"--out_dir={tmp_path / preset}"])
+        assert run.reasoning.levels == [1, 2, 3] and run.curriculum.switches == [6000, 12000]
