@@ -22,9 +22,8 @@ import torch
 from tiktoken.load import load_tiktoken_bpe
 
 from configurator import existing_file
-from tasks import (DEFAULT_TASKS, TASKS, Example, chain_answers, chain_steps, check_fits,
-                   check_split, draw, eval_set, jsonl_tag, parse_tasks, read_eval_jsonl, split_jsonl,
-                   training_slice)
+from tasks import (DEFAULT_TASKS, TASKS, Example, chain_answers, chain_steps, check_fits, check_split, draw,
+                   eval_set, jsonl_tag, parse_tasks, read_eval_jsonl, split_jsonl, training_slice)
 
 
 @dataclass

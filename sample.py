@@ -65,6 +65,8 @@ DEFAULTS = dict(
     eval_batch_size=64,     # with eval: examples per batch (decoded: prompts of one length share a batch)
     plot="",                # with eval: save the scaling curve to this PNG (needs matplotlib)
 )
+
+
 def load_config(argv):
     """DEFAULTS with argv applied, device and dtype resolved (None = the best available), checked."""
     c = configure(DEFAULTS, argv, doc=__file__)
@@ -260,9 +262,9 @@ def evaluate(model, tok, c, train_cfg, ctx):
     print("K'".rjust(6) + f" {'all':>7} " + " ".join(f"{t:>9}" for t in columns))
     for k, em in enumerate(curve):
         print(f"{k:>6} {em:>7.3f} " + " ".join(f"{by_task[t][k]:>9.3f}" for t in columns))
-    if 0 < K <= top:
-        compare_adaptive_exit(model, examples, tok.eot_token, c, ctx)
     thr = EXIT_THRESHOLD if c["exit_threshold"] is None else c["exit_threshold"]
+    if 0 < K <= top:
+        compare_adaptive_exit(model, examples, tok.eot_token, c, ctx, threshold=thr)
     with ctx:
         reading = level_reading(model, batches, tags, LONG_STEPS if K else 0, thr)
     if reading:
@@ -273,10 +275,10 @@ def evaluate(model, tok, c, train_cfg, ctx):
     return curve
 
 
-def compare_adaptive_exit(model, examples, eot, c, ctx):
-    """Greedy decoding at the trained K with adaptive exit against fixed K: exact match, the tokens both
-    generate alike, and the steps a token runs."""
-    K, thr = model.config.n_steps, EXIT_THRESHOLD if c["exit_threshold"] is None else c["exit_threshold"]
+def compare_adaptive_exit(model, examples, eot, c, ctx, threshold):
+    """Greedy decoding at the trained K with adaptive exit (KL < threshold) against fixed K: exact match, the
+    tokens both generate alike, and the steps a token runs."""
+    K, thr = model.config.n_steps, threshold
     run = lambda t: decode_answers(model, examples, eot, K, exit_threshold=t, batch_size=c["eval_batch_size"],
                                    device=c["device"], ctx=ctx)
     (match_a, gen_a, used_a), (match_f, gen_f, _) = run(thr), run(None)
