@@ -1,6 +1,6 @@
 """
 The reasoning examples: the synthetic suite (reasoning_data='synthetic': task generators, their train/eval
-split, specs) and JSONL rows (reasoning_data=path.jsonl: read_jsonl, checked line by line).
+split, specs) and JSONL rows (reasoning_data=path.jsonl: read_jsonl_examples, checked line by line).
 
 A task is (family, level); its generator(rng, level) returns a (prompt, answer) pair of strings.
 reasoning_tasks names the suite as 'family:level,...' (TASKS holds the families, DEFAULT_TASKS the default).
@@ -325,8 +325,8 @@ def _jsonl_steps(ex, answer):
 
 
 def read_jsonl_examples(path: str, gsm8k_answer: str = "final") -> list:
-    """[(prompt, answer, step_answers or None, level, line number)] from a .jsonl file (read_jsonl's rows
-    with their per-step answers and level, _jsonl_steps)."""
+    """[(prompt, answer, step_answers or None, level, line number)] from a .jsonl file: each row's prompt and
+    answer (jsonl_example; GSM8K's split by gsm8k_answer), its per-step answers and level (_jsonl_steps)."""
     if gsm8k_answer not in ("final", "solution"):
         raise ValueError(f"gsm8k_answer={gsm8k_answer!r}: use 'final' or 'solution'")
     examples = []
@@ -343,11 +343,6 @@ def read_jsonl_examples(path: str, gsm8k_answer: str = "final") -> list:
     if not examples:
         raise ValueError(f"{path}: no examples (empty file)")
     return examples
-
-
-def read_jsonl(path: str, gsm8k_answer: str = "final") -> list:
-    """[(prompt, answer)] from a .jsonl file; GSM8K lines are split according to gsm8k_answer."""
-    return [ex[:2] for ex in read_jsonl_examples(path, gsm8k_answer)]
 
 
 def read_eval_jsonl(path: str, gsm8k_answer: str = "final") -> list:

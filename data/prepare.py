@@ -14,7 +14,7 @@ finished shard is recorded in progress.json: a rerun with the same arguments res
 rerun with other arguments starts over, and a rerun of a finished folder only rewrites meta.json.
 
 prepare_reasoning writes a dataset's (question, answer) rows as JSONL, one file per split, checked by the
-reader training uses (tasks.read_jsonl).
+reader training uses (tasks.read_jsonl_examples).
 
 Where the documents come from (text files, datasets folders, the Hugging Face hub): data/sources.py; the
 `datasets` package (an optional extra) is imported only for Hugging Face and parquet/arrow/JSONL input.

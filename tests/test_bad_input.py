@@ -123,7 +123,7 @@ def test_a_row_refused_through_the_cli_a_folder_named_and_a_bom_accepted(tmp_pat
     plain = write_jsonl(tmp_path / "plain.jsonl", rows)
     bom = write_jsonl(tmp_path / "bom.jsonl", rows, prefix="\ufeff".encode())
     assert tasks.read_jsonl_examples(bom) == tasks.read_jsonl_examples(plain)
-    assert tasks.read_jsonl(bom)[0] == (rows[0]["prompt"], rows[0]["answer"])
+    assert tasks.read_eval_jsonl(bom)[0] == (rows[0]["prompt"], rows[0]["answer"], 2)
 
 # -----------------------------------------------------------------------------
 # the data against the keys that supervise it

@@ -15,7 +15,7 @@ from tiktoken.load import load_tiktoken_bpe
 
 from conftest import run_script
 from data import FluencyData, ReasoningData, get_tokenizer
-from tasks import read_jsonl
+from tasks import read_eval_jsonl
 from schedules import Router, micro_batch_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,12 +117,13 @@ def test_pydoc_default(byte):
 def test_gsm8k_fixture_final_answers(byte, gpt2):
     lines = [json.loads(l) for l in open(GSM8K)]
     finals = ["15", "21", "80", "29", "90", "3,750"]
-    examples = read_jsonl(GSM8K)
+    examples = [(p, a) for p, a, _ in read_eval_jsonl(GSM8K)]
     assert [a for _, a in examples] == finals
     for (p, _), line in zip(examples, lines):  # the worked solution is on the prompt side
         assert p.startswith(line["question"] + "\n") and p.endswith("#### ")
         assert line["answer"].split("####")[0] in p
-    assert read_jsonl(GSM8K, "solution") == [(l["question"] + "\n", l["answer"]) for l in lines]
+    assert [(p, a) for p, a, _ in read_eval_jsonl(GSM8K, "solution")] == \
+        [(l["question"] + "\n", l["answer"]) for l in lines]
     for tok in (byte, gpt2):
         rd = ReasoningData(GSM8K, tok, 384, eval_source=PROMPT_ANSWER)
         train = {(tok.decode(p), tok.decode(a)) for i in range(10)

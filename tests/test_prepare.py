@@ -25,7 +25,7 @@ from tiktoken.load import load_tiktoken_bpe
 
 from conftest import ROOT, run_script
 from data import FluencyData
-from tasks import read_jsonl
+from tasks import read_eval_jsonl
 from prepare import fetch_gpt2_ranks, prepare, prepare_reasoning
 from sources import _text_pieces, open_source
 from test_data import GSM8K, PARAGRAPH, TEXTS
@@ -299,7 +299,7 @@ def test_gsm8k_to_jsonl_then_the_gsm8k_preset_trains(tmp_path, gpt2_tokenizer_fi
     for split, part in (("train", rows[:-2]), ("test", rows[-2:])):
         lines = [json.loads(line) for line in open(tmp_path / "data" / "gsm8k" / f"{split}.jsonl")]
         assert lines == [{"question": x["question"], "answer": x["answer"]} for x in part]
-        finals = [a for _, a in read_jsonl(str(tmp_path / "data" / "gsm8k" / f"{split}.jsonl"))]
+        finals = [a for _, a, _ in read_eval_jsonl(str(tmp_path / "data" / "gsm8k" / f"{split}.jsonl"))]
         assert finals == [x["answer"].rsplit("####", 1)[1].strip() for x in part]
     r = run_script(os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "train_gpt2_gsm8k.py"),
                    "--init_from=scratch", "--fluency_data=pydoc", f"--tokenizer_file={gpt2_tokenizer_file}",
@@ -322,7 +322,7 @@ def test_prepare_reasoning_checks_every_row(tmp_path):
         prepare_reasoning(repo, str(tmp_path / "out"), "main", answer_field="solution")
     counts = prepare_reasoning(repo, str(tmp_path / "plain"), "main", format="plain")
     assert counts == {"train": 1, "test": 2}
-    assert read_jsonl(str(tmp_path / "plain" / "train.jsonl")) == [("1+1?", "2\n#### 2")]
+    assert read_eval_jsonl(str(tmp_path / "plain" / "train.jsonl")) == [("1+1?", "2\n#### 2", 0)]
 
 
 def test_fetch_gpt2_ranks_extracts_and_verifies(tmp_path, gpt2_tokenizer_file, monkeypatch):
