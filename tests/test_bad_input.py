@@ -26,10 +26,12 @@ BYTE = data.get_tokenizer("byte")
 
 
 def one_line_error(r, *words):
-    """The CLI stopped on one line of stderr naming every word, with no traceback and nothing on stdout."""
+    """Whether the CLI stopped on one line of stderr naming every word, with no traceback (asserted here, for
+    the message)."""
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-3000:]
     assert all(w in lines[0] for w in words), lines[0]
+    return True
 
 
 def warnings_of(r):
@@ -52,10 +54,11 @@ def hop_rows(n, level=2, steps=3, seed=0):
 
 
 def refused_in_process(argv, *words):
-    """train.Run(argv) stops with ConfigError naming every word, before the model is built."""
+    """Whether train.Run(argv) stops with ConfigError naming every word, before the model is built."""
     with pytest.raises(ConfigError) as e:
         train.Run(argv)
     assert all(w in str(e.value) for w in words), str(e.value)
+    return True
 
 # -----------------------------------------------------------------------------
 # values: finite, in range; keys that do nothing where they are set
@@ -82,18 +85,21 @@ def test_values_and_keys_that_do_nothing_are_refused_by_name(tmp_path, args, wor
 
 
 def test_a_bad_value_stops_every_entry_point_with_one_line(tmp_path):
-    one_line_error(run_script("train.py", *BASE, "--answer_weight=1e999"),
-                   "train.py: answer_weight must be a finite number, got inf")
-    one_line_error(run_script("train.py", *BASE, "--dropout=1.5"), "dropout must be in [0, 1)")
-    one_line_error(run_script("sample.py", "--temperature=1e999"), "temperature must be a finite number")
+    assert one_line_error(run_script("train.py", *BASE, "--answer_weight=1e999"),
+                          "train.py: answer_weight must be a finite number, got inf")
+    assert one_line_error(run_script("train.py", *BASE, "--dropout=1.5"), "dropout must be in [0, 1)")
+    assert one_line_error(run_script("sample.py", "--temperature=1e999"),
+                          "temperature must be a finite number")
     # bench.py shares train.py's rules on the keys it has (config/defaults.check(partial=True))
-    one_line_error(run_script("bench/bench.py", "--n_steps=-1"), "bench/bench.py: n_steps must be >= 0")
-    one_line_error(run_script("bench/bench.py", "--sampled_supervision=True", "--imp_fraction=0"),
-                   "imp_fraction must be in (0, 1]")
-    one_line_error(run_script("bench/bench.py", "--vocab=many"), "vocab must be byte, gpt2, char or a size")
+    assert one_line_error(run_script("bench/bench.py", "--n_steps=-1"),
+                          "bench/bench.py: n_steps must be >= 0")
+    assert one_line_error(run_script("bench/bench.py", "--sampled_supervision=True", "--imp_fraction=0"),
+                          "imp_fraction must be in (0, 1]")
+    assert one_line_error(run_script("bench/bench.py", "--vocab=many"),
+                          "vocab must be byte, gpt2, char or a size")
     preset = tmp_path / "preset.py"
     preset.write_text("n_steps = (\n")
-    one_line_error(run_script("train.py", str(preset)), f"config file {str(preset)!r}, line 1:")
+    assert one_line_error(run_script("train.py", str(preset)), f"config file {str(preset)!r}, line 1:")
 
 # -----------------------------------------------------------------------------
 # JSONL rows: their fields' ranges and types, an answer the chain does not give, a BOM, a folder
@@ -111,15 +117,16 @@ def test_bad_rows_are_refused_naming_the_file_and_line(tmp_path, row, words):
     rows = hop_rows(40)
     rows[6] = {**rows[6], **row}
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
-    refused_in_process([*BASE, f"--reasoning_data={path}"], f"{path}:7: ", *words)
+    assert refused_in_process([*BASE, f"--reasoning_data={path}"], f"{path}:7: ", *words)
 
 
 def test_a_row_refused_through_the_cli_a_folder_named_and_a_bom_accepted(tmp_path):
     rows = hop_rows(40)
     path = write_jsonl(tmp_path / "rows.jsonl", rows[:3] + [{**rows[3], "level": 10**30}] + rows[4:])
-    one_line_error(run_script("train.py", *BASE, f"--reasoning_data={path}"), f"{path}:4: \"level\" must be")
-    one_line_error(run_script("train.py", *BASE, f"--reasoning_data={tmp_path}"),
-                   f"reasoning data file {str(tmp_path)!r} is a folder, not a file")
+    assert one_line_error(run_script("train.py", *BASE, f"--reasoning_data={path}"),
+                          f"{path}:4: \"level\" must be")
+    assert one_line_error(run_script("train.py", *BASE, f"--reasoning_data={tmp_path}"),
+                          f"reasoning data file {str(tmp_path)!r} is a folder, not a file")
     plain = write_jsonl(tmp_path / "plain.jsonl", rows)
     bom = write_jsonl(tmp_path / "bom.jsonl", rows, prefix="\ufeff".encode())
     assert tasks.read_jsonl_examples(bom) == tasks.read_jsonl_examples(plain)
@@ -151,7 +158,7 @@ PLAIN = [{"prompt": f"{i}=", "answer": "a"} for i in range(40)]   # no level, no
 ])
 def test_data_the_supervision_cannot_train_is_refused(tmp_path, args, rows, words):
     data_args = [f"--reasoning_data={write_jsonl(tmp_path / 'rows.jsonl', rows)}"] if rows else []
-    refused_in_process([*BASE, "--lambda_imp=0", *data_args, *args], *words)
+    assert refused_in_process([*BASE, "--lambda_imp=0", *data_args, *args], *words)
 
 
 def test_chains_past_k_are_legal_and_the_largest_drawn_k_decides():
@@ -172,8 +179,8 @@ def test_chains_past_k_are_legal_and_the_largest_drawn_k_decides():
 def test_a_latent_key_at_k0_is_a_warning_and_a_separate_eval_file_is_the_eval_set(tmp_path):
     """Through the CLI, one run: the latent steps' keys at n_steps=0 warn once; a separate eval file beside
     the synthetic suite is what the run evaluates (and a missing one is refused)."""
-    one_line_error(run_script("train.py", *BASE, f"--reasoning_eval_data={tmp_path / 'none.jsonl'}"),
-                   f"reasoning data file {str(tmp_path / 'none.jsonl')!r} not found")
+    assert one_line_error(run_script("train.py", *BASE, f"--reasoning_eval_data={tmp_path / 'none.jsonl'}"),
+                          f"reasoning data file {str(tmp_path / 'none.jsonl')!r} not found")
     evals = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]}
                                                    for r in hop_rows(9)])
     r = run_script("train.py", *BASE, "--reasoning_tasks=hopo:1,hopo:2,hopo:3", "--n_steps=0",
@@ -215,12 +222,13 @@ def run_dir(tmp_path_factory):
 def test_a_resume_with_nothing_to_train_is_refused(run_dir):
     for n in (1, 2):
         r = run_script("train.py", "--init_from=resume", f"--out_dir={run_dir}", f"--max_iters={n}")
-        one_line_error(r, f"max_iters={n}, but {run_dir}/ckpt.pt is at iter 2 already: nothing to train")
+        assert one_line_error(r, f"max_iters={n}, but {run_dir}/ckpt.pt is at iter 2 already: nothing to "
+                              "train")
 
 
 def test_sample_eval_refuses_an_example_longer_than_the_block_and_takes_a_bom(run_dir, tmp_path):
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * 200, "answer": "a"}])
-    one_line_error(run_script("sample.py", f"--out_dir={run_dir}", "--device=cpu", "--eval=True",
+    assert one_line_error(run_script("sample.py", f"--out_dir={run_dir}", "--device=cpu", "--eval=True",
                               f"--eval_data={long}"), "an example of 201 tokens needs block_size >= 202, got "
                    "block_size=48")
     bom = write_jsonl(tmp_path / "bom.jsonl", [{"prompt": "ab=", "answer": "c"}] * 3,
@@ -247,8 +255,8 @@ def test_plot_skips_records_of_the_wrong_types_and_says_so(run_dir, tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(["metrics.jsonl", *PLOTS.values()])
     os.remove(tmp_path / "metrics.jsonl")
     os.mkdir(tmp_path / "metrics.jsonl")
-    one_line_error(run_script("evaluate.py", "--plot", f"--out_dir={tmp_path}"),
-                   f"metrics file '{tmp_path}/metrics.jsonl' is a folder, not a file")
+    assert one_line_error(run_script("evaluate.py", "--plot", f"--out_dir={tmp_path}"),
+                          f"metrics file '{tmp_path}/metrics.jsonl' is a folder, not a file")
 
 
 def test_a_non_finite_loss_names_no_checkpoint_before_there_is_one(tmp_path):
