@@ -9,6 +9,7 @@ import sys
 import tempfile
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `import data`, `import model` also under plain `pytest`; and the scripts kept apart from the method:
@@ -67,3 +68,31 @@ def gpt2(gpt2_tokenizer_file):
 def byte():
     from data import get_tokenizer
     return get_tokenizer("byte")
+
+# -----------------------------------------------------------------------------
+# tiny Hugging Face folders, built locally (never the hub): any causal-LM family, every parameter perturbed
+
+HF_FAMILIES = {   # what each family needs beyond the shared tiny sizes; sliding windows shorter than T = 16
+    "llama": {}, "qwen2": {}, "qwen3": {"head_dim": 16}, "mistral": {"sliding_window": 4},
+    "gemma": {"head_dim": 16}, "phi3": {}, "olmo2": {}, "gpt_neox": {},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 4,
+                    "layer_types": ["sliding_attention", "full_attention"]},
+    "cohere": {"logit_scale": 0.5}, "granite": {"logits_scaling": 2.0},   # logits scaled after lm_head
+}
+
+
+def tiny_hf_folder(path, family, vocab_size=97, seed=0, **extra):
+    """save_pretrained of a tiny randomly initialised `family` model into path, its parameters (norms and
+    biases too) moved off their init; returns path."""
+    import transformers
+    sizes = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2)
+    config = transformers.AutoConfig.for_model(family, **{**sizes, **HF_FAMILIES.get(family, {}), **extra})
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(path)
+    return str(path)

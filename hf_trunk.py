@@ -1,0 +1,211 @@
+"""
+Any local Hugging Face causal LM as the trunk (init_from=DIR): Llama, Qwen, Gemma, OLMo, SmolLM2, ...
+
+The head reads h_t, the decoder's last hidden state before its final norm, and writes o_k = h_t + W_out·z_k,
+which goes through that norm and lm_head. So the HF model is cut in three: its decoder with the final norm
+replaced by nn.Identity (h = trunk(x)), the norm (LN_f) and lm_head; everything else is GPT's (model.py):
+the head, forward, the training parts, generation. GPT-2 folders keep model.py's native GPT.
+
+    h = decoder(x)                                 (B, T, C), the norm taken out
+    logits_k = lm_head(LN_f(o_k)) · s / d          Cohere's logit_scale s, Granite's logits_scaling d (else 1)
+
+A family that changes the logits after lm_head in another way (Gemma 2's soft-capping, Phi's lm_head bias) is
+refused: the fused loss (linear_ce) cannot express it. Whatever the family, loading checks I2 on a short probe
+against the HF model's own logits (its default attention) and refuses with one line if they differ.
+The folder's tokenizer (HFTokenizer) and the HF config travel in the checkpoint: neither resume nor sample.py
+needs the folder again. transformers and tokenizers are optional, imported only here.
+"""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from latent_head import LatentHead
+from linear_ce import token_nll
+from model import GPT, GPTConfig
+
+FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm", "norm_f")
+
+
+def need(package, what):
+    """The optional package, imported now; if absent, an ImportError of one line naming its install."""
+    try:
+        return __import__(package)
+    except ImportError:
+        raise ImportError(f"{what} needs {package}: pip install {package}") from None
+
+
+def folder_config(path):
+    """config.json of a local model folder as a dict, or None where path holds none."""
+    path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def is_hf_folder(path):
+    """Whether init_from=path is a local Hugging Face model this module loads (GPT-2's: model.py's path)."""
+    return os.path.isdir(path) and (folder_config(path) or {}).get("model_type", "gpt2") != "gpt2"
+
+
+def refusal(hf):
+    """Why this HF model cannot be a trunk here, in one line naming its family, or None."""
+    family, soft_cap = hf.config.model_type, getattr(hf.config, "final_logit_softcapping", None)
+    if soft_cap:
+        return (f"{family}: final_logit_softcapping={soft_cap} caps the logits after lm_head (tanh), which "
+                "the fused loss (linear_ce) cannot express: not supported")
+    if getattr(hf.get_output_embeddings(), "bias", None) is not None:
+        return (f"{family}: lm_head has a bias, which the fused loss (linear_ce) has no term for: not "
+                "supported")
+    return None
+
+
+class HFGPT(GPT):
+    """GPT (model.py) on a Hugging Face causal LM: trunk, unembed, step_nll, the generation cache, the FLOPs
+    and the context length are the HF model's; the head and everything else are GPT's."""
+
+    def __init__(self, hf, config):
+        nn.Module.__init__(self)
+        self.config, self.hf = config, hf
+        decoder = hf.get_decoder()
+        name = next((n for n in FINAL_NORMS if isinstance(getattr(decoder, n, None), nn.Module)), None)
+        if name is None:
+            raise ValueError(f"{hf.config.model_type}: its decoder has no final norm named one of "
+                             f"{', '.join(FINAL_NORMS)}: not supported")
+        self.ln_f = getattr(decoder, name)                   # LN_f, now outside the decoder: h is pre-norm
+        setattr(decoder, name, nn.Identity())
+        # logits after lm_head, as the HF model scales them (multiplying or dividing by 1.0 changes no bit)
+        self.logit_scale = float(getattr(hf.config, "logit_scale", None) or 1.0)          # Cohere: ·s
+        self.logits_scaling = float(getattr(hf.config, "logits_scaling", None) or 1.0)    # Granite: /d
+        self.latent_head = (LatentHead(config.n_embd, config.n_latent, config.bias, attn=config.head_attn,
+                                       gelu=config.gelu) if config.n_steps > 0 else None)
+
+    @property
+    def lm_head(self):
+        return self.hf.get_output_embeddings()
+
+    def get_num_params(self, non_embedding=True):
+        """Every parameter (tied ones once): rotary positions have no table to leave out."""
+        return sum(p.numel() for p in self.parameters())
+
+    def trunk(self, idx, cache=None):
+        """idx (B, T) -> h (B, T, C), the decoder's last hidden state before LN_f. cache: generation's
+        HFCache, whose HF cache this call extends; positions follow the cached tokens."""
+        hf_cache = None if cache is None else cache.hf
+        out = self.hf.get_decoder()(input_ids=idx, cache=hf_cache, use_cache=cache is not None)
+        return out.last_hidden_state
+
+    def unembed(self, o):
+        """o_k (..., C) -> logits_k (..., V), as the HF model computes its logits from h."""
+        return self.lm_head(self.ln_f(o)) * self.logit_scale / self.logits_scaling
+
+    def step_nll(self, o, targets):
+        """ℓ_k (B, T) of o_k (B, T, C): the scales folded into lm_head's input, a linear map's."""
+        x = self.ln_f(o)
+        scale = self.logit_scale / self.logits_scaling
+        return token_nll(x if scale == 1 else x * scale, self.lm_head.weight, targets)
+
+    def new_cache(self, head=None):
+        return HFCache(self.hf.config, head)
+
+    def crop_block_size(self, block_size):
+        """The context length a run uses (at most the config's max_position_embeddings); nothing to cut."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"block_size {block_size} is larger than the model's {self.config.block_size}")
+        self.config.block_size = block_size
+
+    def trunk_flops(self, seq_len):
+        """Training FLOPs per token of the decoder: 6 per weight of its layers' matrices (the embedding is a
+        lookup), and the attention scores q·k and att·v over seq_len positions, 12 per head dimension per
+        layer (the config's heads × head_dim; a sliding window is counted as the full T)."""
+        c = self.hf.config
+        layers = self.hf.get_decoder().layers
+        matrices = sum(p.numel() for p in layers.parameters() if p.dim() >= 2)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return 6 * matrices + 12 * c.num_hidden_layers * c.num_attention_heads * head_dim * seq_len
+
+
+class HFCache:
+    """Generation's cache for an HF trunk: the HF model's own DynamicCache, and the head's (GPT.new_cache)."""
+
+    def __init__(self, hf_config, head=None):
+        from transformers import DynamicCache
+        self.hf, self.head = DynamicCache(config=hf_config), head
+
+    def __len__(self):
+        return self.hf.get_seq_length()              # the tokens cached: the next one's position
+
+
+# -----------------------------------------------------------------------------
+# loading: a folder (checked against the HF model's own logits) or a checkpoint's HF config
+
+def gpt_config(hf, n_steps, n_latent=0, head_attn="none", dropout=0.0, *, bias=False, gelu="exact"):
+    """The GPTConfig of an HF trunk: its sizes, and the head's keys (this project's, not the HF config's)."""
+    c = hf.config
+    V = hf.get_output_embeddings().out_features
+    return GPTConfig(block_size=c.max_position_embeddings, vocab_size=V,
+                     n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_embd=c.hidden_size,
+                     dropout=dropout, bias=bias, n_steps=n_steps, n_latent=n_latent, head_attn=head_attn,
+                     gelu=gelu)
+
+
+def set_dropout(config, dropout):
+    """Every dropout probability of an HF config (attention_dropout, resid_pdrop, ...) = this project's
+    dropout key: the HF defaults (GPT-2's 0.1, ...) are not this run's."""
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and key.endswith(("dropout", "pdrop")):
+            setattr(config, key, dropout)
+
+
+def probe_ids(vocab_size, T=12):
+    """A fixed short probe, (1, T) ids of the vocabulary."""
+    return torch.randint(vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def check_identity(model, idx, hf_logits, what):
+    """I2 at load: with W_out = 0 every step's logits are the HF model's own, (1, T, V); else a ValueError."""
+    logits = model.eval()(idx)[0]                                          # (K1, 1, T, V)
+    err = (logits - hf_logits).abs().max().item()
+    if not err <= 1e-4 * max(1.0, hf_logits.abs().max().item()):
+        raise ValueError(f"{what} ({model.hf.config.model_type}): the trunk's logits differ from the HF "
+                         f"model's own by {err:.3g} on a probe (I2 fails): not supported")
+
+
+def from_folder(folder, n_steps=4, n_latent=0, head_attn="none", dropout=0.0, bias=False, gelu="exact"):
+    """A local HF causal-LM folder (config.json, weights) as the trunk of an HFGPT in fp32, with a fresh head
+    (W_out = 0); refused with one line (ValueError) where the family or the I2 probe says no."""
+    transformers = need("transformers", f"init_from={folder}")
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    set_dropout(config, dropout)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
+                                                           local_files_only=True).eval()
+    why = refusal(hf)
+    if why:
+        raise ValueError(why)
+    idx = probe_ids(config.vocab_size)
+    with torch.no_grad():
+        hf_logits = hf(idx).logits.float()                                 # before the decoder is cut
+    model = HFGPT(hf, gpt_config(hf, n_steps, n_latent, head_attn, dropout, bias=bias, gelu=gelu))
+    check_identity(model, idx, hf_logits, folder)
+    return model.train()
+
+
+def saved_model(ckpt, dropout=None):
+    """The HFGPT a checkpoint holds: its HF config (hf_config) and state, with this run's dropout."""
+    transformers = need("transformers", "this checkpoint (a Hugging Face trunk)")
+    saved = dict(ckpt["hf_config"])
+    config = transformers.AutoConfig.for_model(saved.pop("model_type"), **saved)
+    if dropout is not None:
+        set_dropout(config, dropout)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    args = {**ckpt["model_args"], **({} if dropout is None else {"dropout": dropout})}
+    model = HFGPT(hf, GPTConfig(**args))
+    model.load_state_dict(ckpt["model"])
+    return model
