@@ -7,7 +7,7 @@ replaced by nn.Identity (h = trunk(x)), the norm (LN_f) and lm_head; everything 
 the head, forward, the training parts, generation. GPT-2 folders keep model.py's native GPT.
 
     h = decoder(x)                                 (B, T, C), the norm taken out
-    logits_k = lm_head(LN_f(o_k)) · s / d          Cohere's logit_scale s, Granite's logits_scaling d (else 1)
+    logits_k = lm_head(LN_f(o_k)) · s / d          Cohere's logit_scale s, Granite's logits_scaling d
 
 A family that changes the logits after lm_head in another way (Gemma 2's soft-capping, Phi's lm_head bias) is
 refused: the fused loss (linear_ce) cannot express it. Whatever the family, loading checks I2 on a short probe
@@ -23,8 +23,8 @@ import os
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from data import token_dtype
 from latent_head import LatentHead
 from linear_ce import token_nll
 from model import GPT, GPTConfig
@@ -40,18 +40,18 @@ def need(package, what):
         raise ImportError(f"{what} needs {package}: pip install {package}") from None
 
 
-def folder_config(path):
-    """config.json of a local model folder as a dict, or None where path holds none."""
-    path = os.path.join(path, "config.json")
+def folder_json(folder, name="config.json"):
+    """A JSON file of a local model folder as a dict, or {} where the folder holds none."""
+    path = os.path.join(folder, name)
     if not os.path.isfile(path):
-        return None
+        return {}
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
 def is_hf_folder(path):
     """Whether init_from=path is a local Hugging Face model this module loads (GPT-2's: model.py's path)."""
-    return os.path.isdir(path) and (folder_config(path) or {}).get("model_type", "gpt2") != "gpt2"
+    return os.path.isdir(path) and folder_json(path).get("model_type", "gpt2") != "gpt2"
 
 
 def refusal(hf):
@@ -182,6 +182,7 @@ def from_folder(folder, n_steps=4, n_latent=0, head_attn="none", dropout=0.0, bi
     """A local HF causal-LM folder (config.json, weights) as the trunk of an HFGPT in fp32, with a fresh head
     (W_out = 0); refused with one line (ValueError) where the family or the I2 probe says no."""
     transformers = need("transformers", f"init_from={folder}")
+    transformers.utils.logging.disable_progress_bar()     # its bar of loaded tensors: a run's output is ours
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     set_dropout(config, dropout)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
@@ -209,3 +210,76 @@ def saved_model(ckpt, dropout=None):
     model = HFGPT(hf, GPTConfig(**args))
     model.load_state_dict(ckpt["model"])
     return model
+
+
+# -----------------------------------------------------------------------------
+# the folder's tokenizer: tokenizer.json through the tokenizers library
+
+ANCHOR = "\n"   # what an answer is encoded after, to tokenize it as a continuation (encode_answer)
+
+
+class HFTokenizer:
+    """
+    A tokenizer.json behind data.Tokenizer's interface. eot_token is its end-of-sequence token, which ends
+    every document and answer. bos: the ids tokenizer(text) puts before a text (Llama 3's, Gemma's BOS; []
+    where it adds none, as Qwen's and SmolLM2's): documents and prompts start with them. The rule follows the
+    tokenizer's behaviour, never the family's name. encode never adds them, and the text of a special token
+    is ordinary text, as in data.Tokenizer.
+    """
+    name = "hf"
+
+    def __init__(self, json_text, eos):
+        tokenizers = need("tokenizers", "tokenizer='hf'")
+        self.tok = tokenizers.Tokenizer.from_str(json_text)
+        self.tok.encode_special_tokens = True
+        self.saved = dict(json_text=json_text, eos=eos)           # what a checkpoint keeps of it
+        self.sha256 = hashlib.sha256(json_text.encode()).hexdigest()
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.eot_token = eos if isinstance(eos, int) else self.tok.token_to_id(eos)
+        if self.eot_token is None:
+            raise ValueError(f"tokenizer='hf': its end-of-sequence token {eos!r} is not in tokenizer.json")
+        plain, full = self.encode("a"), self.tok.encode("a").ids
+        self.bos = next((full[:i] for i in range(len(full)) if full[i:i + len(plain)] == plain), [])
+        # a tokenizer that starts every text with a prefix space (SentencePiece's ▁) would put one before an
+        # answer too, where the text it continues has none
+        self.prefix_space = self.encode(ANCHOR + "a")[len(self.encode(ANCHOR)):] != plain
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_answer(self, text):
+        """text that continues earlier text (an answer after its prompt): no BOS, and no prefix space; so a
+        prompt's and its answer's ids are the whole text's where their boundary is a token boundary."""
+        if not self.prefix_space:
+            return self.encode(text)
+        anchor, ids = self.encode(ANCHOR), self.encode(ANCHOR + text)
+        return ids[len(anchor):]
+
+    def encode_array(self, text):
+        return np.array(self.encode(text), token_dtype(self.vocab_size))
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def folder_eos(folder):
+    """The folder's end-of-sequence token: tokenizer_config.json's eos_token (text), else config.json's or
+    generation_config.json's eos_token_id (the first where it lists several)."""
+    for name, key in (("tokenizer_config.json", "eos_token"), ("config.json", "eos_token_id"),
+                      ("generation_config.json", "eos_token_id")):
+        eos = folder_json(folder, name).get(key)
+        eos = eos.get("content") if isinstance(eos, dict) else eos[0] if isinstance(eos, list) else eos
+        if eos is not None:
+            return eos
+    raise ValueError(f"tokenizer='hf': {folder} names no end-of-sequence token (tokenizer_config.json's "
+                     "eos_token or config.json's eos_token_id)")
+
+
+def folder_tokenizer(folder):
+    """The HFTokenizer of a local Hugging Face folder (its tokenizer.json)."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer='hf' reads {path}, which does not exist: a Hugging Face folder "
+                                "with its tokenizer.json (set tokenizer_file=DIR to another folder)")
+    with open(path, encoding="utf-8") as f:
+        return HFTokenizer(f.read(), folder_eos(folder))

@@ -107,3 +107,30 @@ def test_trunk_flops_are_the_configs(folder, family, gated, kv):
         + (3 if gated else 2) * c.hidden_size * c.intermediate_size
     want = 6 * c.num_hidden_layers * per_layer + 12 * c.num_hidden_layers * c.hidden_size * T
     assert model.flops_per_token(seq_len=T)["trunk"] == want
+
+
+def uncached_greedy(model, idx, n, K):
+    """nanoGPT's generation: the whole (cropped) context through the model for every token."""
+    for _ in range(n):
+        logits, _ = model(idx[:, -model.config.block_size:], n_steps=K)    # (K', B, T, V)
+        idx = torch.cat([idx, logits[-1, :, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("head_attn", ["none", "trunk", "latent"])
+@torch.no_grad()
+def test_cached_generation_equals_uncached_with_a_trained_head(folder, family, head_attn):
+    """The trunk through HF's DynamicCache, the head through its own: greedy decoding equals recomputing the
+    whole context per token, with a random W_out, for every head_attn; past block_size the window slides
+    (Gemma 3's sliding window of 4 is shorter than the context)."""
+    torch.manual_seed(0)
+    model = hf_trunk.from_folder(folder(family), n_steps=K, n_latent=24, head_attn=head_attn).eval()
+    model.crop_block_size(T)
+    model.latent_head.w_out.weight.normal_(0, 0.5)
+    model.latent_head.b.normal_(0, 2.0)
+    idx = ids()[:, :5]
+    cached = model.generate(idx, T, temperature=0)
+    assert torch.equal(cached, uncached_greedy(model, idx, T, K))
+    steps = model.generate(idx, 4, temperature=0, exit_threshold=1e9, return_steps=True)[1]
+    assert steps["used"].eq(1).all()                    # adaptive exit: unchanged, it stops after step 1

@@ -1,0 +1,95 @@
+"""train.py and sample.py on a Hugging Face folder (init_from=DIR): training with the folder's tokenizer, a
+checkpoint that needs the folder no more, exact resume, gradient checkpointing, one-line refusals, and
+sampling equal to transformers' own generate."""
+
+import shutil
+
+import pytest
+import torch
+import transformers
+
+import hf_trunk
+import train
+from conftest import run_script, tiny_hf_folder, tiny_lm_folder
+from test_train import final_params, records
+
+HF_TINY = ["--device=cpu", "--dtype=float32", "--compile=False", "--fluency_data=pydoc",
+           "--reasoning_data=synthetic", "--reasoning_tasks=add:2", "--n_steps=2", "--n_latent=16",
+           "--block_size=48", "--batch_size=2", "--gradient_accumulation_steps=2", "--eval_iters=2",
+           "--eval_examples=8", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=6",
+           "--learning_rate=3e-3"]
+
+
+@pytest.fixture
+def llama(tmp_path):
+    """A tiny Llama folder with a Llama-3-like tokenizer (a BOS), 64 positions."""
+    return tiny_lm_folder(tmp_path / "llama", "llama", "bos")
+
+
+def test_train_on_a_folder_then_resume_exactly_without_it(llama, tmp_path):
+    """tokenizer='auto' takes the folder's; the checkpoint holds the HF config and tokenizer.json, so the
+    folder can go; resume continues bit for bit (dropout, random K, sampled supervision)."""
+    extra = [f"--init_from={llama}", "--dropout=0.1", "--n_steps_dist=uniform", "--sampled_supervision=True",
+             "--eval_interval=3"]
+    full, half = tmp_path / "full", tmp_path / "half"
+    train.main(HF_TINY + extra + [f"--out_dir={full}", "--max_iters=6"])
+    train.main(HF_TINY + extra + [f"--out_dir={half}", "--max_iters=3"])
+    ckpt = torch.load(half / "ckpt.pt", weights_only=False)
+    assert ckpt["config"]["tokenizer"] == "hf" and ckpt["hf_config"]["model_type"] == "llama"
+    assert ckpt["hf_tokenizer"]["json_text"] == open(f"{llama}/tokenizer.json").read()
+    shutil.rmtree(llama)
+    train.main([f"--out_dir={half}", "--init_from=resume", "--max_iters=6"])
+    a, b = records(full, "train"), records(half, "train")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(a) == 6
+    for k, v in final_params(full).items():
+        assert torch.equal(v, final_params(half)[k]), k
+    r = run_script("sample.py", f"--out_dir={half}", "--start=1+2=", "--temperature=0", "--max_new_tokens=4",
+                   "--show_steps=True", "--device=cpu", "--num_samples=1")
+    assert r.returncode == 0 and r.stdout.startswith("1+2=") and "k=2" in r.stdout, r.stderr
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(llama):
+    """gradient_checkpointing=True recomputes each layer in backward: the same gradients, bit for bit here."""
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)                                       # the same fresh head
+        c, _ = train.load_config(HF_TINY + [f"--init_from={llama}", f"--gradient_checkpointing={on}"])
+        model = train.build_model(c, train.load_data(c)[0], None)
+        model.latent_head.w_out.weight.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+        x = torch.randint(model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+        model(x, torch.roll(x, -1, 1))[1].mean().backward()
+        assert model.hf.get_decoder().gradient_checkpointing == on
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+@pytest.mark.parametrize("family, extra, line", [
+    ("phi", {}, "train.py: phi: lm_head has a bias"),
+    ("llama", {}, "train.py: gradient_checkpointing=True does nothing without init_from = a local Hugging"),
+])
+def test_refusals_are_one_line(tmp_path, family, extra, line):
+    folder = tiny_lm_folder(tmp_path / family, family, **extra)
+    init = f"--init_from={folder}" if family == "phi" else "--init_from=scratch"
+    r = run_script("train.py", *HF_TINY, init, f"--out_dir={tmp_path}/out", "--tokenizer_file=" + folder,
+                   "--tokenizer=hf", "--gradient_checkpointing=" + str(family != "phi"))
+    assert r.returncode == 1 and r.stderr.strip().startswith(line) and r.stderr.strip().count("\n") == 0, \
+        r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_sample_from_a_folder_is_transformers_greedy_generate(tmp_path, family):
+    """sample.py --init_from=DIR, the head attached at identity (W_out = 0): greedy decoding gives
+    transformers' own generate, token for token (Gemma 3's sliding window shorter than the text)."""
+    folder = tiny_lm_folder(tmp_path / family, family, "bytelevel")
+    tok = hf_trunk.folder_tokenizer(folder)
+    prompt = "The capital of France is"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    x = torch.tensor([[tok.eot_token] + tok.bos + tok.encode(prompt)])
+    # an explicit mask: the eot here is the tiny config's pad_token_id, which generate would mask out
+    want = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, min_new_tokens=12,
+                       do_sample=False)[0, x.size(1):]
+    r = run_script("sample.py", f"--init_from={folder}", f"--start={prompt}", "--temperature=0",
+                   "--max_new_tokens=12", "--stop_at_eot=False", "--device=cpu", "--dtype=float32",
+                   "--num_samples=1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == tok.decode(tok.encode(prompt) + want.tolist()) + "\n---------------\n"
