@@ -56,7 +56,7 @@ def build_model(c, tok, ckpt):
         except (ImportError, OSError, ValueError) as e:
             raise ConfigError(str(e).splitlines()[0]) from e
     if c.get("gradient_checkpointing"):   # HF's: each layer recomputed in backward (check_needs: an HF trunk)
-        model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if c["block_size"] > model.config.block_size:
         raise ConfigError(f"block_size={c['block_size']} is larger than the model's "
                           f"{model.config.block_size}")

@@ -12,7 +12,6 @@ import pytest
 from tokenizers import Tokenizer
 
 import data
-import hf_trunk
 from conftest import ROOT, TOKENIZER_KINDS, run_script, tiny_tokenizer
 
 KINDS = sorted(TOKENIZER_KINDS)

@@ -2,6 +2,7 @@
 checkpoint that needs the folder no more, exact resume, gradient checkpointing, one-line refusals, and
 sampling equal to transformers' own generate."""
 
+import os
 import shutil
 
 import pytest
@@ -10,7 +11,7 @@ import transformers
 
 import hf_trunk
 import train
-from conftest import run_script, tiny_hf_folder, tiny_lm_folder
+from conftest import ROOT, run_script, tiny_lm_folder
 from test_train import final_params, records
 
 HF_TINY = ["--device=cpu", "--dtype=float32", "--compile=False", "--fluency_data=pydoc",
@@ -32,13 +33,15 @@ def test_train_on_a_folder_then_resume_exactly_without_it(llama, tmp_path):
     extra = [f"--init_from={llama}", "--dropout=0.1", "--n_steps_dist=uniform", "--sampled_supervision=True",
              "--eval_interval=3"]
     full, half = tmp_path / "full", tmp_path / "half"
-    train.main(HF_TINY + extra + [f"--out_dir={full}", "--max_iters=6"])
-    train.main(HF_TINY + extra + [f"--out_dir={half}", "--max_iters=3"])
+    for out, n in ((full, 6), (half, 3)):   # the CLI: train.main in-process would keep its signal handlers
+        r = run_script("train.py", *HF_TINY, *extra, f"--out_dir={out}", f"--max_iters={n}")
+        assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(half / "ckpt.pt", weights_only=False)
     assert ckpt["config"]["tokenizer"] == "hf" and ckpt["hf_config"]["model_type"] == "llama"
     assert ckpt["hf_tokenizer"]["json_text"] == open(f"{llama}/tokenizer.json").read()
     shutil.rmtree(llama)
-    train.main([f"--out_dir={half}", "--init_from=resume", "--max_iters=6"])
+    r = run_script("train.py", f"--out_dir={half}", "--init_from=resume", "--max_iters=6")
+    assert r.returncode == 0, r.stderr[-2000:]
     a, b = records(full, "train"), records(half, "train")
     assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(a) == 6
     for k, v in final_params(full).items():
@@ -93,3 +96,42 @@ def test_sample_from_a_folder_is_transformers_greedy_generate(tmp_path, family):
                    "--num_samples=1")
     assert r.returncode == 0, r.stderr
     assert r.stdout == tok.decode(tok.encode(prompt) + want.tolist()) + "\n---------------\n"
+
+
+def test_bench_hf_times_the_hf_model_beside_ours(llama):
+    r = run_script("bench/bench_hf.py", f"--init_from={llama}", "--batch_size=1", "--block_size=16",
+                   "--warmup=1", "--iters=1", "--threads=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for row in ("HF's own", "ours, K = 0", "ours, K = 4", "ours, K = 4, sampled"):
+        assert any(line.strip().startswith(row + " ") for line in r.stdout.splitlines()), row
+    assert "x HF's own speed (target >= 0.97)" in r.stdout
+
+
+@pytest.mark.parametrize("preset", ["config/finetune_smollm2_gsm8k.py", "config/finetune_smollm2_cpu.py"])
+def test_smollm2_presets_load_as_written(llama, preset):
+    """The presets as train.py checks them (the SmolLM2 folder stood in for by a tiny one): every key as
+    written, the folder's tokenizer."""
+    c, _ = train.load_config([os.path.join(ROOT, preset), f"--init_from={llama}"])
+    written = {}
+    exec(open(os.path.join(ROOT, preset)).read(), {}, written)
+    assert all(c[k] == v for k, v in written.items() if k != "init_from")
+    assert written["init_from"] == "data/smollm2-135m" and c["tokenizer"] == "hf"
+
+
+def test_gsm8k_preset_flops_as_stated():
+    """Its comment's MFLOPs per token and PFLOPs, from SmolLM2-135M's configuration (bench_hf.SMOLLM2)."""
+    from bench_hf import SMOLLM2
+    from losses import sampled_unembeds
+    c, _ = train.load_config([os.path.join(ROOT, "config/finetune_smollm2_gsm8k.py"), "--init_from=scratch",
+                              "--tokenizer=byte"])
+    with torch.device("meta"):
+        config = transformers.AutoConfig.for_model("llama", **SMOLLM2)
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+        model = hf_trunk.HFGPT(hf, hf_trunk.gpt_config(hf, c["n_steps"]))
+    T, tokens = c["block_size"], c["batch_size"] * c["block_size"] * c["gradient_accumulation_steps"]
+    f = model.flops_per_token(4, T, unembeds=sampled_unembeds(4, c["batch_size"] * T, c["imp_fraction"]))
+    text = open(os.path.join(ROOT, "config/finetune_smollm2_gsm8k.py")).read()
+    assert f"{f['total'] / 1e6:,.0f} MFLOPs per token" in text
+    assert f"({model.flops_per_token(0, T)['total'] / 1e6:,.0f} at K = 0)" in text
+    assert f"{tokens:,}\n# tokens" in text
+    assert f"{f['total'] * tokens * c['max_iters'] / 1e15:.1f} PFLOPs" in text
