@@ -22,7 +22,7 @@ from model import GPT, GPTConfig
 SAFE_ON_RESUME = ("out_dir", "init_from", "eval_interval", "log_interval", "eval_iters", "eval_examples",
                   "eval_only", "checkpoint_interval", "checkpoint_minutes", "wandb_log", "wandb_project",
                   "wandb_run_name", "max_iters", "lr_decay_iters", "min_lr", "device", "dtype", "compile",
-                  "threads", "gpu_peak_tflops", "tokenizer_file", "eval_tasks", "gradient_checkpointing")
+                  "threads", "gpu_peak_tflops", "tokenizer_file", "eval_tasks")
 ARCH_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "bias", "n_steps", "n_latent", "head_attn", "gelu")
 # What a checkpoint written before an architecture key existed ran: its value when model_args and config lack
 # the key (gelu: every model was GPT-2's tanh GELU until the key came)

@@ -2,6 +2,8 @@
 # task (sorting digits), ending with its eval table per step k. Before: `python data/prepare.py model
 # --out_dir=data/smollm2-135m` (README "Any pretrained LM"); then `python sample.py --out_dir=out-smollm2-cpu
 # --start="sort(3142)=" --temperature=0 --show_steps=True`.
+# Measured 2026-12-06 on this project's 2-core machine, both cores busy with two other training runs: 6 m 09 s
+# (3.2 GB peak memory); answer exact match on sort:5 0.00 at iter 0, 0.65 at 30, 0.80 at 60, at k = 1 and 2.
 out_dir = "out-smollm2-cpu"
 init_from = "data/smollm2-135m"
 device = "cpu"
