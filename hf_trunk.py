@@ -120,6 +120,11 @@ class HFGPT(GPT):
             raise ValueError(f"block_size {block_size} is larger than the model's {self.config.block_size}")
         self.config.block_size = block_size
 
+    def compile_parts(self):
+        """GPT.compile_parts, the trunk on SDPA's causal path where that is exact (use_causal_sdpa)."""
+        use_causal_sdpa(self.hf, self.config.block_size)
+        return super().compile_parts()
+
     def trunk_flops(self, seq_len):
         """Training FLOPs per token of the decoder: 6 per weight of its layers' matrices (the embedding is a
         lookup), and the attention scores q·k and att·v over seq_len positions, 12 per head dimension per
@@ -129,6 +134,33 @@ class HFGPT(GPT):
         matrices = sum(p.numel() for p in layers.parameters() if p.dim() >= 2)
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         return 6 * matrices + 12 * c.num_hidden_layers * c.num_attention_heads * head_dim * seq_len
+
+
+CAUSAL_SDPA = "nanorlrp_causal_sdpa"
+
+
+def causal_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """HF's SDPA attention without a mask: a sequence attends causally to itself (SDPA's is_causal), one new
+    token to every cached one."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+
+def use_causal_sdpa(hf, block_size):
+    """Under torch.compile HF's SDPA gets a dense (B, 1, T, T) causal mask, and SDPA cannot take its causal
+    fast path; without a mask (causal_sdpa) it does. Exact where rows are unpadded (always, here) and every
+    layer attends causally over all T <= block_size positions: a sliding window shorter than block_size
+    (Mistral, Gemma 2/3) or attention soft-capping keeps HF's own path. Returns whether the model switched."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    c = hf.config
+    window, soft_cap = getattr(c, "sliding_window", None), getattr(c, "attn_logit_softcapping", None)
+    windowed = any(t != "full_attention" for t in getattr(c, "layer_types", None) or ["sliding"])
+    if c._attn_implementation != "sdpa" or soft_cap or (window and windowed and window < block_size):
+        return False
+    AttentionInterface.register(CAUSAL_SDPA, causal_sdpa)
+    AttentionMaskInterface.register(CAUSAL_SDPA, lambda *args, **kwargs: None)    # no mask to build
+    hf.set_attn_implementation(CAUSAL_SDPA)
+    return True
 
 
 class HFCache:

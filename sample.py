@@ -120,7 +120,7 @@ def load_model(c):
         hf = hf_trunk.is_hf_folder(folder)
         model = hf_trunk.from_folder(folder, n_steps=K) if hf else GPT.from_pretrained(folder, n_steps=K)
         model, train_cfg = model.eval().to(c["device"]), dict(tokenizer="hf" if hf else "gpt2")
-        tok = data.get_tokenizer(train_cfg["tokenizer"], c["tokenizer_file"] or folder * hf)
+        tok = data.get_tokenizer(train_cfg["tokenizer"], c["tokenizer_file"] or (folder if hf else ""))
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens, the model "
                          f"{model.config.vocab_size}")

@@ -11,7 +11,7 @@ import transformers
 
 import hf_trunk
 import train
-from conftest import ROOT, run_script, tiny_lm_folder
+from conftest import ROOT, run_script, run_torchrun, tiny_lm_folder
 from test_train import final_params, records
 
 HF_TINY = ["--device=cpu", "--dtype=float32", "--compile=False", "--fluency_data=pydoc",
@@ -135,3 +135,22 @@ def test_gsm8k_preset_flops_as_stated():
     assert f"({model.flops_per_token(0, T)['total'] / 1e6:,.0f} at K = 0)" in text
     assert f"{tokens:,}\n# tokens" in text
     assert f"{f['total'] * tokens * c['max_iters'] / 1e15:.1f} PFLOPs" in text
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_on_an_hf_trunk(llama, tmp_path):
+    """2 gloo processes train a tiny Llama trunk as one process does (dropout, random K, sampled supervision):
+    DDP finds every HF parameter used."""
+    args = HF_TINY + [f"--init_from={llama}", "--max_iters=4", "--eval_interval=4", "--dropout=0.1",
+                      "--n_steps_dist=uniform", "--sampled_supervision=True", "--eval_iters=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = run_script("train.py", *args, f"--out_dir={one}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ddp = run_torchrun(*args, out_dir=str(two))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = records(one, "train"), records(two, "train")
+    assert [r["n_steps"] for r in a] == [r["n_steps"] for r in b] and len(a) == 4
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+    pa, pb = final_params(one), final_params(two)
+    assert all(torch.allclose(pa[k], pb[k], atol=1e-5) for k in pa)

@@ -52,7 +52,7 @@ def test_every_step_is_the_hf_model_at_w_out_zero(folder, family):
         torch.testing.assert_close(step, ce, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt_neox"])
+@pytest.mark.parametrize("family", sorted(HF_FAMILIES))
 @torch.no_grad()
 def test_k0_is_the_hf_model(folder, family):
     """I5: K = 0 builds no head: the HF model's parameters and nothing else, and its logits."""
@@ -134,3 +134,20 @@ def test_cached_generation_equals_uncached_with_a_trained_head(folder, family, h
     assert torch.equal(cached, uncached_greedy(model, idx, T, K))
     steps = model.generate(idx, 4, temperature=0, exit_threshold=1e9, return_steps=True)[1]
     assert steps["used"].eq(1).all()                    # adaptive exit: unchanged, it stops after step 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, causal", [("llama", True), ("qwen2", True), ("mistral", False),
+                                            ("gemma3_text", False)])
+def test_compiled_trunk_takes_sdpas_causal_path_where_exact(folder, family, causal):
+    """compile_parts puts a full-causal trunk on SDPA's causal path (no dense mask); a sliding window shorter
+    than block_size keeps HF's. Compiled, every step's logits are the eager model's (and so HF's)."""
+    torch._dynamo.reset()                      # HFGPT.trunk's graphs of the other families: not this one's
+    model = hf_trunk.from_folder(folder(family), n_steps=2).eval()
+    model.crop_block_size(T)
+    x = ids()
+    with torch.no_grad():
+        want = model(x)[0]
+        model.compile_parts()
+        assert (model.hf.config._attn_implementation == hf_trunk.CAUSAL_SDPA) == causal
+        torch.testing.assert_close(model(x)[0], want, rtol=0, atol=1e-5)
