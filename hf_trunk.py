@@ -71,7 +71,7 @@ class HFGPT(GPT):
     and the context length are the HF model's; the head and everything else are GPT's."""
 
     def __init__(self, hf, config):
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)                   # not GPT.__init__: the HF model is the trunk
         self.config, self.hf = config, hf
         decoder = hf.get_decoder()
         name = next((n for n in FINAL_NORMS if isinstance(getattr(decoder, n, None), nn.Module)), None)
