@@ -10,6 +10,8 @@ from dataclasses import asdict
 
 import torch
 
+import data
+import hf_trunk
 from configurator import ConfigError, configure
 from model import GPT, GPTConfig
 
@@ -29,6 +31,8 @@ BEFORE_THE_KEY = {"gelu": "tanh"}
 
 def saved_model(ckpt, dropout=None):
     """The model a loaded checkpoint holds, with this run's dropout (None: the checkpoint's)."""
+    if "hf_config" in ckpt:   # a Hugging Face trunk: its config is in the checkpoint, no folder needed
+        return hf_trunk.saved_model(ckpt, dropout)
     args = {**BEFORE_THE_KEY, **ckpt["model_args"], **({} if dropout is None else {"dropout": dropout})}
     model = GPT(GPTConfig(**args))
     model.load_state_dict(ckpt["model"])
@@ -44,11 +48,15 @@ def build_model(c, tok, ckpt):
         V = tok.vocab_size if tok.vocab_size < 1024 else -(-tok.vocab_size // 64) * 64  # big ones: pad to ×64
         model = GPT(GPTConfig(vocab_size=V, dropout=c["dropout"], **{k: c[k] for k in ARCH_KEYS}))
     else:
+        head = {k: c[k] for k in ("n_steps", "n_latent", "dropout", "head_attn")}
+        folder = c["init_from"]
         try:
-            model = GPT.from_pretrained(c["init_from"], n_steps=c["n_steps"], n_latent=c["n_latent"],
-                                        dropout=c["dropout"], head_attn=c["head_attn"])
+            model = (hf_trunk.from_folder(folder, bias=c["bias"], gelu=c["gelu"], **head)
+                     if hf_trunk.is_hf_folder(folder) else GPT.from_pretrained(folder, **head))
         except (ImportError, OSError, ValueError) as e:
             raise ConfigError(str(e).splitlines()[0]) from e
+    if c.get("gradient_checkpointing"):   # HF's: each layer recomputed in backward (check_needs: an HF trunk)
+        model.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if c["block_size"] > model.config.block_size:
         raise ConfigError(f"block_size={c['block_size']} is larger than the model's "
                           f"{model.config.block_size}")
@@ -60,12 +68,24 @@ def build_model(c, tok, ckpt):
     return model
 
 
-def state(model, optimizer, scaler, it, config, curriculum_switches=()):
-    """What a checkpoint holds: enough to rebuild the model (model_args) and to continue the run exactly
-    (curriculum_switches: where a threshold curriculum's levels joined)."""
+def state(model, optimizer, scaler, it, config, curriculum_switches=(), tokenizer=None):
+    """What a checkpoint holds: enough to rebuild the model (model_args; an HF trunk's config too) and its
+    tokenizer (a Hugging Face folder's, whole), and to continue the run exactly (curriculum_switches: where a
+    threshold curriculum's levels joined)."""
+    hf = {"hf_config": model.hf.config.to_dict()} if isinstance(model, hf_trunk.HFGPT) else {}
+    saved = getattr(tokenizer, "saved", None)
     return {"model_args": asdict(model.config), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": it,
-            "config": config, "curriculum_switches": list(curriculum_switches)}
+            "config": config, "curriculum_switches": list(curriculum_switches), **hf,
+            **({"hf_tokenizer": saved} if saved else {})}
+
+
+def tokenizer(c, ckpt=None):
+    """A run's tokenizer: the one its checkpoint holds (a Hugging Face folder's: no folder needed), else c's
+    tokenizer and tokenizer_file."""
+    if ckpt and ckpt.get("hf_tokenizer"):
+        return hf_trunk.HFTokenizer(**ckpt["hf_tokenizer"])
+    return data.get_tokenizer(c["tokenizer"], c["tokenizer_file"])
 
 
 def restore(ckpt, optimizer, scaler):

@@ -1,13 +1,10 @@
-"""
-Data loading (README "Data"): tokenizers, fluency token files, reasoning rows with answer masks, as Batches.
-data/prepare.py and tasks.py make the data; this file turns it into Batches, offline.
-
-Packing: a reasoning row holds block_size+1 tokens: eot, then whole examples `prompt + answer + eot`, then
+"""Data loading (README "Data"): tokenizers, fluency token files, reasoning rows with answer masks, as
+Batches; data/prepare.py and tasks.py make the data, offline. Packing: a reasoning row holds block_size+1
+tokens: eot, then whole examples `prompt + answer + eot` (the prompt after the tokenizer's bos, if any), then
 padding (y = -1). The leading eot gives every prompt the same left context. answer_mask marks the answer's
 targets and its closing eot, so an exact match is "every answer token and the eot are the argmax given the
-gold prefix", what greedy decoding produces. Prompt tokens are trained with CE too. Batches are pure
-functions of (seed, index): resume is exact, and the data does not depend on the number of DDP ranks.
-"""
+gold prefix", what greedy decoding produces. Prompt tokens are trained with CE too. Batches are pure functions
+of (seed, index): resume is exact, and the data does not depend on the number of DDP ranks."""
 
 import hashlib
 import itertools
@@ -83,6 +80,7 @@ HOW_TO_GET_GPT2 = ("set tokenizer_file=PATH (or env NANORLRP_TOKENIZER_FILE=PATH
 
 class Tokenizer:
     """encode takes text as ordinary text (a literal '<|endoftext|>' is not eot); decode shows eot as it."""
+    bos = []   # what documents and prompts start with: none here (hf_trunk.HFTokenizer's may have a BOS)
 
     def __init__(self, name, enc=None):
         self.name, self.enc = name, enc  # enc: a tiktoken.Encoding, or None for UTF-8 bytes
@@ -93,6 +91,8 @@ class Tokenizer:
 
     def encode(self, text: str) -> list:
         return self.enc.encode_ordinary(text) if self.enc else list(text.encode("utf-8"))
+
+    encode_answer = encode   # an answer, continuing its prompt: as any text here (no prefix space to drop)
 
     def encode_array(self, text: str) -> np.ndarray:
         """encode(text) as an array of the token files' dtype, with no Python list in between (prepare's hot
@@ -117,10 +117,10 @@ def check_gpt2_ranks(data: bytes, what: str):
 
 
 def get_tokenizer(name: str, tokenizer_file: str = "") -> Tokenizer:
-    if name == "byte":
-        return Tokenizer("byte")
-    if name != "gpt2":
-        raise ValueError(f"unknown tokenizer {name!r}: use tokenizer='byte' or tokenizer='gpt2'")
+    if name in ("byte", "hf"):
+        return Tokenizer(name) if name == "byte" else __import__("hf_trunk").folder_tokenizer(tokenizer_file)
+    if name not in ("gpt2", "auto"):
+        raise ValueError(f"unknown tokenizer {name!r}: use tokenizer='byte', 'gpt2' or 'hf'")
     path = tokenizer_file or os.environ.get("NANORLRP_TOKENIZER_FILE", "")
     if not path:
         try:
@@ -232,8 +232,8 @@ class FluencyData:
         self.block_size, self.seed = block_size, seed
         if source == "pydoc":
             from pydoc_data.topics import topics  # ~465k characters of Python docs, in every CPython
-            ids = np.array([t for key in sorted(topics) for t in tok.encode(topics[key]) + [tok.eot_token]],
-                           np.int64)
+            ids = np.array([t for key in sorted(topics) for t in tok.bos + tok.encode(topics[key])
+                            + [tok.eot_token]], np.int64)
             self.data = {"train": ids[:-(len(ids) // 10)], "val": ids[-(len(ids) // 10):]}
         else:
             self.data = _open_token_files(source, tok)
@@ -280,7 +280,7 @@ class ReasoningData:
                                  "eval examples after the split; set reasoning_eval_data to a separate file")
             longest = max(len(e.prompt) + len(e.answer) for e in self.train)
         self.held_out = {prompt for prompt, *_ in self.evals or ()}   # never drawn for training
-        evals = [len(self.tok.encode(p)) + len(self.tok.encode(a)) for p, a, _ in self.evals or ()]
+        evals = [len(e.prompt) + len(e.answer) for e in (self._encode(p, a) for p, a, _ in self.evals or ())]
         check_fits(max([longest, *evals]), block_size, f"reasoning_data {source!r}"
                    + f", reasoning_eval_data {eval_source!r}" * bool(eval_source))
         # the training examples' distinct known levels, ascending: what a curriculum steps through
@@ -289,10 +289,12 @@ class ReasoningData:
         self._pools = {0: self.tasks or self.train}  # max_level -> the tasks or rows a curriculum stage draws
 
     def _encode(self, prompt, answer, steps=None, level=0):
-        """Example of strings: steps (the per-step answers) only when step_targets is not 'final'."""
-        encode = self.tok.encode
-        steps = () if steps is None or self.step_targets == "final" else tuple(map(encode, steps))
-        return Example(prompt=encode(prompt), answer=encode(answer), steps=steps, level=level)
+        """Example of strings: steps (the per-step answers) only when step_targets is not 'final'. The prompt
+        starts as a document does (bos); an answer continues it (Tokenizer.encode_answer)."""
+        tok = self.tok
+        steps = () if steps is None or self.step_targets == "final" else tuple(map(tok.encode_answer, steps))
+        return Example(prompt=tok.bos + tok.encode(prompt), answer=tok.encode_answer(answer), steps=steps,
+                       level=level)
 
     def _encode_row(self, source, prompt, answer, steps, level, lineno):
         """A JSONL training row as an Example; a step answer of another length than the answer: one line."""

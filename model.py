@@ -263,6 +263,10 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # generation: the cache (KVCache), the head's newest outputs and adaptive exit (latent_head.py)
 
+    def new_cache(self, head=None):
+        """An empty generation cache: the trunk's, and the head's own (LatentHead.new_cache)."""
+        return KVCache(self.config.n_layer, head)
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_steps=None, exit_threshold=None,
                  stop_token=None, return_steps=False):
@@ -285,7 +289,7 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if cache is None or len(cache) == bs:                  # (re)fill from the last block_size tokens
                 head_cache = self.latent_head.new_cache(K) if K else None
-                cache, new = KVCache(self.config.n_layer, head_cache), idx[:, -bs:]
+                cache, new = self.new_cache(head_cache), idx[:, -bs:]
             else:
                 new = idx[:, -1:]                                   # the newest token only
             outs = newest_outputs(self.latent_head, self.trunk(new, cache), K, cache.head)
@@ -382,8 +386,12 @@ class GPT(nn.Module):
         """
         cfg, K = self.config, self.resolve_steps(n_steps)
         T = seq_len or cfg.block_size
-        blocks = sum(p.numel() for p in self.transformer.h.parameters() if p.dim() >= 2)
-        trunk = 6 * blocks + 12 * cfg.n_layer * cfg.n_embd * T
+        trunk = self.trunk_flops(T)
         head = self.latent_head.flops_per_token(K, T, grad_steps) if K > 0 else 0
         unembed = 6 * cfg.n_embd * cfg.vocab_size * (max(K, 1) if unembeds is None else unembeds)
         return {"trunk": trunk, "head": head, "unembed": unembed, "total": trunk + head + unembed}
+
+    def trunk_flops(self, seq_len):
+        """The blocks' training FLOPs per token: 6 per weight of their matrices, and the attention scores."""
+        blocks = sum(p.numel() for p in self.transformer.h.parameters() if p.dim() >= 2)
+        return 6 * blocks + 12 * self.config.n_layer * self.config.n_embd * seq_len

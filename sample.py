@@ -28,6 +28,7 @@ import torch
 
 import checkpoint
 import data
+import hf_trunk
 from configurator import ConfigError, autocast, configure, default_device, default_dtype, existing_file
 from evaluate import EXIT_THRESHOLD, LONG_STEPS, exact_match_curve, level_reading, level_table
 from records import pyplot
@@ -95,26 +96,31 @@ def check_config(c):
         raise ConfigError("--plot needs matplotlib: pip install matplotlib")
 
 
-def load_checkpoint(out_dir, device):
+def load_checkpoint(out_dir, device, tokenizer_file=""):
     """out_dir/ckpt.pt as train.py writes it -> (model in eval mode on device, the training config dict in
-    today's keys: checkpoint.saved_config). A damaged file is a ConfigError naming it (checkpoint.load)."""
+    today's keys: checkpoint.saved_config, its tokenizer: checkpoint.tokenizer). A damaged file is a
+    ConfigError naming it (checkpoint.load)."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found: train.py writes it (python train.py "
                                 f"--out_dir={out_dir}), or sample pretrained GPT-2 with --init_from=gpt2")
     ckpt = checkpoint.load(path)
-    return checkpoint.saved_model(ckpt).eval().to(device), checkpoint.saved_config(ckpt["config"])
+    cfg = checkpoint.saved_config(ckpt["config"])
+    file = tokenizer_file or cfg.get("tokenizer_file", "")
+    tok = checkpoint.tokenizer({**cfg, "tokenizer_file": file}, ckpt)
+    return checkpoint.saved_model(ckpt).eval().to(device), cfg, tok
 
 
 def load_model(c):
     """(model, tokenizer, training config) for init_from."""
     if c["init_from"] == "resume":
-        model, train_cfg = load_checkpoint(c["out_dir"], c["device"])
-    else:  # pretrained GPT-2 with a fresh latent head, which changes nothing yet (I2)
-        model = GPT.from_pretrained(c["init_from"], n_steps=4 if c["n_steps"] is None else c["n_steps"])
-        model, train_cfg = model.eval().to(c["device"]), dict(tokenizer="gpt2")
-    tok = data.get_tokenizer(train_cfg["tokenizer"],
-                             c["tokenizer_file"] or train_cfg.get("tokenizer_file", ""))
+        model, train_cfg, tok = load_checkpoint(c["out_dir"], c["device"], c["tokenizer_file"])
+    else:  # pretrained weights with a fresh latent head, which changes nothing yet (I2)
+        K, folder = 4 if c["n_steps"] is None else c["n_steps"], c["init_from"]
+        hf = hf_trunk.is_hf_folder(folder)
+        model = hf_trunk.from_folder(folder, n_steps=K) if hf else GPT.from_pretrained(folder, n_steps=K)
+        model, train_cfg = model.eval().to(c["device"]), dict(tokenizer="hf" if hf else "gpt2")
+        tok = data.get_tokenizer(train_cfg["tokenizer"], c["tokenizer_file"] or (folder if hf else ""))
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens, the model "
                          f"{model.config.vocab_size}")
@@ -122,7 +128,7 @@ def load_model(c):
 
 
 def encode_prompt(tok, start):
-    """--start (or FILE:path) -> [eot] + its tokens: a prompt starts a document, as in training."""
+    """--start (or FILE:path) -> [eot] + bos + its tokens: a prompt starts a document, as in training."""
     if start.startswith("FILE:"):   # a leading BOM is skipped; invalid bytes are reported below
         path = existing_file(start[5:], "--start's file")
         with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -131,7 +137,7 @@ def encode_prompt(tok, start):
     if bad is not None:
         raise ValueError(f"--start: the prompt cannot be encoded: it is not valid UTF-8 text (at character "
                          f"{bad}); save it as UTF-8")
-    return [tok.eot_token] + tok.encode(start)
+    return [tok.eot_token] + tok.bos + tok.encode(start)
 
 # -----------------------------------------------------------------------------
 # sampling
@@ -168,7 +174,8 @@ def sample(model, tok, c, ctx):
         y, steps = y if want_steps else (y, None)
         new = y[0, x.size(1):].tolist()
         ended = stop is not None and new[-1:] == [stop]
-        print(tok.decode(x[0, 1:].tolist() + new[:-1 if ended else None]))  # without the eots around the text
+        # without the eots around the text, and the bos
+        print(tok.decode(x[0, 1 + len(tok.bos):].tolist() + new[:-1 if ended else None]))
         if c["show_steps"]:
             show_steps(tok, new, steps)
         if c["exit_threshold"] is not None:
@@ -198,9 +205,9 @@ def eval_set(c, train_cfg, tok, block_size):
 
 
 def encode_examples(tok, examples):
-    """[(prompt, answer)] -> [([eot] + prompt ids, answer ids + [eot])]: the leading eot as in training's
-    rows."""
-    return [([tok.eot_token] + tok.encode(p), tok.encode(a) + [tok.eot_token]) for p, a in examples]
+    """[(prompt, answer)] -> [([eot] + bos + prompt ids, answer ids + [eot])]: as in training's rows."""
+    return [([tok.eot_token] + tok.bos + tok.encode(p), tok.encode_answer(a) + [tok.eot_token])
+            for p, a in examples]
 
 
 def decode_answers(model, examples, eot, K, exit_threshold=None, batch_size=64, device="cpu",

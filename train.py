@@ -33,7 +33,7 @@ import checkpoint
 import data
 from checkpoint import build_model
 from config.defaults import (DEFAULTS, DEFAULTS_FILE, RENAMED, check, check_needs, check_reasoning,
-                             latent_keys_warning, training_rows)
+                             latent_keys_warning, resolve_tokenizer, training_rows)
 from configurator import ConfigError, catch_stop_signals, configure, precision, setup_system
 from evaluate import all_reduce_dict, all_reduce_sum, eval_metrics, eval_sets, evaluate_reasoning, format_eval
 from losses import Counts, ObjectiveConfig, rlrp_loss, sampled_unembeds, supervise
@@ -58,6 +58,8 @@ def load_config(argv):
             raise ConfigError(f"max_iters={c['max_iters']}, but {path} is at iter {ckpt['iter_num']} "
                               "already: nothing to train; raise max_iters to go on, or evaluate it with "
                               "eval_only=True")
+    if not ckpt:
+        resolve_tokenizer(c)
     check(c)
     if not ckpt:
         check_needs(c)
@@ -69,10 +71,11 @@ def load_config(argv):
 # the data, and the loss's token counts and logged values summed over ranks
 
 
-def load_data(c):
-    """(tokenizer, FluencyData | None, ReasoningData | None), light to build; a bad path or file: one line."""
+def load_data(c, ckpt=None):
+    """(tokenizer, FluencyData | None, ReasoningData | None), light to build; a bad path or file: one line.
+    The tokenizer: checkpoint.tokenizer (a resumed run's own)."""
     try:
-        tok = data.get_tokenizer(c["tokenizer"], c["tokenizer_file"])
+        tok = checkpoint.tokenizer(c, ckpt)
         fluency = data.FluencyData(c["fluency_data"], tok, c["block_size"], c["seed"]) \
             if c["fluency_data"] else None
         reasoning = data.ReasoningData(c["reasoning_data"], tok, c["block_size"], c["seed"],
@@ -161,7 +164,7 @@ class Run:
         self.master, device_type = self.rank == 0, self.device.split(":")[0]
         self.ctx, self.scaler = precision(c, device_type)
         torch.manual_seed(c["seed"])
-        tok, self.fluency, self.reasoning = load_data(c)
+        self.tok, self.fluency, self.reasoning = load_data(c, ckpt)
         if self.reasoning:
             check_reasoning(c, training_rows(self.reasoning), max_n_steps(c))
         for line in latent_keys_warning(c) if self.master else []:   # legal, but not what it may look like
@@ -170,7 +173,7 @@ class Run:
             "curriculum_switches", ()))
         self.router = Router(c["reasoning_fraction"])
         self.curriculum_slices = {}   # level -> this rank's share of its training-side slice
-        self.raw_model = build_model(c, tok, ckpt).to(self.device)
+        self.raw_model = build_model(c, self.tok, ckpt).to(self.device)
         self.optimizer = self.raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"],
                                                              (c["beta1"], c["beta2"]), device_type)
         self.start_iter = checkpoint.restore(ckpt, self.optimizer, self.scaler)
@@ -228,7 +231,7 @@ class Run:
     def save(self, it):
         if self.master:   # rank 0 alone writes, so its own clock may decide when: no collective
             state = checkpoint.state(self.raw_model, self.optimizer, self.scaler, it=it, config=self.c,
-                                     curriculum_switches=self.curriculum.switches)
+                                     curriculum_switches=self.curriculum.switches, tokenizer=self.tok)
             checkpoint.save(self.ckpt_path, state)
         self.saved_at, self.checkpointed = perf_counter(), True
 

@@ -10,6 +10,7 @@ import os
 import re
 
 from configurator import ConfigError
+from hf_trunk import is_hf_folder
 from latent_head import GELU, HEAD_ATTN, READOUT_GRAD
 from losses import BEYOND_CHAIN, LEVEL_STEPS, WEIGHT_SCHEDULES
 from tasks import CHAINS, DEFAULT_TASKS, chain_steps
@@ -31,8 +32,10 @@ DEFAULTS = dict(
     wandb_project="nanorlrp",  # wandb's project
     wandb_run_name="rlrp",     # wandb's run name
     # data (data.py)
-    tokenizer="gpt2",          # 'gpt2' | 'byte'
-    tokenizer_file="",         # a local gpt2.tiktoken, offline (or env NANORLRP_TOKENIZER_FILE)
+    tokenizer="auto",          # 'gpt2' | 'byte' | 'hf' (a Hugging Face folder's tokenizer.json) | 'auto':
+                               # 'hf' for init_from = a local HF folder (not GPT-2's), else 'gpt2'
+    tokenizer_file="",         # a local gpt2.tiktoken, offline (or env NANORLRP_TOKENIZER_FILE); with 'hf':
+                               # the folder (default: init_from's)
     fluency_data="data/openwebtext",  # a folder from `data/prepare.py fluency`, 'pydoc' (embedded), '' = none
     reasoning_data="synthetic",       # 'synthetic' (built-in suite) or a .jsonl file; '' = none
     reasoning_eval_data="",    # a .jsonl file, the eval set (beside 'synthetic' too: its prompts are then
@@ -52,7 +55,8 @@ DEFAULTS = dict(
     n_layer=12,                # trunk blocks
     n_head=12,                 # attention heads per block
     n_embd=768,                # C, the trunk's width
-    dropout=0.0,               # dropout in the trunk (masks seeded by the global micro-batch index)
+    dropout=0.0,               # dropout in the trunk (masks seeded by the global micro-batch index); an HF
+                               # trunk's every dropout too, whatever its config.json says
     bias=False,                # biases in Linears and LayerNorms (GPT-2 has them)
     n_steps=4,                 # K, refinement steps of the latent head (0 = plain GPT baseline)
     n_latent=0,                # D, latent width (0 = n_embd)
@@ -114,6 +118,7 @@ DEFAULTS = dict(
     device=None,               # None = best available: cuda, then mps, then cpu
     dtype=None,                # None = the device's best: bfloat16, float16 (with a GradScaler), float32
     compile=None,              # None = on for cuda, off elsewhere
+    gradient_checkpointing=False,  # an HF trunk recomputes each layer in backward: less memory, more time
     threads=0,                 # CPU threads per process; 0 = torch's, or cores / processes under torchrun
     gpu_peak_tflops=989.0,     # for MFU: H100/H200 bf16 dense; A100 is 312
     seed=1337,                 # model init, data order, K draws and dropout all follow from it
@@ -173,7 +178,10 @@ CONSTRAINTS = [
     (lambda c: 0 <= c["min_lr"] <= c["learning_rate"],
      "min_lr must be in [0, learning_rate={learning_rate}], got {min_lr}"),
     (lambda c: c["n_embd"] % c["n_head"] == 0, "n_embd ({n_embd}) must be divisible by n_head ({n_head})"),
-    one_of("tokenizer", ("gpt2", "byte"), "'gpt2' or 'byte'"),
+    one_of("tokenizer", ("auto", "gpt2", "byte", "hf"), "'gpt2', 'byte', 'hf' or 'auto'"),
+    (lambda c: c["tokenizer"] != "hf" or c["tokenizer_file"],
+     "tokenizer='hf' reads a Hugging Face folder's tokenizer.json: set tokenizer_file=DIR (or init_from=DIR)"
+     ),
     one_of("head_attn", HEAD_ATTN, f"one of {', '.join(HEAD_ATTN)}"),
     one_of("gelu", GELU, f"one of {', '.join(GELU)}"),
     one_of("readout_grad", READOUT_GRAD, f"one of {', '.join(READOUT_GRAD)}"),
@@ -224,6 +232,15 @@ CONSTRAINTS = [
 ]
 
 
+def resolve_tokenizer(c):
+    """A new run's tokenizer='auto' made what the checkpoint records: 'hf' (tokenizer_file = the folder,
+    unless set) for init_from = a local Hugging Face folder that is not GPT-2's, else 'gpt2'."""
+    if c["tokenizer"] == "auto":
+        c["tokenizer"] = "hf" if is_hf_folder(c["init_from"]) else "gpt2"
+    if c["tokenizer"] == "hf" and not c["tokenizer_file"] and is_hf_folder(c["init_from"]):
+        c["tokenizer_file"] = c["init_from"]
+
+
 def check(c, partial=False):
     """ConfigError with the line of the first CONSTRAINT c breaks. partial: c holds only some of train.py's
     keys (bench/bench.py's), and the constraints on keys it lacks are skipped."""
@@ -251,6 +268,8 @@ NEEDS = {   # key: (where it acts, in words)
     "rl_q": (lambda c: c["lambda_rl"] > 0, "lambda_rl > 0"),
     "curriculum_interval": (lambda c: c["curriculum_threshold"] > 0, "curriculum_threshold > 0"),
     "beyond_chain": (lambda c: c["step_targets"] != "final", "per-step targets (step_targets='chain...')"),
+    "gradient_checkpointing": (lambda c: is_hf_folder(c["init_from"]), "init_from = a local Hugging Face "
+                               "folder (an HF trunk: GPT-2's native trunk has no checkpointing)"),
 }
 LATENT_KEYS = ("n_latent", "head_attn", "weight_schedule", "weight_gamma", "weight_skip", "lambda_imp",
                "imp_margin", "sampled_supervision", "imp_fraction", "n_steps_dist", "n_steps_max",

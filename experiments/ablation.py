@@ -122,7 +122,7 @@ def summarize_run(out_dir):
     """One run's figures for the report, and its test-time curve: teacher-forced exact match (= greedy
     decoding's) for every K' = 0..2K on the run's own held-out eval set."""
     train_recs, evals = run_records(out_dir)
-    model, cfg = load_checkpoint(out_dir, "cpu")
+    model, cfg, _ = load_checkpoint(out_dir, "cpu")
     batches = train.load_data(cfg)[2].eval_batches(cfg["batch_size"], cfg["eval_examples"])
     last = evals[-1]
     return {

@@ -174,8 +174,7 @@ def cut_latent(model, how, seed=0):
 def evaluate_run(out_dir, n_per_task, eval_tasks=EVAL_TASKS):
     """{'curve': {task: exact match at K' = 0..3K}, 'zero'/'shuffle': {task: exact match at K' = 1..3K with
     the readout cut}, 'beats': the step_K_beats_1 rate at K} on eval_tasks' held-out examples."""
-    model, cfg = load_checkpoint(out_dir, "cpu")
-    tok = data.get_tokenizer(cfg["tokenizer"], cfg.get("tokenizer_file", ""))
+    model, cfg, tok = load_checkpoint(out_dir, "cpu")
     suite = data.ReasoningData("synthetic", tok, cfg["block_size"], tasks=eval_tasks)
     n = n_per_task * len(suite.tasks)
     batches, tags = suite.eval_batches(cfg["batch_size"], n), suite.eval_tags(n)

@@ -1,4 +1,4 @@
-"""The house rules a newcomer relies on, checked on the source: `ls` shows the method (at most 13 top-level
+"""The house rules a newcomer relies on, checked on the source: `ls` shows the method (at most 14 top-level
 modules, each named in README's Files table), every file reads in one sitting (<= 400 lines, no line over
 110, no function over 60 lines but the training loop's ~90), no import circle, a README of <= 250 lines."""
 
@@ -20,7 +20,7 @@ def read(path):
 
 def test_the_method_at_the_root_and_every_file_in_the_readme():
     assert set(DESIGN_CARD) <= set(TOP)
-    assert len(TOP) <= 13, f"{len(TOP)} top-level modules: {TOP}"
+    assert len(TOP) <= 14, f"{len(TOP)} top-level modules: {TOP}"
     readme = read(os.path.join(ROOT, "README.md"))
     files = readme.split("\n## Files\n", 1)[1].split("\n## ", 1)[0]
     named = {cell.strip("` ") for row in files.splitlines()[2:] for cell in row.split("|")[1:2]}

@@ -39,7 +39,7 @@ DOCS = TEXTS + [PARAGRAPH, "", "<|endoftext|> is text, not eot", None] + \
 
 class WideTok:
     """A tokenizer whose ids do not fit uint16: 70000 + each UTF-8 byte."""
-    name, vocab_size, eot_token, sha256 = "wide", 70_257, 70_256, "w" * 64
+    name, vocab_size, eot_token, sha256, bos = "wide", 70_257, 70_256, "w" * 64, []
 
     def encode_array(self, text):
         return np.array([70_000 + b for b in text.encode("utf-8")], np.uint32)

@@ -96,7 +96,7 @@ def ckpt_dir(tmp_path_factory):
 
 
 def test_load_checkpoint(ckpt_dir):
-    model, config = sample.load_checkpoint(ckpt_dir, "cpu")
+    model, config, _ = sample.load_checkpoint(ckpt_dir, "cpu")
     assert not model.training and model.config.n_steps == 2 and config["tokenizer"] == "byte"
     want = tiny_model(K=2)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
@@ -122,7 +122,7 @@ def test_cli_eval_scaling_curve(ckpt_dir, capsys):
     out = capsys.readouterr().out
     assert len(curve) == 5 and "trained with K=2" in out                  # K' = 0..2K
     assert "adaptive exit at K'=2" in out and "mean steps per token 1.00 vs 2" in out
-    model, _ = sample.load_checkpoint(ckpt_dir, "cpu")
+    model, _, _ = sample.load_checkpoint(ckpt_dir, "cpu")
     suite = data.ReasoningData("synthetic", data.get_tokenizer("byte"), BS, tasks="sort:3")
     batches = suite.eval_batches(8, 8)
     want = [evaluate_reasoning(model, batches, k)["answer_exact_match"][-1] for k in range(5)]
