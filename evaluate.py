@@ -44,18 +44,30 @@ def all_reduce_dict(values, world):
 
 @torch.no_grad()
 def evaluate_fluency(model, batches, n_steps, world=1):
-    """Per-step val loss: the mean of ℓ_k over all valid targets of all ranks' batches; `batches` is this
-    rank's share, possibly empty. Two all_reduce calls on every rank: Σ ℓ_k per step, then the count of valid
-    targets."""
+    """
+    Per step k, means over all valid targets of all ranks' batches (`batches`: this rank's share, possibly
+    empty):
+      fluency_loss    ℓ_k, the val loss
+      readout_scale   ‖W_out·z_k‖ / ‖h_t‖: how far step k moves the hidden state. A step changes a prediction
+                      only once this is large enough; a pretrained trunk's h is large (README "Any pretrained
+                      LM"). Absent for K' = 0.
+    Two all_reduce calls on every rank: the per-step sums, then the count of valid targets.
+    """
     device = model.lm_head.weight.device
-    sums = torch.zeros(max(n_steps, 1), dtype=torch.float32, device=device)   # Σ ℓ_k per step
-    count = torch.zeros((), dtype=torch.int64, device=device)                 # valid targets
+    K = max(n_steps, 1)
+    sums = torch.zeros(2, K, dtype=torch.float32, device=device)   # Σ ℓ_k, Σ ‖W_out·z_k‖/‖h_t‖ per step
+    count = torch.zeros((), dtype=torch.int64, device=device)     # valid targets
     for b in batches:
-        _, nll = model(b.x, b.y, n_steps=n_steps)                        # (K', B, T), 0 on ignored targets
-        sums += nll.sum((1, 2)).float()
-        count += (b.y >= 0).sum()
+        h = model.trunk(b.x)                                           # (B, T, C)
+        o = model.head_outputs(h, n_steps)                             # o_k = h_t + W_out·z_k, (K', B, T, C)
+        valid = b.y >= 0
+        sums[0] += torch.stack([model.step_nll(o_k, b.y) for o_k in o]).sum((1, 2)).float()   # 0 if ignored
+        scale = (o - h).norm(dim=-1) / h.norm(dim=-1).clamp(min=1e-12)                     # (K', B, T)
+        sums[1] += (scale * valid).sum((1, 2)).float()
+        count += valid.sum()
     sums, count = all_reduce_sum(sums, world), all_reduce_sum(count, world)
-    return (sums / count.clamp(min=1)).tolist()
+    means = (sums / count.clamp(min=1)).tolist()
+    return {"fluency_loss": means[0], **({"readout_scale": means[1]} if n_steps else {})}
 
 
 @torch.no_grad()
@@ -207,12 +219,12 @@ def eval_sets(fluency, reasoning, c, rank, world, device):
 
 
 def eval_metrics(model, fluency_val, reasoning_val, tags, n_steps, n_examples, world=1):
-    """An eval record's metrics, from eval_sets: fluency_loss, answer_exact_match, answer_token_acc (per
-    step), step_K_beats_1, task_exact_match ({task: per step}) and, where examples have levels,
-    level_exact_match ({level: level_reading's}), those of the sets there are."""
+    """An eval record's metrics, from eval_sets: fluency_loss, readout_scale, answer_exact_match,
+    answer_token_acc (per step), step_K_beats_1, task_exact_match ({task: per step}) and, where examples have
+    levels, level_exact_match ({level: level_reading's}), those of the sets there are."""
     rec = {}
     if fluency_val is not None:
-        rec["fluency_loss"] = evaluate_fluency(model, fluency_val, n_steps, world)
+        rec.update(evaluate_fluency(model, fluency_val, n_steps, world))
     if reasoning_val is not None:
         r = evaluate_reasoning(model, reasoning_val, n_steps, n_examples, world)
         r["task_exact_match"] = per_task(r.pop("per_example_exact").cpu(), tags)
@@ -226,8 +238,8 @@ def format_eval(rec):
     K = len(rec.get("fluency_loss") or rec.get("answer_exact_match"))
     lines = [f"eval @ iter {rec['iter']} ({rec['tokens'] / 1e6:.2f}M tokens)",
              f"{'':>14}" + "".join(f"{'k=' + str(k + 1):>8}" for k in range(K))]
-    for key, label in (("fluency_loss", "fluency loss"), ("answer_exact_match", "answer EM"),
-                       ("answer_token_acc", "answer tok acc")):
+    for key, label in (("fluency_loss", "fluency loss"), ("readout_scale", "‖W_out z‖/‖h‖"),
+                       ("answer_exact_match", "answer EM"), ("answer_token_acc", "answer tok acc")):
         if key in rec:
             lines.append(f"{label:>14}" + "".join(f"{v:8.4f}" for v in rec[key]))
     for tag, em in rec.get("task_exact_match", {}).items():

@@ -30,6 +30,10 @@ from linear_ce import token_nll
 from model import GPT, GPTConfig
 
 FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm", "norm_f")
+# HF's own models keep their logits for backward; so does a step here up to 2^24 of them (64 MB in fp32),
+# instead of recomputing them (linear_ce): at a 49,152-token vocabulary recomputing made K = 0 train at 0.94×
+# HF's own step. Bigger steps are tiled, as the native trunk's always are.
+KEEP_LOGITS = 2 ** 24
 
 
 def need(package, what):
@@ -109,7 +113,7 @@ class HFGPT(GPT):
         """ℓ_k (B, T) of o_k (B, T, C): the scales folded into lm_head's input, a linear map's."""
         x = self.ln_f(o)
         scale = self.logit_scale / self.logits_scaling
-        return token_nll(x if scale == 1 else x * scale, self.lm_head.weight, targets)
+        return token_nll(x if scale == 1 else x * scale, self.lm_head.weight, targets, keep_max=KEEP_LOGITS)
 
     def new_cache(self, head=None):
         return HFCache(self.hf.config, head)

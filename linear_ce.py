@@ -11,19 +11,20 @@ import torch
 import torch.nn.functional as F
 
 
-def token_nll(x, weight, targets, chunk_rows=None, chunk_cols=None):
+def token_nll(x, weight, targets, chunk_rows=None, chunk_cols=None, keep_max=None):
     """
     ℓ for already-normalised hidden states: x (..., C), weight (V, C) the unembedding, targets (...)
     with −1 = ignored. Returns (...) NLL in float32 (float64 for float64 inputs), 0 at ignored positions.
     The logits x @ weight.T (N×V for N positions: at GPT-2's vocabulary far more numbers than the model has
     weights) are made one tile of chunk_rows × chunk_cols at a time (default_tile when not given) and
-    recomputed in backward (_LinearCrossEntropy) instead of stored.
+    recomputed in backward (_LinearCrossEntropy) instead of stored. keep_max: up to this many logits are
+    made at once and kept for backward, as plain cross-entropy does (default: one tile's).
     """
     rows, cols = default_tile(weight.size(0), x.device)
     x, flat_targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    if chunk_rows is None and chunk_cols is None and x.size(0) * weight.size(0) <= rows * cols:
-        # all the logits fit in one tile: plain cross-entropy keeps them for backward instead of recomputing
-        # them, which is faster when they are this few
+    if chunk_rows is None and chunk_cols is None and x.size(0) * weight.size(0) <= (keep_max or rows * cols):
+        # few enough logits: plain cross-entropy keeps them for backward instead of recomputing them (6·C·V
+        # FLOPs per row instead of 8·C·V), which is faster when memory allows
         logits = x @ weight.T
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         flat = F.cross_entropy(logits, flat_targets, ignore_index=-1, reduction="none")   # (N,)

@@ -117,7 +117,7 @@ def test_reasoning_without_batches_needs_n_examples():
         evaluate_reasoning(model, batches, K, world=2)    # ranks would infer different sizes: refused
     empty = evaluate_reasoning(model, [], K, n_examples=18)
     assert empty["per_example_exact"].shape == (18, K) and empty["per_example_exact"].isnan().all()
-    assert evaluate_fluency(model, [], K) == [0.0] * K
+    assert evaluate_fluency(model, [], K) == {"fluency_loss": [0.0] * K, "readout_scale": [0.0] * K}
 
 
 def _ddp_worker(rank, port, out_dir):
@@ -148,9 +148,29 @@ def test_ddp_rank_without_batches_gets_the_global_result(tmp_path):
     want_k1 = evaluate_fluency(model, fluency[1:], 1)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        assert got["fluency"] == pytest.approx(want_fluency, rel=1e-6), rank
-        assert got["fluency_k1"] == pytest.approx(want_k1, rel=1e-6), rank
+        for key in want_fluency:
+            assert got["fluency"][key] == pytest.approx(want_fluency[key], rel=1e-6), rank
+            assert got["fluency_k1"][key] == pytest.approx(want_k1[key], rel=1e-6), rank
         assert_same_reasoning(got["reasoning"], want_reasoning)
+
+def test_readout_scale_is_the_mean_of_w_out_z_over_h():
+    """readout_scale[k] = the mean over valid targets of ‖W_out·z_k‖/‖h_t‖, from the head's own latents."""
+    model, fluency, _ = setup()
+    fluency[0].y[0, :5] = -1                                    # ignored targets do not count
+    with torch.no_grad():
+        ratios = []
+        for b in fluency:
+            h = model.trunk(b.x)
+            _, z = model.latent_head(h, K, return_latents=True)     # z_0..z_K, (K+1, B, T, D)
+            r = model.latent_head.w_out(z[1:]).norm(dim=-1) / h.norm(dim=-1)   # (K, B, T)
+            ratios.append(r[:, b.y >= 0])
+    want = torch.cat(ratios, 1).mean(1)
+    got = evaluate_fluency(model, fluency, K)
+    assert got["readout_scale"] == pytest.approx(want.tolist(), rel=1e-4)
+    assert min(got["readout_scale"]) > 0.1                      # setup's W_out ~ N(0, 1): far from zero
+    model.latent_head.reset_parameters()                        # W_out = 0: the steps do not move h (I2)
+    assert evaluate_fluency(model, fluency, K)["readout_scale"] == [0.0] * K
+    assert "readout_scale" not in evaluate_fluency(model, fluency, 0)
 
 # -----------------------------------------------------------------------------
 # no float64 (MPS has none)
@@ -174,7 +194,7 @@ def test_evaluation_creates_no_float64_tensors():
         want = [sum(float(model(b.x, b.y, n_steps=K)[1][k].double().sum()) for b in fluency) /
                 sum(int((b.y >= 0).sum()) for b in fluency) for k in range(K)]
     with DtypeRecorder() as rec:
-        got = evaluate_fluency(model, fluency, K)
+        got = evaluate_fluency(model, fluency, K)["fluency_loss"]
         evaluate_reasoning(model, reasoning, K, n_examples=18)
     assert rec.float64_ops == [], f"float64 tensors made by {sorted(set(rec.float64_ops))}"
     assert got == pytest.approx(want, rel=1e-5)

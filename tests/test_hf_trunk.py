@@ -52,6 +52,16 @@ def test_every_step_is_the_hf_model_at_w_out_zero(folder, family):
         torch.testing.assert_close(step, ce, rtol=0, atol=1e-5)
 
 
+def test_a_step_keeps_its_logits_up_to_keep_logits(tmp_path):
+    """As HF's own model does, a step's logits are kept for backward (plain cross-entropy), not recomputed
+    (linear_ce), up to hf_trunk.KEEP_LOGITS of them: here 32 × 16 × 1,000 = 512,000, beyond one CPU tile."""
+    model = hf_trunk.from_folder(tiny_hf_folder(tmp_path, "llama", vocab_size=1000), n_steps=K)
+    x = torch.randint(1000, (32, T), generator=torch.Generator().manual_seed(2))
+    nll = model.step_nll(model.trunk(x), torch.roll(x, -1, 1))
+    assert 32 * T * 1000 <= hf_trunk.KEEP_LOGITS
+    assert type(nll.grad_fn.next_functions[0][0]).__name__ == "NllLossBackward0"
+
+
 @pytest.mark.parametrize("family", sorted(HF_FAMILIES))
 @torch.no_grad()
 def test_k0_is_the_hf_model(folder, family):

@@ -286,6 +286,25 @@ def test_token_nll_equals_plain_cross_entropy(chunk_rows):
     assert torch.equal(gx[y < 0], torch.zeros_like(gx[y < 0]))
 
 
+def test_token_nll_keeps_up_to_keep_max_logits_else_recomputes_them():
+    """Beyond one CPU tile the logits are recomputed in backward (_LinearCrossEntropy); up to keep_max they
+    are kept, as plain cross-entropy keeps them. Both equal it, with its gradients."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(600, C, generator=g, requires_grad=True)
+    weight = torch.randn(500, C, generator=g, requires_grad=True)            # 300,000 logits > 512 × 512
+    y = torch.randint(-1, 500, (600,), generator=g)
+    want = reference_nll(x, weight, y)
+    rx, rw = torch.autograd.grad(want.sum(), (x, weight))
+    for keep_max, recomputed in ((None, True), (600 * 500 - 1, True), (600 * 500, False)):
+        got = token_nll(x, weight, y, keep_max=keep_max)
+        made_by = type(got.grad_fn.next_functions[0][0]).__name__          # under the final view
+        assert (made_by == "_LinearCrossEntropyBackward") == recomputed, (keep_max, made_by)
+        gx, gw = torch.autograd.grad(got.sum(), (x, weight))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        torch.testing.assert_close(gx, rx, rtol=0, atol=1e-4)
+        torch.testing.assert_close(gw, rw, rtol=0, atol=1e-4)
+
+
 def test_token_nll_gradcheck_float64():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(9, C, generator=g, dtype=torch.float64, requires_grad=True)
