@@ -153,6 +153,7 @@ def test_ddp_rank_without_batches_gets_the_global_result(tmp_path):
             assert got["fluency_k1"][key] == pytest.approx(want_k1[key], rel=1e-6), rank
         assert_same_reasoning(got["reasoning"], want_reasoning)
 
+
 def test_readout_scale_is_the_mean_of_w_out_z_over_h():
     """readout_scale[k] = the mean over valid targets of ‖W_out·z_k‖/‖h_t‖, from the head's own latents."""
     model, fluency, _ = setup()
@@ -171,6 +172,7 @@ def test_readout_scale_is_the_mean_of_w_out_z_over_h():
     model.latent_head.reset_parameters()                        # W_out = 0: the steps do not move h (I2)
     assert evaluate_fluency(model, fluency, K)["readout_scale"] == [0.0] * K
     assert "readout_scale" not in evaluate_fluency(model, fluency, 0)
+
 
 # -----------------------------------------------------------------------------
 # no float64 (MPS has none)
