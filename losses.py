@@ -134,18 +134,27 @@ def step_supervision(y, n_steps, weights, step_y=None, chain_len=None, level=Non
     if n_steps == 0:
         return Y, weights                                                 # the plain GPT: one step
     k = torch.arange(1, K + 1).view(K, 1, 1)                              # (K, 1, 1)
-    allowed = torch.ones(K, *y.shape, dtype=torch.bool)
-    if beyond_chain == "none" and chain_len is not None:
-        allowed &= (chain_len == 0) | (k <= chain_len)                    # no loss past a_S
-    if level_steps != "all" and level is not None:
-        L = answer_step(level, K)                                         # min(L, K)
-        allowed &= (level == 0) | (k == L if level_steps == "at" else k >= L)
+    allowed = allowed_steps(K, y.shape, chain_len=chain_len, level=level, beyond_chain=beyond_chain,
+                            level_steps=level_steps)
     if allowed.all():
         return Y, weights                                                 # the schedule's w everywhere
     W = weights.view(K, 1, 1) * allowed                                   # w_k · 1[step k allowed]
     last_allowed = (k * allowed).amax(0)                                  # (B, T)
     W = torch.where((W.sum(0) == 0) & (k == last_allowed), 1.0, W)        # no weight left: the last allowed
     return Y, W / W.sum(0)                                 # W_k = w_k·1[k ok] / Σ_j w_j·1[j ok]
+
+
+def allowed_steps(K, shape, *, chain_len=None, level=None, beyond_chain="stay", level_steps="all"):
+    """(K, B, T) bool: the steps k = 1..K each token may be trained at under step_supervision's per-token
+    rules (beyond_chain='none': k ≤ S on a chain's answer; level_steps: k = min(L, K) or k ≥ min(L, K))."""
+    k = torch.arange(1, K + 1).view(K, 1, 1)                              # (K, 1, 1)
+    allowed = torch.ones(K, *shape, dtype=torch.bool)
+    if beyond_chain == "none" and chain_len is not None:
+        allowed &= (chain_len == 0) | (k <= chain_len)                    # no loss past a_S
+    if level_steps != "all" and level is not None:
+        L = answer_step(level, K)                                         # min(L, K)
+        allowed &= (level == 0) | (k == L if level_steps == "at" else k >= L)
+    return allowed
 
 
 # -----------------------------------------------------------------------------
@@ -344,12 +353,15 @@ class Supervision(NamedTuple):
       n_steps  K, the steps the head runs
       draw     a StepDraw (sampled deep supervision), else None: ℓ at every (k, b, t)
       progressive  (n, k) of the progressive loss's second head pass, else None
+      second_weights  its W (1, B, T): 1 where step n+k may be trained (allowed_steps), 0 where it gets no
+                   loss (level_steps, beyond_chain: a level-L answer is never trained at a step before L)
     """
     targets: torch.Tensor
     weights: torch.Tensor
     n_steps: int
     draw: StepDraw = None
     progressive: tuple = None
+    second_weights: torch.Tensor = None
 
     def rows(self):
         """Sampled: the (k, b, t) whose ℓ is computed, as indices into ℓ flattened over (K1(+1), B, T): the
@@ -370,17 +382,24 @@ class Supervision(NamedTuple):
         Y = self.targets
         Y = Y[0].to(device).expand_as(Y) if Y.stride(0) == 0 else Y.to(device)
         draw = None if self.draw is None else self.draw.to(device)
-        return self._replace(targets=Y, weights=self.weights.to(device), draw=draw)
+        second = None if self.second_weights is None else self.second_weights.to(device)
+        return self._replace(targets=Y, weights=self.weights.to(device), draw=draw, second_weights=second)
 
 
 def supervise(b, n_steps, cfg, progressive=None, generator=None):
     """The Supervision of Batch b (on the CPU) at K = n_steps under the ObjectiveConfig cfg: Y and W
     (step_supervision with the schedule's w), the sampled draw from `generator`, and the progressive pass
-    (n, k), whose target is step n+k's."""
+    (n, k), whose target and allowed tokens are step n+k's."""
     w = step_weights(max(n_steps, 1), cfg.weight_schedule, cfg.weight_gamma, cfg.weight_skip)
     Y, W = step_supervision(b.y, n_steps, w, step_y=b.step_y, chain_len=b.chain_len, level=b.level,
                             beyond_chain=cfg.beyond_chain, level_steps=cfg.level_steps)
     draw = draw_steps(W, n_steps, b.y.shape, cfg.imp_fraction, generator) if cfg.sampled_supervision else None
+    second = None
     if progressive:
-        Y = torch.cat([Y, Y[sum(progressive) - 1:sum(progressive)]])  # Y_{n+k}: the second pass's target
-    return Supervision(targets=Y, weights=W, n_steps=n_steps, draw=draw, progressive=progressive)
+        step = sum(progressive)                                        # n + k
+        Y = torch.cat([Y, Y[step - 1:step]])                           # Y_{n+k}: the second pass's target
+        allowed = allowed_steps(n_steps, b.y.shape, chain_len=b.chain_len, level=b.level,
+                                beyond_chain=cfg.beyond_chain, level_steps=cfg.level_steps)
+        second = allowed[step - 1:step].float()                        # (1, B, T)
+    return Supervision(targets=Y, weights=W, n_steps=n_steps, draw=draw, progressive=progressive,
+                       second_weights=second)

@@ -143,10 +143,10 @@ class Objective(nn.Module):
                      rl_rows=b.rl_rows)
         nll, second = sup.split(self.step_nll(b.x, sup))
         loss, logged = rlrp_loss(nll.float(), b.y, b.answer_mask, kind, sup.weights, draw=sup.draw, **terms)
-        if second is not None:   # L = (1 − α)·L_K + α·L_{n+k}: the second pass's step n+k, weight 1
-            alpha = cfg.progressive_alpha
+        if second is not None:   # L = (1 − α)·L_K + α·L_{n+k}: step n+k of the second pass, weight 1 where
+            alpha = cfg.progressive_alpha                        # step n+k may be trained (second_weights)
             loss = (1 - alpha) * loss + alpha * rlrp_loss(second.float(), b.y, b.answer_mask, kind,
-                                                          torch.ones(1), **terms)[0]
+                                                          sup.second_weights, **terms)[0]
         return loss, {"loss": loss.detach(), **logged}
 
 # -----------------------------------------------------------------------------
