@@ -14,6 +14,7 @@ Runs go to <out>/runs/<variant>-s<seed>/; a finished run with the same configura
 interrupted ablation resumes.
 """
 
+import json
 import os
 import platform
 import subprocess
@@ -76,6 +77,33 @@ def run_dir(root, name, seed):
     return os.path.join(root, "runs", f"{name}-s{seed}")
 
 
+def parse_seeds(text):
+    """'0,1,2' -> [0, 1, 2]; anything else: ConfigError."""
+    try:
+        seeds = [int(s) for s in str(text).split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) < len(seeds):   # a seed twice: two jobs would write one run folder
+        raise ConfigError(f"seeds must be distinct comma-separated integers, got {text!r}")
+    return seeds
+
+
+def pick_variants(spec, valid, default):
+    """The comma-separated names of spec ('' = default), each one of valid, none twice; else ConfigError."""
+    names = spec.split(",") if spec else list(default)
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {unknown}; valid: {', '.join(valid)}")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"variants={spec!r} names a variant twice")
+    return names
+
+
+def machine():
+    """What a report names the machine by."""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def run_records(out_dir):
     """(train records, eval records) of a run's metrics.jsonl."""
     recs = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
@@ -118,6 +146,21 @@ def train_run(out, preset, overrides, seed, max_iters, threads=1):
                        env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
 
 
+def cached(out_dir, name, settings, evaluate):
+    """evaluate(out_dir, **settings) with its settings, kept in out_dir/name (JSON) next to the run's
+    checkpoint: evaluated again only when the checkpoint is newer or the settings differ."""
+    path, res = os.path.join(out_dir, name), None
+    if os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(os.path.join(out_dir, "ckpt.pt")):
+        with open(path) as f:
+            res = json.load(f)
+    if res is None or res.get("settings") != settings:
+        # through JSON: a fresh evaluation reads as a cached one does (string keys, lists)
+        res = json.loads(json.dumps(evaluate(out_dir, **settings) | {"settings": settings}))
+        with open(path, "w") as f:
+            json.dump(res, f)
+    return res
+
+
 def summarize_run(out_dir):
     """One run's figures for the report, and its test-time curve: teacher-forced exact match (= greedy
     decoding's) for every K' = 0..2K on the run's own held-out eval set."""
@@ -154,11 +197,12 @@ def mean_curve(runs):
     return np.mean([r["curve"] for r in runs], axis=0)
 
 
-def task_table(title, summaries, tasks, value):
-    """Markdown lines: one row per variant, one `mean ± std` column per task of value(run summary, task)."""
+def task_table(title, summaries, tasks, value, cell=fmt):
+    """Markdown lines: one row per variant, one column per task of cell (`mean ± std`) of value(run summary,
+    task) over the variant's runs."""
     lines = [f"\n## {title}\n", "| variant | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
     for name, runs in summaries.items():
-        lines.append(f"| {name} | " + " | ".join(fmt([value(r, t) for r in runs]) for t in tasks) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell([value(r, t) for r in runs]) for t in tasks) + " |")
     return lines
 
 
@@ -173,7 +217,7 @@ def write_report(path, preset, summaries, seeds, wall_s, max_iters, argv=None):
     tasks = list(next(iter(summaries.values()))[0]["task_em"])
     lines = [f"# RLRP {os.path.splitext(os.path.basename(path))[0]}\n",
              f"`python {' '.join(['experiments/ablation.py', *argv])}` · {preset} · {max_iters} steps · "
-             f"seeds {seeds} · {platform.processor() or platform.machine()}, {os.cpu_count()} cores · "
+             f"seeds {seeds} · {machine()} · "
              f"wall time {wall_s / 60:.1f} min · mean ± std over seeds\n",
              "Exact match (EM) is on the held-out synthetic eval set, teacher-forced (identical to greedy "
              "decoding).\n",
@@ -248,11 +292,7 @@ def parse_args(argv):
     c = configure(DEFAULTS, argv, doc=__file__)
     if c["jobs"] < 1 or c["iters"] < 0:
         raise ConfigError(f"jobs must be >= 1 and iters >= 0, got jobs={c['jobs']}, iters={c['iters']}")
-    names = c["variants"].split(",") if c["variants"] else SWEEP if c["sweep"] else ABLATION
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise ConfigError(f"unknown variant(s) {unknown}; valid: {', '.join(VARIANTS)}")
-    return c, names
+    return c, pick_variants(c["variants"], VARIANTS, SWEEP if c["sweep"] else ABLATION)
 
 
 def main(argv):

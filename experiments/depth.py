@@ -24,9 +24,7 @@ The two plain GPTs get the extra FLOPs of the costliest head in the trunk: more 
 whichever count or width matches best (matched_gpts). Runs are reused like ablation.py's.
 """
 
-import json
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +40,8 @@ from checkpoint import build_model, saved_config
 from configurator import ConfigError, configure
 from evaluate import evaluate_reasoning, exact_match_curve, per_task
 from records import pyplot
-from ablation import fmt, mean_std, run_dir, run_records, task_table, train_config, train_run
+from ablation import (cached, fmt, machine, mean_std, parse_seeds, pick_variants, run_dir, run_records,
+                      task_table, train_config, train_run)
 from sample import load_checkpoint
 from tasks import answer_step, parse_tasks
 
@@ -170,24 +169,33 @@ def cut_latent(model, how, seed=0):
     return head_outputs
 
 
-@torch.no_grad()
-def evaluate_run(out_dir, n_per_task, eval_tasks=EVAL_TASKS):
-    """{'curve': {task: exact match at K' = 0..3K}, 'zero'/'shuffle': {task: exact match at K' = 1..3K with
-    the readout cut}, 'beats': the step_K_beats_1 rate at K} on eval_tasks' held-out examples."""
-    model, cfg, tok = load_checkpoint(out_dir, "cpu")
+def held_out(cfg, tok, n_per_task, eval_tasks):
+    """(batches, tags): n_per_task held-out examples of each of eval_tasks, one per row, for cfg's run."""
     suite = data.ReasoningData("synthetic", tok, cfg["block_size"], tasks=eval_tasks)
     n = n_per_task * len(suite.tasks)
-    batches, tags = suite.eval_batches(cfg["batch_size"], n), suite.eval_tags(n)
+    return suite.eval_batches(cfg["batch_size"], n), suite.eval_tags(n)
+
+
+@torch.no_grad()
+def curve_and_cuts(model, batches, tags, n_steps):
+    """{'curve': {task: exact match at K' = 0..n_steps}, 'zero'/'shuffle': {task: exact match at K' =
+    1..n_steps with the readout cut}, 'beats': the step_K_beats_1 rate at K}; a GPT (K = 0): K' = 0 only."""
     K = model.config.n_steps
-    res = {"K": K, "curve": exact_match_curve(model, batches, 3 * K, tags)[1]}
+    res = {"K": K, "curve": exact_match_curve(model, batches, n_steps if K else 0, tags)[1]}
     if K == 0:
         return res
     res["beats"] = evaluate_reasoning(model, batches, K)["step_K_beats_1"]
     for how in ("zero", "shuffle"):
         model.head_outputs = cut_latent(model, how)     # an instance attribute shadows GPT.head_outputs ...
-        res[how] = per_task(evaluate_reasoning(model, batches, 3 * K)["per_example_exact"], tags)
+        res[how] = per_task(evaluate_reasoning(model, batches, n_steps)["per_example_exact"], tags)
         del model.head_outputs                          # ... until deleted
     return res
+
+
+def evaluate_run(out_dir, n_per_task, eval_tasks=EVAL_TASKS):
+    """curve_and_cuts at K' = 0..3K of out_dir's checkpoint on eval_tasks' held-out examples."""
+    model, cfg, tok = load_checkpoint(out_dir, "cpu")
+    return curve_and_cuts(model, *held_out(cfg, tok, n_per_task, eval_tasks), 3 * model.config.n_steps)
 
 
 def read_step(suite, task, K):
@@ -197,17 +205,10 @@ def read_step(suite, task, K):
     return answer_step(level, 3 * K) if suite == "steps" and K else K
 
 
-def summarize(out_dir, n_per_task, eval_tasks=EVAL_TASKS):
-    """One run: its evaluation (evaluate_run, cached in depth_eval.json next to the checkpoint) and cost."""
-    cache, res = os.path.join(out_dir, "depth_eval.json"), None
-    if os.path.exists(cache) and os.path.getmtime(cache) > os.path.getmtime(os.path.join(out_dir, "ckpt.pt")):
-        with open(cache) as f:
-            res = json.load(f)
-    if res is None or (res["n_per_task"], res.get("eval_tasks")) != (n_per_task, eval_tasks):
-        res = evaluate_run(out_dir, n_per_task, eval_tasks) | {"n_per_task": n_per_task,
-                                                               "eval_tasks": eval_tasks}
-        with open(cache, "w") as f:
-            json.dump(res, f)
+def summarize(out_dir, settings, evaluate=evaluate_run, name="depth_eval.json"):
+    """One run: evaluate(out_dir, **settings), cached in name next to the checkpoint (ablation.cached), and
+    its cost."""
+    res = cached(out_dir, name, settings, evaluate)
     train_recs, evals = run_records(out_dir)
     saved = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["config"]
     cfg = saved_config(saved)   # in today's keys; a run from before a key: what it ran (gelu='tanh')
@@ -220,14 +221,13 @@ def write_report(path, cfg, names, summaries, seeds, wall_s, argv):
     heads = {n: runs for n, runs in summaries.items() if runs[0]["K"] > 0}
     K = next(iter(heads.values()))[0]["K"] if heads else 0
     base = summaries["gpt"][0]["flops"] if "gpt" in summaries else None
-    n_per_task = next(iter(summaries.values()))[0]["n_per_task"]
+    n_per_task = next(iter(summaries.values()))[0]["settings"]["n_per_task"]
     trained = train_config([cfg["preset"]])["reasoning_tasks"].split(",")
     step = lambda r, t: read_step(suite, t, r["K"])                  # the K' an answer is read at
     title = "RLRP depth experiment" if suite == "depth" else "RLRP: steps that earn their keep"
     lines = [f"# {title}\n",
              f"`python {' '.join(['experiments/depth.py', *argv])}` · {cfg['preset']} · "
-             f"{cfg['max_iters']} steps · "
-             f"seeds {seeds} · {platform.processor() or platform.machine()}, {os.cpu_count()} cores · "
+             f"{cfg['max_iters']} steps · seeds {seeds} · {machine()} · "
              f"wall time {wall_s / 60:.1f} min · mean ± std over seeds · {n_per_task} held-out examples "
              "per task\n",
              "Exact match (EM), teacher-forced (identical to greedy decoding). Never trained on: "
@@ -254,7 +254,7 @@ def write_report(path, cfg, names, summaries, seeds, wall_s, argv):
                   "| --- | --- |"]
         lines += [f"| {n} | {fmt([r['beats'] for r in runs])} |" for n, runs in heads.items()]
         lines += necessity_table(heads, tasks, step)
-        lines += curve_table(heads, tasks, K)
+        lines += curve_table(heads, tasks)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -275,9 +275,9 @@ def necessity_table(heads, tasks, step):
     return lines
 
 
-def curve_table(heads, tasks, K):
-    """Mean exact match at each test-time K' = 0..3K, one row per variant and task."""
-    width = 3 * K + 1
+def curve_table(heads, tasks):
+    """Mean exact match at each test-time K' of the runs' curves, one row per variant and task."""
+    width = len(next(iter(heads.values()))[0]["curve"][tasks[0]])
     lines = ["\n## Test-time steps K' (mean over seeds)\n", "| variant | task | " +
              " | ".join(f"K'={k}" for k in range(width)) + " |", "| --- | --- |" + " --- |" * width]
     for name, runs in heads.items():
@@ -293,7 +293,7 @@ def plot(root, summaries, suite="depth"):
     if plt is None:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return
-    plot_test_k(plt, root, summaries, suite)
+    plot_test_k(plt, os.path.join(root, f"{suite}_vs_test_k.png"), summaries, SUITES[suite][1].split(","))
     plot_training(plt, root, summaries, suite)
 
 
@@ -303,11 +303,20 @@ def style(name, i):
                 label=name)
 
 
-def plot_test_k(plt, root, summaries, suite):
-    """Exact match vs test-time K', one panel per task; the GPTs as dotted levels."""
-    tasks = SUITES[suite][1].split(",")
-    cols = -(-len(tasks) // 2)
-    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 6.4), sharey=True)
+def panels(plt, n):
+    """(figure, axes (2, cols)): n panels of held-out exact match on two rows, the spare ones hidden."""
+    cols = -(-n // 2)
+    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 6.4), sharey=True, squeeze=False)
+    for ax in axes[:, 0]:
+        ax.set(ylabel="held-out exact match")
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, axes
+
+
+def plot_test_k(plt, png, summaries, tasks):
+    """Exact match vs test-time K', one panel per task, into png; the GPTs as dotted levels."""
+    fig, axes = panels(plt, len(tasks))
     for ax, t in zip(axes.flat, tasks):
         for i, (name, runs) in enumerate(summaries.items()):
             curve = np.mean([r["curve"][t] for r in runs], axis=0)
@@ -316,13 +325,9 @@ def plot_test_k(plt, root, summaries, suite):
             else:
                 ax.plot(range(len(curve)), curve, marker=".", **style(name, i))
         ax.set(title=t, xlabel="test-time steps K'")
-    axes[0, 0].set(ylabel="held-out exact match")
-    axes[1, 0].set(ylabel="held-out exact match")
     axes[0, -1].legend(fontsize=7)
-    for ax in axes.flat[len(tasks):]:
-        ax.axis("off")
     fig.tight_layout()
-    fig.savefig(os.path.join(root, f"{suite}_vs_test_k.png"), dpi=110)
+    fig.savefig(png, dpi=110)
 
 
 def plot_training(plt, root, summaries, suite):
@@ -352,16 +357,10 @@ def parse_args(argv):
     if c["jobs"] < 1 or c["iters"] < 0 or c["eval_per_task"] < 1:
         raise ConfigError(f"jobs and eval_per_task must be >= 1 and iters >= 0, got jobs={c['jobs']}, "
                           f"iters={c['iters']}, eval_per_task={c['eval_per_task']}")
-    try:
-        c["seeds"] = [0] if c["quick"] else [int(s) for s in str(c["seeds"]).split(",")]
-    except ValueError:
-        raise ConfigError(f"seeds must be comma-separated integers, got {c['seeds']!r}") from None
+    c["seeds"] = [0] if c["quick"] else parse_seeds(c["seeds"])
     c["preset"] = c["preset"] or SUITES[c["suite"]][0]
     all_variants = variants(train_config([c["preset"]]), c["suite"])
-    names = c["variants"].split(",") if c["variants"] else list(all_variants)
-    unknown = [n for n in names if n not in all_variants]
-    if unknown:
-        raise ConfigError(f"unknown variant(s) {unknown}; valid: {', '.join(all_variants)}")
+    names = pick_variants(c["variants"], all_variants, all_variants)
     return c, {n: all_variants[n] for n in names}
 
 
@@ -380,8 +379,9 @@ def main(argv):
                                    [o.format(stages=stages) for o in names[n][1]], s, c["max_iters"])
                        for n, s in jobs]:
             future.result()
+        settings = dict(n_per_task=c["eval_per_task"], eval_tasks=eval_tasks)
         summaries = dict(zip(names, pool.map(
-            lambda n: [summarize(run_dir(out, n, s), c["eval_per_task"], eval_tasks) for s in seeds], names)))
+            lambda n: [summarize(run_dir(out, n, s), settings) for s in seeds], names)))
     report = os.path.join(out, c["report"] or f"{suite}.md")
     write_report(report, c, names, summaries, seeds, time.time() - t0, argv)
     plot(out, summaries, suite)
