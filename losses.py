@@ -81,7 +81,7 @@ def weight_grid(weights, nll):
     from step_supervision."""
     if weights.dim() == 1:
         check_weights(weights, nll.size(0))
-        return weights.to(nll).view(-1, 1, 1)
+        return weights.to(nll).view(-1, 1, 1)                         # (K, 1, 1)
     if weights.shape != nll.shape:
         raise ValueError(f"per-token step weights must have ℓ's shape {tuple(nll.shape)}, "
                          f"got {tuple(weights.shape)}")
@@ -113,17 +113,12 @@ def step_supervision(y, n_steps, weights, step_y=None, chain_len=None, level=Non
     (step_weights). Y_k = y, the same next token at every step (the paper's), or with step_y (S, B, T), a
     batch's per-step targets (data.Batch: equal to y outside chain spans), Y_k = step_y[min(k, S)]: step
     k ≤ S is trained on a_k, steps past S on a_S; K = 0 (the plain GPT, one step) trains on y, the final
-    answer. chain_len, level (B, T): an answer span's chain length S and level L, 0
-    elsewhere (data.Batch).
-    W is the schedule's w (K1,) itself unless per-token rules apply, then a (K1, B, T) grid with
-    Σ_k W[k,b,t] = 1 everywhere:
-      beyond_chain='none'  W_k = 0 for k > S on a chain's answer span (chain_len = S > 0)
-      level_steps='at'     an answer of level L (level > 0) is supervised at step min(L, K) only
-      level_steps='from'   ... at the steps k ≥ min(L, K), w renormalised over them
-    The steps left allowed keep their w_k, renormalised; a token whose allowed steps all have w_k = 0 (e.g.
-    'last' when a chain ends before K, or weight_skip ≥ L) is supervised at its last allowed step. Prompt
-    tokens and fluency rows (chain_len = level = 0) keep w. An answer whose level is above K has no step to
-    be read at: level-matched supervision gets no loss on it (schedules.readable_at drops it).
+    answer. chain_len, level (B, T): an answer span's chain length S and level L, 0 elsewhere (data.Batch).
+    W is the schedule's w (K1,) itself unless per-token rules apply (allowed_steps), then a (K1, B, T) grid
+    with Σ_k W[k,b,t] = 1: the allowed steps keep their w_k, renormalised; a token whose allowed steps all
+    have w_k = 0 ('last' when a chain ends before K, weight_skip ≥ L) is supervised at its last allowed step.
+    Prompt tokens and fluency rows keep w. An answer whose level is above K has no step to be read at: it
+    gets no loss (schedules.readable_at drops it).
     """
     if beyond_chain not in BEYOND_CHAIN:
         raise ValueError(f"beyond_chain must be one of {', '.join(BEYOND_CHAIN)}, got {beyond_chain!r}")
@@ -145,8 +140,9 @@ def step_supervision(y, n_steps, weights, step_y=None, chain_len=None, level=Non
 
 
 def allowed_steps(K, shape, *, chain_len=None, level=None, beyond_chain="stay", level_steps="all"):
-    """(K, B, T) bool: the steps k = 1..K each token may be trained at under step_supervision's per-token
-    rules (beyond_chain='none': k ≤ S on a chain's answer; level_steps: k = min(L, K) or k ≥ min(L, K))."""
+    """(K, B, T) bool: the steps k = 1..K each token may be trained at (step_supervision's per-token rules):
+    beyond_chain='none': k ≤ S on a chain's answer span (chain_len = S > 0); level_steps='at': an answer of
+    level L (level > 0) at step min(L, K) only; level_steps='from': at the steps k ≥ min(L, K)."""
     k = torch.arange(1, K + 1).view(K, 1, 1)                              # (K, 1, 1)
     allowed = torch.ones(K, *shape, dtype=torch.bool)
     if beyond_chain == "none" and chain_len is not None:
@@ -353,8 +349,7 @@ class Supervision(NamedTuple):
       n_steps  K, the steps the head runs
       draw     a StepDraw (sampled deep supervision), else None: ℓ at every (k, b, t)
       progressive  (n, k) of the progressive loss's second head pass, else None
-      second_weights  its W (1, B, T): 1 where step n+k may be trained (allowed_steps), 0 where it gets no
-                   loss (level_steps, beyond_chain: a level-L answer is never trained at a step before L)
+      second_weights  its W (1, B, T): 1 where step n+k may be trained (allowed_steps: level_steps...), else 0
     """
     targets: torch.Tensor
     weights: torch.Tensor
@@ -381,9 +376,9 @@ class Supervision(NamedTuple):
         """On the device. The paper's Y_k = y is a view of y with stride 0 over the steps: one (B, T) copy."""
         Y = self.targets
         Y = Y[0].to(device).expand_as(Y) if Y.stride(0) == 0 else Y.to(device)
-        draw = None if self.draw is None else self.draw.to(device)
-        second = None if self.second_weights is None else self.second_weights.to(device)
-        return self._replace(targets=Y, weights=self.weights.to(device), draw=draw, second_weights=second)
+        move = lambda t: None if t is None else t.to(device)
+        return self._replace(targets=Y, weights=move(self.weights), draw=move(self.draw),
+                             second_weights=move(self.second_weights))
 
 
 def supervise(b, n_steps, cfg, progressive=None, generator=None):
@@ -395,9 +390,9 @@ def supervise(b, n_steps, cfg, progressive=None, generator=None):
                             beyond_chain=cfg.beyond_chain, level_steps=cfg.level_steps)
     draw = draw_steps(W, n_steps, b.y.shape, cfg.imp_fraction, generator) if cfg.sampled_supervision else None
     second = None
-    if progressive:
-        step = sum(progressive)                                        # n + k
-        Y = torch.cat([Y, Y[step - 1:step]])                           # Y_{n+k}: the second pass's target
+    if progressive:   # the second pass's step n + k: its target Y_{n+k}, trained where step n + k may be
+        step = sum(progressive)
+        Y = torch.cat([Y, Y[step - 1:step]])
         allowed = allowed_steps(n_steps, b.y.shape, chain_len=b.chain_len, level=b.level,
                                 beyond_chain=cfg.beyond_chain, level_steps=cfg.level_steps)
         second = allowed[step - 1:step].float()                        # (1, B, T)
