@@ -381,20 +381,19 @@ class ReasoningData:
         return [jsonl_tag(level) for *_, level in self.evals[:n_examples]]
 
     def eval_batches(self, batch_size: int, n_examples: int) -> list:
-        """eval_examples(n_examples), one per row, so each is scored on exactly the context greedy decoding
-        from [eot] + prompt has (no earlier example in the row); answer_id = the example's index there."""
-        return self._one_per_row([self._encode(p, a) for p, a in self.eval_examples(n_examples)], batch_size)
+        """eval_examples(n_examples) as batches_of makes them."""
+        return self.batches_of(self.eval_examples(n_examples), batch_size)
+
+    def batches_of(self, examples, batch_size: int) -> list:
+        """[(prompt, answer)] or encoded Examples, one per row, so each is scored on exactly the context
+        greedy decoding from [eot] + prompt has (no earlier example in the row); answer_id: its index."""
+        rows = [[(ex if isinstance(ex, Example) else self._encode(*ex), i)] for i, ex in enumerate(examples)]
+        return [self._batch(rows[i:i + batch_size], trim=True) for i in range(0, len(rows), batch_size)]
 
     def slice_batches(self, level: int, batch_size: int, n_examples: int) -> list:
         """A fixed training-side slice (never the held-out set) of n_examples examples of this level, on their
         final answers, one per row: what a threshold curriculum checks (JSONL: the first such rows)."""
         if self.tasks:
-            drawn = training_slice(self.tasks, level, n_examples, self.held_out)
-            examples = [self._encode(*e) for e in drawn]
-        else:
-            examples = [ex._replace(steps=()) for ex in self.train if ex.level == level][:n_examples]
-        return self._one_per_row(examples, batch_size)
-
-    def _one_per_row(self, examples, batch_size):
-        rows = [[(ex, i)] for i, ex in enumerate(examples)]
-        return [self._batch(rows[i:i + batch_size], trim=True) for i in range(0, len(rows), batch_size)]
+            return self.batches_of(training_slice(self.tasks, level, n_examples, self.held_out), batch_size)
+        examples = [ex._replace(steps=()) for ex in self.train if ex.level == level][:n_examples]
+        return self.batches_of(examples, batch_size)

@@ -194,6 +194,7 @@ TASKS = {
 DEFAULT_TASKS = "add:2,mul:2,chain:2,sort:8"  # measured on the CPU preset: README "Data"
 EVAL_STREAM = 1_000_003  # the synthetic eval set's rng key: the same for every seed and every suite
 SLICE_STREAM = 1_000_033  # a curriculum's training-side slice: its own rng key, apart from the eval set's
+VALIDATION_STREAM = 1_000_037  # a validation draw (held-out side, not the eval set): where experiments rank
 MAX_LEVEL = 1000          # a JSONL row's level and chain length: a number of steps, so never many
 
 # -----------------------------------------------------------------------------
@@ -274,6 +275,14 @@ def eval_set(tasks, n_examples):
     independent of the seed and of the other tasks."""
     n = len(tasks)
     return [draw(tasks[i % n], np.random.default_rng([EVAL_STREAM, i // n]), True) for i in range(n_examples)]
+
+
+def validation_set(tasks, n_examples, exclude):
+    """A fixed draw from the held-out side of the split that shares no prompt with exclude (the eval set an
+    experiment reports): where it ranks its arms. Example i is of task i % n_tasks, as eval_set's."""
+    n = len(tasks)
+    return [draw(tasks[i % n], np.random.default_rng([VALIDATION_STREAM, i // n]), True, exclude)
+            for i in range(n_examples)]
 
 
 def training_slice(tasks, level, n_examples, exclude=()):

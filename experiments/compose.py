@@ -18,11 +18,10 @@ prompts, eval_per_level of each level:
   - the curve over K' = 0..21, and necessity: K' = L with the latent readout zeroed (depth.cut_latent);
   - root: two shortcuts' exact match on the same prompts (tasks.root_shortcuts), beside the arms.
 Every cell is mean ± std over seeds and the minimum over seeds: the targets hold "in every seed". The arms are
-ranked on a validation draw from the training side of the split (tasks.training_slice, val_per_level of each
-trained level), never on the held-out set (hopo's training side, ~36,000 maps and starts per level, is seen
-many times over in 32,000 iterations: there it ranks the fit to what was trained); the iterations until 0.9
-on level 3 are train.py's own evals. Runs go to <out>/runs/<task>-<arm>-s<seed>/ and are reused like
-depth.py's, with their evaluation (compose_eval.json next to the checkpoint).
+ranked on a validation draw, val_per_level of each level read, from the held-out side of the split (never
+trained) and apart from the prompts the report gives (tasks.validation_set): never on what is reported. The
+iterations until 0.9 on level 3 are train.py's own evals. Runs go to <out>/runs/<task>-<arm>-s<seed>/ and
+are reused like depth.py's, with their evaluation (compose_eval.json next to the checkpoint).
 """
 
 import os
@@ -45,7 +44,7 @@ from depth import (CURRICULUM, PAPER, RANDOM_K, curriculum_stages, curve_and_cut
 from evaluate import EXIT_THRESHOLD, LONG_STEPS, level_reading
 from records import pyplot
 from sample import load_checkpoint
-from tasks import root_shortcuts, tag_level
+from tasks import parse_tasks, root_shortcuts, tag_level, validation_set
 
 DEFAULTS = dict(
     task="hopo",                     # 'hopo' | 'root' (TASKS)
@@ -58,7 +57,8 @@ DEFAULTS = dict(
     jobs=2,                          # runs in parallel, one thread each
     iters=0,                         # iterations per run; 0 = the preset's max_iters (the curriculum scales)
     eval_per_level=1000,             # held-out examples per level read (1..7)
-    val_per_level=400,               # validation examples per trained level (training side: ranks the arms)
+    val_per_level=400,               # validation examples per level read (held-out side, not the reported
+                                     # ones): the arms are ranked on them
 )
 
 # root's sizing for the 2 x 64 trunk, given to every arm of root, the GPTs too (e.g. "--answer_weight=20")
@@ -109,19 +109,21 @@ def evaluate_run(out_dir, eval_tasks, eval_per_level, val_per_level):
     model, cfg, tok = load_checkpoint(out_dir, "cpu")
     batches, tags = held_out(cfg, tok, eval_per_level, eval_tasks)
     long = LONG_STEPS if model.config.n_steps else 0                # a GPT: K' = 0 only
-    validation = {}
-    for tag, level_batches in validation_batches(cfg, tok, val_per_level).items():
-        validation |= level_reading(model, level_batches, [tag] * val_per_level, long)
+    val_batches, val_tags = validation(cfg, tok, eval_tasks, eval_per_level, val_per_level)
     return curve_and_cuts(model, batches, tags, long) | {"levels": level_reading(model, batches, tags, long),
-                                                         "validation": validation}
+                                                         "validation": level_reading(model, val_batches,
+                                                                                     val_tags, long)}
 
 
-def validation_batches(cfg, tok, n_per_level):
-    """{tag: batches}: a fixed draw from the training side of the split (tasks.training_slice: never a
-    held-out prompt) of n_per_level examples of each trained level, one per row, on their final answers."""
-    train_side = data.ReasoningData("synthetic", tok, cfg["block_size"], tasks=cfg["reasoning_tasks"])
-    return {f"{family}:{level}": train_side.slice_batches(level, cfg["batch_size"], n_per_level)
-            for family, level in train_side.tasks}
+def validation(cfg, tok, eval_tasks, eval_per_level, val_per_level):
+    """(batches, tags): the validation draw, val_per_level examples of each level read, from the held-out
+    side of the split (never trained) and sharing no prompt with the eval_per_level of each level the report
+    gives (tasks.validation_set): the arms are ranked on it, never on what is reported."""
+    suite = data.ReasoningData("synthetic", tok, cfg["block_size"], tasks=eval_tasks)
+    n = len(suite.eval_tasks)
+    reported = {prompt for prompt, _ in suite.eval_examples(eval_per_level * n)}
+    examples = validation_set(suite.eval_tasks, val_per_level * n, reported)
+    return suite.batches_of(examples, cfg["batch_size"]), suite.eval_tags(val_per_level * n)
 
 
 def shortcuts(cfg, n_per_level):
@@ -156,7 +158,7 @@ def header(c, arms, summaries, argv):
              f"`python {' '.join(['experiments/compose.py', *argv])}` · {c['preset']} with "
              f"`{' '.join(arm_args(c['task'], [], c['stages']))}` · {c['max_iters']} iterations · seeds "
              f"{c['seeds']} · {machine()} · wall time {c['wall_s'] / 60:.1f} min · {c['eval_per_level']} "
-             f"held-out examples per level · {c['val_per_level']} validation examples per trained level\n",
+             f"held-out examples per level · {c['val_per_level']} validation examples per level\n",
              "Exact match (EM), teacher-forced (identical to greedy decoding), on held-out prompts; trained "
              f"on {cfg['reasoning_tasks']}, read on {cfg['eval_tasks']} (the levels above: never trained). "
              "Cells: mean ± std over seeds, then the minimum over seeds.\n",
@@ -171,21 +173,20 @@ def header(c, arms, summaries, argv):
 
 
 def ranking(summaries, task):
-    """The validation table, best first by the mean over seeds of EM at K' = L averaged over the trained
-    levels (a GPT at K' = 0)."""
+    """The validation table, best first by the mean over seeds of EM at K' = L averaged over the levels
+    read, trained and never trained (a GPT at K' = 0)."""
     levels = list(next(iter(summaries.values()))[0]["validation"])
     tags = [f"{task}:{L}" for L in levels]
     score = lambda r: float(np.mean([r["validation"][L]["at_L"] for L in levels]))
     order = sorted(summaries, key=lambda n: -np.mean([score(r) for r in summaries[n]]))
     value = lambda r, t: score(r) if t == "mean" else r["validation"][str(tag_level(t))]["at_L"]
-    title = "Validation ranking: EM at K' = L on a training-side draw, never the held-out set (best first)"
+    title = "Validation ranking: EM at K' = L on the validation draw, not the reported prompts (best first)"
     return task_table(title, {n: summaries[n] for n in order}, [*tags, "mean"], value, in_every_seed)
 
 
-def iterations_table(summaries, seeds, task):
-    """The first in-run eval's iteration with EM >= TARGET at K' = L on the highest trained level, per
+def iterations_table(summaries, seeds, task, top):
+    """The first in-run eval's iteration with EM >= TARGET at K' = L on level top (the highest trained), per
     seed, and in every seed (the last of them; '—': a seed never reached it)."""
-    top = max(next(iter(summaries.values()))[0]["validation"], key=int)
     first = lambda evals: next((str(e["iter"]) for e in evals
                                 if e["level_exact_match"][top]["at_L"] >= TARGET), "—")
     lines = [f"\n## Iterations until {TARGET} on {task}:{top} (train.py's evals: held-out set, K' = L)\n",
@@ -217,7 +218,8 @@ def write_report(path, c, arms, summaries, argv):
         lines += task_table("Necessity: EM at K' = L with the latent readout zeroed (z = 0)", heads, tags,
                             lambda r, t: r["zero"][t][tag_level(t) - 1], in_every_seed)
     lines += ranking(summaries, c["task"])
-    lines += iterations_table(summaries, c["seeds"], c["task"])
+    top = str(max(level for _, level in parse_tasks(c["cfg"]["reasoning_tasks"])))
+    lines += iterations_table(summaries, c["seeds"], c["task"], top)
     if heads:
         lines += curve_table(heads, tags)
     with open(path, "w") as f:

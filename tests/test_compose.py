@@ -26,7 +26,7 @@ exec(open({PRESET!r}).read())
 n_layer = 1; n_embd = 32; n_latent = 16; batch_size = 4
 learning_rate = 3e-2; min_lr = 1e-3; warmup_iters = 1; eval_examples = 14; log_interval = 10
 """
-N_EVAL = 10   # held-out examples per level, validation examples per trained level
+N_EVAL = 10   # held-out examples per level, validation examples per level
 
 
 def compose_cmd(tmp_path, *args):
@@ -102,7 +102,7 @@ def test_hopo_report_is_the_checkpoints_own_reading(tmp_path):
                   "## Necessity"):
         assert set(table_rows(report, title)) == {"level_at", "steps_rk"}
     levels = " | ".join(f"hopo:{L}" for L in range(1, 8))
-    assert report.count(f"| variant | {levels} |") == 6            # every held-out table: levels 1..7
+    assert report.count(f"| variant | {levels} |") == 7            # 6 held-out tables and the ranking
     assert (out / "hopo_vs_test_k.png").exists() == (out / "hopo_over_training.png").exists()
     at_l, held_out = table_rows(report, "## EM at K' = L"), eval_set(parse_tasks("hopo:1-7"), 7 * N_EVAL)
     for name in ("gpt", "level_at"):                                    # held_out[i] has level i % 7 + 1
@@ -110,15 +110,16 @@ def test_hopo_report_is_the_checkpoints_own_reading(tmp_path):
         plain = [plain_exact_match(model, tok, held_out[L - 1::7], L * (name != "gpt")) for L in range(1, 8)]
         assert first_numbers(at_l[name]) == pytest.approx(plain, abs=5e-4)
     assert 0 < sum(first_numbers(at_l["level_at"])) < 7                 # a test that can fail: not all 0 or 1
-    # validation: a training-side draw, no prompt of the held-out set; the ranking's cells are its EM
-    val = {tag: prompts_of(b, tok) for tag, b in compose.validation_batches(cfg, tok, N_EVAL).items()}
-    assert list(val) == ["hopo:1", "hopo:2", "hopo:3"] and all(len(ps) == N_EVAL for ps in val.values())
-    every = [p for ps in val.values() for p in ps]
+    # validation: held-out side (never trained), no prompt the report reads; the ranking's cells are its EM
+    batches, tags = compose.validation(cfg, tok, "hopo:1-7", N_EVAL, N_EVAL)
+    every = prompts_of(batches, tok)
+    assert len(every) == 7 * N_EVAL and tags == [f"hopo:{i % 7 + 1}" for i in range(7 * N_EVAL)]
     assert not set(every) & {p for p, _ in held_out}
-    assert not any(is_eval_prompt(split_key("hopo", p)) for p in every)
+    assert all(is_eval_prompt(split_key("hopo", p)) for p in every)
     ranked = first_numbers(table_rows(report, "## Validation ranking")["level_at"])
-    for L, ps in enumerate(val.values(), 1):
-        examples = [(p, chain_answers("hopo", p, L)[-1]) for p in ps]
+    for L in range(1, 8):
+        examples = [(p, chain_answers("hopo", p, L)[-1]) for p in every[L - 1::7]]
+        assert f"f^{L}(" in examples[0][0]
         assert ranked[L - 1] == pytest.approx(plain_exact_match(model, tok, examples, L), abs=5e-4)
     # a second invocation retrains nothing and evaluates nothing again
     files = [out / "runs" / f"hopo-{n}-s0" / f for n in ("gpt", "level_at") for f in ("ckpt.pt",
