@@ -2,7 +2,7 @@
 # level-matched supervision instead of per-step targets. An answer of level L is trained at step L alone
 # (level_steps='at'); no "step_answers" are read, even where a JSONL row has them.
 #   python train.py config/train_levels.py                                  # hopo:1-3, read at hopo:1-7
-#   python train.py config/train_levels.py --reasoning_tasks=root:1-3 --eval_tasks=root:1-7 --block_size=56
+#   python train.py config/train_levels.py config/root.py       # the fixed-point task root (config/root.py)
 #   python train.py config/train_levels.py --reasoning_data=X.jsonl --reasoning_eval_data=Y.jsonl  # "level"s
 import os
 

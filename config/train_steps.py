@@ -5,7 +5,7 @@
 # 4..7 are never trained, only read. Reasoning batches only, the trunk-attending head. ~40 minutes on one CPU
 # thread; the last eval prints the README's table (per level: step 1, K' = L, K' = 21, adaptive exit).
 #   python train.py config/train_steps.py
-#   python train.py config/train_steps.py --reasoning_tasks=root:1-3 --eval_tasks=root:1-7 --block_size=56
+#   python train.py config/train_steps.py config/root.py        # the fixed-point task root (config/root.py)
 #   python train.py config/train_steps.py --reasoning_data=X.jsonl --reasoning_eval_data=Y.jsonl  # chains
 out_dir = "out-steps"
 device = "cpu"

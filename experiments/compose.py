@@ -61,12 +61,10 @@ DEFAULTS = dict(
                                      # ones): the arms are ranked on them
 )
 
-# root's sizing for the 2 x 64 trunk, given to every arm of root, the GPTs too (e.g. "--answer_weight=20")
-ROOT_SIZING = []
 TASKS = {  # task: (levels trained, levels read, beyond_chain of per-step random K, overrides for every arm)
-    "hopo": ("1-3", "1-7", "none", []),                                 # no fixed point: no target past f^3
-    "root": ("1-3", "1-7", "stay", ["--block_size=56", *ROOT_SIZING]),  # the root, a fixed point: f^3 stays
-}
+    "hopo": ("1-3", "1-7", "none", []),                  # no fixed point: no target past f^3
+    "root": ("1-3", "1-7", "stay", ["config/root.py"]),  # the root, a fixed point: f^3 stays; root's sizing
+}                                                         # (answer weight, heads) for every arm, GPTs too
 FINAL = "--step_targets=final"   # no per-step targets: the answer at every step it is supervised at
 ARMS = {  # name: (what it is, overrides of the preset after the task's); {beyond}: the task's beyond_chain
     "paper": ("the paper's recipe: the final answer at every step, soft RL, improvement penalty", PAPER),
@@ -88,8 +86,10 @@ TARGET = 0.9   # "iterations until": the first in-run eval with this exact match
 
 
 def task_args(task):
-    """The overrides every arm of task gets: the levels trained and read, and the task's own."""
+    """The overrides every arm of task gets: the levels trained and read, and the task's own (a preset's path
+    from the project root, so the command runs from anywhere)."""
     trained, read, _, more = TASKS[task]
+    more = [os.path.join(ROOT, o) if o.endswith(".py") else o for o in more]
     return [f"--reasoning_tasks={task}:{trained}", f"--eval_tasks={task}:{read}", *more]
 
 
@@ -156,7 +156,8 @@ def header(c, arms, summaries, argv):
     cfg, base = c["cfg"], summaries["gpt"][0]["flops"] if "gpt" in summaries else None
     lines = [f"# RLRP: do latent steps compose? ({c['task']})\n",
              f"`python {' '.join(['experiments/compose.py', *argv])}` · {c['preset']} with "
-             f"`{' '.join(arm_args(c['task'], [], c['stages']))}` · {c['max_iters']} iterations · seeds "
+             f"`{' '.join(arm_args(c['task'], [], c['stages'])).replace(ROOT + os.sep, '')}` · "
+             f"{c['max_iters']} iterations · seeds "
              f"{c['seeds']} · {machine()} · wall time {c['wall_s'] / 60:.1f} min · {c['eval_per_level']} "
              f"held-out examples per level · {c['val_per_level']} validation examples per level\n",
              "Exact match (EM), teacher-forced (identical to greedy decoding), on held-out prompts; trained "

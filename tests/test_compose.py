@@ -142,7 +142,9 @@ def test_root_reads_the_shortcuts_on_the_held_out_prompts(tmp_path):
         assert rows[f"{name} (shortcut)"] == [f"{v:.3f}" for v in plain]
     saved = torch.load(tmp_path / "out" / "runs" / "root-gpt-s0" / "ckpt.pt", weights_only=False)["config"]
     assert (saved["reasoning_tasks"], saved["eval_tasks"]) == ("root:1-3", "root:1-7")
-    assert saved["block_size"] == 56
+    sizing = train.load_config([PRESET, os.path.join(ROOT, "config", "root.py")])[0]   # config/root.py's keys
+    assert [saved[k] for k in ("block_size", "answer_weight", "n_head")] == [56, 20.0, 4] == \
+        [sizing[k] for k in ("block_size", "answer_weight", "n_head")]
 
 
 @pytest.mark.parametrize("args, says", [
