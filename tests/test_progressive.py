@@ -13,6 +13,19 @@ from test_train import TINY, forward_backward, tiny_gpt
 BYTE = data.get_tokenizer("byte")
 
 
+def trained_grads(batch, K, c, progressive):
+    """(a tiny model with a non-zero W_out, the gradients train.py's objective gives it on batch), its
+    gradients zeroed for the by-hand recomputation."""
+    torch.manual_seed(0)
+    model = tiny_gpt(n_layer=1, n_steps=K)
+    with torch.no_grad():
+        model.latent_head.w_out.weight.normal_(0, 0.1)
+    forward_backward(model, [(0, batch)], K, c, progressive=progressive)
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return model, got
+
+
 def test_progressive_draws_cover_every_n_and_k_and_repeat_per_iteration():
     c = {"seed": 5, "progressive_alpha": 0.5}
     draws = [schedules.progressive_steps(it, c, 4) for it in range(400)]
@@ -30,13 +43,7 @@ def test_progressive_loss_equals_a_plain_recomputation(n, k):
                                      "--lambda_rl=0.5"])
     rd = data.ReasoningData("synthetic", BYTE, 48, seed=0)
     batch = rd.get_batch(0, 4)
-    torch.manual_seed(0)
-    model = tiny_gpt(n_layer=1, n_steps=K)
-    with torch.no_grad():
-        model.latent_head.w_out.weight.normal_(0, 0.1)
-    forward_backward(model, [(0, batch)], K, c, progressive=(n, k))
-    got = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
+    model, got = trained_grads(batch, K, c, (n, k))
     head, w = model.latent_head, step_weights(K, "linear")
     h = model.trunk(batch.x)
     nll = torch.stack([model.step_nll(o, batch.y) for o in head(h, K)])
@@ -70,13 +77,7 @@ def test_the_progressive_pass_trains_step_n_plus_k_only_where_level_steps_allow_
     ok = (level == 0) | (level == step if level_steps == "at" else level <= step)     # by hand, L <= K
     assert torch.equal(sup.second_weights[0], ok.float())
     assert not ok[batch.answer_mask].all() and ok[batch.answer_mask].any()           # both kinds present
-    torch.manual_seed(0)
-    model = tiny_gpt(n_layer=1, n_steps=K)
-    with torch.no_grad():
-        model.latent_head.w_out.weight.normal_(0, 0.1)
-    forward_backward(model, [(0, batch)], K, c, progressive=(n, k))
-    got = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
+    model, got = trained_grads(batch, K, c, (n, k))
     head = model.latent_head
     h = model.trunk(batch.x)
     nll = torch.stack([model.step_nll(o, batch.y) for o in head(h, K)])
