@@ -121,27 +121,39 @@ def train_config(args):
     return train.load_config(args)[0]
 
 
-def finished(out_dir, args):
-    """A run is reused only when it completed with exactly the configuration asked for now."""
+def run_state(out_dir, args):
+    """'done' when out_dir holds a completed run of exactly the configuration asked for now; 'stopped' when it
+    holds one stopped before its end (a signal or a crash: its last checkpoint goes on with init_from=resume,
+    which is exact); None when it holds nothing of that configuration."""
     try:
-        saved = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["config"]
-        last_eval = run_records(out_dir)[1][-1]["iter"]
-    except (FileNotFoundError, IndexError):
-        return False
+        ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        return None
+    saved = ckpt["config"]
     # a key added to train.py after the run was written: the run trained with its default, or with what every
     # run did before the key came (checkpoint.saved_config: gelu='tanh'; chain_length -> step_targets)
-    return {**train.DEFAULTS, **saved_config(saved)} == train_config(args) and \
-        last_eval == saved["max_iters"]
+    ran, asked = {**train.DEFAULTS, **saved_config(saved)}, train_config(args)
+    if ran["init_from"] == "resume":   # a resumed run is the run it resumed (ablation runs start afresh)
+        ran["init_from"] = asked["init_from"]
+    if ran != asked:
+        return None
+    evals = run_records(out_dir)[1]
+    if evals and evals[-1]["iter"] == saved["max_iters"]:
+        return "done"
+    return "stopped" if ckpt["iter_num"] < saved["max_iters"] else None
 
 
 def train_run(out, preset, overrides, seed, max_iters, threads=1):
     """One training run in its own process (train.py exactly as a user runs it) into out; reused when already
-    done with the same configuration."""
+    done with the same configuration, resumed from its checkpoint when it was stopped before its end."""
     args = run_args(out, preset, overrides, seed, max_iters)
-    if finished(out, args):
+    state = run_state(out, args)
+    if state == "done":
         return
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "log.txt"), "w") as log:
+    if state == "stopped":
+        args = ["--init_from=resume", f"--out_dir={out}"]
+    with open(os.path.join(out, "log.txt"), "a" if state else "w") as log:
         subprocess.run([sys.executable, TRAIN, *args], check=True, stdout=log, stderr=subprocess.STDOUT,
                        env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
 

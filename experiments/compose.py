@@ -21,7 +21,8 @@ Every cell is mean ± std over seeds and the minimum over seeds: the targets hol
 ranked on a validation draw, val_per_level of each level read, from the held-out side of the split (never
 trained) and apart from the prompts the report gives (tasks.validation_set): never on what is reported. The
 iterations until 0.9 on level 3 are train.py's own evals. Runs go to <out>/runs/<task>-<arm>-s<seed>/ and
-are reused like depth.py's, with their evaluation (compose_eval.json next to the checkpoint).
+are reused like depth.py's, with their evaluation (compose_eval.json next to the checkpoint); a run stopped
+before its end (Ctrl-C, a signal, a crash) goes on from its last checkpoint.
 """
 
 import os

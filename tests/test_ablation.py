@@ -74,7 +74,7 @@ def test_ablation_report_matches_runs(tmp_path):
     # ... but only when the configuration is the same: a changed preset trains again
     rlrp_run = str(out / "runs" / "rlrp-s0")
     args = ablation.run_args(rlrp_run, str(preset), ablation.VARIANTS["rlrp"][1], 0, 3)
-    assert ablation.finished(rlrp_run, args)
+    assert ablation.run_state(rlrp_run, args) == "done"
     # a run from before the gelu key ran GPT-2's tanh GELU: not the exact-GELU run asked for now
     old_run = tmp_path / "old-rlrp-s0"
     shutil.copytree(rlrp_run, old_run)
@@ -82,9 +82,9 @@ def test_ablation_report_matches_runs(tmp_path):
     assert old["config"]["gelu"] == "exact"
     del old["config"]["gelu"], old["model_args"]["gelu"]
     torch.save(old, old_run / "ckpt.pt")
-    assert not ablation.finished(str(old_run), args)
+    assert ablation.run_state(str(old_run), args) is None
     preset.write_text(TINY_PRESET.replace('"add:1,sort:3"', '"add:1,sort:4"'))
-    assert not ablation.finished(rlrp_run, args)
+    assert ablation.run_state(rlrp_run, args) is None
     preset.write_text(TINY_PRESET)
     # --sweep writes its own report next to the ablation's, sharing (and reusing) the runs
     report = (out / "ablation.md").read_text()
@@ -92,6 +92,31 @@ def test_ablation_report_matches_runs(tmp_path):
     subprocess.run(sweep, check=True, cwd=tmp_path, capture_output=True, env=ENV)
     assert os.stat(ckpt).st_mtime_ns == before and (out / "ablation.md").read_text() == report
     assert list(table_rows((out / "sweep.md").read_text(), "| variant | what |")) == ["rlrp", "rlrp_k2"]
+
+
+def test_a_stopped_run_goes_on_from_its_checkpoint(tmp_path, monkeypatch):
+    import train
+    preset, out = tmp_path / "tiny.py", str(tmp_path / "run")
+    preset.write_text(TINY_PRESET)
+    args = ablation.run_args(out, str(preset), [], 0, 6)
+    real_batches, calls = train.micro_batches, []
+
+    def crash_at_iter_4(*a, **kw):                      # micro_batches: one call per optimizer step
+        calls.append(1)
+        if len(calls) == 4:
+            raise FloatingPointError("simulated crash at iter 4")
+        return real_batches(*a, **kw)
+    monkeypatch.setattr(train, "micro_batches", crash_at_iter_4)
+    with pytest.raises(FloatingPointError):
+        train.main(args)
+    n = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["iter_num"]
+    before = [r for r in ablation.run_records(out)[0] if r["iter"] <= n]
+    assert n == 3 and ablation.run_state(out, args) == "stopped"
+    ablation.train_run(out, str(preset), [], 0, 6)       # train.py in a subprocess, as the suites call it
+    train_recs, evals = ablation.run_records(out)
+    # the records up to the checkpoint are the first process's own (a fresh run would time its steps anew)
+    assert train_recs[:n] == before and [r["iter"] for r in train_recs] == [1, 2, 3, 4, 5, 6]
+    assert evals[-1]["iter"] == 6 and ablation.run_state(out, args) == "done"
 
 
 def run_cli(cwd, *args):
