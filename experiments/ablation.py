@@ -145,17 +145,26 @@ def run_state(out_dir, args):
 
 def train_run(out, preset, overrides, seed, max_iters, threads=1):
     """One training run in its own process (train.py exactly as a user runs it) into out; reused when already
-    done with the same configuration, resumed from its checkpoint when it was stopped before its end."""
+    done with the same configuration, resumed from its checkpoint when it was stopped before its end. Returns
+    whether it trained (False: reused)."""
     args = run_args(out, preset, overrides, seed, max_iters)
     state = run_state(out, args)
     if state == "done":
-        return
+        return False
     os.makedirs(out, exist_ok=True)
     if state == "stopped":
         args = ["--init_from=resume", f"--out_dir={out}"]
     with open(os.path.join(out, "log.txt"), "a" if state else "w") as log:
         subprocess.run([sys.executable, TRAIN, *args], check=True, stdout=log, stderr=subprocess.STDOUT,
                        env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    return True
+
+
+def wall_time(t0, trained, runs):
+    """The report's cost line: this command's wall time since t0, and how many of its runs it trained (a
+    report written again from finished runs costs minutes, not the hours its runs took)."""
+    minutes = (time.time() - t0) / 60
+    return f"wall time {minutes:.1f} min ({trained} of {runs} runs trained by it, the rest reused)"
 
 
 def cached(out_dir, name, settings, evaluate):
@@ -222,7 +231,7 @@ COLUMNS = ("variant", "what", "params", "FLOPs/token", "tokens/s", "fluency val 
            "EM step K")  # the report's main table
 
 
-def write_report(path, preset, summaries, seeds, wall_s, max_iters, argv=None):
+def write_report(path, preset, summaries, seeds, wall, max_iters, argv=None):
     """The main table, exact match per task, and the test-time curve, as markdown; argv: the command's
     arguments (None = this process's)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -230,7 +239,7 @@ def write_report(path, preset, summaries, seeds, wall_s, max_iters, argv=None):
     lines = [f"# RLRP {os.path.splitext(os.path.basename(path))[0]}\n",
              f"`python {' '.join(['experiments/ablation.py', *argv])}` · {preset} · {max_iters} steps · "
              f"seeds {seeds} · {machine()} · "
-             f"wall time {wall_s / 60:.1f} min · mean ± std over seeds\n",
+             f"{wall} · mean ± std over seeds\n",
              "Exact match (EM) is on the held-out synthetic eval set, teacher-forced (identical to greedy "
              "decoding).\n",
              "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
@@ -318,11 +327,11 @@ def main(argv):
     with ThreadPoolExecutor(c["jobs"]) as pool:
         runs = [pool.submit(train_run, run_dir(out, n, s), c["preset"], VARIANTS[n][1], s, max_iters)
                 for n, s in jobs]
-        for future in runs:
-            future.result()
+        trained = sum(future.result() for future in runs)
     summaries = {n: [summarize_run(run_dir(out, n, s)) for s in seeds] for n in names}
     report = "sweep.md" if c["sweep"] else "ablation.md"
-    write_report(os.path.join(out, report), c["preset"], summaries, seeds, time.time() - t0, max_iters, argv)
+    write_report(os.path.join(out, report), c["preset"], summaries, seeds, wall_time(t0, trained, len(runs)),
+                 max_iters, argv)
     if not c["sweep"]:
         plot(out, summaries)
     print(open(os.path.join(out, report)).read())

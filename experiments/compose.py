@@ -38,7 +38,7 @@ sys.path.insert(0, ROOT)  # the project root: train.py, model.py, ... import fro
 
 import data  # noqa: E402 (after the root is on sys.path)
 from ablation import (fmt, machine, mean_std, parse_seeds, pick_variants, run_dir, task_table, train_config,
-                      train_run)
+                      train_run, wall_time)
 from configurator import ConfigError, configure
 from depth import (CURRICULUM, PAPER, RANDOM_K, curriculum_stages, curve_and_cuts, curve_table, held_out,
                    panels, plot_test_k, style, summarize, variants)
@@ -159,7 +159,7 @@ def header(c, arms, summaries, argv):
              f"`python {' '.join(['experiments/compose.py', *argv])}` · {c['preset']} with "
              f"`{' '.join(arm_args(c['task'], [], c['stages'])).replace(ROOT + os.sep, '')}` · "
              f"{c['max_iters']} iterations · seeds "
-             f"{c['seeds']} · {machine()} · wall time {c['wall_s'] / 60:.1f} min · {c['eval_per_level']} "
+             f"{c['seeds']} · {machine()} · {c['wall']} · {c['eval_per_level']} "
              f"held-out examples per level · {c['val_per_level']} validation examples per level\n",
              "Exact match (EM), teacher-forced (identical to greedy decoding), on held-out prompts; trained "
              f"on {cfg['reasoning_tasks']}, read on {cfg['eval_tasks']} (the levels above: never trained). "
@@ -281,13 +281,13 @@ def main(argv):
     t0 = time.time()
     torch.set_num_threads(1)  # the evaluations run c["jobs"] at a time, like the training runs
     with ThreadPoolExecutor(c["jobs"]) as pool:  # DEFAULT_ARMS reversed: the GPTs, the quickest, last
-        for future in [pool.submit(train_run, run(n, s), c["preset"], arm_args(task, arms[n][1], c["stages"]),
-                                   s, c["max_iters"]) for s in seeds for n in reversed(arms)]:
-            future.result()
+        trained = sum(future.result() for future in [
+            pool.submit(train_run, run(n, s), c["preset"], arm_args(task, arms[n][1], c["stages"]), s,
+                        c["max_iters"]) for s in seeds for n in reversed(arms)])
         summarized = lambda n: [summarize(run(n, s), settings, evaluate_run, "compose_eval.json")
                                 for s in seeds]
         summaries = dict(zip(arms, pool.map(summarized, arms)))
-    c["wall_s"] = time.time() - t0
+    c["wall"] = wall_time(t0, trained, len(seeds) * len(arms))
     report = os.path.join(out, c["report"] or f"{task}.md")
     write_report(report, c, arms, summaries, argv)
     plot(out, task, summaries)

@@ -41,7 +41,7 @@ from configurator import ConfigError, configure
 from evaluate import evaluate_reasoning, exact_match_curve, per_task
 from records import pyplot
 from ablation import (cached, fmt, machine, mean_std, parse_seeds, pick_variants, run_dir, run_records,
-                      task_table, train_config, train_run)
+                      task_table, train_config, train_run, wall_time)
 from sample import load_checkpoint
 from tasks import answer_step, parse_tasks
 
@@ -216,7 +216,7 @@ def summarize(out_dir, settings, evaluate=evaluate_run, name="depth_eval.json"):
     return res | {"flops": model_flops(cfg), "tokens_per_s": tokens_per_s, "evals": evals}
 
 
-def write_report(path, cfg, names, summaries, seeds, wall_s, argv):
+def write_report(path, cfg, names, summaries, seeds, wall, argv):
     suite, tasks = cfg["suite"], SUITES[cfg["suite"]][1].split(",")
     heads = {n: runs for n, runs in summaries.items() if runs[0]["K"] > 0}
     K = next(iter(heads.values()))[0]["K"] if heads else 0
@@ -228,7 +228,7 @@ def write_report(path, cfg, names, summaries, seeds, wall_s, argv):
     lines = [f"# {title}\n",
              f"`python {' '.join(['experiments/depth.py', *argv])}` · {cfg['preset']} · "
              f"{cfg['max_iters']} steps · seeds {seeds} · {machine()} · "
-             f"wall time {wall_s / 60:.1f} min · mean ± std over seeds · {n_per_task} held-out examples "
+             f"{wall} · mean ± std over seeds · {n_per_task} held-out examples "
              "per task\n",
              "Exact match (EM), teacher-forced (identical to greedy decoding). Never trained on: "
              f"{', '.join(t for t in tasks if t not in trained)}.\n",
@@ -375,15 +375,14 @@ def main(argv):
     with ThreadPoolExecutor(c["jobs"]) as pool:  # the slowest (the heads) first: the jobs end together
         jobs = [(n, s) for s in seeds for n in reversed(names)]
         stages = curriculum_stages(preset, c["max_iters"])
-        for future in [pool.submit(train_run, run_dir(out, n, s), c["preset"],
-                                   [o.format(stages=stages) for o in names[n][1]], s, c["max_iters"])
-                       for n, s in jobs]:
-            future.result()
+        trained = sum(future.result() for future in [
+            pool.submit(train_run, run_dir(out, n, s), c["preset"],
+                        [o.format(stages=stages) for o in names[n][1]], s, c["max_iters"]) for n, s in jobs])
         settings = dict(n_per_task=c["eval_per_task"], eval_tasks=eval_tasks)
         summaries = dict(zip(names, pool.map(
             lambda n: [summarize(run_dir(out, n, s), settings) for s in seeds], names)))
     report = os.path.join(out, c["report"] or f"{suite}.md")
-    write_report(report, c, names, summaries, seeds, time.time() - t0, argv)
+    write_report(report, c, names, summaries, seeds, wall_time(t0, trained, len(jobs)), argv)
     plot(out, summaries, suite)
     print(open(report).read())
 

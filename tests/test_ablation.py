@@ -45,6 +45,7 @@ def test_ablation_report_matches_runs(tmp_path):
            "--variants=gpt,rlrp", f"--preset={preset}", f"--out={out}"]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=ENV)
     report = (out / "ablation.md").read_text()
+    assert "(2 of 2 runs trained by it, the rest reused)" in report
     main = table_rows(report, "| variant | what |")
     assert list(main) == ["gpt", "rlrp"]
     for name, cells in main.items():
@@ -71,6 +72,7 @@ def test_ablation_report_matches_runs(tmp_path):
     before = os.stat(ckpt).st_mtime_ns
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=ENV)
     assert os.stat(ckpt).st_mtime_ns == before
+    assert "(0 of 2 runs trained by it, the rest reused)" in (out / "ablation.md").read_text()
     # ... but only when the configuration is the same: a changed preset trains again
     rlrp_run = str(out / "runs" / "rlrp-s0")
     args = ablation.run_args(rlrp_run, str(preset), ablation.VARIANTS["rlrp"][1], 0, 3)

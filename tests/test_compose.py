@@ -127,6 +127,8 @@ def test_hopo_report_is_the_checkpoints_own_reading(tmp_path):
     before = [os.stat(f).st_mtime_ns for f in files]
     run(cmd, tmp_path)
     assert [os.stat(f).st_mtime_ns for f in files] == before
+    assert "(3 of 3 runs trained by it" in report                       # the first invocation's cost line
+    assert "(0 of 3 runs trained by it" in (out / "hopo.md").read_text()
 
 
 @pytest.mark.slow

@@ -129,6 +129,8 @@ def test_depth_report_matches_runs(tmp_path):
     before = os.stat(out / "runs" / "none-s0" / "depth_eval.json").st_mtime_ns
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, env=one_thread)
     assert os.stat(out / "runs" / "none-s0" / "depth_eval.json").st_mtime_ns == before
+    assert "(4 of 4 runs trained by it" in report                       # the first invocation's cost line
+    assert "(0 of 4 runs trained by it" in (out / "depth.md").read_text()
 
 
 def test_unknown_variant_is_one_line_error(tmp_path):
