@@ -137,3 +137,17 @@ def tiny_tokenizer(folder, kind="bytelevel"):
 def tiny_lm_folder(path, family="llama", kind="bytelevel", **extra):
     """A tiny HF folder with a tokenizer of that kind: what init_from=DIR and tokenizer='hf' read."""
     return tiny_hf_folder(path, family, vocab_size=tiny_tokenizer(path, kind), **extra)
+
+
+def crash_at_step(monkeypatch, train, n):
+    """train.micro_batches (one call per optimizer step) raising FloatingPointError at step n: a simulated
+    crash mid-run, after the checkpoints before it. Returns the real micro_batches."""
+    real_batches, calls = train.micro_batches, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise FloatingPointError(f"simulated crash at iter {n}")
+        return real_batches(*args, **kwargs)
+    monkeypatch.setattr(train, "micro_batches", crashing)
+    return real_batches

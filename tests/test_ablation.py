@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ablation
+from conftest import crash_at_step
 from configurator import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,14 +102,7 @@ def test_a_stopped_run_goes_on_from_its_checkpoint(tmp_path, monkeypatch):
     preset, out = tmp_path / "tiny.py", str(tmp_path / "run")
     preset.write_text(TINY_PRESET)
     args = ablation.run_args(out, str(preset), [], 0, 6)
-    real_batches, calls = train.micro_batches, []
-
-    def crash_at_iter_4(*a, **kw):                      # micro_batches: one call per optimizer step
-        calls.append(1)
-        if len(calls) == 4:
-            raise FloatingPointError("simulated crash at iter 4")
-        return real_batches(*a, **kw)
-    monkeypatch.setattr(train, "micro_batches", crash_at_iter_4)
+    crash_at_step(monkeypatch, train, 4)
     with pytest.raises(FloatingPointError):
         train.main(args)
     n = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["iter_num"]

@@ -19,6 +19,7 @@ import checkpoint
 import schedules
 import train
 from configurator import ConfigError
+from conftest import crash_at_step
 from model import GPT
 from test_train import ROOT, TINY, final_params, records
 
@@ -227,15 +228,7 @@ def test_fp16_resume_is_exact_with_the_loss_scaler_state(tmp_path):
 
 
 def test_resume_after_a_crash_drops_metric_records_past_the_checkpoint(tmp_path, monkeypatch):
-    real_batches = train.micro_batches
-    calls = []
-
-    def crash_at_iter_3(*args, **kwargs):              # micro_batches: one call per optimizer step
-        calls.append(1)
-        if len(calls) == 4:
-            raise FloatingPointError("simulated crash at iter 3")
-        return real_batches(*args, **kwargs)
-    monkeypatch.setattr(train, "micro_batches", crash_at_iter_3)
+    real_batches = crash_at_step(monkeypatch, train, 4)     # iter 4's batches: a crash after iter 3
     with pytest.raises(FloatingPointError):
         train.main(TINY + [f"--out_dir={tmp_path}", "--max_iters=6", "--eval_interval=2"])
     assert [r["iter"] for r in records(tmp_path, "train")] == [1, 2, 3]  # iter 3 is past the checkpoint (2)
