@@ -62,7 +62,8 @@ def _plain_slice(i_n):
 def plain_side_by_side(n_proc, args):
     """Tokens/s of n_proc independent plain loops at once, each over 1/n_proc of the documents: what this
     machine gives n_proc processes that never talk to each other (the documents are loaded before timing)."""
-    with multiprocessing.Pool(n_proc, _init_plain, (args.repeat, args.docs, args.tokenizer_file)) as pool:
+    spawn = multiprocessing.get_context("spawn")  # as prepare starts its workers
+    with spawn.Pool(n_proc, _init_plain, (args.repeat, args.docs, args.tokenizer_file)) as pool:
         pool.map(abs, range(n_proc), chunksize=1)  # every worker is up and has its documents
         t0 = time.perf_counter()
         n = sum(pool.map(_plain_slice, [(i, n_proc) for i in range(n_proc)], chunksize=1))

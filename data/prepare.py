@@ -37,6 +37,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # the project root (data.py, tasks
 import argparse
 import collections
 import glob
+import itertools
 import json
 import math
 import multiprocessing
@@ -107,12 +108,16 @@ def _encode_task(payload, tok=None, source=None) -> np.ndarray:
 
 def _encoded(source, start, task_chars, tok, num_proc):
     """(units, documents, tokens) of each task, in order. Workers get at most 2 tasks each at a time:
-    Pool.imap would cut the whole corpus into tasks ahead, in memory."""
-    tasks = source.tasks(start, task_chars)
-    if num_proc == 1:
+    Pool.imap would cut the whole corpus into tasks ahead. They are spawned, not forked: a fork of a process
+    with threads (torch's, tokenizers') can inherit a held lock and hang. A corpus of one task is tokenized
+    here, where starting a pool would cost more than it saves."""
+    tasks = iter(source.tasks(start, task_chars))
+    head = list(itertools.islice(tasks, 2))
+    tasks = itertools.chain(head, tasks)
+    if num_proc == 1 or len(head) < 2:
         yield from ((units, docs, _encode_task(payload, tok, source)) for payload, units, docs in tasks)
         return
-    with multiprocessing.get_context().Pool(num_proc, _init_worker, (tok, source)) as pool:
+    with multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, (tok, source)) as pool:
         pending = collections.deque()
         for payload, units, docs in tasks:
             pending.append((units, docs, pool.apply_async(_encode_task, (payload,))))

@@ -111,12 +111,11 @@ def test_every_dataset_input_is_tiktoken_joined_by_eot(tmp_path, gpt2, r50k, gpt
 
 @pytest.mark.slow
 def test_workers_started_by_spawn(tmp_path, gpt2_tokenizer_file, r50k):
-    """macOS's and Windows' start method (and forkserver, Python 3.14's Linux default) pickles the tokenizer
-    and the dataset for each worker instead of forking: the same tokens."""
+    """prepare spawns its workers (a fork of a process with threads can hang): each worker gets the tokenizer
+    and the dataset pickled and imports the script that runs it as __mp_main__; the same tokens."""
     datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(tmp_path / "disk"))
-    script = ("import multiprocessing, sys\n"
+    script = ("import sys\n"
               "if __name__ == '__main__':\n"
-              "    multiprocessing.set_start_method('spawn', force=True)\n"
               "    from data import get_tokenizer\n"
               "    from prepare import prepare\n"
               "    from sources import open_source\n"
