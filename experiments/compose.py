@@ -231,14 +231,16 @@ def write_report(path, c, arms, summaries, argv):
 # the plots, and the command
 
 
-def plot(out, task, summaries):
-    """<task>_vs_test_k.png (EM vs K' per level) and <task>_over_training.png; skipped without matplotlib."""
+def plot(report, task, summaries):
+    """<report>_vs_test_k.png (EM vs K' per level) and <report>_over_training.png, named after the report
+    (hopo.md: hopo_vs_test_k.png) so that each report keeps its own; skipped without matplotlib."""
     plt = pyplot()
     if plt is None:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return
     tags = list(next(iter(summaries.values()))[0]["curve"])
-    plot_test_k(plt, os.path.join(out, f"{task}_vs_test_k.png"), summaries, tags)
+    stem = os.path.splitext(report)[0]
+    plot_test_k(plt, f"{stem}_vs_test_k.png", summaries, tags)
     levels = list(next(iter(summaries.values()))[0]["evals"][-1]["level_exact_match"])
     fig, axes = panels(plt, len(levels))
     for ax, L in zip(axes.flat, levels):
@@ -249,7 +251,7 @@ def plot(out, task, summaries):
         ax.set(title=f"{task}:{L} at K' = L", xlabel="training step")
     axes[0, -1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, f"{task}_over_training.png"), dpi=110)
+    fig.savefig(f"{stem}_over_training.png", dpi=110)
 
 
 def parse_args(argv):
@@ -290,7 +292,7 @@ def main(argv):
     c["wall"] = wall_time(t0, trained, len(seeds) * len(arms))
     report = os.path.join(out, c["report"] or f"{task}.md")
     write_report(report, c, arms, summaries, argv)
-    plot(out, task, summaries)
+    plot(report, task, summaries)
     print(open(report).read())
 
 

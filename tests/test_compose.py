@@ -91,7 +91,8 @@ def test_every_arm_is_a_legal_run_of_the_preset(task):
 def test_hopo_report_is_the_checkpoints_own_reading(tmp_path):
     """The real command on a tiny preset: every arm and level in the tables, K' = L per level and the
     validation ranking recomputed from the checkpoints by a plain loop, the validation draw apart from the
-    held-out prompts, and a second invocation that retrains and re-evaluates nothing."""
+    held-out prompts, and a second invocation that retrains and re-evaluates nothing, its plots named after
+    its report."""
     cmd = compose_cmd(tmp_path, "--task=hopo", "--iters=150", "--variants=gpt,level_at,steps_rk")
     run(cmd, tmp_path)
     out = tmp_path / "out"
@@ -125,10 +126,11 @@ def test_hopo_report_is_the_checkpoints_own_reading(tmp_path):
     files = [out / "runs" / f"hopo-{n}-s0" / f for n in ("gpt", "level_at") for f in ("ckpt.pt",
                                                                                      "compose_eval.json")]
     before = [os.stat(f).st_mtime_ns for f in files]
-    run(cmd, tmp_path)
+    run(cmd + ["--report=again.md"], tmp_path)
     assert [os.stat(f).st_mtime_ns for f in files] == before
     assert "(3 of 3 runs trained by it" in report                       # the first invocation's cost line
-    assert "(0 of 3 runs trained by it" in (out / "hopo.md").read_text()
+    assert "(0 of 3 runs trained by it" in (out / "again.md").read_text()
+    assert (out / "again_vs_test_k.png").exists() == (out / "hopo_vs_test_k.png").exists()
 
 
 @pytest.mark.slow
