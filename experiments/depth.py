@@ -122,8 +122,9 @@ STEP_ARMS = {
 
 
 def model_flops(cfg, **changes):
-    """Training FLOPs per token of cfg's model with some keys changed (built on the meta device)."""
-    c = cfg | changes
+    """Training FLOPs per token of cfg's model with some keys changed (built from scratch on the meta device:
+    a resumed run's saved config says init_from='resume' and names no checkpoint to build from)."""
+    c = cfg | {"init_from": "scratch"} | changes
     with torch.device("meta"):
         model = build_model(c, data.get_tokenizer(c["tokenizer"], c["tokenizer_file"]), None)
     return model.flops_per_token(seq_len=c["block_size"])["total"]

@@ -93,6 +93,17 @@ def test_matched_gpts_are_the_closest_in_flops(tmp_path):
     assert off(gpt_flops(n_embd=w)) <= min(off(gpt_flops(n_embd=w - 16)), off(gpt_flops(n_embd=w + 16)))
 
 
+
+def test_a_resumed_runs_flops_are_its_models(tmp_path):
+    """The reports read FLOPs from a run's saved config; a resumed run's says init_from='resume' (no
+    checkpoint named to build from): the same model's FLOPs."""
+    preset = tmp_path / "preset.py"
+    preset.write_text(TINY_PRESET)
+    cfg = train_config([str(preset)])
+    want = small(head_attn=cfg["head_attn"]).flops_per_token()["total"]
+    assert depth.model_flops(cfg | {"init_from": "resume"}) == depth.model_flops(cfg) == want
+
+
 @pytest.mark.slow
 def test_depth_report_matches_runs(tmp_path):
     """The real command on a tiny preset: every number of the report is the runs' own evaluation."""
