@@ -73,7 +73,7 @@ ARMS = {  # name: (what it is, overrides of the preset after the task's); {beyon
                  [FINAL, "--level_steps=at"]),
     "level_from": ("final answers at the steps >= L", [FINAL, "--level_steps=from"]),
     "progressive": ("final answers at the steps >= L and Bansal et al.'s progressive loss, α = 0.5 (its "
-                    "second pass trains step n + k on the answer whatever L: train.Objective)",
+                    "second pass trains step n + k on the answer where n + k >= L: train.Objective)",
                     [FINAL, "--level_steps=from", "--progressive_alpha=0.5"]),
     "steps": ("per-step targets f^1..f^3 at every level, no stop (the preset)", []),
     "steps_rk": ("per-step targets, random K ~ U{1..2K-1}; past f^3 the task's beyond_chain",
