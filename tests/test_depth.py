@@ -93,7 +93,6 @@ def test_matched_gpts_are_the_closest_in_flops(tmp_path):
     assert off(gpt_flops(n_embd=w)) <= min(off(gpt_flops(n_embd=w - 16)), off(gpt_flops(n_embd=w + 16)))
 
 
-
 def test_a_resumed_runs_flops_are_its_models(tmp_path):
     """The reports read FLOPs from a run's saved config; a resumed run's says init_from='resume' (no
     checkpoint named to build from): the same model's FLOPs."""
