@@ -48,6 +48,7 @@ DEFAULTS = dict(
 )
 
 TRAIN = os.path.join(ROOT, "train.py")
+CONFIG = "config.json"   # a run's config beside its metrics.jsonl: what reports it without its weights (run_config)
 FIXED_K = "--n_steps_dist=fixed"  # the preset trains with random K (README "Results"); the ablation does not
 VARIANTS = {  # name: (what it is, overrides of the preset)
     "gpt": ("GPT baseline: K=0, plain CE, same mixture", [FIXED_K, "--n_steps=0", "--lambda_rl=0.0"]),
@@ -121,15 +122,32 @@ def train_config(args):
     return train.load_config(args)[0]
 
 
-def run_state(out_dir, args):
-    """'done' when out_dir holds a completed run of exactly the configuration asked for now; 'stopped' when it
-    holds one stopped before its end (a signal or a crash: its last checkpoint goes on with init_from=resume,
-    which is exact); None when it holds nothing of that configuration."""
+def run_config(out_dir):
+    """(config, checkpoint) of a run: the config it trained with, as saved (checkpoint.saved_config turns it
+    into today's keys), from its checkpoint, else from CONFIG, the record of a folder kept without its weights;
+    (None, None) when it holds neither. A checkpoint's config is written to CONFIG as well, so that a run
+    folder copied without its *.pt files (results/compose/runs/, committed) still reports."""
     try:
         ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
     except FileNotFoundError:
+        path = os.path.join(out_dir, CONFIG)
+        if not os.path.exists(path):
+            return None, None
+        with open(path) as f:
+            return json.load(f), None
+    with open(os.path.join(out_dir, CONFIG), "w") as f:
+        json.dump(ckpt["config"], f, indent=1)
+    return ckpt["config"], ckpt
+
+
+def run_state(out_dir, args):
+    """'done' when out_dir holds a completed run of exactly the configuration asked for now (its checkpoint,
+    or its records without it: run_config); 'stopped' when it holds one stopped before its end (a signal or a
+    crash: its last checkpoint goes on with init_from=resume, which is exact); None when it holds nothing of
+    that configuration."""
+    saved, ckpt = run_config(out_dir)
+    if saved is None:
         return None
-    saved = ckpt["config"]
     # a key added to train.py after the run was written: the run trained with its default, or with what every
     # run did before the key came (checkpoint.saved_config: gelu='tanh'; chain_length -> step_targets)
     ran, asked = {**train.DEFAULTS, **saved_config(saved)}, train_config(args)
@@ -140,7 +158,7 @@ def run_state(out_dir, args):
     evals = run_records(out_dir)[1]
     if evals and evals[-1]["iter"] == saved["max_iters"]:
         return "done"
-    return "stopped" if ckpt["iter_num"] < saved["max_iters"] else None
+    return "stopped" if ckpt and ckpt["iter_num"] < saved["max_iters"] else None
 
 
 def train_run(out, preset, overrides, seed, max_iters, threads=1):
@@ -169,12 +187,17 @@ def wall_time(t0, trained, runs):
 
 def cached(out_dir, name, settings, evaluate):
     """evaluate(out_dir, **settings) with its settings, kept in out_dir/name (JSON) next to the run's
-    checkpoint: evaluated again only when the checkpoint is newer or the settings differ."""
-    path, res = os.path.join(out_dir, name), None
-    if os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(os.path.join(out_dir, "ckpt.pt")):
+    checkpoint: evaluated again only when the checkpoint is newer or the settings differ. A run kept without
+    its checkpoint (run_config) is read from name alone; with other settings: ConfigError."""
+    path, ckpt, res = os.path.join(out_dir, name), os.path.join(out_dir, "ckpt.pt"), None
+    if os.path.exists(path) and (not os.path.exists(ckpt) or os.path.getmtime(path) > os.path.getmtime(ckpt)):
         with open(path) as f:
             res = json.load(f)
     if res is None or res.get("settings") != settings:
+        if not os.path.exists(ckpt):
+            raise ConfigError(f"{out_dir} holds a run's records without its weights (ckpt.pt), evaluated with "
+                              f"{res and res.get('settings')}, not {settings}: ask for those settings, or "
+                              "delete the folder to train the run again")
         # through JSON: a fresh evaluation reads as a cached one does (string keys, lists)
         res = json.loads(json.dumps(evaluate(out_dir, **settings) | {"settings": settings}))
         with open(path, "w") as f:

@@ -40,8 +40,8 @@ from checkpoint import build_model, saved_config
 from configurator import ConfigError, configure
 from evaluate import evaluate_reasoning, exact_match_curve, per_task
 from records import pyplot
-from ablation import (cached, fmt, machine, mean_std, parse_seeds, pick_variants, run_dir, run_records,
-                      task_table, train_config, train_run, wall_time)
+from ablation import (cached, fmt, machine, mean_std, parse_seeds, pick_variants, run_config, run_dir,
+                      run_records, task_table, train_config, train_run, wall_time)
 from sample import load_checkpoint
 from tasks import answer_step, parse_tasks
 
@@ -211,8 +211,8 @@ def summarize(out_dir, settings, evaluate=evaluate_run, name="depth_eval.json"):
     its cost."""
     res = cached(out_dir, name, settings, evaluate)
     train_recs, evals = run_records(out_dir)
-    saved = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["config"]
-    cfg = saved_config(saved)   # in today's keys; a run from before a key: what it ran (gelu='tanh')
+    cfg = saved_config(run_config(out_dir)[0])   # in today's keys; a run from before a key: what it ran
+                                                 # (gelu='tanh')
     tokens_per_s = float(np.median([r["tokens_per_s"] for r in train_recs]))
     return res | {"flops": model_flops(cfg), "tokens_per_s": tokens_per_s, "evals": evals}
 

@@ -1,5 +1,6 @@
 """experiments/compose.py: every arm a legal train.py run, the report against plain recomputations from the
-saved checkpoints and prompts, the validation draw apart from the held-out set, reuse, and bad input."""
+saved checkpoints and prompts, the validation draw apart from the held-out set, reuse (run folders kept
+without their weights included), and bad input."""
 
 import os
 import subprocess
@@ -44,6 +45,11 @@ def run(cmd, tmp_path):
 def first_numbers(row):
     """The means of a report row's cells ('0.300 ± 0.000 (min 0.300)' -> 0.3)."""
     return [float(cell.split()[0]) for cell in row]
+
+
+def body(report):
+    """A report without its line of command and cost: what the runs say."""
+    return [line for line in report.splitlines() if not line.startswith("`python ")]
 
 
 @torch.no_grad()
@@ -91,8 +97,8 @@ def test_every_arm_is_a_legal_run_of_the_preset(task):
 def test_hopo_report_is_the_checkpoints_own_reading(tmp_path):
     """The real command on a tiny preset: every arm and level in the tables, K' = L per level and the
     validation ranking recomputed from the checkpoints by a plain loop, the validation draw apart from the
-    held-out prompts, and a second invocation that retrains and re-evaluates nothing, its plots named after
-    its report."""
+    held-out prompts, a second invocation that retrains and re-evaluates nothing, its plots named after its
+    report, and a third from the run folders without their weights."""
     cmd = compose_cmd(tmp_path, "--task=hopo", "--iters=150", "--variants=gpt,level_at,steps_rk")
     run(cmd, tmp_path)
     out = tmp_path / "out"
@@ -131,6 +137,14 @@ def test_hopo_report_is_the_checkpoints_own_reading(tmp_path):
     assert "(3 of 3 runs trained by it" in report                       # the first invocation's cost line
     assert "(0 of 3 runs trained by it" in (out / "again.md").read_text()
     assert (out / "again_vs_test_k.png").exists() == (out / "hopo_vs_test_k.png").exists()
+    # kept without their weights (as results/compose/runs/ is committed), the runs give the same report
+    for weights in (out / "runs").glob("*/*.pt*"):
+        weights.unlink()
+    run(cmd + ["--report=records.md"], tmp_path)
+    assert body((out / "records.md").read_text()) == body((out / "again.md").read_text())
+    r = subprocess.run(cmd + ["--eval_per_level=11"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "without its weights (ckpt.pt)" in r.stderr
+
 
 
 @pytest.mark.slow
