@@ -153,6 +153,7 @@ def run_state(out_dir, args):
     ran, asked = {**train.DEFAULTS, **saved_config(saved)}, train_config(args)
     if ran["init_from"] == "resume":   # a resumed run is the run it resumed (ablation runs start afresh)
         ran["init_from"] = asked["init_from"]
+    ran["out_dir"] = asked["out_dir"]  # a run folder moved or copied (results/compose/runs/) is the same run
     if ran != asked:
         return None
     evals = run_records(out_dir)[1]

@@ -22,7 +22,9 @@ ranked on a validation draw, val_per_level of each level read, from the held-out
 trained) and apart from the prompts the report gives (tasks.validation_set): never on what is reported. The
 iterations until 0.9 on level 3 are train.py's own evals. Runs go to <out>/runs/<task>-<arm>-s<seed>/ and
 are reused like depth.py's, with their evaluation (compose_eval.json next to the checkpoint); a run stopped
-before its end (Ctrl-C, a signal, a crash) goes on from its last checkpoint.
+before its end (Ctrl-C, a signal, a crash) goes on from its last checkpoint. results/compose/runs/ is
+committed without the weights: its records (metrics.jsonl, compose_eval.json, config.json) rebuild the
+reports in a minute, with no training (ablation.run_config).
 """
 
 import os

@@ -3,6 +3,7 @@ saved checkpoints and prompts, the validation draw apart from the held-out set, 
 without their weights included), and bad input."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -98,7 +99,7 @@ def test_hopo_report_is_the_checkpoints_own_reading(tmp_path):
     """The real command on a tiny preset: every arm and level in the tables, K' = L per level and the
     validation ranking recomputed from the checkpoints by a plain loop, the validation draw apart from the
     held-out prompts, a second invocation that retrains and re-evaluates nothing, its plots named after its
-    report, and a third from the run folders without their weights."""
+    report, and a third from the run folders copied without their weights."""
     cmd = compose_cmd(tmp_path, "--task=hopo", "--iters=150", "--variants=gpt,level_at,steps_rk")
     run(cmd, tmp_path)
     out = tmp_path / "out"
@@ -137,12 +138,15 @@ def test_hopo_report_is_the_checkpoints_own_reading(tmp_path):
     assert "(3 of 3 runs trained by it" in report                       # the first invocation's cost line
     assert "(0 of 3 runs trained by it" in (out / "again.md").read_text()
     assert (out / "again_vs_test_k.png").exists() == (out / "hopo_vs_test_k.png").exists()
-    # kept without their weights (as results/compose/runs/ is committed), the runs give the same report
-    for weights in (out / "runs").glob("*/*.pt*"):
-        weights.unlink()
-    run(cmd + ["--report=records.md"], tmp_path)
-    assert body((out / "records.md").read_text()) == body((out / "again.md").read_text())
-    r = subprocess.run(cmd + ["--eval_per_level=11"], cwd=tmp_path, capture_output=True, text=True)
+    # copied elsewhere without their weights (as results/compose/runs/ is committed), the runs give the same
+    # report and train nothing
+    shutil.copytree(out / "runs", tmp_path / "kept" / "runs", ignore=shutil.ignore_patterns("*.pt*", "log.txt"))
+    kept = [arg.replace("--out=out", "--out=kept") for arg in cmd]
+    run(kept, tmp_path)
+    report = (tmp_path / "kept" / "hopo.md").read_text()
+    assert body(report) == body((out / "again.md").read_text()) and "(0 of 3 runs trained by it" in report
+    assert not list((tmp_path / "kept").glob("runs/*/*.pt"))
+    r = subprocess.run(kept + ["--eval_per_level=11"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "without its weights (ckpt.pt)" in r.stderr
 
 
