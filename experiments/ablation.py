@@ -48,7 +48,7 @@ DEFAULTS = dict(
 )
 
 TRAIN = os.path.join(ROOT, "train.py")
-CONFIG = "config.json"   # a run's config beside its metrics.jsonl: what reports it without its weights (run_config)
+CONFIG = "config.json"   # a run's config beside its metrics.jsonl: reports it without weights (run_config)
 FIXED_K = "--n_steps_dist=fixed"  # the preset trains with random K (README "Results"); the ablation does not
 VARIANTS = {  # name: (what it is, overrides of the preset)
     "gpt": ("GPT baseline: K=0, plain CE, same mixture", [FIXED_K, "--n_steps=0", "--lambda_rl=0.0"]),
@@ -124,9 +124,9 @@ def train_config(args):
 
 def run_config(out_dir):
     """(config, checkpoint) of a run: the config it trained with, as saved (checkpoint.saved_config turns it
-    into today's keys), from its checkpoint, else from CONFIG, the record of a folder kept without its weights;
-    (None, None) when it holds neither. A checkpoint's config is written to CONFIG as well, so that a run
-    folder copied without its *.pt files (results/compose/runs/, committed) still reports."""
+    into today's keys), from its checkpoint, else from CONFIG, the record of a folder kept without its
+    weights; (None, None) when it holds neither. A checkpoint's config is written to CONFIG as well, so that
+    a run folder copied without its *.pt files (results/compose/runs/, committed) still reports."""
     try:
         ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
     except FileNotFoundError:
@@ -196,9 +196,9 @@ def cached(out_dir, name, settings, evaluate):
             res = json.load(f)
     if res is None or res.get("settings") != settings:
         if not os.path.exists(ckpt):
-            raise ConfigError(f"{out_dir} holds a run's records without its weights (ckpt.pt), evaluated with "
-                              f"{res and res.get('settings')}, not {settings}: ask for those settings, or "
-                              "delete the folder to train the run again")
+            raise ConfigError(f"{out_dir} holds a run's records without its weights (ckpt.pt), evaluated "
+                              f"with {res and res.get('settings')}, not {settings}: ask for those settings, "
+                              "or delete the folder to train the run again")
         # through JSON: a fresh evaluation reads as a cached one does (string keys, lists)
         res = json.loads(json.dumps(evaluate(out_dir, **settings) | {"settings": settings}))
         with open(path, "w") as f:

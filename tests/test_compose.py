@@ -140,7 +140,8 @@ def test_hopo_report_is_the_checkpoints_own_reading(tmp_path):
     assert (out / "again_vs_test_k.png").exists() == (out / "hopo_vs_test_k.png").exists()
     # copied elsewhere without their weights (as results/compose/runs/ is committed), the runs give the same
     # report and train nothing
-    shutil.copytree(out / "runs", tmp_path / "kept" / "runs", ignore=shutil.ignore_patterns("*.pt*", "log.txt"))
+    shutil.copytree(out / "runs", tmp_path / "kept" / "runs",
+                    ignore=shutil.ignore_patterns("*.pt*", "log.txt"))
     kept = [arg.replace("--out=out", "--out=kept") for arg in cmd]
     run(kept, tmp_path)
     report = (tmp_path / "kept" / "hopo.md").read_text()
