@@ -144,7 +144,8 @@ def run_state(out_dir, args):
     """'done' when out_dir holds a completed run of exactly the configuration asked for now (its checkpoint,
     or its records without it: run_config); 'stopped' when it holds one stopped before its end (a signal or a
     crash: its last checkpoint goes on with init_from=resume, which is exact); None when it holds nothing of
-    that configuration."""
+    that configuration. Records kept without weights (results/compose/runs/) of another configuration:
+    ConfigError, since training this one into out_dir would overwrite the only copy of them."""
     saved, ckpt = run_config(out_dir)
     if saved is None:
         return None
@@ -155,6 +156,10 @@ def run_state(out_dir, args):
         ran["init_from"] = asked["init_from"]
     ran["out_dir"] = asked["out_dir"]  # a run folder moved or copied (results/compose/runs/) is the same run
     if ran != asked:
+        if ckpt is None:
+            differ = sorted(k for k in {**ran, **asked} if ran.get(k) != asked.get(k))
+            raise ConfigError(f"{out_dir} holds the records, without weights, of a run whose {', '.join(differ)} "
+                              "differ from the ones asked for: ask for that run, or move the folder away")
         return None
     evals = run_records(out_dir)[1]
     if evals and evals[-1]["iter"] == saved["max_iters"]:

@@ -86,8 +86,16 @@ def test_ablation_report_matches_runs(tmp_path):
     del old["config"]["gelu"], old["model_args"]["gelu"]
     torch.save(old, old_run / "ckpt.pt")
     assert ablation.run_state(str(old_run), args) is None
+    kept = tmp_path / "kept-rlrp-s0"   # its records without weights, as results/compose/runs/ keeps them
+    kept.mkdir()
+    for name in ("metrics.jsonl", ablation.CONFIG):
+        shutil.copy(os.path.join(rlrp_run, name), kept / name)
+    kept_args = ablation.run_args(str(kept), str(preset), ablation.VARIANTS["rlrp"][1], 0, 3)
+    assert ablation.run_state(str(kept), kept_args) == "done"
     preset.write_text(TINY_PRESET.replace('"add:1,sort:3"', '"add:1,sort:4"'))
-    assert ablation.run_state(rlrp_run, args) is None
+    assert ablation.run_state(rlrp_run, args) is None   # weights: the run is trained again into its folder
+    with pytest.raises(ConfigError, match="whose reasoning_tasks differ"):   # records only: never overwritten
+        ablation.run_state(str(kept), kept_args)
     preset.write_text(TINY_PRESET)
     # --sweep writes its own report next to the ablation's, sharing (and reusing) the runs
     report = (out / "ablation.md").read_text()
