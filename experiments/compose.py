@@ -9,9 +9,10 @@ two plots.
 
 The tasks (TASKS): hopo, pointer chasing on an 8-cycle (f has no fixed point: a step past the answer takes
 another hop), and root, the root of a node in a forest (the root is a fixed point: running on is harmless).
-Every arm is config/train_steps.py (2 x 64 trunk, the trunk-attending head, K = 3, 32,000 iterations) with the
-task's overrides and the arm's (ARMS), and the preset's curriculum at the same fractions of any budget (levels
-2 and 3 join at 3/16 and 6/16 of the run: depth.curriculum_stages). Each checkpoint is read on the held-out
+Every arm is config/train_steps.py (2 x 64 trunk, the trunk-attending head, K = 3, 32,000 iterations) on its
+fixed-K base (FIXED_BASE: the preset trains random K, this experiment's winner) with the task's overrides and
+the arm's (ARMS), and the preset's curriculum at the same fractions of any budget (levels 2 and 3 join at 3/16
+and 6/16 of the run: depth.curriculum_stages). Each checkpoint is read on the held-out
 prompts, eval_per_level of each level:
   - per level (evaluate.level_reading): exact match at step 1, at K' = L, at K' = 21 and at adaptive exit (a
     token stops once KL(p_k || p_{k-1}) < 0.01, at most 21 steps) with its mean steps; a GPT at K' = 0;
@@ -42,7 +43,7 @@ import data  # noqa: E402 (after the root is on sys.path)
 from ablation import (fmt, machine, mean_std, parse_seeds, pick_variants, run_dir, task_table, train_config,
                       train_run, wall_time)
 from configurator import ConfigError, configure
-from depth import (CURRICULUM, PAPER, RANDOM_K, curriculum_stages, curve_and_cuts, curve_table, held_out,
+from depth import (CURRICULUM, FIXED_BASE, PAPER, RANDOM_K, curriculum_stages, curve_and_cuts, curve_table, held_out,
                    panels, plot_test_k, style, summarize, variants)
 from evaluate import EXIT_THRESHOLD, LONG_STEPS, level_reading
 from records import pyplot
@@ -77,8 +78,8 @@ ARMS = {  # name: (what it is, overrides of the preset after the task's); {beyon
     "progressive": ("final answers at the steps >= L and Bansal et al.'s progressive loss, α = 0.5 (its "
                     "second pass trains step n + k on the answer where n + k >= L: train.Objective)",
                     [FINAL, "--level_steps=from", "--progressive_alpha=0.5"]),
-    "steps": ("per-step targets f^1..f^3 at every level, no stop (the preset)", []),
-    "steps_rk": ("per-step targets, random K ~ U{1..2K-1}; past f^3 the task's beyond_chain",
+    "steps": ("per-step targets f^1..f^3 at every level, no stop, fixed K", []),
+    "steps_rk": ("per-step targets, random K ~ U{1..2K-1}; past f^3 the task's beyond_chain (the preset)",
                  [RANDOM_K, "--beyond_chain={beyond}"]),
 }
 FINAL_ARMS = ("level_at", "level_from", "progressive")
@@ -97,8 +98,9 @@ def task_args(task):
 
 
 def arm_args(task, overrides, stages):
-    """train.py's overrides for an arm of task: the task's, the arm's, and the curriculum at stages."""
-    return [*task_args(task), *(o.format(beyond=TASKS[task][2]) for o in overrides),
+    """train.py's overrides for an arm of task: the preset's fixed-K base (FIXED_BASE), the task's, the arm's,
+    and the curriculum at stages."""
+    return [*FIXED_BASE, *task_args(task), *(o.format(beyond=TASKS[task][2]) for o in overrides),
             CURRICULUM.format(stages=stages)]
 
 # -----------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from checkpoint import build_model, saved_config
 from configurator import ConfigError, configure
 from evaluate import evaluate_reasoning, exact_match_curve, per_task
 from records import pyplot
-from ablation import (cached, fmt, machine, mean_std, parse_seeds, pick_variants, run_config, run_dir,
+from ablation import (FIXED_K, cached, fmt, machine, mean_std, parse_seeds, pick_variants, run_config, run_dir,
                       run_records, task_table, train_config, train_run, wall_time)
 from sample import load_checkpoint
 from tasks import answer_step, parse_tasks
@@ -59,10 +59,14 @@ DEFAULTS = dict(
     eval_per_task=400,               # held-out examples per task of the suite's eval tasks
 )
 
-# suite: (preset, eval tasks); the never-trained tasks: depth hopo:4, iter:1, iter:3; steps hopo:4..7
+# config/train_steps.py trains random K, the winner of experiments/compose.py (README "Steps that earn their
+# keep"); the steps suite and compose.py's arms were run, and are compared, on the fixed K it had before
+FIXED_BASE = [FIXED_K, "--beyond_chain=stay"]
+# suite: (preset, eval tasks, overrides before every variant's); the never-trained tasks: depth hopo:4, iter:1,
+# iter:3; steps hopo:4..7
 SUITES = {
-    "depth": ("config/train_depth.py", "hopo:1,hopo:2,hopo:3,hopo:4,iter:1,iter:2,iter:3"),
-    "steps": ("config/train_steps.py", "hopo:1,hopo:2,hopo:3,hopo:4,hopo:5,hopo:6,hopo:7"),
+    "depth": ("config/train_depth.py", "hopo:1,hopo:2,hopo:3,hopo:4,iter:1,iter:2,iter:3", []),
+    "steps": ("config/train_steps.py", "hopo:1,hopo:2,hopo:3,hopo:4,hopo:5,hopo:6,hopo:7", FIXED_BASE),
 }
 EVAL_TASKS = SUITES["depth"][1]
 RANDOM_K = "--n_steps_dist=uniform"  # recurrent-depth training: K ~ U{1..2K-1} per optimizer step, mean K
@@ -75,7 +79,8 @@ HEADS = {  # name: (what it is, overrides of the preset); the preset trains a fi
     "latent_rk": ("head attends to z_{k-1}, random K", ["--head_attn=latent", RANDOM_K]),
 }
 GPT_ONLY = ["--n_steps=0", "--lambda_rl=0.0", "--lambda_imp=0.0"]
-# the steps suite: objective x head on config/train_steps.py (per-step targets f^1..f^3, no stop, no soft RL)
+# the steps suite: objective x head on config/train_steps.py's fixed-K base (per-step targets f^1..f^3, no
+# stop, no soft RL)
 PAPER = ["--step_targets=final", "--lambda_rl=0.5", "--lambda_imp=0.1"]   # the paper's recipe
 # the curriculum over levels L_1 < ... < L_n: L_1 alone, then L_j joins at (j − 1)·3/16 of the run (hopo:2 at
 # 3,000 and hopo:3 at 6,000 of the steps preset's 16,000 iterations); main fills in curriculum_stages'
@@ -89,7 +94,7 @@ def curriculum_stages(cfg, max_iters):
 
 
 STEP_ARMS = {
-    "chain_trunk": ("per-step targets f^k, no stop (the preset), head attends to h", ["--head_attn=trunk"]),
+    "chain_trunk": ("per-step targets f^k, no stop, head attends to h", ["--head_attn=trunk"]),
     "chain_trunk_w100": ("per-step targets f^k, no stop, answer weight ω = 100 (the answer ~84% of L_DS), "
                          "attends to h", ["--head_attn=trunk", "--answer_weight=100.0"]),
     "chain_latent": ("per-step targets f^k, no stop, head attends to z_{k-1}", ["--head_attn=latent"]),
@@ -227,7 +232,8 @@ def write_report(path, cfg, names, summaries, seeds, wall, argv):
     step = lambda r, t: read_step(suite, t, r["K"])                  # the K' an answer is read at
     title = "RLRP depth experiment" if suite == "depth" else "RLRP: steps that earn their keep"
     lines = [f"# {title}\n",
-             f"`python {' '.join(['experiments/depth.py', *argv])}` · {cfg['preset']} · "
+             f"`python {' '.join(['experiments/depth.py', *argv])}` · "
+             f"{' '.join([cfg['preset'], *SUITES[suite][2]])} · "
              f"{cfg['max_iters']} steps · seeds {seeds} · {machine()} · "
              f"{wall} · mean ± std over seeds · {n_per_task} held-out examples "
              "per task\n",
@@ -378,7 +384,8 @@ def main(argv):
         stages = curriculum_stages(preset, c["max_iters"])
         trained = sum(future.result() for future in [
             pool.submit(train_run, run_dir(out, n, s), c["preset"],
-                        [o.format(stages=stages) for o in names[n][1]], s, c["max_iters"]) for n, s in jobs])
+                        [*SUITES[suite][2], *(o.format(stages=stages) for o in names[n][1])], s,
+                        c["max_iters"]) for n, s in jobs])
         settings = dict(n_per_task=c["eval_per_task"], eval_tasks=eval_tasks)
         summaries = dict(zip(names, pool.map(
             lambda n: [summarize(run_dir(out, n, s), settings) for s in seeds], names)))

@@ -3,6 +3,7 @@ saved checkpoints and prompts, the validation draw apart from the held-out set, 
 without their weights included), and bad input."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 
 import compose
 import train
+from ablation import run_args, run_state
 from config.defaults import check_reasoning, training_rows
 from sample import load_checkpoint
 from schedules import max_n_steps
@@ -88,10 +90,26 @@ def test_every_arm_is_a_legal_run_of_the_preset(task):
         check_reasoning(cfg, training_rows(train.load_data(cfg)[2]), max_n_steps(cfg))
         assert (cfg["reasoning_tasks"], cfg["eval_tasks"]) == (f"{task}:1-3", f"{task}:1-7")
         assert cfg["n_steps"] == (0 if name in compose.GPTS else 3)
+        # the preset trains random K; every arm states its own K on the fixed-K base (FIXED_BASE)
+        assert cfg["n_steps_dist"] == ("uniform" if name.endswith("_rk") else "fixed")
         if name == "steps_rk":
-            assert cfg["beyond_chain"] == compose.TASKS[task][2] and cfg["n_steps_dist"] == "uniform"
+            assert cfg["beyond_chain"] == compose.TASKS[task][2]
         if name.startswith("progressive"):
             assert (cfg["level_steps"], cfg["progressive_alpha"]) == ("from", 0.5)
+
+
+def test_every_committed_run_is_its_arm_today():
+    """results/compose/runs/ (records without weights) rebuild the reports only while each run's saved config
+    is what its arm asks for now: a preset changed under them would stop the report (ablation.run_state)."""
+    kept = os.path.join(ROOT, "results", "compose", "runs")
+    names = sorted(os.listdir(kept))
+    assert len(names) >= 19   # the runs committed by 2026-12-07: more come, none go
+    for name in names:
+        task, arm, seed = re.fullmatch(r"(\w+?)-(\w+)-s(\d+)", name).groups()
+        c, arms = compose.parse_args([f"--task={task}", f"--preset={PRESET}", f"--variants={arm}"])
+        args = run_args(os.path.join(kept, name), PRESET, compose.arm_args(task, arms[arm][1], c["stages"]),
+                        int(seed), c["max_iters"])
+        assert run_state(os.path.join(kept, name), args) == "done", name
 
 
 @pytest.mark.slow

@@ -205,8 +205,10 @@ def test_train_levels_is_train_steps_with_level_matched_supervision_and_takes_a_
     levels over the preset's synthetic keys (config/train_levels.py includes train_steps.py by path)."""
     steps, _ = train.load_config([os.path.join(ROOT, "config", "train_steps.py")])
     levels, _ = train.load_config([os.path.join(ROOT, "config", "train_levels.py")])
-    assert {k for k in steps if steps[k] != levels[k]} == {"out_dir", "step_targets", "level_steps"}
-    assert (levels["step_targets"], levels["level_steps"]) == ("final", "at")
+    assert {k for k in steps if steps[k] != levels[k]} == {"out_dir", "step_targets", "level_steps",
+                                                           "beyond_chain"}
+    assert (levels["step_targets"], levels["level_steps"], levels["beyond_chain"]) == ("final", "at", "stay")
+    assert levels["n_steps_dist"] == steps["n_steps_dist"] == "uniform"   # random K in both recipes
     rng, rows = np.random.default_rng(5), []
     for i in range(60):
         prompt, answer = tasks.TASKS["hopo"][0](rng, 1 + i % 3)

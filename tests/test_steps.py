@@ -19,6 +19,7 @@ from conftest import run_script
 from losses import ObjectiveConfig, Supervision, rlrp_loss, step_supervision, step_weights
 from train import Objective
 from model import GPT, GPTConfig
+from schedules import max_n_steps
 from test_train import TINY, tiny_gpt
 
 BYTE = data.get_tokenizer("byte")
@@ -288,14 +289,21 @@ def test_the_old_key_and_bad_step_targets_stop_the_cli_with_one_line(tmp_path, a
 
 
 def test_steps_preset_never_trains_a_level_above_its_highest():
-    """config/train_steps.py: no chain is longer than the highest trained level and K is at most that level,
-    so the levels above it (the extrapolation test) are never trained, not even as a step's target."""
+    """config/train_steps.py: no chain is longer than the highest trained level, and the steps past it that
+    random K draws (up to 2K − 1) get no loss on an answer, so the levels above it (the extrapolation test)
+    are never trained, not even as a step's target."""
     c, _ = train.load_config(["config/train_steps.py"])
     highest = max(level for _, level in tasks.parse_tasks(c["reasoning_tasks"]))
     n = tasks.chain_steps(c["step_targets"], highest)           # 'chain:N': N at every level
-    assert c["step_targets"].startswith("chain:") and n <= highest and c["n_steps"] <= highest
+    assert c["step_targets"].startswith("chain:") and n <= highest == c["n_steps"]
+    K = max_n_steps(c)
+    assert (c["n_steps_dist"], c["beyond_chain"], K) == ("uniform", "none", 2 * highest - 1)
     b = train.load_data(c)[2].get_batch(0, 8)
     assert b.step_y.size(0) == n and (b.chain_len[b.answer_mask] == n).all()
+    _, W = step_supervision(b.y, K, step_weights(K, c["weight_schedule"]), b.step_y, b.chain_len, b.level,
+                            c["beyond_chain"], c["level_steps"])
+    answer = W[:, b.answer_mask]                                # (K, answer tokens)
+    assert (answer[n:] == 0).all() and (answer[:n] > 0).all()
 
 
 # -----------------------------------------------------------------------------
