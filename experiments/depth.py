@@ -59,11 +59,9 @@ DEFAULTS = dict(
     eval_per_task=400,               # held-out examples per task of the suite's eval tasks
 )
 
-# config/train_steps.py trains random K, the winner of experiments/compose.py (README "Steps that earn their
-# keep"); the steps suite and compose.py's arms were run, and are compared, on the fixed K it had before
+# config/train_steps.py trains random K (compose.py's winner); its suite and compose.py run on its old fixed K
 FIXED_BASE = [FIXED_K, "--beyond_chain=stay"]
-# suite: (preset, eval tasks, overrides before every variant's); the never-trained tasks: depth hopo:4, iter:1,
-# iter:3; steps hopo:4..7
+# suite: (preset, eval tasks, overrides before every variant's); never trained: hopo:4, iter:1, iter:3; hopo:4..7
 SUITES = {
     "depth": ("config/train_depth.py", "hopo:1,hopo:2,hopo:3,hopo:4,iter:1,iter:2,iter:3", []),
     "steps": ("config/train_steps.py", "hopo:1,hopo:2,hopo:3,hopo:4,hopo:5,hopo:6,hopo:7", FIXED_BASE),
