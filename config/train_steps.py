@@ -1,9 +1,9 @@
 # Steps that earn their keep (README "Steps that earn their keep"): the recipe with per-step targets, and the
-# base every arm of experiments/compose.py and depth.py --suite=steps overrides (on its fixed K: FIXED_BASE).
+# base every arm of experiments/compose.py and depth.py --suite=steps overrides (on its old fixed K).
 # Per-step targets with no stop: every lookup example, whatever its hop count L, trains step k on f^k(x) for
 # k = 1..3, so that one step can become one hop and an L-hop question is answered at step K' = L; levels 1..3
-# join one by one (the curriculum), and 4..7 are never trained, only read. Random K per iteration: with a fixed
-# K, 4..7 hops held at one seed of three; with it, at every seed (README). Reasoning batches only, the
+# join one by one (the curriculum), and 4..7 are never trained, only read. Random K per iteration: with a
+# fixed K, 4..7 hops held at one seed of three; with it, at every seed (README). Reasoning batches only, the
 # trunk-attending head. ~40 minutes on one CPU thread; the last eval prints the README's table (per level:
 # step 1, K' = L, K' = 21, adaptive exit).
 #   python train.py config/train_steps.py
@@ -51,6 +51,6 @@ step_targets = "chain:3"    # step k is trained on f^k(x), f^1..f^3 for every ex
 weight_schedule = "linear"
 lambda_rl = 0.0
 lambda_imp = 0.0            # required with per-step targets: ℓ_k and ℓ_1 have different labels
-n_steps_dist = "uniform"     # K ~ U{1..2K-1} per iteration: steps 1..5, trained on f^1..f^3 ...
-beyond_chain = "none"       # ... and no loss past f^3: f^4 would train the never-trained level 4 (config/root.py:
-                            # 'stay', the root is a fixed point)
+n_steps_dist = "uniform"    # K ~ U{1..2K-1} per iteration: steps 1..5, trained on f^1..f^3 ...
+beyond_chain = "none"       # ... and no loss past f^3: f^4 would train the never-trained level 4
+                            # (config/root.py: 'stay', the root is a fixed point)

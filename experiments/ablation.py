@@ -158,8 +158,8 @@ def run_state(out_dir, args):
     if ran != asked:
         if ckpt is None:
             differ = sorted(k for k in {**ran, **asked} if ran.get(k) != asked.get(k))
-            raise ConfigError(f"{out_dir} holds the records, without weights, of a run whose {', '.join(differ)} "
-                              "differ from the ones asked for: ask for that run, or move the folder away")
+            raise ConfigError(f"{out_dir} holds the records, without weights, of a run with other values "
+                              f"of {', '.join(differ)}: ask for that run, or move the folder away")
         return None
     evals = run_records(out_dir)[1]
     if evals and evals[-1]["iter"] == saved["max_iters"]:

@@ -43,8 +43,8 @@ import data  # noqa: E402 (after the root is on sys.path)
 from ablation import (fmt, machine, mean_std, parse_seeds, pick_variants, run_dir, task_table, train_config,
                       train_run, wall_time)
 from configurator import ConfigError, configure
-from depth import (CURRICULUM, FIXED_BASE, PAPER, RANDOM_K, curriculum_stages, curve_and_cuts, curve_table, held_out,
-                   panels, plot_test_k, style, summarize, variants)
+from depth import (CURRICULUM, FIXED_BASE, PAPER, RANDOM_K, curriculum_stages, curve_and_cuts, curve_table,
+                   held_out, panels, plot_test_k, style, summarize, variants)
 from evaluate import EXIT_THRESHOLD, LONG_STEPS, level_reading
 from records import pyplot
 from sample import load_checkpoint

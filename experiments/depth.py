@@ -40,8 +40,8 @@ from checkpoint import build_model, saved_config
 from configurator import ConfigError, configure
 from evaluate import evaluate_reasoning, exact_match_curve, per_task
 from records import pyplot
-from ablation import (FIXED_K, cached, fmt, machine, mean_std, parse_seeds, pick_variants, run_config, run_dir,
-                      run_records, task_table, train_config, train_run, wall_time)
+from ablation import (FIXED_K, cached, fmt, machine, mean_std, parse_seeds, pick_variants, run_config,
+                      run_dir, run_records, task_table, train_config, train_run, wall_time)
 from sample import load_checkpoint
 from tasks import answer_step, parse_tasks
 
@@ -61,7 +61,7 @@ DEFAULTS = dict(
 
 # config/train_steps.py trains random K (compose.py's winner); its suite and compose.py run on its old fixed K
 FIXED_BASE = [FIXED_K, "--beyond_chain=stay"]
-# suite: (preset, eval tasks, overrides before every variant's); never trained: hopo:4, iter:1, iter:3; hopo:4..7
+# suite: (preset, eval tasks, overrides before each variant's); never trained: hopo:4, iter:1/3; hopo:4..7
 SUITES = {
     "depth": ("config/train_depth.py", "hopo:1,hopo:2,hopo:3,hopo:4,iter:1,iter:2,iter:3", []),
     "steps": ("config/train_steps.py", "hopo:1,hopo:2,hopo:3,hopo:4,hopo:5,hopo:6,hopo:7", FIXED_BASE),

@@ -86,16 +86,8 @@ def test_ablation_report_matches_runs(tmp_path):
     del old["config"]["gelu"], old["model_args"]["gelu"]
     torch.save(old, old_run / "ckpt.pt")
     assert ablation.run_state(str(old_run), args) is None
-    kept = tmp_path / "kept-rlrp-s0"   # its records without weights, as results/compose/runs/ keeps them
-    kept.mkdir()
-    for name in ("metrics.jsonl", ablation.CONFIG):
-        shutil.copy(os.path.join(rlrp_run, name), kept / name)
-    kept_args = ablation.run_args(str(kept), str(preset), ablation.VARIANTS["rlrp"][1], 0, 3)
-    assert ablation.run_state(str(kept), kept_args) == "done"
     preset.write_text(TINY_PRESET.replace('"add:1,sort:3"', '"add:1,sort:4"'))
-    assert ablation.run_state(rlrp_run, args) is None   # weights: the run is trained again into its folder
-    with pytest.raises(ConfigError, match="whose reasoning_tasks differ"):   # records only: never overwritten
-        ablation.run_state(str(kept), kept_args)
+    assert ablation.run_state(rlrp_run, args) is None
     preset.write_text(TINY_PRESET)
     # --sweep writes its own report next to the ablation's, sharing (and reusing) the runs
     report = (out / "ablation.md").read_text()
@@ -121,6 +113,23 @@ def test_a_stopped_run_goes_on_from_its_checkpoint(tmp_path, monkeypatch):
     # the records up to the checkpoint are the first process's own (a fresh run would time its steps anew)
     assert train_recs[:n] == before and [r["iter"] for r in train_recs] == [1, 2, 3, 4, 5, 6]
     assert evals[-1]["iter"] == 6 and ablation.run_state(out, args) == "done"
+
+
+def test_records_kept_without_weights_are_never_trained_over(tmp_path):
+    """A run folder kept without its weights (results/compose/runs/) is done while its config is the one asked
+    for; asked for another, run_state stops with one line instead of training over the only copy."""
+    import train
+    preset, out, kept = tmp_path / "tiny.py", str(tmp_path / "run"), tmp_path / "kept"
+    preset.write_text(TINY_PRESET)
+    train.main(ablation.run_args(out, str(preset), [], 0, 3))
+    ablation.run_config(out)                                 # writes its CONFIG beside metrics.jsonl
+    kept.mkdir()
+    for name in ("metrics.jsonl", ablation.CONFIG):
+        shutil.copy(os.path.join(out, name), kept / name)
+    assert ablation.run_state(str(kept), ablation.run_args(str(kept), str(preset), [], 0, 3)) == "done"
+    with pytest.raises(ConfigError, match="of a run with other values of seed: ask for that run"):
+        ablation.run_state(str(kept), ablation.run_args(str(kept), str(preset), [], 1, 3))
+    assert ablation.run_state(out, ablation.run_args(out, str(preset), [], 1, 3)) is None  # weights: retrained
 
 
 def run_cli(cwd, *args):
