@@ -129,7 +129,8 @@ def test_records_kept_without_weights_are_never_trained_over(tmp_path):
     assert ablation.run_state(str(kept), ablation.run_args(str(kept), str(preset), [], 0, 3)) == "done"
     with pytest.raises(ConfigError, match="of a run with other values of seed: ask for that run"):
         ablation.run_state(str(kept), ablation.run_args(str(kept), str(preset), [], 1, 3))
-    assert ablation.run_state(out, ablation.run_args(out, str(preset), [], 1, 3)) is None  # weights: retrained
+    # with its weights, a run of other settings is trained again into its folder
+    assert ablation.run_state(out, ablation.run_args(out, str(preset), [], 1, 3)) is None
 
 
 def run_cli(cwd, *args):
