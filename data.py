@@ -385,8 +385,8 @@ class ReasoningData:
         return self.batches_of(self.eval_examples(n_examples), batch_size)
 
     def batches_of(self, examples, batch_size: int) -> list:
-        """[(prompt, answer)] or encoded Examples, one per row, so each is scored on exactly the context
-        greedy decoding from [eot] + prompt has (no earlier example in the row); answer_id: its index."""
+        """[(prompt, answer)], [(prompt, answer, steps, level)] or encoded Examples, one per row, so each is
+        scored on exactly the context greedy decoding from [eot] + prompt has; answer_id: its index."""
         rows = [[(ex if isinstance(ex, Example) else self._encode(*ex), i)] for i, ex in enumerate(examples)]
         return [self._batch(rows[i:i + batch_size], trim=True) for i in range(0, len(rows), batch_size)]
 

@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import data
 from latent_head import exit_logits
 from records import PLOTS, plot_run
-from tasks import tag_level
+from tasks import chain_answers, tag_level
 
 
 def all_reduce_sum(t, world):
@@ -192,6 +193,38 @@ def level_reading(model, batches, tags, n_steps=LONG_STEPS, threshold=EXIT_THRES
     return reading
 
 
+def chain_batches(tok, block_size, examples, tags, batch_size):
+    """Examples [(prompt, answer)] of the chain families, tagged ('hopo:5'), as hop_reading reads them: one
+    per row, with their chain f^1(x)..f^L(x) (tasks.chain_answers) as step_y."""
+    suite = data.ReasoningData("synthetic", tok, block_size, tasks=",".join(dict.fromkeys(tags)),
+                               step_targets="chain")
+    rows = [(p, a, chain_answers(t.partition(":")[0], p, tag_level(t)), tag_level(t))
+            for (p, a), t in zip(examples, tags)]
+    return suite.batches_of(rows, batch_size)
+
+
+@torch.no_grad()
+def hop_reading(model, batches, tags):
+    """
+    Does step k compute hop k? Per level L: the fraction of examples whose step k gives f^k(x), the k-th
+    element of their chain, on every answer token (argmax given the gold prefix, as exact match is read), for
+    k = 1..L -> {L: [fraction at step 1, ..., step L]}. batches: one example per row, each with its chain
+    f^1(x)..f^L(x) as step_y (ReasoningData.chain_batches); tags: each example's ('hopo:5'). A final-answer
+    arm is never trained on f^k(x) for k < L: what it scores there, it found by itself.
+    """
+    levels = torch.tensor([tag_level(t) for t in tags])
+    wrong = torch.zeros(len(tags), int(levels.max()))       # wrong answer tokens (example, step k)
+    for b in batches:
+        m, S = b.answer_mask, len(b.step_y)                  # S: the longest chain in the batch
+        ids = b.answer_id[m]
+        o = model.head_outputs(model.trunk(b.x), S)[:, m]   # o_k on answer tokens, (S, n, C)
+        for k in range(S):
+            miss = model.unembed(o[k]).argmax(-1) != b.step_y[k][m]
+            wrong[:, k].index_add_(0, ids.cpu(), miss.float().cpu())
+    exact = wrong == 0
+    return {L: exact[levels == L, :L].float().mean(0).tolist() for L in sorted(set(levels.tolist()))}
+
+
 def level_table(reading):
     """level_reading's result (its keys ints or strings) as lines of a table."""
     long = next(iter(reading.values()))["long"]
@@ -201,6 +234,12 @@ def level_table(reading):
         cells = "".join(f"{r[k]:8.4f}" for k in ("step_1", "at_L", "at_long", "exit"))
         lines.append(f"{L:>14}{r['n']:>6}{cells}{r['exit_steps']:7.2f}")
     return lines
+
+def hop_table(reading):
+    """hop_reading's result as lines of a table: one row per level L, step k's exact match for k = 1..L."""
+    top = max(reading)
+    lines = [f"{'level':>14}" + "".join(f"{'k=' + str(k):>8}" for k in range(1, top + 1))]
+    return lines + [f"{L:>14}" + "".join(f"{v:8.4f}" for v in em) for L, em in reading.items()]
 
 # -----------------------------------------------------------------------------
 # train.py's eval sets and eval records

@@ -9,7 +9,8 @@ Sample from a trained nanoRLRP model, see what each latent step predicts, or mea
 The test-time curve (--eval): reasoning exact match for every K' = 0..2K, teacher-forced
 (evaluate.exact_match_curve, equal to greedy decoding's), then greedy decoding at the trained K with adaptive
 exit against fixed K, and where examples have levels (the chain families, JSONL "level"), the reading per
-level: at step 1, at K' = L, at K' = 21, at adaptive exit (evaluate.level_reading).
+level: at step 1, at K' = L, at K' = 21, at adaptive exit (evaluate.level_reading); on the chain families
+also whether step k gives f^k(x), the k-th hop, for k = 1..L (evaluate.hop_reading).
 
 Prompts: every prompt follows an end-of-text token, as every document and reasoning example does in
 training, so an empty --start samples unconditionally. A prompt is UTF-8 text; one that is not (a file in
@@ -30,7 +31,8 @@ import checkpoint
 import data
 import hf_trunk
 from configurator import ConfigError, autocast, configure, default_device, default_dtype, existing_file
-from evaluate import EXIT_THRESHOLD, LONG_STEPS, exact_match_curve, level_reading, level_table
+from evaluate import (EXIT_THRESHOLD, LONG_STEPS, chain_batches, exact_match_curve, hop_reading, hop_table,
+                      level_reading, level_table)
 from records import pyplot
 from model import GPT
 import tasks
@@ -253,11 +255,12 @@ def example_batches(examples, eot, batch_size):
 
 
 def evaluate(model, tok, c, train_cfg, ctx):
-    """Print exact match for K' = 0..2K (overall and per task), then adaptive exit against fixed K."""
+    """Print exact match for K' = 0..2K (overall and per task), adaptive exit against fixed K, the reading
+    per level and, on the chain families, step k against hop k."""
     K = model.config.n_steps
     top = 2 * K if c["n_steps"] is None else c["n_steps"]
-    examples, tags, what = eval_set(c, train_cfg, tok, model.config.block_size)
-    examples = encode_examples(tok, examples)   # each [eot] + prompt, answer + [eot]: 2 tokens more
+    texts, tags, what = eval_set(c, train_cfg, tok, model.config.block_size)
+    examples = encode_examples(tok, texts)   # each [eot] + prompt, answer + [eot]: 2 tokens more
     tasks.check_fits(max(len(p) + len(a) for p, a in examples) - 2, model.config.block_size,
                      f"eval examples of {what} (the model's block_size)")
     batches = [b.to(c["device"]) for b in example_batches(examples, tok.eot_token, c["eval_batch_size"])]
@@ -277,6 +280,15 @@ def evaluate(model, tok, c, train_cfg, ctx):
     if reading:
         print(f"exact match per level (adaptive exit: KL < {thr}, at most K'={LONG_STEPS if K else 0}):")
         print("\n".join(level_table(reading)))
+    chains = [i for i, t in enumerate(tags) if t.partition(":")[0] in tasks.CHAINS]   # f^k(x) is known
+    if K and chains:
+        hop_tags = [tags[i] for i in chains]
+        hops = chain_batches(tok, model.config.block_size, [texts[i] for i in chains], hop_tags,
+                             c["eval_batch_size"])
+        with ctx:
+            reading = hop_reading(model, [b.to(c["device"]) for b in hops], hop_tags)
+        print("does step k take hop k? exact match of step k against f^k(x), teacher-forced:")
+        print("\n".join(hop_table(reading)))
     if c["plot"]:
         plot_curve(curve, K, what, c["plot"])
     return curve

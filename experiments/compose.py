@@ -17,15 +17,17 @@ prompts, eval_per_level of each level:
   - per level (evaluate.level_reading): exact match at step 1, at K' = L, at K' = 21 and at adaptive exit (a
     token stops once KL(p_k || p_{k-1}) < 0.01, at most 21 steps) with its mean steps; a GPT at K' = 0;
   - the curve over K' = 0..21, and necessity: K' = L with the latent readout zeroed (depth.cut_latent);
+  - does step k take hop k: on the highest level read, step k's exact match against f^k(x), the k-th element
+    of the chain (evaluate.hop_reading), which the final-answer arms are never trained on;
   - root: two shortcuts' exact match on the same prompts (tasks.root_shortcuts), beside the arms.
 Every cell is mean ± std over seeds and the minimum over seeds: the targets hold "in every seed". The arms are
 ranked on a validation draw, val_per_level of each level read, from the held-out side of the split (never
 trained) and apart from the prompts the report gives (tasks.validation_set): never on what is reported. The
 iterations until 0.9 on level 3 are train.py's own evals. Runs go to <out>/runs/<task>-<arm>-s<seed>/ and
-are reused like depth.py's, with their evaluation (compose_eval.json next to the checkpoint); a run stopped
-before its end (Ctrl-C, a signal, a crash) goes on from its last checkpoint. results/compose/runs/ is
-committed without the weights: its records (metrics.jsonl, compose_eval.json, config.json) rebuild the
-reports in a minute, with no training (ablation.run_config).
+are reused like depth.py's, with their evaluations (compose_eval.json, compose_hops.json next to the
+checkpoint); a run stopped before its end (Ctrl-C, a signal, a crash) goes on from its last checkpoint.
+results/compose/runs/ is committed without the weights: its records (metrics.jsonl, the two evaluations,
+config.json) rebuild the reports in a minute, with no training (ablation.run_config).
 """
 
 import os
@@ -40,12 +42,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project root: train.py, model.py, ... import from here
 
 import data  # noqa: E402 (after the root is on sys.path)
-from ablation import (fmt, machine, mean_std, parse_seeds, pick_variants, run_dir, task_table, train_config,
-                      train_run, wall_time)
+from ablation import (cached, fmt, machine, mean_std, parse_seeds, pick_variants, run_dir, task_table,
+                      train_config, train_run, wall_time)
 from configurator import ConfigError, configure
 from depth import (CURRICULUM, FIXED_BASE, PAPER, RANDOM_K, curriculum_stages, curve_and_cuts, curve_table,
                    held_out, panels, plot_test_k, style, summarize, variants)
-from evaluate import EXIT_THRESHOLD, LONG_STEPS, level_reading
+from evaluate import EXIT_THRESHOLD, LONG_STEPS, chain_batches, hop_reading, level_reading
 from records import pyplot
 from sample import load_checkpoint
 from tasks import parse_tasks, root_shortcuts, tag_level, validation_set
@@ -86,6 +88,7 @@ FINAL_ARMS = ("level_at", "level_from", "progressive")
 ARMS |= {f"{n}_rk": (f"{ARMS[n][0]}; random K ~ U{{1..2K-1}}", [*ARMS[n][1], RANDOM_K]) for n in FINAL_ARMS}
 GPTS = ("gpt", "gpt_deep", "gpt_wide")   # depth.variants': the plain GPT and the two FLOP-matched ones
 DEFAULT_ARMS = [*GPTS, "paper", *FINAL_ARMS, "steps", "steps_rk"]
+HOPS_FILE = "compose_hops.json"   # evaluate_hops' cache, next to compose_eval.json
 TARGET = 0.9   # "iterations until": the first in-run eval with this exact match on the highest trained level
 
 
@@ -118,6 +121,20 @@ def evaluate_run(out_dir, eval_tasks, eval_per_level, val_per_level):
     return curve_and_cuts(model, batches, tags, long) | {"levels": level_reading(model, batches, tags, long),
                                                          "validation": level_reading(model, val_batches,
                                                                                      val_tags, long)}
+
+
+@torch.no_grad()
+def evaluate_hops(out_dir, eval_tasks, eval_per_level, val_per_level):
+    """{'hops': evaluate.hop_reading on the held-out set} ({} for a GPT): per level L, does step k give
+    f^k(x), k = 1..L. Cached apart from evaluate_run's readings (HOPS_FILE): added after runs had those."""
+    model, cfg, tok = load_checkpoint(out_dir, "cpu")
+    if not model.config.n_steps:
+        return {"hops": {}}
+    suite = data.ReasoningData("synthetic", tok, cfg["block_size"], tasks=eval_tasks)
+    n = eval_per_level * len(suite.eval_tasks)
+    tags = suite.eval_tags(n)
+    batches = chain_batches(tok, cfg["block_size"], suite.eval_examples(n), tags, cfg["batch_size"])
+    return {"hops": hop_reading(model, batches, tags)}
 
 
 def validation(cfg, tok, eval_tasks, eval_per_level, val_per_level):
@@ -205,9 +222,18 @@ def iterations_table(summaries, seeds, task, top):
     return lines
 
 
+def hops_table(heads, tag):
+    """Step k against f^k(x), k = 1..L, on the highest level read: does each step take one hop?"""
+    L = tag_level(tag)
+    title = (f"Does step k take hop k? EM of step k against f^k(x) on {tag}, teacher-forced (the "
+             "final-answer arms are never trained on it)")
+    return task_table(title, heads, [f"step {k}" for k in range(1, L + 1)],
+                      lambda r, col: r["hops"][str(L)][int(col.split()[1]) - 1], in_every_seed)
+
+
 def write_report(path, c, arms, summaries, argv):
-    """The report: the header, the held-out tables per level (root: the shortcuts beside the arms), the
-    validation ranking, the iterations until TARGET and the test-time curve."""
+    """The report: the header, the held-out tables per level (root: the shortcuts beside the arms), step k
+    against hop k, the validation ranking, the iterations until TARGET and the test-time curve."""
     tags = list(next(iter(summaries.values()))[0]["curve"])
     heads = {n: runs for n, runs in summaries.items() if runs[0]["K"] > 0}
     lines = header(c, arms, summaries, argv)
@@ -223,6 +249,7 @@ def write_report(path, c, arms, summaries, argv):
         lines += task_table("Mean steps at adaptive exit", heads, tags, at_level("exit_steps"))
         lines += task_table("Necessity: EM at K' = L with the latent readout zeroed (z = 0)", heads, tags,
                             lambda r, t: r["zero"][t][tag_level(t) - 1], in_every_seed)
+        lines += hops_table(heads, tags[-1])
     lines += ranking(summaries, c["task"])
     top = str(max(level for _, level in parse_tasks(c["cfg"]["reasoning_tasks"])))
     lines += iterations_table(summaries, c["seeds"], c["task"], top)
@@ -291,7 +318,7 @@ def main(argv):
             pool.submit(train_run, run(n, s), c["preset"], arm_args(task, arms[n][1], c["stages"]), s,
                         c["max_iters"]) for s in seeds for n in reversed(arms)])
         summarized = lambda n: [summarize(run(n, s), settings, evaluate_run, "compose_eval.json")
-                                for s in seeds]
+                                | cached(run(n, s), HOPS_FILE, settings, evaluate_hops) for s in seeds]
         summaries = dict(zip(arms, pool.map(summarized, arms)))
     c["wall"] = wall_time(t0, trained, len(seeds) * len(arms))
     report = os.path.join(out, c["report"] or f"{task}.md")

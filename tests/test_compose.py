@@ -114,10 +114,10 @@ def test_every_committed_run_is_its_arm_today():
 
 @pytest.mark.slow
 def test_hopo_report_is_the_checkpoints_own_reading(tmp_path):
-    """The real command on a tiny preset: every arm and level in the tables, K' = L per level and the
-    validation ranking recomputed from the checkpoints by a plain loop, the validation draw apart from the
-    held-out prompts, a second invocation that retrains and re-evaluates nothing, its plots named after its
-    report, and a third from the run folders copied without their weights."""
+    """The real command on a tiny preset: every arm and level in the tables, K' = L per level (and step 7 of
+    the hop table on level 7) and the validation ranking recomputed from the checkpoints by a plain loop, the
+    validation draw apart from the held-out prompts, a second invocation that retrains and re-evaluates
+    nothing, its plots named after its report, and a third from the run folders copied without weights."""
     cmd = compose_cmd(tmp_path, "--task=hopo", "--iters=150", "--variants=gpt,level_at,steps_rk")
     run(cmd, tmp_path)
     out = tmp_path / "out"
@@ -136,6 +136,10 @@ def test_hopo_report_is_the_checkpoints_own_reading(tmp_path):
         plain = [plain_exact_match(model, tok, held_out[L - 1::7], L * (name != "gpt")) for L in range(1, 8)]
         assert first_numbers(at_l[name]) == pytest.approx(plain, abs=5e-4)
     assert 0 < sum(first_numbers(at_l["level_at"])) < 7                 # a test that can fail: not all 0 or 1
+    hops = table_rows(report, "## Does step k take hop k?")
+    assert set(hops) == {"level_at", "steps_rk"} and all(len(row) == 7 for row in hops.values())
+    for name, row in hops.items():        # step 7 against f^7(x), the answer: K' = L on hopo:7, another path
+        assert first_numbers(row)[-1] == pytest.approx(first_numbers(at_l[name])[-1], abs=5e-4)
     # validation: held-out side (never trained), no prompt the report reads; the ranking's cells are its EM
     batches, tags = compose.validation(cfg, tok, "hopo:1-7", N_EVAL, N_EVAL)
     every = prompts_of(batches, tok)
@@ -148,8 +152,8 @@ def test_hopo_report_is_the_checkpoints_own_reading(tmp_path):
         assert f"f^{L}(" in examples[0][0]
         assert ranked[L - 1] == pytest.approx(plain_exact_match(model, tok, examples, L), abs=5e-4)
     # a second invocation retrains nothing and evaluates nothing again
-    files = [out / "runs" / f"hopo-{n}-s0" / f for n in ("gpt", "level_at") for f in ("ckpt.pt",
-                                                                                     "compose_eval.json")]
+    files = [out / "runs" / f"hopo-{n}-s0" / f for n in ("gpt", "level_at")
+             for f in ("ckpt.pt", "compose_eval.json", compose.HOPS_FILE)]
     before = [os.stat(f).st_mtime_ns for f in files]
     run(cmd + ["--report=again.md"], tmp_path)
     assert [os.stat(f).st_mtime_ns for f in files] == before

@@ -14,7 +14,7 @@ import data
 import tasks
 import train
 from conftest import ROOT, run_script
-from evaluate import level_reading, read_steps
+from evaluate import chain_batches, hop_reading, level_reading, read_steps
 from model import GPT, GPTConfig
 from sample import example_batches
 from schedules import micro_batches, readable_at
@@ -181,6 +181,51 @@ def test_the_reading_per_level_equals_greedy_generation_from_the_gold_prefix():
     assert [r["at_L"] for r in reading.values()] == [1.0] * 4
 
 
+def test_chain_batches_hold_each_examples_chain_on_its_answer_tokens():
+    """step_y[k - 1] is f^k(x) on the answer's tokens and eot on the closing one, for k = 1..L (iter: answers
+    of several tokens)."""
+    rd = data.ReasoningData("synthetic", BYTE, 80, tasks="root:1-4,iter:1-3,hopo:2")
+    n, tags = 18, rd.eval_tags(18)
+    examples = rd.eval_examples(n)
+    for b in chain_batches(BYTE, 80, examples, tags, 5):
+        for r in range(b.x.size(0)):
+            i = int(b.answer_id[r][b.answer_mask[r]][0])
+            (family, L), (prompt, answer) = tasks.parse_tasks(tags[i])[0], examples[i]
+            assert len(b.step_y) >= L
+            for k, f_k in enumerate(tasks.chain_answers(family, prompt, L)):
+                assert b.step_y[k, r][b.answer_mask[r]].tolist() == BYTE.encode(f_k) + [BYTE.eot_token]
+            assert f_k == answer                                    # f^L(x): the answer
+
+
+def test_hop_reading_is_each_steps_teacher_forced_generation():
+    """Step k's targets are the model's own greedy tokens at K' = k from the gold prefix, except where one is
+    changed (on the answer token, or on the closing eot, by (i + k) % 3): the reading is the share left."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=257, block_size=56, n_layer=1, n_head=2, n_embd=32, n_steps=3,
+                          n_latent=16, head_attn="trunk")).eval()
+    with torch.no_grad():
+        model.latent_head.w_out.weight.normal_(0, 1.0)
+    rd = data.ReasoningData("synthetic", BYTE, 56, tasks="root:1-4")
+    n, tags = 16, rd.eval_tags(16)
+    batches = chain_batches(BYTE, 56, rd.eval_examples(n), tags, 5)
+    keep = {}
+    for b in batches:
+        for r, t in zip(*torch.nonzero(b.answer_mask, as_tuple=True)):
+            i, x = int(b.answer_id[r, t]), b.x[r:r + 1, :t + 1]
+            for k in range(len(b.step_y)):
+                own = int(model.generate(x, 1, temperature=0, n_steps=k + 1)[0, -1])
+                change = (i + k) % 3 == int(b.y[r, t] == BYTE.eot_token)
+                b.step_y[k, r, t] = (own + 1) % 257 if change else own
+                keep[i, k] = (i + k) % 3 == 2
+    levels = [tasks.tag_level(t) for t in tags]
+    expected = {L: [np.mean([keep[i, k] for i in range(n) if levels[i] == L]) for k in range(L)]
+                for L in sorted(set(levels))}
+    reading = hop_reading(model, batches, tags)
+    assert reading.keys() == expected.keys()
+    for L in reading:
+        assert reading[L] == pytest.approx(expected[L])
+
+
 @pytest.mark.slow
 def test_train_and_sample_print_the_reading_per_level(tmp_path):
     out = tmp_path / "out"
@@ -198,6 +243,10 @@ def test_train_and_sample_print_the_reading_per_level(tmp_path):
     table = s.stdout.split("exact match per level")[1].splitlines()
     assert table[1].split() == ["level", "n", "step", "1", "K'=L", "K'=21", "exit", "steps"]
     assert [row.split()[:2] for row in table[2:4]] == [["5", "4"], ["6", "4"]]
+    hops = s.stdout.split("does step k take hop k?")[1].splitlines()
+    assert hops[1].split() == ["level", *(f"k={k}" for k in range(1, 7))]
+    assert [hops[i].split()[0] for i in (2, 3)] == ["5", "6"]
+    assert [len(hops[i].split()) for i in (2, 3)] == [6, 7]                 # the level, then k = 1..L
 
 
 def test_train_levels_is_train_steps_with_level_matched_supervision_and_takes_a_jsonl(tmp_path):
