@@ -209,7 +209,7 @@ def hop_reading(model, batches, tags):
     Does step k compute hop k? Per level L: the fraction of examples whose step k gives f^k(x), the k-th
     element of their chain, on every answer token (argmax given the gold prefix, as exact match is read), for
     k = 1..L -> {L: [fraction at step 1, ..., step L]}. batches: one example per row, each with its chain
-    f^1(x)..f^L(x) as step_y (ReasoningData.chain_batches); tags: each example's ('hopo:5'). A final-answer
+    f^1(x)..f^L(x) as step_y (chain_batches); tags: each example's ('hopo:5'). A final-answer
     arm is never trained on f^k(x) for k < L: what it scores there, it found by itself.
     """
     levels = torch.tensor([tag_level(t) for t in tags])
@@ -234,6 +234,7 @@ def level_table(reading):
         cells = "".join(f"{r[k]:8.4f}" for k in ("step_1", "at_L", "at_long", "exit"))
         lines.append(f"{L:>14}{r['n']:>6}{cells}{r['exit_steps']:7.2f}")
     return lines
+
 
 def hop_table(reading):
     """hop_reading's result as lines of a table: one row per level L, step k's exact match for k = 1..L."""

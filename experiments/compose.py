@@ -126,7 +126,8 @@ def evaluate_run(out_dir, eval_tasks, eval_per_level, val_per_level):
 @torch.no_grad()
 def evaluate_hops(out_dir, eval_tasks, eval_per_level, val_per_level):
     """{'hops': evaluate.hop_reading on the held-out set} ({} for a GPT): per level L, does step k give
-    f^k(x), k = 1..L. Cached apart from evaluate_run's readings (HOPS_FILE): added after runs had those."""
+    f^k(x), k = 1..L. Cached apart from evaluate_run's readings (HOPS_FILE): added after runs had those;
+    the settings are the same (val_per_level unused)."""
     model, cfg, tok = load_checkpoint(out_dir, "cpu")
     if not model.config.n_steps:
         return {"hops": {}}
